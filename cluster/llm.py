@@ -1,0 +1,107 @@
+"""vLLM-style offline API: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from zayaserve.replicas.engine.config import EngineConfig
+from zayaserve.replicas.engine.llm_engine import LLMEngine
+from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.params import SamplingParams
+
+PromptInput = str | dict[str, Any]
+
+
+class LLM:
+    """Generates with a ZAYA1 checkpoint in this process (experts local)."""
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        from zayaserve.replicas.model.checkpoint_paths import resolve_model
+
+        self.engine_config = EngineConfig.create(model=str(resolve_model(model)), **kwargs)
+        self.engine = LLMEngine(self.engine_config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def _encode(self, prompt: PromptInput, index: int) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            tok = self.engine.tokenizer
+            if tok is None:
+                raise ValueError("prompt: this checkpoint has no tokenizer; pass "
+                                 "{'prompt_token_ids': [...]} instead of text")
+            return prompt, tok.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                    raise ValueError(f"prompts[{index}].prompt_token_ids: must be a list of ints")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                return self._encode(prompt["prompt"], index)
+        raise ValueError(f"prompts[{index}]: expected a string or a dict with 'prompt_token_ids' "
+                         f"or 'prompt', got {type(prompt).__name__}")
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        single = isinstance(prompts, str | dict)
+        prompt_list: list[PromptInput] = [prompts] if single else list(prompts)  # type: ignore
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompt_list)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompt_list):
+                raise ValueError(f"sampling_params: {len(params)} given for "
+                                 f"{len(prompt_list)} prompts")
+        # Validate everything before anything is queued, so a bad prompt loses nothing.
+        encoded = [self._encode(p, i) for i, p in enumerate(prompt_list)]
+        order: dict[str, int] = {}
+        try:
+            for i, ((text, ids), sp) in enumerate(zip(encoded, params, strict=True)):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, ids, sp, prompt=text)
+                order[rid] = i
+        except ValueError:
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(order)
+
+    def _run(self, order: dict[str, int]) -> list[RequestOutput]:
+        results: list[RequestOutput | None] = [None] * len(order)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished and out.request_id in order:
+                    results[order[out.request_id]] = out
+        return [r for r in results if r is not None]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("messages: this checkpoint has no tokenizer/chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[PromptInput] = []
+        for conv in conversations:
+            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(
+                text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params)
+
+    def stats(self) -> dict[str, float]:
+        s = self.engine.scheduler
+        return {"num_preemptions": float(s.num_preemptions)}

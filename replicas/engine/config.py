@@ -1,0 +1,32 @@
+"""Engine settings, validated at the boundary (LLM kwargs, CLI flags, Serve args)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Checkpoint folder (transformers layout).")
+    dtype: str = Field("auto", description="float32, bfloat16, float16 or auto (checkpoint's).")
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences running at once.")
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, description="Token budget of one engine step (prefill chunks + decodes).")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt + output; defaults to the model's limit.")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="Exact KV block count (overrides kv_cache_memory_gb).")
+    kv_cache_memory_gb: float = Field(2.0, gt=0, description="Memory for the KV cache.")
+    seed: int = Field(0, description="Seed of the sampler for requests without their own.")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads.")
+
+    @classmethod
+    def create(cls, **kwargs: object) -> EngineConfig:
+        try:
+            return cls(**kwargs)  # type: ignore[arg-type]
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+            raise ValueError(problems) from None

@@ -1,0 +1,230 @@
+"""The engine loop: one step is schedule -> run -> postprocess."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
+from zayaserve.replicas.engine.config import EngineConfig
+from zayaserve.replicas.engine.output_processor import (
+    banned_tokens,
+    make_output,
+    update_text_and_check_stop,
+)
+from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.engine.runner import ModelRunner
+from zayaserve.replicas.engine.sampler import SamplingRow, prompt_logprobs, sample
+from zayaserve.replicas.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from zayaserve.replicas.engine.sequence import Request, Sequence, Status
+from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
+from zayaserve.replicas.model.kv_cache import KVCache
+from zayaserve.replicas.model.loader import load_attention_side, load_expert_side
+from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(slots=True)
+class _LogitsPlan:
+    """Which packed rows of this step need logits, and what each is for."""
+
+    rows: list[int]
+    prompt: list[tuple[Request, list[int], list[int]]]  # request, rows, next prompt tokens
+    samples: list[tuple[Sequence, int]]  # sequence, row
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, experts: ExpertBackend | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        path = Path(config.model)
+        self.model = load_attention_side(path, config.dtype)
+        self.model_config = mc = self.model.config
+        self.experts = experts or LocalExpertBackend(
+            load_expert_side(path, None, self.model.dtype), mc.num_experts)
+        self.tokenizer = Tokenizer.from_pretrained(path) if (
+            path / "tokenizer.json").is_file() else None
+        self.eos_ids = (self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
+
+        bs = config.block_size
+        max_len = config.max_model_len or mc.max_position_embeddings
+        if max_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len: {max_len} exceeds the model's "
+                             f"max_position_embeddings {mc.max_position_embeddings}")
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            per_block = KVCache.bytes_per_block(mc, bs, self.model.dtype)
+            budget_blocks = int(config.kv_cache_memory_gb * 2**30) // per_block
+            num_blocks = max(1, min(budget_blocks, config.max_num_seqs * -(-max_len // bs)))
+        # A single sequence must always fit, or preemption could never make progress.
+        self.max_model_len = min(max_len, num_blocks * bs)
+        self.cache = KVCache(mc, num_blocks, bs, config.max_num_seqs, self.model.dtype)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, bs),
+            BlockPool(num_blocks), StateSlots(config.max_num_seqs))
+        self.runner = ModelRunner(self.model, self.experts, self.cache)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        if not prompt_token_ids:
+            raise ValueError("prompt: must contain at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids: ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room to "
+                             f"generate within max_model_len {self.max_model_len}")
+        req = Request(request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),
+                      prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        seq = self._new_sequence(req, 0, list(prompt_token_ids))
+        seq.forks_pending = params.n - 1
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, req: Request, index: int, tokens: list[int]) -> Sequence:
+        p = req.params
+        seed = p.child_seed(index)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else self.generator
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
+                                           skip_special_tokens=p.skip_special_tokens)
+        seq = Sequence(next(self._seq_ids), req, index, tokens, gen, detok,
+                       logprobs=[] if p.logprobs is not None else None)
+        req.seqs.append(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq.status is not Status.FINISHED:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        plan = self._plan_logits(sched)
+        logits = self.runner.run(sched, plan.rows)
+        for c in sched.chunks:
+            c.seq.num_computed_tokens += c.num_tokens
+        self._collect_prompt_logprobs(plan, logits)
+        touched = self._sample(plan, logits)
+        outputs = []
+        for req in touched:
+            outputs.append(make_output(req))
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _plan_logits(self, sched: SchedulerOutput) -> _LogitsPlan:
+        plan = _LogitsPlan([], [], [])
+        offset = 0
+        for c in sched.chunks:
+            seq, req = c.seq, c.seq.request
+            if req.prompt_logprobs is not None and seq.index == 0:
+                prompt = req.prompt_token_ids
+                done = len(req.prompt_logprobs) - 1  # positions already answered
+                positions = range(max(c.start, done), min(c.start + c.num_tokens,
+                                                           len(prompt) - 1))
+                if positions:
+                    rows = [offset + p - c.start for p in positions]
+                    plan.prompt.append((req, list(range(len(plan.rows),
+                                                        len(plan.rows) + len(rows))),
+                                        [prompt[p + 1] for p in positions]))
+                    plan.rows.extend(rows)
+            if c.start + c.num_tokens == seq.num_tokens:
+                plan.samples.append((seq, len(plan.rows)))
+                plan.rows.append(offset + c.num_tokens - 1)
+            offset += c.num_tokens
+        return plan
+
+    def _collect_prompt_logprobs(self, plan: _LogitsPlan, logits: torch.Tensor) -> None:
+        for req, rows, next_ids in plan.prompt:
+            k = req.params.prompt_logprobs
+            assert req.prompt_logprobs is not None and k is not None
+            req.prompt_logprobs.extend(prompt_logprobs(
+                logits[rows], torch.tensor(next_ids, dtype=torch.int64), k))
+
+    def _sample(self, plan: _LogitsPlan, logits: torch.Tensor) -> list[Request]:
+        rows: list[SamplingRow] = []
+        targets: list[tuple[Sequence, int]] = []  # (sequence, child index or -1 for itself)
+        row_ids: list[int] = []
+        for seq, row in plan.samples:
+            p = seq.params
+            base = SamplingRow(p.temperature, p.top_k, p.top_p, seq.generator, p.logprobs,
+                               banned_tokens(seq, self.eos_ids))
+            rows.append(base)
+            targets.append((seq, -1))
+            row_ids.append(row)
+            for child in range(1, seq.forks_pending + 1):
+                seed = p.child_seed(child)
+                gen = torch.Generator().manual_seed(seed) if seed is not None else self.generator
+                rows.append(SamplingRow(p.temperature, p.top_k, p.top_p, gen, p.logprobs,
+                                        base.banned_token_ids))
+                targets.append((seq, child))
+                row_ids.append(row)
+        if not rows:
+            return []
+        sampled = sample(logits[row_ids], rows)
+        # Children fork from the parent's state before anyone appends a token.
+        seqs = [self._fork(seq, child, row.generator) if child >= 0 else seq
+                for (seq, child), row in zip(targets, rows, strict=True)]
+        touched: dict[str, Request] = {}
+        for seq, tok in zip(seqs, sampled, strict=True):
+            seq.append(tok.token_id, tok.logprob, tok.logprobs)
+            update_text_and_check_stop(seq, tok.token_id, self.eos_ids, self.max_model_len)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            touched[seq.request.request_id] = seq.request
+        for seq, _ in plan.samples:
+            seq.forks_pending = 0
+        return list(touched.values())
+
+    def _fork(self, parent: Sequence, index: int, generator: torch.Generator) -> Sequence:
+        """A child of an n > 1 request: it shares the parent's prompt blocks and copies its CCA
+        state, so the prompt is prefilled once. (Called before the parent appends its token.)"""
+        req = parent.request
+        child = self._new_sequence(req, index, list(parent.token_ids))
+        child.generator = generator
+        sched = self.scheduler
+        if (parent.status is Status.RUNNING and sched.slots.num_free > 0
+                and len(sched.running) < self.config.max_num_seqs):
+            child.state_slot = sched.slots.allocate()
+            self.cache.copy_state(parent.state_slot, child.state_slot)
+            sched.blocks.share(parent.block_table)
+            child.block_table = list(parent.block_table)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = Status.RUNNING
+            sched.running.append(child)
+        else:
+            sched.add(child)  # no room now: it recomputes the prompt later
+        return child

@@ -1,0 +1,138 @@
+"""Token-budget scheduler: no prefill/decode phases, only sequences whose computed tokens catch
+up to their known tokens. Running sequences go first (a decode is one token, a prefill a chunk),
+then waiting ones while budget, sequence slots and KV blocks last. When blocks run out, the
+most recently admitted running sequence is preempted and later recomputed."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
+from zayaserve.replicas.engine.sequence import Sequence, Status
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed this step
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    reset_state_slots: list[int] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockPool, slots: StateSlots) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.slots = slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = Status.WAITING
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self._reserve(seq, n, out):
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+            i += 1
+
+        # Admit waiting sequences only when nothing was preempted: a preemption means memory
+        # is short, and admitting more would only thrash.
+        while (self.waiting and budget > 0 and out.num_preempted == 0
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            if seq.state_slot < 0 and self.slots.num_free == 0:
+                break
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._reserve(seq, n, out):
+                break
+            self.waiting.popleft()
+            if seq.state_slot < 0:
+                seq.state_slot = self.slots.allocate()
+                out.reset_state_slots.append(seq.state_slot)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+        return out
+
+    def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Make room in `seq`'s block table for n more tokens; copy a shared block we'd write."""
+        bs = self.config.block_size
+        need = -(-(seq.num_computed_tokens + n) // bs) - len(seq.block_table)
+        write_block = seq.num_computed_tokens // bs
+        cow = (write_block < len(seq.block_table)
+               and self.blocks.ref_count(seq.block_table[write_block]) > 1)
+        if need + int(cow) > self.blocks.num_free:
+            return False
+        if cow:
+            old = seq.block_table[write_block]
+            (new,) = self.blocks.allocate(1)
+            out.block_copies.append((old, new))
+            self.blocks.free([old])
+            seq.block_table[write_block] = new
+        if need > 0:
+            seq.block_table.extend(self.blocks.allocate(need))
+        return True
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        if seq.state_slot >= 0:
+            self.slots.free(seq.state_slot)
+            seq.state_slot = -1
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Drop the sequence's cache; it will be recomputed from its known tokens."""
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        self.add(seq, front=True)
+        out.num_preempted += 1
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = Status.FINISHED

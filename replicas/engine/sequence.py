@@ -1,0 +1,82 @@
+"""One generated completion (a sequence) and the request that owns one or more of them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+from zayaserve.replicas.engine.outputs import Logprob, PromptLogprobs, SampleLogprobs
+from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int = 0
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(
+            s.status is Status.FINISHED for s in self.seqs)
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Tokens known (prompt + output) and how many of them are already in the KV cache."""
+
+    seq_id: int
+    request: Request
+    index: int  # completion index within its request
+    token_ids: list[int]
+    generator: torch.Generator
+    detokenizer: IncrementalDetokenizer | None
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    state_slot: int = -1
+    status: Status = Status.WAITING
+    forks_pending: int = 0  # children still to spawn at the first sample (n > 1)
+    logprobs: SampleLogprobs | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    def append(self, token: int, logprob: float, top: dict[int, Logprob] | None) -> None:
+        self.token_ids.append(token)
+        self.cumulative_logprob += logprob
+        if self.logprobs is not None and top is not None:
+            self.logprobs.append(top)

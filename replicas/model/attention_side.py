@@ -1,0 +1,146 @@
+"""The attention side of ZAYA1: embeddings, CCA attention, routers, norms, residual scaling and
+the lm_head. Expert FFNs are reached only through an `ExpertBackend`.
+
+Module and parameter names follow the transformers checkpoint, so loading is name for name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zayaserve.kernels.paged_attention_ref import paged_attention_ref
+from zayaserve.replicas.model.batch import StepBatch
+from zayaserve.replicas.model.cca import CCAProjection, qk_l2_norm
+from zayaserve.replicas.model.config import ZayaConfig
+from zayaserve.replicas.model.experts import ExpertBackend
+from zayaserve.replicas.model.kv_cache import KVCache
+from zayaserve.replicas.model.layers import (
+    ResidualScaling,
+    RMSNorm,
+    apply_partial_rope,
+    rope_cos_sin,
+)
+from zayaserve.replicas.model.router import Router
+
+
+class QKNorm(nn.Module):
+    def __init__(self, config: ZayaConfig) -> None:
+        super().__init__()
+        self.temp = nn.Parameter(torch.zeros(config.num_key_value_heads))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.qkv_proj = CCAProjection(config)
+        self.qk_norm = QKNorm(config)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.attention_bias)
+        self.window = config.window(layer_idx)
+        self.scale = config.head_dim ** -0.5
+
+
+class MoERouting(nn.Module):
+    """Holds the router under the checkpoint's `mlp.gate` name; experts live elsewhere."""
+
+    def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.gate = Router(config, layer_idx)
+
+
+class AttentionLayer(nn.Module):
+    def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_residual_scale = ResidualScaling(config.hidden_size)
+        self.post_mlp_residual_scale = ResidualScaling(config.hidden_size)
+        self.mlp = MoERouting(config, layer_idx)
+
+    def forward(
+        self,
+        residual: torch.Tensor,  # [T, H] fp32
+        router_state: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: StepBatch,
+        cache: KVCache,
+        experts: ExpertBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        i, attn = self.layer_idx, self.self_attn
+        dtype = self.input_layernorm.weight.dtype
+        x = self.input_layernorm(residual.to(dtype))
+        q, k, v = attn.qkv_proj(x, batch, cache.conv_state[i], cache.v_state[i])
+        q, k = qk_l2_norm(q, k, attn.qk_norm.temp)
+        q = apply_partial_rope(q, *rope)
+        k = apply_partial_rope(k, *rope)
+        cache.k[i][batch.slot_mapping] = k
+        cache.v[i][batch.slot_mapping] = v
+        o = paged_attention_ref(
+            q, cache.k[i], cache.v[i], batch.query_start.tolist(), batch.context_lens,
+            batch.block_tables, cache.block_size, attn.scale, attn.window)
+        o = attn.o_proj(o.reshape(o.shape[0], -1))
+        residual = self.post_attention_residual_scale(o, residual)
+
+        x = self.post_attention_layernorm(residual.to(dtype))
+        routing = self.mlp.gate(x, router_state)
+        y = experts(i, x, routing.expert_ids, routing.weights)
+        residual = self.post_mlp_residual_scale(y, residual)
+        return residual, routing.state
+
+
+class ZayaBody(nn.Module):
+    """Named `model` in the checkpoint."""
+
+    def __init__(self, config: ZayaConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, h)
+        self.input_hidden_states_scale = nn.Parameter(torch.ones(h))
+        self.input_hidden_states_bias = nn.Parameter(torch.zeros(h))
+        self.layers = nn.ModuleList(
+            AttentionLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+
+
+class AttentionSideModel(nn.Module):
+    def __init__(self, config: ZayaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = ZayaBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size,
+                                 bias=config.lm_head_bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def initial_v_states(self) -> torch.Tensor:
+        """[L, Dv]: the delayed-v each layer's first token sees."""
+        layers = self.model.layers
+        return torch.stack([layer.self_attn.qkv_proj.initial_v_state() for layer in layers])
+
+    @torch.inference_mode()
+    def forward(
+        self, batch: StepBatch, cache: KVCache, experts: ExpertBackend
+    ) -> torch.Tensor:
+        """Runs the new tokens of every sequence through the model, writing their K/V and CCA
+        states; returns fp32 logits [L, V] for the rows in `batch.logits_indices`."""
+        cfg, body = self.config, self.model
+        emb = body.embed_tokens(batch.input_ids)
+        ropes = {}
+        for kind in set(cfg.layer_types):
+            theta = cfg.rope_parameters[kind].rope_theta
+            ropes[kind] = rope_cos_sin(batch.positions, cfg.rotary_dim(kind), theta, emb.dtype)
+        # The residual stream stays fp32 (the reference's residual_in_fp32).
+        residual = ((emb + body.input_hidden_states_bias) * body.input_hidden_states_scale).to(
+            torch.float32)
+        router_state: torch.Tensor | None = None
+        for layer in body.layers:
+            residual, router_state = layer(
+                residual, router_state, ropes[layer.layer_type], batch, cache, experts)
+        h = residual[batch.logits_indices]
+        h = body.norm(h.to(self.dtype))
+        return self.lm_head(h).float()

@@ -1,0 +1,76 @@
+"""What one model forward needs to know about the sequences packed into it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    """A flat, unpadded batch: the new tokens of S sequences laid end to end (T tokens).
+
+    Sequence s contributes tokens `query_start[s]:query_start[s+1]`, at absolute positions
+    `context_lens[s] - query_lens[s] ... context_lens[s] - 1`.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    token_seq: torch.Tensor  # [T] int64, which sequence each token belongs to
+    query_start: torch.Tensor  # [S+1] int64
+    query_lens: list[int]  # [S]
+    context_lens: list[int]  # [S] tokens in the cache after this step
+    slot_mapping: torch.Tensor  # [T] int64, flat KV-cache slot of each new token
+    block_tables: torch.Tensor  # [S, max_blocks] int64 (padding -1)
+    state_slots: torch.Tensor  # [S] int64, CCA state slot of each sequence
+    logits_indices: torch.Tensor  # [L] int64, token rows whose logits are wanted
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @staticmethod
+    def build(
+        chunks: list[tuple[list[int], int, list[int], int]],
+        block_size: int,
+        logits_rows: list[int],
+        device: torch.device | str = "cpu",
+    ) -> StepBatch:
+        """chunks: per sequence (new token ids, start position, block table, state slot)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        token_seq: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        for s, (tokens, start, table, _) in enumerate(chunks):
+            n = len(tokens)
+            ids.extend(tokens)
+            pos = range(start, start + n)
+            positions.extend(pos)
+            token_seq.extend([s] * n)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+            starts.append(starts[-1] + n)
+        width = max((len(c[2]) for c in chunks), default=0)
+        tables = [c[2] + [-1] * (width - len(c[2])) for c in chunks]
+
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return StepBatch(
+            input_ids=t(ids),
+            positions=t(positions),
+            token_seq=t(token_seq),
+            query_start=t(starts),
+            query_lens=[len(c[0]) for c in chunks],
+            context_lens=[c[1] + len(c[0]) for c in chunks],
+            slot_mapping=t(slots),
+            block_tables=torch.tensor(tables, dtype=torch.int64, device=device).reshape(
+                len(chunks), width),
+            state_slots=t([c[3] for c in chunks]),
+            logits_indices=t(logits_rows),
+        )

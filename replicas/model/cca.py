@@ -1,0 +1,122 @@
+"""Compressed Convolutional Attention projection over a flat batch of sequence chunks.
+
+q|k projections are mixed along time by a causal depthwise conv (kernel t0) then a grouped conv
+(kernel t1). A chunk continues from the conv state its sequence left behind, so every token's
+conv window is gathered from [state; chunk] and both convs are applied to the window at once:
+no per-sequence loop, and chunked prefill gives the same result as one long prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zayaserve.replicas.model.batch import StepBatch
+from zayaserve.replicas.model.config import ZayaConfig
+
+
+class ConvParams(nn.Module):
+    """Weights of a Conv1d, kept under the checkpoint's names; applied by hand below."""
+
+    def __init__(self, channels: int, in_per_group: int, kernel: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, in_per_group, kernel))
+        self.bias = nn.Parameter(torch.empty(channels))
+
+
+class CCAProjection(nn.Module):
+    def __init__(self, config: ZayaConfig) -> None:
+        super().__init__()
+        self.config = config
+        h, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(h, config.q_size, bias=bias)
+        self.k_proj = nn.Linear(h, config.kv_size, bias=bias)
+        self.v_proj_current = nn.Linear(h, config.v_state_size, bias=bias)
+        self.v_proj_delayed = nn.Linear(h, config.v_state_size, bias=bias)
+        groups = config.num_attention_heads + config.num_key_value_heads
+        self.conv_qk_depthwise = ConvParams(config.conv_channels, 1, config.cca_time0)
+        self.conv_qk_grouped = ConvParams(
+            config.conv_channels, config.conv_channels // groups, config.cca_time1)
+        self.groups = groups
+
+    def initial_v_state(self) -> torch.Tensor:
+        """Delayed projection of a zero vector: what the first token sees as 'previous'."""
+        b = self.v_proj_delayed.bias
+        if b is None:
+            return torch.zeros(self.config.v_state_size, dtype=self.v_proj_delayed.weight.dtype)
+        return b.detach().clone()
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H]
+        batch: StepBatch,
+        conv_state: torch.Tensor,  # [slots, K, C] (this layer), updated in place
+        v_state: torch.Tensor,  # [slots, Dv] (this layer), updated in place
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        T, S, K = x.shape[0], batch.num_seqs, cfg.conv_state_len
+        D, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q = self.q_proj(x)  # [T, nq*D]
+        k = self.k_proj(x)  # [T, nkv*D]
+
+        # Residual paths: q averaged with its repeated k; k is the mean over its q group.
+        q_res = (q.view(T, nq, D) + k.view(T, nkv, D).repeat_interleave(nq // nkv, dim=1)) * 0.5
+        k_res = q_res.view(T, nkv, nq // nkv, D).mean(dim=2)
+
+        # Gather each token's window of K+1 pre-conv columns from [state_s; chunk_s].
+        slots = batch.state_slots
+        qk = torch.cat([q, k], dim=-1)  # [T, C]
+        ext = torch.cat([conv_state[slots].reshape(S * K, qk.shape[1]), qk], dim=0)
+        seq = batch.token_seq
+        first = batch.query_start[:-1]
+        local = torch.arange(T, device=x.device) - first[seq]  # [T]
+        offs = torch.arange(K + 1, device=x.device)
+        e = local[:, None] + offs[None, :]  # extended position, [T, K+1]
+        idx = torch.where(e < K, seq[:, None] * K + e, S * K + first[seq][:, None] + e - K)
+        window = ext[idx]  # [T, K+1, C]
+
+        t0, t1 = cfg.cca_time0, cfg.cca_time1
+        w0 = self.conv_qk_depthwise.weight[:, 0, :]  # [C, t0]
+        dw = self.conv_qk_depthwise.bias + window[:, 0:t1, :] * w0[:, 0]
+        for m in range(1, t0):
+            dw = dw + window[:, m:m + t1, :] * w0[:, m]  # [T, t1, C]
+        G, Dg = self.groups, cfg.conv_channels // self.groups
+        w1 = self.conv_qk_grouped.weight.view(G, Dg, Dg, t1)  # [G, out, in, t1]
+        mixed = torch.einsum("tjgi,goij->tgo", dw.view(T, t1, G, Dg), w1).reshape(T, -1)
+        mixed = mixed + self.conv_qk_grouped.bias  # [T, C]
+
+        if K > 0:
+            # New conv state: the last K columns of [state; chunk] of every sequence.
+            lens = torch.tensor(batch.query_lens, device=x.device)
+            e_state = lens[:, None] + torch.arange(K, device=x.device)[None, :]  # [S, K]
+            idx_state = torch.where(
+                e_state < K,
+                torch.arange(S, device=x.device)[:, None] * K + e_state,
+                S * K + first[:, None] + e_state - K)
+            conv_state[slots] = ext[idx_state]
+
+        query = mixed[:, :cfg.q_size].view(T, nq, D) + q_res
+        key = mixed[:, cfg.q_size:].view(T, nkv, D) + k_res
+
+        # v: half from this token, half the delayed projection of the previous token.
+        v_cur = self.v_proj_current(x)
+        v_del = self.v_proj_delayed(x)  # [T, Dv]
+        prev = torch.where(local == 0, seq, S + torch.arange(T, device=x.device) - 1)
+        v_prev = torch.cat([v_state[slots], v_del], dim=0)[prev]
+        v_state[slots] = v_del[batch.query_start[1:] - 1]
+        value = torch.cat([v_cur, v_prev], dim=-1).view(T, nkv, D)
+        return query, key, value
+
+
+def qk_l2_norm(
+    q: torch.Tensor, k: torch.Tensor, temp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalise q/k heads to sqrt(head_dim); scale k by its learned per-KV-head temp."""
+    scale = q.shape[-1] ** 0.5
+    eps = torch.finfo(q.dtype).eps
+    q = q * (scale / q.norm(p=2, dim=-1, keepdim=True).clamp_min(eps))
+    k = k * (scale / k.norm(p=2, dim=-1, keepdim=True).clamp_min(eps))
+    return q, k * temp[None, :, None]
+
+
+__all__ = ["CCAProjection", "ConvParams", "qk_l2_norm"]

@@ -1,0 +1,95 @@
+"""The expert side: stacked SiLU-GLU experts and the backend interface the attention side calls.
+
+The seam between attention and experts is one call, `backend(layer, hidden, expert_ids,
+weights)`. In one process it is `LocalExpertBackend`; in the cluster the same call goes over gRPC.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class ExpertBackend(ABC):
+    """Computes the expert outputs of one layer for a batch of routed tokens.
+
+    Contract: `hidden` [T, H] in the model dtype, `expert_ids` [T] int64 in [0, num_experts]
+    where `num_experts` is the skip class, `weights` [T] the router probability. Returns [T, H]:
+    `weight * expert(hidden)` per token, and exact zeros for skip tokens, which are never
+    computed or sent anywhere.
+    """
+
+    num_experts: int
+
+    @abstractmethod
+    def __call__(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class ExpertWeights:
+    """The experts of one layer that this process holds, stacked: local row i is expert
+    `expert_ids[i]` of the checkpoint."""
+
+    def __init__(self, expert_ids: Sequence[int], gate_up: torch.Tensor, down: torch.Tensor):
+        assert gate_up.shape[0] == down.shape[0] == len(expert_ids)
+        self.expert_ids = list(expert_ids)
+        self.gate_up = gate_up  # [E_local, 2I, H]
+        self.down = down  # [E_local, H, I]
+        self.row_of = {e: i for i, e in enumerate(self.expert_ids)}
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+def glu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SiLU-GLU of one expert. x [n, H], gate_up [2I, H], down [H, I] -> [n, H]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def run_grouped(
+    weights_of_layer: ExpertWeights,
+    hidden: torch.Tensor,  # [T, H]
+    expert_ids: torch.Tensor,  # [T]
+    weights: torch.Tensor,  # [T]
+) -> torch.Tensor:
+    """Group tokens by expert (one sort), run each expert once on its rows, scatter back."""
+    out = torch.zeros_like(hidden)
+    order = torch.argsort(expert_ids, stable=True)
+    sorted_ids = expert_ids[order]
+    present, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    start = 0
+    for expert, count in zip(present.tolist(), counts.tolist(), strict=True):
+        rows = order[start:start + count]
+        start += count
+        local = weights_of_layer.row_of.get(expert)
+        if local is None:
+            continue  # skip class (or an expert this process does not hold)
+        y = glu_expert(hidden[rows], weights_of_layer.gate_up[local], weights_of_layer.down[local])
+        out[rows] = y * weights[rows, None]
+    return out
+
+
+class LocalExpertBackend(ExpertBackend):
+    """Experts held in this process (the offline engine, tests, the embedded default)."""
+
+    def __init__(self, layers: list[ExpertWeights], num_experts: int) -> None:
+        self.layers = layers
+        self.num_experts = num_experts
+        missing = [
+            (i, e) for i, lw in enumerate(layers) for e in range(num_experts) if e not in lw.row_of]
+        if missing:
+            raise ValueError(f"local expert backend lacks (layer, expert) pairs: {missing[:4]}...")
+        self.tokens_per_expert = torch.zeros(len(layers), num_experts + 1, dtype=torch.int64)
+
+    def __call__(
+        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        self.tokens_per_expert[layer] += torch.bincount(
+            expert_ids, minlength=self.num_experts + 1)
+        return run_grouped(self.layers[layer], hidden, expert_ids, weights)
