@@ -28,11 +28,9 @@ def update_text_and_check_stop(
     if seq.num_output_tokens >= p.min_tokens:
         if not p.ignore_eos and token in eos_ids:
             seq.finish_reason = "stop"
-            return
-        if p.stop_token_ids and token in p.stop_token_ids:
+        elif p.stop_token_ids and token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-            return
-        if p.stop and delta:
+        if seq.finish_reason is None and p.stop and delta:
             for stop in p.stop:
                 # Only the tail that this token could have completed needs searching.
                 at = seq.text.find(stop, max(0, len(seq.text) - len(delta) - len(stop) + 1))
@@ -41,9 +39,12 @@ def update_text_and_check_stop(
                     seq.text = seq.text[:end]
                     seq.finish_reason, seq.stop_reason = "stop", stop
                     return
-    if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
-            seq.num_tokens >= max_model_len):
+    out_of_room = (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
+        seq.num_tokens >= max_model_len)
+    if seq.finish_reason is None and out_of_room:
         seq.finish_reason = "length"
+    if seq.finish_reason is not None and seq.detokenizer is not None:
+        seq.text += seq.detokenizer.flush()  # bytes held back for an unfinished character
 
 
 def make_output(req: Request) -> RequestOutput:

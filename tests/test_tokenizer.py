@@ -1,0 +1,418 @@
+"""Tokenizer wrapper, locally built BPE, chat template and streaming detokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from zayaserve.replicas.model import tokenizer_build
+from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from zayaserve.replicas.model.tokenizer_build import (
+    BOS_TOKEN,
+    END_OF_TURN,
+    PAD_TOKEN,
+    START_OF_TURN,
+    write_tokenizer_files,
+)
+
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over 13 lazy dogs.",
+    "  leading spaces, tabs\tand\nnew lines\r\n",
+    "café naïve über straße niño Ærøskøbing",
+    "日本語のテキスト、東京タワー。中文也可以",
+    "emoji 🙂🚀 with modifiers 👍🏽 and ZWJ 👩‍👩‍👧 ❤️",
+    "mixed: Привет мир, مرحبا, γειά σου — \u00a0nbsp",
+    "",
+]
+
+
+def _write(tmp_path: Path, vocab: int = 512, eos: int = 1, config: dict | None = None) -> Path:
+    write_tokenizer_files(tmp_path, vocab, bos_token_id=2, eos_token_id=eos, pad_token_id=0)
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int], Tokenizer]:
+    """Builds each (vocab, eos) shape once per module; the 8192 build takes a second or two."""
+    cache: dict[tuple[int, int], Tokenizer] = {}
+
+    def get(vocab: int, eos: int) -> Tokenizer:
+        if (vocab, eos) not in cache:
+            path = _write(tmp_path_factory.mktemp(f"tok{vocab}"), vocab, eos)
+            cache[vocab, eos] = Tokenizer.from_pretrained(path)
+        return cache[vocab, eos]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tiny(built: Callable[[int, int], Tokenizer]) -> Tokenizer:
+    return built(512, 1)
+
+
+@pytest.fixture(scope="module")
+def small(built: Callable[[int, int], Tokenizer]) -> Tokenizer:
+    return built(8192, 106)
+
+
+# --- building --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab, eos", [(512, 1), (512, 106), (8192, 106)])
+def test_exact_vocab_size_and_special_ids(
+    built: Callable[[int, int], Tokenizer], vocab: int, eos: int
+) -> None:
+    tok = built(vocab, eos)
+    assert tok.vocab_size == vocab
+    assert tok.backend.get_vocab_size(with_added_tokens=False) == vocab
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_ids) == (0, 2, [eos])
+    assert tok.token_to_id(PAD_TOKEN) == 0
+    assert tok.token_to_id(BOS_TOKEN) == 2
+    assert tok.token_to_id(END_OF_TURN) == eos
+    start = tok.token_to_id(START_OF_TURN)
+    assert start is not None and start < 110
+    assert tok.all_special_ids == sorted({0, 2, eos, start})
+    # Every id the model can sample maps to a token.
+    assert all(tok.id_to_token(i) is not None for i in range(vocab))
+    assert tok.id_to_token(vocab) is None
+
+
+def test_gemma_layout_for_eos_106(small: Tokenizer) -> None:
+    assert small.token_to_id(START_OF_TURN) == 105
+
+
+def test_build_is_deterministic(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, seed in [(a, 0), (b, 0), (c, 1)]:
+        write_tokenizer_files(out, 512, bos_token_id=2, eos_token_id=1, pad_token_id=0, seed=seed)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / "tokenizer.json").read_bytes() != (c / "tokenizer.json").read_bytes()
+
+
+def test_build_is_deterministic_across_processes(tmp_path: Path) -> None:
+    # A fresh interpreter gets a different str hash seed and Rust HashMap seeds; the builder has
+    # no package imports, so it runs by path without importing zayaserve (and torch).
+    code = (
+        "import runpy, sys; m = runpy.run_path(sys.argv[1]); "
+        "m['write_tokenizer_files'](sys.argv[2], 512, 2, 1, 0, seed=0)"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "123", "RAYON_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-c", code, tokenizer_build.__file__, str(tmp_path / "sub")],
+        check=True,
+        env=env,
+    )
+    _write(tmp_path / "here")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "sub" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+
+
+def test_synthetic_fill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Large vocabs learn MAX_LEARNED_MERGES and fill the rest with synthetic merges; exercise
+    # that path on a small vocab.
+    monkeypatch.setattr(tokenizer_build, "MAX_LEARNED_MERGES", 64)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        write_tokenizer_files(out, 2048, bos_token_id=2, eos_token_id=106, pad_token_id=0)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    tok = Tokenizer.from_pretrained(a)
+    assert tok.vocab_size == 2048
+    assert len(json.loads((a / "tokenizer.json").read_text())["model"]["merges"]) >= 2048 - 264
+    assert all(tok.id_to_token(i) is not None for i in range(2048))
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_tiny_build_is_fast(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    _write(tmp_path)
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize(
+    "vocab, ids", [(200, (0, 2, 1)), (512, (0, 2, 2)), (512, (0, 2, 512)), (512, (-1, 2, 1))]
+)
+def test_bad_build_arguments(tmp_path: Path, vocab: int, ids: tuple[int, int, int]) -> None:
+    pad, bos, eos = ids
+    with pytest.raises(ValueError):
+        write_tokenizer_files(tmp_path, vocab, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+
+
+@pytest.mark.slow
+def test_full_zaya_vocab(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    tok = Tokenizer.from_pretrained(_write(tmp_path, 262272, eos=106))
+    assert time.perf_counter() - start < 60
+    assert tok.vocab_size == 262272
+    assert (tok.bos_token_id, tok.eos_token_ids, tok.pad_token_id) == (2, [106], 0)
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+
+
+# --- encode / decode -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(tiny: Tokenizer, small: Tokenizer, text: str) -> None:
+    for tok in (tiny, small):
+        ids = tok.encode(text)
+        assert ids[0] == tok.bos_token_id
+        assert tok.decode(ids) == text
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_merges_shrink_common_text(small: Tokenizer) -> None:
+    text = "café " * 20 + "日本語 " * 20
+    assert len(small.encode(text, add_special_tokens=False)) < len(text.encode()) / 2
+
+
+def test_special_tokens_in_text(tiny: Tokenizer) -> None:
+    ids = tiny.encode("<start_of_turn>user\nhi<end_of_turn>", add_special_tokens=False)
+    assert ids[0] == tiny.token_to_id(START_OF_TURN)
+    assert ids[-1] == tiny.token_to_id(END_OF_TURN)
+    assert tiny.decode(ids) == "user\nhi"
+    assert tiny.decode(ids, skip_special_tokens=False) == "<start_of_turn>user\nhi<end_of_turn>"
+
+
+def test_bos_added_once(tiny: Tokenizer) -> None:
+    # tokenizer.json's post-processor and add_bos_token both ask for bos; it must appear once.
+    assert tiny.encode("hi").count(2) == 1
+
+
+def test_bos_from_add_bos_token_without_post_processor(tmp_path: Path) -> None:
+    path = _write(tmp_path)
+    data = json.loads((path / "tokenizer.json").read_text())
+    data["post_processor"] = None
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    tok = Tokenizer.from_pretrained(path)
+    assert tok.encode("hi")[0] == 2
+    assert tok.encode("hi", add_special_tokens=False)[0] != 2
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def test_eos_list_in_config_json(tmp_path: Path) -> None:
+    tok = Tokenizer.from_pretrained(
+        _write(tmp_path, config={"eos_token_id": [106, 3], "bos_token_id": 2, "pad_token_id": 0})
+    )
+    # config.json first; the tokenizer's own eos token is added when missing.
+    assert tok.eos_token_ids == [106, 3, 1]
+    assert tok.bos_token_id == 2
+
+
+def test_eos_int_in_config_json(tmp_path: Path) -> None:
+    tok = Tokenizer.from_pretrained(_write(tmp_path, config={"eos_token_id": 1}))
+    assert tok.eos_token_ids == [1]
+
+
+def test_missing_tokenizer_json(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_corrupt_files_name_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path)
+    (path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        Tokenizer.from_pretrained(path)
+    (path / "tokenizer_config.json").write_text("{}")
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json"):
+        Tokenizer.from_pretrained(path)
+    (path / "config.json").unlink()
+    (path / "tokenizer.json").write_text('{"model": 5}')
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        Tokenizer.from_pretrained(path)
+
+
+def test_without_tokenizer_config(tmp_path: Path) -> None:
+    path = _write(tmp_path)
+    (path / "tokenizer_config.json").unlink()
+    tok = Tokenizer.from_pretrained(path)
+    assert tok.eos_token_ids == []
+    assert tok.decode(tok.encode("héllo")) == "héllo"
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_special_tokens_from_config_json_only(tmp_path: Path) -> None:
+    path = _write(tmp_path, config={"bos_token_id": 2, "eos_token_id": [1]})
+    (path / "tokenizer_config.json").unlink()
+    (path / "chat_template.jinja").write_text("{{ bos_token }}|{{ eos_token }}")
+    tok = Tokenizer.from_pretrained(path)
+    assert tok.apply_chat_template([]) == "<bos>|<end_of_turn>"
+
+
+def test_chat_template_jinja_file_wins(tmp_path: Path) -> None:
+    path = _write(tmp_path)
+    (path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    tok = Tokenizer.from_pretrained(path)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi!"
+
+
+# --- chat template ---------------------------------------------------------------------------
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there "},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": [{"type": "text", "text": "日本"}, {"type": "text", "text": "?"}]},
+]
+
+
+def test_chat_template_renders_turns(tiny: Tokenizer) -> None:
+    text = tiny.apply_chat_template(CONVERSATION)
+    assert text == (
+        "<bos>"
+        "<start_of_turn>system\nBe brief.<end_of_turn>\n"
+        "<start_of_turn>user\nHi there<end_of_turn>\n"
+        "<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\n日本\n?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+    ids = tiny.encode(text, add_special_tokens=False)
+    assert ids[0] == tiny.bos_token_id and ids.count(tiny.bos_token_id) == 1  # type: ignore[arg-type]
+    assert tiny.decode(ids, skip_special_tokens=False) == text
+
+
+def test_chat_template_without_generation_prompt(tiny: Tokenizer) -> None:
+    text = tiny.apply_chat_template(CONVERSATION[:2], add_generation_prompt=False)
+    assert text.endswith("<start_of_turn>user\nHi there<end_of_turn>\n")
+    assert "<start_of_turn>model" not in text
+
+
+def test_chat_template_matches_transformers(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    path = _write(tmp_path)
+    ours = Tokenizer.from_pretrained(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path))
+    messages = CONVERSATION[:3]
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    for text in TEXTS:
+        assert ours.encode(text) == theirs(text)["input_ids"]
+
+
+@pytest.mark.parametrize(
+    "messages, field",
+    [
+        ([{"content": "hi"}], r"messages\[0\]\.role"),
+        ([{"role": "user", "content": "a"}, {"role": "user"}], r"messages\[1\]\.content"),
+        ([{"role": "user", "content": 5}], r"messages\[0\]\.content"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], r"messages\[0\]\.content\[0\]"),
+        ([{"role": "user", "content": [{"type": "text", "text": 1}]}], r"content\[0\]\.text"),
+        (["hello"], r"messages\[0\]"),
+    ],
+)
+def test_bad_messages(tiny: Tokenizer, messages: list, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        tiny.apply_chat_template(messages)
+
+
+def test_unknown_role_raises_from_template(tiny: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="unsupported role: tool"):
+        tiny.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_extra_template_variables(tiny: Tokenizer) -> None:
+    tiny_copy = Tokenizer(tiny.backend, chat_template="{{ greeting }} {{ messages | length }}")
+    assert tiny_copy.apply_chat_template([], greeting="hey") == "hey 0"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ messages.append({'role': 'x'}) }}",
+        "{{ raise_exception.__globals__ }}",
+    ],
+)
+def test_template_is_sandboxed(tiny: Tokenizer, template: str) -> None:
+    tok = Tokenizer(tiny.backend, chat_template=template)
+    try:
+        rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    except ValueError as e:  # a SecurityError or UndefinedError, wrapped
+        assert "chat template" in str(e)
+    else:
+        assert "class" not in rendered and "builtins" not in rendered
+
+
+def test_template_security_error_is_chained(tiny: Tokenizer) -> None:
+    from jinja2.exceptions import SecurityError
+
+    tok = Tokenizer(tiny.backend, chat_template="{{ messages.append(1) }}")
+    with pytest.raises(ValueError) as info:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert isinstance(info.value.__cause__, SecurityError)
+
+
+# --- incremental detokenizer -----------------------------------------------------------------
+
+
+def _stream(tok: Tokenizer, prompt: list[int], ids: list[int], **kw: bool) -> list[str]:
+    detok = IncrementalDetokenizer(tok, prompt, **kw)
+    deltas = [detok.add(i) for i in ids]
+    assert detok.text == "".join(deltas)
+    return deltas
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_matches_full_decode(tiny: Tokenizer, small: Tokenizer, text: str) -> None:
+    for tok in (tiny, small):
+        prompt = tok.encode("A prompt: ")
+        ids = tok.encode(text, add_special_tokens=False)
+        deltas = _stream(tok, prompt, ids)
+        assert "".join(deltas) == tok.decode(ids) == text
+        assert not any("\ufffd" in d for d in deltas)
+
+
+def test_multibyte_chars_are_split_across_tokens(tiny: Tokenizer) -> None:
+    # With only ~250 merges most of these characters need several byte tokens, so the
+    # detokenizer must hold back partial characters.
+    text = "🙂🚀👍🏽日本語"
+    ids = tiny.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text)
+    assert any("\ufffd" in tiny.decode([i]) for i in ids)
+    deltas = _stream(tiny, [], ids)
+    assert "".join(deltas) == text
+    assert "" in deltas and not any("\ufffd" in d for d in deltas)
+
+
+def test_stream_skips_special_tokens(tiny: Tokenizer) -> None:
+    eot = tiny.token_to_id(END_OF_TURN)
+    assert eot is not None
+    ids = [*tiny.encode("héllo", add_special_tokens=False), eot]
+    assert "".join(_stream(tiny, [2], ids)) == "héllo"
+    kept = "".join(_stream(tiny, [2], ids, skip_special_tokens=False))
+    assert kept == "héllo<end_of_turn>"
+
+
+def test_stream_of_random_ids_matches_decode(small: Tokenizer) -> None:
+    # Random ids (as a random-weight model samples) include invalid byte sequences; flush()
+    # releases whatever was held back at the end.
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(small.vocab_size) for _ in range(rng.randint(1, 60))]
+        detok = IncrementalDetokenizer(small, [])
+        text = "".join(detok.add(i) for i in ids) + detok.flush()
+        assert text == detok.text == small.decode(ids)
+
+
+def test_long_stream_keeps_window_small(tiny: Tokenizer) -> None:
+    text = "Streaming 🙂 text, über and 日本. " * 50
+    ids = tiny.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tiny, list(range(100)))
+    assert "".join(detok.add(i) for i in ids) == text
+    assert len(detok._ids) < 2 * IncrementalDetokenizer._TRIM_AT
