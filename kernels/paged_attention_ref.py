@@ -2,18 +2,71 @@
 
 Decode rows (one new token) are batched together, padded to the longest context; each prefill
 chunk attends to its whole cached context with a causal (and optional sliding-window) mask.
-Softmax runs in fp32 like the reference model.
+Softmax runs in fp32 like the reference model. Everything that depends only on the step's
+layout (gather slots, masks) lives in an `AttentionPlan` built once and shared by all layers.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 
-def _gather_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    """Flat cache slots of positions 0..length-1 of one sequence. block_table [max_blocks]."""
-    pos = torch.arange(length, device=block_table.device)
-    return block_table[pos // block_size] * block_size + pos % block_size
+@dataclass
+class AttentionPlan:
+    decode_rows: torch.Tensor  # [B] packed rows of the single-token sequences
+    decode_slots: torch.Tensor  # [B, W] cache slots of their contexts (padded)
+    decode_pos: torch.Tensor  # [W]
+    decode_lens: torch.Tensor  # [B]
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (row a, row b, slots, q pos)
+    _masks: dict[tuple[str, int | None], torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        key = ("decode", window)
+        if key not in self._masks:
+            allowed = self.decode_pos[None] < self.decode_lens[:, None]
+            if window is not None:
+                allowed &= self.decode_pos[None] > (self.decode_lens[:, None] - 1 - window)
+            self._masks[key] = allowed[:, None, :]  # [B, 1, W]
+        return self._masks[key]
+
+    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor:
+        key = (f"prefill{i}", window)
+        if key not in self._masks:
+            _, _, slots, q_pos = self.prefills[i]
+            k_pos = torch.arange(slots.shape[0], device=slots.device)[None, :]
+            allowed = k_pos <= q_pos[:, None]
+            if window is not None:
+                allowed &= k_pos > q_pos[:, None] - window
+            self._masks[key] = allowed[None]  # [1, n, ctx]
+        return self._masks[key]
+
+
+def plan_attention(
+    query_start: list[int], context_lens: list[int], block_tables: torch.Tensor, block_size: int
+) -> AttentionPlan:
+    dev = block_tables.device
+    num_seqs = len(context_lens)
+    decode = [s for s in range(num_seqs) if query_start[s + 1] - query_start[s] == 1]
+    lens = torch.tensor([context_lens[s] for s in decode], dtype=torch.int64, device=dev)
+    width = int(lens.max()) if decode else 0
+    pos = torch.arange(width, device=dev)
+    tables = block_tables[decode]
+    if decode:
+        blk = tables[:, (pos // block_size).clamp_max(tables.shape[1] - 1)]
+        slots = (blk * block_size + pos % block_size).clamp_min(0)  # [B, W]
+    else:
+        slots = torch.zeros(0, 0, dtype=torch.int64, device=dev)
+    prefills = []
+    for s in range(num_seqs):
+        a, b, ctx = query_start[s], query_start[s + 1], context_lens[s]
+        if b - a > 1:
+            p = torch.arange(ctx, device=dev)
+            ctx_slots = block_tables[s][p // block_size] * block_size + p % block_size
+            prefills.append((a, b, ctx_slots, torch.arange(ctx - (b - a), ctx, device=dev)))
+    rows = torch.tensor([query_start[s] for s in decode], dtype=torch.int64, device=dev)
+    return AttentionPlan(rows, slots, pos, lens, prefills)
 
 
 def _attend(
@@ -33,10 +86,7 @@ def paged_attention_ref(
     q: torch.Tensor,  # [T, nq, D] new queries, sequences laid end to end
     k_cache: torch.Tensor,  # [slots, nkv, D] (new K already written)
     v_cache: torch.Tensor,  # [slots, nkv, D]
-    query_start: list[int],  # [S+1]
-    context_lens: list[int],  # [S]
-    block_tables: torch.Tensor,  # [S, max_blocks]
-    block_size: int,
+    plan: AttentionPlan,
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
@@ -44,39 +94,18 @@ def paged_attention_ref(
     nkv = k_cache.shape[1]
     g = nq // nkv
     out = torch.empty_like(q)
-    num_seqs = len(context_lens)
-    decode = [s for s in range(num_seqs) if query_start[s + 1] - query_start[s] == 1]
-    prefill = [s for s in range(num_seqs) if query_start[s + 1] - query_start[s] > 1]
-
-    if decode:
-        lens = torch.tensor([context_lens[s] for s in decode], device=q.device)
-        width = int(lens.max())
-        pos = torch.arange(width, device=q.device)
-        tables = block_tables[decode]  # [B, max_blocks]
-        blk = tables.gather(1, (pos // block_size).clamp_max(tables.shape[1] - 1)[None].expand(
-            len(decode), -1))
-        slots = (blk * block_size + pos % block_size).clamp_min(0)  # [B, width]
-        k = k_cache[slots].permute(0, 2, 1, 3)  # [B, nkv, width, D]
-        v = v_cache[slots].permute(0, 2, 1, 3)
-        allowed = pos[None] < lens[:, None]
-        if window is not None:
-            allowed &= pos[None] > (lens[:, None] - 1 - window)
-        rows = torch.tensor([query_start[s] for s in decode], device=q.device)
-        qd = q[rows].view(len(decode), nkv, g, 1, D)
-        out[rows] = _attend(qd, k, v, allowed[:, None, :], scale).reshape(len(decode), nq, D)
-
-    for s in prefill:
-        a, b, ctx = query_start[s], query_start[s + 1], context_lens[s]
+    B = plan.decode_rows.shape[0]
+    if B:
+        k = k_cache[plan.decode_slots].permute(0, 2, 1, 3)  # [B, nkv, W, D]
+        v = v_cache[plan.decode_slots].permute(0, 2, 1, 3)
+        qd = q[plan.decode_rows].view(B, nkv, g, 1, D)
+        o = _attend(qd, k, v, plan.decode_mask(window), scale)
+        out[plan.decode_rows] = o.reshape(B, nq, D)
+    for i, (a, b, slots, _) in enumerate(plan.prefills):
         n = b - a
-        slots = _gather_slots(block_tables[s], ctx, block_size)
         k = k_cache[slots].permute(1, 0, 2)[None]  # [1, nkv, ctx, D]
         v = v_cache[slots].permute(1, 0, 2)[None]
-        q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-        k_pos = torch.arange(ctx, device=q.device)[None, :]
-        allowed = k_pos <= q_pos
-        if window is not None:
-            allowed &= k_pos > q_pos - window
         qs = q[a:b].view(n, nkv, g, D).permute(1, 2, 0, 3)[None]  # [1, nkv, g, n, D]
-        o = _attend(qs, k, v, allowed[None], scale)  # [1, nkv, g, n, D]
+        o = _attend(qs, k, v, plan.prefill_mask(i, window), scale)
         out[a:b] = o[0].permute(2, 0, 1, 3).reshape(n, nq, D)
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zayaserve.kernels.paged_attention_ref import paged_attention_ref
+from zayaserve.kernels.paged_attention_ref import paged_attention_ref, plan_attention
 from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.cca import CCAProjection, qk_l2_norm
 from zayaserve.replicas.model.config import ZayaConfig
@@ -78,9 +78,10 @@ class AttentionLayer(nn.Module):
         k = apply_partial_rope(k, *rope)
         cache.k[i][batch.slot_mapping] = k
         cache.v[i][batch.slot_mapping] = v
-        o = paged_attention_ref(
-            q, cache.k[i], cache.v[i], batch.query_start.tolist(), batch.context_lens,
-            batch.block_tables, cache.block_size, attn.scale, attn.window)
+        plan = batch.cached("attention", lambda: plan_attention(
+            batch.query_start.tolist(), batch.context_lens, batch.block_tables,
+            cache.block_size))
+        o = paged_attention_ref(q, cache.k[i], cache.v[i], plan, attn.scale, attn.window)
         o = attn.o_proj(o.reshape(o.shape[0], -1))
         residual = self.post_attention_residual_scale(o, residual)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +27,13 @@ class StepBatch:
     block_tables: torch.Tensor  # [S, max_blocks] int64 (padding -1)
     state_slots: torch.Tensor  # [S] int64, CCA state slot of each sequence
     logits_indices: torch.Tensor  # [L] int64, token rows whose logits are wanted
+    # Per-step derived values (gather indices, attention plans) shared by all layers.
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def num_tokens(self) -> int:

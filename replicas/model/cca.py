@@ -8,6 +8,8 @@ no per-sequence loop, and chunked prefill gives the same result as one long pref
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -65,15 +67,10 @@ class CCAProjection(nn.Module):
 
         # Gather each token's window of K+1 pre-conv columns from [state_s; chunk_s].
         slots = batch.state_slots
+        idx = batch.cached(("cca", K), lambda: cca_gather_indices(batch, K))
         qk = torch.cat([q, k], dim=-1)  # [T, C]
         ext = torch.cat([conv_state[slots].reshape(S * K, qk.shape[1]), qk], dim=0)
-        seq = batch.token_seq
-        first = batch.query_start[:-1]
-        local = torch.arange(T, device=x.device) - first[seq]  # [T]
-        offs = torch.arange(K + 1, device=x.device)
-        e = local[:, None] + offs[None, :]  # extended position, [T, K+1]
-        idx = torch.where(e < K, seq[:, None] * K + e, S * K + first[seq][:, None] + e - K)
-        window = ext[idx]  # [T, K+1, C]
+        window = ext[idx.window]  # [T, K+1, C]
 
         t0, t1 = cfg.cca_time0, cfg.cca_time1
         w0 = self.conv_qk_depthwise.weight[:, 0, :]  # [C, t0]
@@ -85,15 +82,8 @@ class CCAProjection(nn.Module):
         mixed = torch.einsum("tjgi,goij->tgo", dw.view(T, t1, G, Dg), w1).reshape(T, -1)
         mixed = mixed + self.conv_qk_grouped.bias  # [T, C]
 
-        if K > 0:
-            # New conv state: the last K columns of [state; chunk] of every sequence.
-            lens = torch.tensor(batch.query_lens, device=x.device)
-            e_state = lens[:, None] + torch.arange(K, device=x.device)[None, :]  # [S, K]
-            idx_state = torch.where(
-                e_state < K,
-                torch.arange(S, device=x.device)[:, None] * K + e_state,
-                S * K + first[:, None] + e_state - K)
-            conv_state[slots] = ext[idx_state]
+        if K > 0:  # the new conv state: the last K columns of [state; chunk] per sequence
+            conv_state[slots] = ext[idx.state]
 
         query = mixed[:, :cfg.q_size].view(T, nq, D) + q_res
         key = mixed[:, cfg.q_size:].view(T, nkv, D) + k_res
@@ -101,11 +91,33 @@ class CCAProjection(nn.Module):
         # v: half from this token, half the delayed projection of the previous token.
         v_cur = self.v_proj_current(x)
         v_del = self.v_proj_delayed(x)  # [T, Dv]
-        prev = torch.where(local == 0, seq, S + torch.arange(T, device=x.device) - 1)
-        v_prev = torch.cat([v_state[slots], v_del], dim=0)[prev]
+        v_prev = torch.cat([v_state[slots], v_del], dim=0)[idx.prev_v]
         v_state[slots] = v_del[batch.query_start[1:] - 1]
         value = torch.cat([v_cur, v_prev], dim=-1).view(T, nkv, D)
         return query, key, value
+
+
+class CCAIndices(NamedTuple):
+    window: torch.Tensor  # [T, K+1] rows of [states (S*K); chunk (T)] each token convolves
+    state: torch.Tensor  # [S, K] rows that become each sequence's next conv state
+    prev_v: torch.Tensor  # [T] rows of [v states (S); delayed v (T)] each token's value uses
+
+
+def cca_gather_indices(batch: StepBatch, K: int) -> CCAIndices:
+    """Depends only on the step's layout, so it is computed once and shared by all layers."""
+    T, S = batch.num_tokens, batch.num_seqs
+    dev = batch.input_ids.device
+    seq = batch.token_seq
+    first = batch.query_start[:-1]
+    local = torch.arange(T, device=dev) - first[seq]  # position within the chunk
+    e = local[:, None] + torch.arange(K + 1, device=dev)[None, :]  # in [state; chunk] coords
+    window = torch.where(e < K, seq[:, None] * K + e, S * K + first[seq][:, None] + e - K)
+    lens = torch.tensor(batch.query_lens, device=dev)
+    e_state = lens[:, None] + torch.arange(K, device=dev)[None, :]
+    state = torch.where(e_state < K, torch.arange(S, device=dev)[:, None] * K + e_state,
+                        S * K + first[:, None] + e_state - K)
+    prev_v = torch.where(local == 0, seq, S + torch.arange(T, device=dev) - 1)
+    return CCAIndices(window, state, prev_v)
 
 
 def qk_l2_norm(
