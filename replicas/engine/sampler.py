@@ -1,0 +1,290 @@
+"""Batched next-token sampling for one engine step.
+
+Each row of the logits matrix is an independent sequence with its own parameters. Logprobs
+follow vLLM v1's default "raw" mode: they are the log-softmax of the model's logits before
+temperature, banning and top-k/top-p, so they describe the model rather than the sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from zayaserve.replicas.engine.outputs import Logprob
+from zayaserve.replicas.engine.params import SAMPLING_EPS, SamplingParams
+
+# Rows per chunk are chosen so that one [rows, V] float32 temporary stays around 64 MiB; a few
+# hundred rows times a 262k vocabulary would otherwise need several GiB of scratch (sorting for
+# top-p also allocates int64 indices of the same shape).
+_CHUNK_ELEMENTS = 1 << 24
+
+# How many of a row's most likely tokens to try before falling back to a full sort for top-p.
+_NUCLEUS_CANDIDATES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRow:
+    """Per-row sampling settings for one step.
+
+    ``generator`` should live on the same device as the logits (a mismatch works but copies
+    the row to the generator's device). Seeded requests pass their own generator so their
+    draws do not depend on which other rows share the batch.
+    """
+
+    temperature: float
+    top_k: int  # <= 0 means off
+    top_p: float  # 1.0 means off
+    generator: torch.Generator
+    num_logprobs: int | None  # None: no logprobs for this row
+    banned_token_ids: tuple[int, ...] = ()  # e.g. EOS/stop ids while below min_tokens
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_logprobs is not None and self.num_logprobs < 0:
+            raise ValueError(f"num_logprobs must be >= 0 or None, got {self.num_logprobs}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
+
+    @classmethod
+    def from_params(
+        cls,
+        params: SamplingParams,
+        generator: torch.Generator,
+        banned_token_ids: tuple[int, ...] = (),
+    ) -> SamplingRow:
+        return cls(
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            generator=generator,
+            num_logprobs=params.logprobs,
+            banned_token_ids=banned_token_ids,
+        )
+
+
+class SampledToken(NamedTuple):
+    token_id: int
+    logprob: float  # raw logprob of the chosen token
+    logprobs: dict[int, Logprob] | None  # present when the row asked for num_logprobs
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Return logits with banned ids at -inf; copies only when some row bans something."""
+    vocab = logits.shape[1]
+    row_idx: list[int] = []
+    tok_idx: list[int] = []
+    for i, row in enumerate(rows):
+        # Ids beyond the logits (e.g. tokenizer ids past a trimmed vocab) can never be sampled.
+        ids = [t for t in row.banned_token_ids if 0 <= t < vocab]
+        row_idx.extend([i] * len(ids))
+        tok_idx.extend(ids)
+    if not tok_idx:
+        return logits
+    banned = logits.clone()
+    r = torch.tensor(row_idx, dtype=torch.long, device=logits.device)
+    t = torch.tensor(tok_idx, dtype=torch.long, device=logits.device)
+    banned[r, t] = float("-inf")
+    touched = torch.unique(r)
+    if bool(torch.isneginf(banned[touched].amax(dim=1)).any()):
+        raise ValueError("a row has every token banned or at -inf; nothing can be sampled")
+    return banned
+
+
+def _prefix_keep(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    # Mass strictly before each token: a token is kept while the kept set is still short of
+    # top_p, which yields the smallest prefix reaching top_p. The first token has 0 before it
+    # and top_p > 0, so at least one token always survives.
+    before = sorted_probs.cumsum(dim=1) - sorted_probs
+    return before < top_p.unsqueeze(1)
+
+
+def _nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[R, V] bool mask of each row's top-p nucleus."""
+    vocab = probs.shape[1]
+    # Sorting a 262k vocabulary per row is by far the most expensive step, and real nuclei are
+    # usually a few dozen tokens, so look among the top candidates first and sort the whole
+    # row only when the nucleus might extend past them.
+    cand = min(vocab, _NUCLEUS_CANDIDATES)
+    vals, ids = probs.topk(cand, dim=1)
+    keep_sorted = _prefix_keep(vals, top_p)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, ids, keep_sorted)
+    if cand < vocab:
+        spill = keep_sorted[:, -1].nonzero().squeeze(1)
+        if spill.numel() > 0:
+            full_vals, order = probs[spill].sort(dim=1, descending=True)
+            full_keep = _prefix_keep(full_vals, top_p[spill])
+            keep[spill] = torch.zeros_like(full_keep).scatter(1, order, full_keep)
+    return keep
+
+
+def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p; returns unnormalised probs with cut tokens at 0."""
+    device = logits.device
+    temps = torch.tensor([r.temperature for r in rows], dtype=logits.dtype, device=device)
+    scaled = logits / temps.unsqueeze(1)
+    vocab = scaled.shape[1]
+
+    ks = [min(r.top_k, vocab) if r.top_k > 0 else 0 for r in rows]
+    if any(ks):
+        # Threshold at the k-th largest value, so ties with it survive (as in vLLM).
+        k_t = torch.tensor(ks, dtype=torch.long, device=device)
+        top_vals = scaled.topk(max(ks), dim=1).values
+        kth = top_vals.gather(1, (k_t.clamp(min=1) - 1).unsqueeze(1))
+        cut = (scaled < kth) & (k_t > 0).unsqueeze(1)
+        scaled = scaled.masked_fill(cut, float("-inf"))
+
+    probs = torch.softmax(scaled, dim=1)
+
+    nucleus = [i for i, r in enumerate(rows) if r.top_p < 1.0]
+    if nucleus:
+        idx = torch.tensor(nucleus, dtype=torch.long, device=device)
+        top_p = torch.tensor([rows[i].top_p for i in nucleus], dtype=probs.dtype, device=device)
+        probs[idx] = probs[idx].masked_fill(~_nucleus_mask(probs[idx], top_p), 0.0)
+    return probs
+
+
+def _draw(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """One token per row, each row drawing only from its own generator."""
+    out = torch.empty(len(rows), dtype=torch.long, device=probs.device)
+    # Rows sharing a generator object (the engine's unseeded one) are drawn together; a seeded
+    # row is always drawn alone from a [1, V] tensor, so batch composition cannot move it.
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(id(row.generator), []).append(i)
+    for members in groups.values():
+        gen = rows[members[0]].generator
+        idx = torch.tensor(members, dtype=torch.long, device=probs.device)
+        group = probs[idx]
+        if gen.device != group.device:
+            # multinomial needs the generator on the data's device. Copying the rows over keeps
+            # a mismatched caller correct, but costs a transfer per group: prefer generators
+            # created on the logits' device.
+            group = group.to(gen.device)
+        out[idx] = torch.multinomial(group, 1, generator=gen).squeeze(1).to(out.device)
+    return out
+
+
+def _raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    # Written as x - logsumexp(x) rather than log_softmax so that the single-token path in
+    # sample() (gather, then subtract) produces bit-identical values for the same token.
+    return logits - torch.logsumexp(logits, dim=1, keepdim=True)
+
+
+def _logprob_dicts(
+    logits: torch.Tensor, token_ids: torch.Tensor, ks: Sequence[int], row_ids: Sequence[int]
+) -> list[dict[int, Logprob]]:
+    """For each ``row_ids[j]``, a dict of that row's token plus its top-``ks[j]`` logprobs.
+
+    The token comes first in each dict (vLLM's order), then the top-k by descending logprob.
+    Rows are gathered a chunk at a time so the [rows, V] logprob scratch stays bounded.
+    """
+    vocab = logits.shape[1]
+    chunk = _chunk_rows(vocab)
+    dicts: list[dict[int, Logprob]] = []
+    for start in range(0, len(row_ids), chunk):
+        stop = min(start + chunk, len(row_ids))
+        idx = torch.tensor(row_ids[start:stop], dtype=torch.long, device=logits.device)
+        lp = _raw_logprobs(logits[idx].float())
+        tok = token_ids[idx].to(device=lp.device, dtype=torch.long).unsqueeze(1)
+        tok_lp = lp.gather(1, tok)
+        tok_rank = (lp > tok_lp).sum(dim=1) + 1
+        chunk_ks = ks[start:stop]
+        kmax = min(max(chunk_ks), vocab)
+        tops: list[list[tuple[int, float, int]]] = [[] for _ in chunk_ks]
+        if kmax > 0:
+            vals, ids = lp.topk(kmax, dim=1)
+            # Any value strictly above a top-k entry is itself in the top-k, so ranks can be
+            # counted among the k values instead of over the vocabulary (ties share a rank).
+            ranks = (vals.unsqueeze(1) > vals.unsqueeze(2)).sum(dim=2) + 1
+            tops = [
+                list(zip(i_row, v_row, r_row, strict=True))
+                for i_row, v_row, r_row in zip(
+                    ids.tolist(), vals.tolist(), ranks.tolist(), strict=True
+                )
+            ]
+        per_row = zip(
+            tok.squeeze(1).tolist(),
+            tok_lp.squeeze(1).tolist(),
+            tok_rank.tolist(),
+            chunk_ks,
+            tops,
+            strict=True,
+        )
+        for t, t_lp, t_rank, k, top in per_row:
+            entry = {t: Logprob(t_lp, t_rank)}
+            for tid, value, rank in top[:k]:
+                entry.setdefault(tid, Logprob(value, rank))
+            dicts.append(entry)
+    return dicts
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+    """Pick one next token per row of ``logits`` ([S, V]) using that row's settings."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [S, V], got shape {tuple(logits.shape)}")
+    if logits.shape[0] != len(rows):
+        raise ValueError(f"got {len(rows)} rows for logits with {logits.shape[0]} rows")
+    if not rows:
+        return []
+    logits = logits.float()
+    work = _apply_bans(logits, rows)
+    chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+
+    greedy = [i for i, r in enumerate(rows) if r.is_greedy]
+    if greedy:
+        g = torch.tensor(greedy, dtype=torch.long, device=logits.device)
+        chosen[g] = work[g].argmax(dim=1)
+
+    rand = [i for i, r in enumerate(rows) if not r.is_greedy]
+    chunk = _chunk_rows(logits.shape[1])
+    for start in range(0, len(rand), chunk):
+        members = rand[start : start + chunk]
+        sub_rows = [rows[i] for i in members]
+        idx = torch.tensor(members, dtype=torch.long, device=logits.device)
+        chosen[idx] = _draw(_filtered_probs(work[idx], sub_rows), sub_rows)
+
+    # The chosen token's logprob is needed for every row (cumulative_logprob), but the full
+    # [S, V] logprob matrix only for rows that asked for a dict.
+    lse = torch.logsumexp(logits, dim=1)
+    token_lps = (logits.gather(1, chosen.unsqueeze(1)).squeeze(1) - lse).tolist()
+    wants = [i for i, r in enumerate(rows) if r.num_logprobs is not None]
+    dicts: list[dict[int, Logprob] | None] = [None] * len(rows)
+    ks = [rows[i].num_logprobs or 0 for i in wants]
+    for i, d in zip(wants, _logprob_dicts(logits, chosen, ks, wants), strict=True):
+        dicts[i] = d
+    return [
+        SampledToken(t, lp, d) for t, lp, d in zip(chosen.tolist(), token_lps, dicts, strict=True)
+    ]
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, next_token_ids: torch.Tensor, k: int
+) -> list[dict[int, Logprob]]:
+    """Raw logprobs of the actual prompt continuation plus the top-k at each position.
+
+    ``logits[i]`` is the prediction made at prompt position ``i`` and ``next_token_ids[i]`` the
+    prompt token that actually followed it. The caller prepends ``None`` for the first prompt
+    token to build vLLM's ``PromptLogprobs``.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [P, V], got shape {tuple(logits.shape)}")
+    if next_token_ids.shape != (logits.shape[0],):
+        raise ValueError(
+            f"next_token_ids must have shape ({logits.shape[0]},), "
+            f"got {tuple(next_token_ids.shape)}"
+        )
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    positions = range(logits.shape[0])
+    return _logprob_dicts(logits, next_token_ids, [k] * len(positions), positions)
