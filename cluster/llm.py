@@ -62,6 +62,10 @@ class LLM:
             if len(params) != len(prompt_list):
                 raise ValueError(f"sampling_params: {len(params)} given for "
                                  f"{len(prompt_list)} prompts")
+            for i, sp in enumerate(params):
+                if not isinstance(sp, SamplingParams):
+                    raise ValueError(f"sampling_params[{i}]: expected SamplingParams, "
+                                     f"got {type(sp).__name__}")
         # Validate everything before anything is queued, so a bad prompt loses nothing.
         encoded = [self._encode(p, i) for i, p in enumerate(prompt_list)]
         order: dict[str, int] = {}
@@ -70,7 +74,7 @@ class LLM:
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, ids, sp, prompt=text)
                 order[rid] = i
-        except ValueError:
+        except BaseException:
             for rid in order:
                 self.engine.abort_request(rid)
             raise
@@ -94,7 +98,9 @@ class LLM:
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("messages: this checkpoint has no tokenizer/chat template")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations: list[list[dict[str, Any]]] = (
+            [messages] if messages and isinstance(messages[0], dict)  # type: ignore[list-item]
+            else messages)  # type: ignore[assignment]
         prompts: list[PromptInput] = []
         for conv in conversations:
             text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from zayaserve.replicas.model import tokenizer_build
 from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from zayaserve.replicas.model.tokenizer_build import (

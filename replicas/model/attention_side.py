@@ -120,8 +120,11 @@ class AttentionSideModel(nn.Module):
 
     def initial_v_states(self) -> torch.Tensor:
         """[L, Dv]: the delayed-v each layer's first token sees."""
-        layers = self.model.layers
-        return torch.stack([layer.self_attn.qkv_proj.initial_v_state() for layer in layers])
+        return torch.stack([layer.self_attn.qkv_proj.initial_v_state() for layer in self.layers])
+
+    @property
+    def layers(self) -> list[AttentionLayer]:
+        return list(self.model.layers)  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def forward(
@@ -139,7 +142,7 @@ class AttentionSideModel(nn.Module):
         residual = ((emb + body.input_hidden_states_bias) * body.input_hidden_states_scale).to(
             torch.float32)
         router_state: torch.Tensor | None = None
-        for layer in body.layers:
+        for layer in self.layers:
             residual, router_state = layer(
                 residual, router_state, ropes[layer.layer_type], batch, cache, experts)
         h = residual[batch.logits_indices]

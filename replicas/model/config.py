@@ -15,7 +15,8 @@ LayerType = Literal["hybrid", "hybrid_sliding"]
 
 DEFAULT_ROPE: dict[str, dict[str, Any]] = {
     "hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
-    "hybrid_sliding": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
+    "hybrid_sliding": {
+        "rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
 }
 
 

@@ -40,14 +40,15 @@ class Router(nn.Module):
         self.num_experts = config.num_experts
         self.down_proj = nn.Linear(config.hidden_size, r, bias=True)
         self.use_eda = layer_idx != 0
-        if self.use_eda:
-            self.router_states_scale = nn.Parameter(torch.ones(r))
+        self.router_states_scale: nn.Parameter | None = (
+            nn.Parameter(torch.ones(r)) if self.use_eda else None)
         self.router_mlp = RouterMLP(r, classes, config.rms_norm_eps)
+        self.balancing_biases: torch.Tensor
         self.register_buffer("balancing_biases", torch.zeros(classes, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, prev_state: torch.Tensor | None) -> Routing:
         state = self.down_proj(x)  # [T, R]
-        if self.use_eda and prev_state is not None:
+        if self.router_states_scale is not None and prev_state is not None:
             state = state + prev_state * self.router_states_scale
         probs = torch.softmax(self.router_mlp(state), dim=-1)  # [T, E+1]
         # The balancing biases steer the choice only; the weight is the unbiased probability.
