@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from zayaserve.replicas.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from zayaserve.replicas.engine.params import MAX_LOGPROBS, SamplingParams
 

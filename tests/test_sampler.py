@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from zayaserve.replicas.engine import sampler as sampler_mod
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.engine.sampler import SampledToken, SamplingRow, prompt_logprobs, sample

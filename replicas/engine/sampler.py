@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
 from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.engine.params import SAMPLING_EPS, SamplingParams
 

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
+
 from zayaserve.replicas.engine.outputs import Logprob, PromptLogprobs, SampleLogprobs
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import tokenizers
 from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from zayaserve.replicas.model.tokenizer_build import write_tokenizer_files
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer", "write_tokenizer_files"]
