@@ -55,4 +55,7 @@ class StateSlots:
         return self._free.popleft()
 
     def free(self, slot: int) -> None:
+        # A slot freed twice would later go to two sequences at once, mixing their states.
+        assert 0 <= slot < self.num_slots and slot not in self._free, (
+            f"double free of state slot {slot}")
         self._free.append(slot)

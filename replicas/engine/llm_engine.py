@@ -91,6 +91,9 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt_token_ids: ids {bad[:5]} are outside the vocabulary "
                              f"[0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer and this checkpoint has none; "
+                             "use stop_token_ids")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room to "
                              f"generate within max_model_len {self.max_model_len}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zayaserve.replicas.model.batch import StepBatch
@@ -40,6 +41,30 @@ class CCAProjection(nn.Module):
         self.conv_qk_grouped = ConvParams(
             config.conv_channels, config.conv_channels // groups, config.cca_time1)
         self.groups = groups
+        self._fused_weight: torch.Tensor | None = None
+        self._fused_bias: torch.Tensor | None = None
+
+    def fuse_projections(self) -> None:
+        """One GEMM instead of four for q, k, v-current and v-delayed (after loading)."""
+        mods = (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
+        self._fused_weight = torch.cat([m.weight.detach() for m in mods])
+        # The separate parameters become views of the fused copy: no memory is doubled.
+        for m, w in zip(mods, self._fused_weight.split([m.out_features for m in mods]),
+                        strict=True):
+            m.weight.data = w
+        if all(m.bias is not None for m in mods):
+            self._fused_bias = torch.cat([m.bias.detach() for m in mods])  # type: ignore[union-attr]
+            for m, b in zip(mods, self._fused_bias.split([m.out_features for m in mods]),
+                            strict=True):
+                m.bias.data = b  # type: ignore[union-attr]
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cfg = self.config
+        sizes = [cfg.q_size, cfg.kv_size, cfg.v_state_size, cfg.v_state_size]
+        if self._fused_weight is None:
+            return (self.q_proj(x), self.k_proj(x), self.v_proj_current(x),
+                    self.v_proj_delayed(x))
+        return tuple(F.linear(x, self._fused_weight, self._fused_bias).split(sizes, dim=-1))
 
     def initial_v_state(self) -> torch.Tensor:
         """Delayed projection of a zero vector: what the first token sees as 'previous'."""
@@ -58,8 +83,7 @@ class CCAProjection(nn.Module):
         cfg = self.config
         T, S, K = x.shape[0], batch.num_seqs, cfg.conv_state_len
         D, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        q = self.q_proj(x)  # [T, nq*D]
-        k = self.k_proj(x)  # [T, nkv*D]
+        q, k, v_cur, v_del = self._project(x)  # [T, nq*D], [T, nkv*D], [T, Dv], [T, Dv]
 
         # Residual paths: q averaged with its repeated k; k is the mean over its q group.
         q_res = (q.view(T, nq, D) + k.view(T, nkv, D).repeat_interleave(nq // nkv, dim=1)) * 0.5
@@ -89,8 +113,6 @@ class CCAProjection(nn.Module):
         key = mixed[:, cfg.q_size:].view(T, nkv, D) + k_res
 
         # v: half from this token, half the delayed projection of the previous token.
-        v_cur = self.v_proj_current(x)
-        v_del = self.v_proj_delayed(x)  # [T, Dv]
         v_prev = torch.cat([v_state[slots], v_del], dim=0)[idx.prev_v]
         v_state[slots] = v_del[batch.query_start[1:] - 1]
         value = torch.cat([v_cur, v_prev], dim=-1).view(T, nkv, D)

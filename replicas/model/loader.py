@@ -57,6 +57,8 @@ def load_attention_side(
             tensor.data = value.to(device)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    for layer in model.layers:
+        layer.self_attn.qkv_proj.fuse_projections()
     return model.eval()
 
 
