@@ -5,5 +5,10 @@ cd "$(dirname "$0")/.."
 EXTRAS=test bash deploy/install.sh
 PY=${PYTHON:-python3}
 "$PY" -m ruff check .
-"$PY" -m mypy --config-file pyproject.toml -p zayaserve
+# mypy cannot follow the editable install's folder mapping; show it the root as `zayaserve`.
+types_root=$(mktemp -d)
+ln -s "$PWD" "$types_root/zayaserve"
+(cd "$types_root" && MYPYPATH=. "$PY" -m mypy --config-file "$OLDPWD/pyproject.toml" \
+  --cache-dir "$types_root/.mypy_cache" -p zayaserve)
+rm -rf "$types_root"
 "$PY" -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,85 @@
+"""Picks the implementation of each hot-path op: Triton on a GPU, torch elsewhere.
+
+`ZAYASERVE_KERNEL_BACKEND=triton|torch` overrides the choice for every op (with
+`TRITON_INTERPRET=1`, the Triton kernels also run on the CPU, which is how they are tested).
+The engine calls ops only through `get_op`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from functools import cache
+from typing import Any, Literal
+
+Backend = Literal["torch", "triton"]
+ENV_VAR = "ZAYASERVE_KERNEL_BACKEND"
+
+# op -> backend -> "module:function" (imported on first use, so torch-only machines never
+# import triton).
+OPS: dict[str, dict[Backend, str]] = {
+    "fused_moe": {
+        "torch": "zayaserve.kernels.fused_moe:fused_moe_ref",
+        "triton": "zayaserve.kernels.fused_moe:fused_moe_triton",
+    },
+    "paged_attention": {
+        "torch": "zayaserve.kernels.paged_attention:paged_attention_torch",
+        "triton": "zayaserve.kernels.paged_attention:paged_attention_triton",
+    },
+    "cca_decode": {
+        "torch": "zayaserve.kernels.cca_decode:cca_decode_ref",
+        "triton": "zayaserve.kernels.cca_decode:cca_decode_triton",
+    },
+    "kv_quantize": {
+        "torch": "zayaserve.kernels.cache_encoding:quantize_ref",
+        "triton": "zayaserve.kernels.cache_encoding:quantize_triton",
+    },
+    "kv_dequantize": {
+        "torch": "zayaserve.kernels.cache_encoding:dequantize_ref",
+        "triton": "zayaserve.kernels.cache_encoding:dequantize_triton",
+    },
+}
+
+
+def _triton_usable() -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    try:
+        import torch
+
+        if not torch.cuda.is_available():  # also true on ROCm builds with an AMD GPU
+            return False
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_backend() -> Backend:
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        if forced not in ("torch", "triton"):
+            raise ValueError(f"{ENV_VAR} must be 'torch' or 'triton', got {forced!r}")
+        if forced == "triton" and not _triton_usable():
+            raise ValueError(f"{ENV_VAR}=triton needs a GPU or TRITON_INTERPRET=1")
+        return forced  # type: ignore[return-value]
+    return "triton" if _triton_usable() and _on_gpu() else "torch"
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@cache
+def _load(target: str) -> Callable[..., Any]:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def get_op(op: str, backend: Backend | None = None) -> Callable[..., Any]:
+    if op not in OPS:
+        raise KeyError(f"unknown kernel op {op!r}; known: {sorted(OPS)}")
+    return _load(OPS[op][backend or default_backend()])
