@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install.sh
-exec zayaserve generate --model tiny --max-tokens 32 "${@:-Hello from zayaserve}"
+exec .venv/bin/zayaserve generate --model tiny --max-tokens 32 "${@:-Hello from zayaserve}"

@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=test bash deploy/install.sh
-PY=${PYTHON:-python3}
+PY=$PWD/.venv/bin/python
+export PATH="$PWD/.venv/bin:$PATH"  # console scripts used by the tests
 "$PY" -m ruff check .
 # mypy cannot follow the editable install's folder mapping; show it the root as `zayaserve`.
 types_root=$(mktemp -d)
