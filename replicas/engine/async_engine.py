@@ -54,8 +54,10 @@ class AsyncLLMEngine:
             while not self._stopped.is_set():
                 block = not self.engine.has_unfinished_requests()
                 try:
-                    command = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
-                    command()
+                    if block:
+                        self._commands.get(timeout=0.1)()
+                    else:
+                        self._commands.get_nowait()()
                     while True:
                         self._commands.get_nowait()()
                 except queue.Empty:

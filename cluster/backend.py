@@ -1,0 +1,61 @@
+"""What the front ends (REST, gRPC) need from whatever generates: in one process an
+`AsyncLLMEngine`, in the cluster the attention workers behind Serve handles."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
+from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.model.tokenizer import Tokenizer
+
+
+class GenerationBackend(ABC):
+    """Contract: `generate` yields cumulative `RequestOutput`s, the last one with
+    `finished=True`; raises `ValueError` for bad input (the message names the field),
+    `EngineOverloadedError` when its bounded queue is full. Closing the iterator early
+    (client gone) cancels the request and frees its cache."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+
+    @abstractmethod
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    @abstractmethod
+    async def stats(self) -> dict[str, Any]:
+        """Flat numeric stats for /metrics (names without the zayaserve_ prefix)."""
+
+
+class LocalBackend(GenerationBackend):
+    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_model_len = engine.engine.max_model_len
+        tok = engine.engine.tokenizer
+        if tok is None:
+            raise ValueError("model: serving needs a checkpoint with tokenizer.json")
+        self.tokenizer = tok
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        return self.engine.generate(request_id, prompt_token_ids, params, prompt)
+
+    async def stats(self) -> dict[str, Any]:
+        def read(engine: Any) -> dict[str, Any]:
+            s = engine.scheduler
+            return {"num_requests_running": len(s.running),
+                    "num_requests_waiting": len(s.waiting),
+                    "num_preemptions_total": s.num_preemptions,
+                    "kv_blocks_free": s.blocks.num_free,
+                    "kv_blocks_total": s.blocks.num_blocks}
+        return await self.engine.run_on_engine(read)  # type: ignore[no-any-return]
