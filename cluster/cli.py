@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
     p.set_defaults(func=_generate)
 
+    from zayaserve.cluster.serve_cli import add_serve_parser
+
+    add_serve_parser(sub)
+
     p = sub.add_parser("bench", help="run a benchmark (see bench/)")
     p.add_argument("which", choices=["throughput"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -85,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # bad input: name it, exit 2
         print(f"zayaserve: error: {err}", file=sys.stderr)
         return 2
 

@@ -84,3 +84,10 @@ def test_random_weights_make_continuations_differ(case: Any) -> None:
     first_tokens = {tokens[0] for _, tokens in refs}
     assert len(first_tokens) >= 3
     assert len({tuple(tokens) for _, tokens in refs}) == len(refs)
+
+
+def test_micro_batch_overlap_is_exact(case: Any) -> None:
+    """Two micro-batches on two threads (the disaggregated overlap mode) change nothing."""
+    path, prompts, refs = case
+    llm = LLM(model=str(path), block_size=3, max_num_batched_tokens=9, micro_batches=2)
+    _check(llm, prompts, refs)

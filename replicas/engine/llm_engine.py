@@ -44,7 +44,7 @@ class LLMEngine:
         path = Path(config.model)
         self.model = load_attention_side(path, config.dtype)
         self.model_config = mc = self.model.config
-        self.experts = experts or LocalExpertBackend(
+        self.experts = experts if experts is not None else LocalExpertBackend(
             load_expert_side(path, None, self.model.dtype), mc.num_experts)
         self.tokenizer = Tokenizer.from_pretrained(path) if (
             path / "tokenizer.json").is_file() else None
@@ -67,7 +67,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, bs),
             BlockPool(num_blocks), StateSlots(config.max_num_seqs))
-        self.runner = ModelRunner(self.model, self.experts, self.cache)
+        self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()

@@ -1,11 +1,18 @@
-"""Turns a scheduler decision into one model forward: packs the chunks into a StepBatch,
-applies pending cache copies and state resets, and returns the logits that were asked for."""
+"""Turns a scheduler decision into model forwards: packs the chunks into StepBatches, applies
+pending cache copies and state resets, and returns the logits that were asked for.
+
+With `micro_batches=2` the step is split into two micro-batches run on two threads: while one
+waits on its experts (a remote round trip that releases the GIL), the other computes attention.
+They touch disjoint cache slots and state slots, so they need no locking.
+"""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
-from zayaserve.replicas.engine.scheduler import SchedulerOutput
+from zayaserve.replicas.engine.scheduler import ScheduledChunk, SchedulerOutput
 from zayaserve.replicas.model.attention_side import AttentionSideModel
 from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.experts import ExpertBackend
@@ -13,21 +20,51 @@ from zayaserve.replicas.model.kv_cache import KVCache
 
 
 class ModelRunner:
-    def __init__(self, model: AttentionSideModel, experts: ExpertBackend, cache: KVCache):
+    def __init__(self, model: AttentionSideModel, experts: ExpertBackend, cache: KVCache,
+                 micro_batches: int = 1) -> None:
         self.model = model
         self.experts = experts
         self.cache = cache
+        self.micro_batches = micro_batches
+        self._pool = ThreadPoolExecutor(2, "zayaserve-mb") if micro_batches > 1 else None
         cache.initial_v_state.copy_(model.initial_v_states())
 
     def run(self, sched: SchedulerOutput, logits_rows: list[int]) -> torch.Tensor:
-        """logits_rows index the packed tokens of this step; returns fp32 [len(rows), V]."""
+        """logits_rows (ascending) index the packed tokens of this step; returns fp32
+        [len(rows), V]."""
         for src, dst in sched.block_copies:
             self.cache.copy_block(src, dst)
         for slot in sched.reset_state_slots:
             self.cache.reset_state(slot)
-        chunks = [
+        split = _split_point(sched.chunks) if self._pool is not None else 0
+        if split == 0:
+            return self._forward(sched.chunks, logits_rows)
+        first, second = sched.chunks[:split], sched.chunks[split:]
+        offset = sum(c.num_tokens for c in first)
+        rows_a = [r for r in logits_rows if r < offset]
+        rows_b = [r - offset for r in logits_rows if r >= offset]
+        assert self._pool is not None
+        fut_a = self._pool.submit(self._forward, first, rows_a)
+        fut_b = self._pool.submit(self._forward, second, rows_b)
+        return torch.cat([fut_a.result(), fut_b.result()])
+
+    def _forward(self, chunks: list[ScheduledChunk], rows: list[int]) -> torch.Tensor:
+        packed = [
             (c.seq.token_ids[c.start:c.start + c.num_tokens], c.start, c.seq.block_table,
              c.seq.state_slot)
-            for c in sched.chunks]
-        batch = StepBatch.build(chunks, self.cache.block_size, logits_rows)
+            for c in chunks]
+        batch = StepBatch.build(packed, self.cache.block_size, rows)
         return self.model(batch, self.cache, self.experts)
+
+
+def _split_point(chunks: list[ScheduledChunk]) -> int:
+    """Index splitting the chunks into two halves of about equal tokens (0: don't split)."""
+    if len(chunks) < 2:
+        return 0
+    total = sum(c.num_tokens for c in chunks)
+    acc = 0
+    for i, c in enumerate(chunks[:-1]):
+        acc += c.num_tokens
+        if acc * 2 >= total:
+            return i + 1
+    return len(chunks) - 1
