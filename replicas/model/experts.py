@@ -10,7 +10,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from zayaserve.kernels.registry import get_op
 
 
 class ExpertBackend(ABC):
@@ -40,39 +41,31 @@ class ExpertWeights:
         self.gate_up = gate_up  # [E_local, 2I, H]
         self.down = down  # [E_local, H, I]
         self.row_of = {e: i for i, e in enumerate(self.expert_ids)}
+        # global expert id -> local row; one past the largest held id (and beyond) -> -1
+        table = torch.full((max(self.expert_ids, default=-1) + 2,), -1, dtype=torch.int64)
+        table[self.expert_ids] = torch.arange(len(self.expert_ids))
+        self._row_table = table
+
+    def local_rows(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """[T] local rows, -1 for the skip class and for experts held elsewhere."""
+        table = self._row_table.to(expert_ids.device)
+        return table[expert_ids.clamp(max=table.numel() - 1)]
 
     @property
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
 
 
-def glu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """SiLU-GLU of one expert. x [n, H], gate_up [2I, H], down [H, I] -> [n, H]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
-
-
 def run_grouped(
     weights_of_layer: ExpertWeights,
     hidden: torch.Tensor,  # [T, H]
-    expert_ids: torch.Tensor,  # [T]
+    expert_ids: torch.Tensor,  # [T] global ids; the skip class and unheld experts are ignored
     weights: torch.Tensor,  # [T]
 ) -> torch.Tensor:
-    """Group tokens by expert (one sort), run each expert once on its rows, scatter back."""
-    out = torch.zeros_like(hidden)
-    order = torch.argsort(expert_ids, stable=True)
-    sorted_ids = expert_ids[order]
-    present, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    start = 0
-    for expert, count in zip(present.tolist(), counts.tolist(), strict=True):
-        rows = order[start:start + count]
-        start += count
-        local = weights_of_layer.row_of.get(expert)
-        if local is None:
-            continue  # skip class (or an expert this process does not hold)
-        y = glu_expert(hidden[rows], weights_of_layer.gate_up[local], weights_of_layer.down[local])
-        out[rows] = y * weights[rows, None]
-    return out
+    """Runs each held expert once on its tokens (the `fused_moe` op: grouped by expert)."""
+    rows = weights_of_layer.local_rows(expert_ids)
+    return get_op("fused_moe")(hidden, rows, weights, weights_of_layer.gate_up,
+                               weights_of_layer.down)
 
 
 class LocalExpertBackend(ExpertBackend):
