@@ -44,7 +44,9 @@ def _bench(args: argparse.Namespace) -> int:
         from zayaserve.bench.throughput import main as throughput
 
         return throughput(args.rest)
-    raise SystemExit(f"unknown benchmark {args.which!r}")
+    from zayaserve.bench.serve import main as serve_bench
+
+    return serve_bench(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
 
     p = sub.add_parser("bench", help="run a benchmark (see bench/)")
-    p.add_argument("which", choices=["throughput"])
+    p.add_argument("which", choices=["throughput", "serve"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
     return parser

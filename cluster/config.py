@@ -23,7 +23,8 @@ class ClusterConfig(BaseModel):
     served_model_name: str | None = Field(
         None, description="Name clients use in `model`; defaults to the folder/preset name.")
     attention_workers: int = Field(1, ge=1, description="AttentionWorker replicas.")
-    expert_shards: int = Field(2, ge=1, description="ExpertShard replicas.")
+    expert_shards: int = Field(
+        2, ge=0, description="ExpertShard replicas (0: experts stay inside the workers).")
     expert_replication: int = Field(1, ge=1, description="Shards holding each expert.")
     http_host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     http_port: int = Field(8000, ge=1, le=65535)
@@ -49,7 +50,7 @@ class ClusterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
-        if self.expert_replication > self.expert_shards:
+        if self.expert_shards and self.expert_replication > self.expert_shards:
             raise ValueError(f"expert_replication: must be <= expert_shards "
                              f"({self.expert_shards}), got {self.expert_replication}")
         if self.grpc_port and self.grpc_port == self.http_port:

@@ -6,6 +6,7 @@ Without RAY_ADDRESS it starts an embedded local Ray; Ctrl-C or SIGTERM shuts dow
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import threading
@@ -57,7 +58,7 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     embedded = not os.environ.get("RAY_ADDRESS")
     if embedded:
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
     else:
         ray.init(address=os.environ["RAY_ADDRESS"])
     stop = threading.Event()

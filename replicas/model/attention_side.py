@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from zayaserve.kernels.paged_attention_ref import paged_attention_ref, plan_attention
+from zayaserve.kernels.registry import get_op
 from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.cca import CCAProjection, qk_l2_norm
 from zayaserve.replicas.model.config import ZayaConfig
@@ -52,6 +53,7 @@ class AttentionLayer(nn.Module):
     def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.config = config
         self.layer_type = config.layer_types[layer_idx]
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = SelfAttention(config, layer_idx)
@@ -72,10 +74,13 @@ class AttentionLayer(nn.Module):
         i, attn = self.layer_idx, self.self_attn
         dtype = self.input_layernorm.weight.dtype
         x = self.input_layernorm(residual.to(dtype))
-        q, k, v = attn.qkv_proj(x, batch, cache.conv_state[i], cache.v_state[i])
-        q, k = qk_l2_norm(q, k, attn.qk_norm.temp)
-        q = apply_partial_rope(q, *rope)
-        k = apply_partial_rope(k, *rope)
+        if batch.num_tokens == batch.num_seqs:  # all decodes: the fused CCA decode-step op
+            q, k, v = self._cca_decode(x, batch, cache)
+        else:
+            q, k, v = attn.qkv_proj(x, batch, cache.conv_state[i], cache.v_state[i])
+            q, k = qk_l2_norm(q, k, attn.qk_norm.temp)
+            q = apply_partial_rope(q, *rope)
+            k = apply_partial_rope(k, *rope)
         cache.k[i][batch.slot_mapping] = k
         cache.v[i][batch.slot_mapping] = v
         plan = batch.cached("attention", lambda: plan_attention(
@@ -90,6 +95,21 @@ class AttentionLayer(nn.Module):
         y = experts(i, x, routing.expert_ids, routing.weights)
         residual = self.post_mlp_residual_scale(y, residual)
         return residual, routing.state
+
+
+    def _cca_decode(
+        self, x: torch.Tensor, batch: StepBatch, cache: KVCache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conv over the cached state, residual paths, QK norm and RoPE for one token per
+        sequence, updating the CCA states in place."""
+        cca, cfg = self.self_attn.qkv_proj, self.config
+        return get_op("cca_decode")(  # type: ignore[no-any-return]
+            cca.project(x), cache.conv_state[self.layer_idx], cache.v_state[self.layer_idx],
+            batch.state_slots, batch.positions, cca.conv_qk_depthwise.weight,
+            cca.conv_qk_depthwise.bias, cca.conv_qk_grouped.weight, cca.conv_qk_grouped.bias,
+            self.self_attn.qk_norm.temp, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.head_dim, cfg.rotary_dim(self.layer_type),
+            cfg.rope_parameters[self.layer_type].rope_theta)
 
 
 class ZayaBody(nn.Module):

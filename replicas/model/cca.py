@@ -41,30 +41,36 @@ class CCAProjection(nn.Module):
         self.conv_qk_grouped = ConvParams(
             config.conv_channels, config.conv_channels // groups, config.cca_time1)
         self.groups = groups
-        self._fused_weight: torch.Tensor | None = None
-        self._fused_bias: torch.Tensor | None = None
+        # Filled by fuse_projections(); buffers so .to(device/dtype) moves them too.
+        self._fused_weight: torch.Tensor | None
+        self._fused_bias: torch.Tensor | None
+        self.register_buffer("_fused_weight", None, persistent=False)
+        self.register_buffer("_fused_bias", None, persistent=False)
 
     def fuse_projections(self) -> None:
         """One GEMM instead of four for q, k, v-current and v-delayed (after loading)."""
         mods = (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
+        sizes = [m.out_features for m in mods]
         self._fused_weight = torch.cat([m.weight.detach() for m in mods])
         # The separate parameters become views of the fused copy: no memory is doubled.
-        for m, w in zip(mods, self._fused_weight.split([m.out_features for m in mods]),
-                        strict=True):
+        for m, w in zip(mods, self._fused_weight.split(sizes), strict=True):
             m.weight.data = w
         if all(m.bias is not None for m in mods):
-            self._fused_bias = torch.cat([m.bias.detach() for m in mods])  # type: ignore[union-attr]
-            for m, b in zip(mods, self._fused_bias.split([m.out_features for m in mods]),
-                            strict=True):
+            self._fused_bias = torch.cat([m.bias.detach() for m in mods])  # type: ignore
+            for m, b in zip(mods, self._fused_bias.split(sizes), strict=True):
                 m.bias.data = b  # type: ignore[union-attr]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, q | k | v_current | v_delayed] for hidden states x [T, H]."""
+        if self._fused_weight is None:
+            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj_current(x),
+                              self.v_proj_delayed(x)], dim=-1)
+        return F.linear(x, self._fused_weight, self._fused_bias)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cfg = self.config
         sizes = [cfg.q_size, cfg.kv_size, cfg.v_state_size, cfg.v_state_size]
-        if self._fused_weight is None:
-            return (self.q_proj(x), self.k_proj(x), self.v_proj_current(x),
-                    self.v_proj_delayed(x))
-        return tuple(F.linear(x, self._fused_weight, self._fused_bias).split(sizes, dim=-1))
+        return tuple(self.project(x).split(sizes, dim=-1))
 
     def initial_v_state(self) -> torch.Tensor:
         """Delayed projection of a zero vector: what the first token sees as 'previous'."""

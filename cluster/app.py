@@ -1,0 +1,40 @@
+"""The Serve application: `build_app(args)` for `serve run zayaserve.cluster.app:build_app
+model=tiny expert_shards=2`, `serve deploy` and a KubeRay `serveConfigV2` (args become
+ClusterConfig fields; errors name the field)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from zayaserve.cluster.config import ClusterConfig
+from zayaserve.cluster.ingress import Ingress
+from zayaserve.cluster.placement_controller import PlacementController
+from zayaserve.replicas.attention_worker import AttentionWorker
+from zayaserve.replicas.expert_shard import ExpertShard
+from zayaserve.replicas.model.checkpoint_paths import resolve_model
+from zayaserve.replicas.model.config import ZayaConfig
+
+
+def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
+    cfg = args if isinstance(args, ClusterConfig) else ClusterConfig.create(**args)
+    num_experts = ZayaConfig.from_pretrained(resolve_model(cfg.model)).num_experts
+    actor = {"num_cpus": cfg.replica_num_cpus}
+    # Serve's decorator turns the classes into Deployments (mypy sees the plain classes).
+    controller = shards = None
+    if cfg.expert_shards:
+        controller = PlacementController.options(  # type: ignore[attr-defined]
+            ray_actor_options=actor,
+        ).bind(num_experts, cfg.expert_shards, cfg.expert_replication)
+        shards = ExpertShard.options(  # type: ignore[attr-defined]
+            num_replicas=cfg.expert_shards, ray_actor_options=actor,
+        ).bind(controller, cfg.model, cfg.dtype, cfg.torch_threads)
+    workers = AttentionWorker.options(  # type: ignore[attr-defined]
+        num_replicas=cfg.attention_workers, ray_actor_options=actor,
+        max_ongoing_requests=cfg.max_pending_requests + 8,
+    ).bind(controller, cfg.model, cfg.engine_kwargs(), cfg.max_pending_requests,
+           cfg.dispatch_deadline_s, cfg.wait_for_replica_s)
+    return Ingress.options(  # type: ignore[attr-defined]
+        ray_actor_options=actor,
+    ).bind(workers, controller, shards, cfg.model_dump())

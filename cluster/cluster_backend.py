@@ -1,0 +1,73 @@
+"""`GenerationBackend` over Ray Serve handles to the attention workers.
+
+Workers stream compact deltas; this side rebuilds the cumulative outputs the front ends expect.
+Errors raised in a worker come back wrapped by Ray; they are unwrapped to the types the front
+ends map to status codes (ValueError -> 400, EngineOverloadedError -> 429).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from zayaserve.cluster.backend import GenerationBackend
+from zayaserve.replicas.engine.async_engine import EngineOverloadedError
+from zayaserve.replicas.engine.output_delta import DeltaDecoder
+from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.model.tokenizer import Tokenizer
+
+
+def unwrap_remote_error(err: BaseException) -> BaseException:
+    """The exception a worker raised, or an overload error for Serve's back-pressure."""
+    name = type(err).__name__
+    if name in ("BackPressureError", "DeploymentUnavailableError"):
+        return EngineOverloadedError(str(err))
+    cause = getattr(err, "cause", None) or err.__cause__
+    seen = 0
+    while cause is not None and seen < 5:
+        if isinstance(cause, ValueError | EngineOverloadedError):
+            return cause
+        cause = getattr(cause, "cause", None) or cause.__cause__
+        seen += 1
+    return err
+
+
+class ClusterBackend(GenerationBackend):
+    def __init__(self, workers: Any, controller: Any, tokenizer: Tokenizer, model_name: str,
+                 max_model_len: int) -> None:
+        self.workers = workers
+        self.controller = controller
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.in_flight = 0
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        stream = self.workers.options(stream=True).generate.remote(
+            request_id, prompt_token_ids, params, prompt)
+        decoder = DeltaDecoder(prompt)
+        finished = False
+        self.in_flight += 1
+        try:
+            async for delta in stream:
+                out = decoder.apply(delta)
+                finished = out.finished
+                yield out
+        except Exception as err:
+            raise unwrap_remote_error(err) from err
+        finally:
+            self.in_flight -= 1
+            if not finished:  # the client left: cancel in the worker, which frees the blocks
+                stream.cancel()
+
+    async def stats(self) -> dict[str, Any]:
+        if self.controller is None:  # experts in-process: ask a worker directly
+            stats: dict[str, Any] = await self.workers.stats.remote()
+        else:
+            stats = await self.controller.stats.remote()
+        stats["ingress_requests_in_flight"] = self.in_flight
+        return stats

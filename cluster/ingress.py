@@ -1,0 +1,48 @@
+"""The ingress deployment: OpenAI-compatible REST (through Serve's HTTP proxy) and the public
+gRPC API (its own server, on `grpc_port`), both over the same `ClusterBackend`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+
+from zayaserve.cluster.cluster_backend import ClusterBackend
+from zayaserve.cluster.config import ClusterConfig
+from zayaserve.replicas.model.checkpoint_paths import resolve_model
+from zayaserve.replicas.model.tokenizer import Tokenizer
+
+log = logging.getLogger("zayaserve.ingress")
+
+
+@serve.deployment(max_ongoing_requests=2000)
+@serve.ingress()
+class Ingress:
+    # Serve awaits async constructors (mypy insists __init__ returns None).
+    async def __init__(  # type: ignore[misc]
+        self, workers: Any, controller: Any, shards: Any, config: dict[str, Any]
+    ) -> None:
+        self.config = ClusterConfig.create(**config)
+        self.shards = shards
+        tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model))
+        info = await workers.describe.remote()
+        self.backend = ClusterBackend(workers, controller, tokenizer, self.config.model_name,
+                                      info["max_model_len"])
+        self.grpc_server = None
+        if self.config.grpc_port:
+            from zayaserve.cluster.grpc_api import start_grpc_server
+
+            self.grpc_server = await start_grpc_server(
+                self.backend, self.config.grpc_port, host=self.config.http_host,
+                api_key=self.config.api_key)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from zayaserve.cluster.openai_api import build_openai_app
+
+        return build_openai_app(self.backend, api_key=self.config.api_key,
+                                served_model_names=[self.config.model_name])
+
+    async def __del__(self) -> None:
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=2)

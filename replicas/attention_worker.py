@@ -1,0 +1,119 @@
+"""The AttentionWorker deployment: the engine with the attention side of the model, whose
+experts are reached through the token router over gRPC.
+
+The token router runs on its own asyncio loop thread (the engine thread blocks on it, releasing
+the GIL, so the other micro-batch can compute). A poller keeps the placement map fresh, so new
+shard addresses (restarts, later migrations) are used without restarting this replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
+from zayaserve.replicas.engine.config import EngineConfig
+from zayaserve.replicas.engine.llm_engine import LLMEngine
+from zayaserve.replicas.engine.output_delta import DeltaEncoder, OutputDelta
+from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.model.checkpoint_paths import resolve_model
+from zayaserve.replicas.model.config import ZayaConfig
+from zayaserve.router.placement import PlacementMap
+from zayaserve.router.token_router import RemoteExpertBackend, TokenRouter
+
+log = logging.getLogger("zayaserve.attention_worker")
+POLL_S = 0.5
+
+
+def placement_from_dict(d: dict[str, Any]) -> PlacementMap:
+    return PlacementMap(
+        version=int(d["version"]), num_experts=int(d["num_experts"]),
+        replicas={int(e): tuple(s) for e, s in d["replicas"].items()},
+        addresses=dict(d["addresses"]))
+
+
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=30)
+class AttentionWorker:
+    def __init__(self, controller: Any, model: str, engine_kwargs: dict[str, Any],
+                 max_pending_requests: int = 256, dispatch_deadline_s: float = 10.0,
+                 wait_for_replica_s: float = 60.0) -> None:
+        self.controller = controller
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        path: Path = resolve_model(model)
+        num_experts = ZayaConfig.from_pretrained(path).num_experts
+        self._map = PlacementMap(version=-1, num_experts=num_experts, replicas={},
+                                 addresses={})
+        self._stop = threading.Event()
+        self.router: TokenRouter | None = None
+        experts = None  # no controller: experts stay in this process (the baseline mode)
+        if controller is not None:
+            threading.Thread(target=self._poll_placement, daemon=True,
+                             name="zayaserve-placement").start()
+            self.router_loop = asyncio.new_event_loop()
+            threading.Thread(target=self.router_loop.run_forever, daemon=True,
+                             name="zayaserve-router").start()
+            self.router = TokenRouter(lambda: self._map, num_experts,
+                                      deadline_s=dispatch_deadline_s,
+                                      wait_for_replica_s=wait_for_replica_s)
+            experts = RemoteExpertBackend(self.router, self.router_loop)
+        engine = LLMEngine(EngineConfig(model=str(path), **engine_kwargs),
+                           experts=experts)  # type: ignore[arg-type]
+        self.engine = AsyncLLMEngine(engine, max_pending_requests)
+        if controller is not None:
+            threading.Thread(target=self._report_stats, daemon=True,
+                             name="zayaserve-stats").start()
+
+    def _poll_placement(self) -> None:
+        while not self._stop.is_set():
+            try:
+                d = self.controller.placement.remote().result(timeout_s=10)
+                if d["version"] != self._map.version:
+                    self._map = placement_from_dict(d)
+            except Exception as err:  # keep the last map; the router retries on its own
+                log.warning("placement poll failed: %r", err)
+            time.sleep(POLL_S)
+
+    def _report_stats(self) -> None:
+        while not self._stop.is_set():
+            time.sleep(1.0)
+            try:
+                self.controller.report_worker.remote(self.replica, self._stats())
+            except Exception as err:
+                log.warning("stats report failed: %r", err)
+
+    def _stats(self) -> dict[str, Any]:
+        s = self.engine.engine.scheduler
+        stats: dict[str, Any] = {
+            "num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
+            "num_preemptions_total": s.num_preemptions, "kv_blocks_free": s.blocks.num_free,
+            "kv_blocks_total": s.blocks.num_blocks, "engine_steps_total": self.engine.steps}
+        if self.router is not None:
+            stats.update(self.router.stats_dict())
+        return stats
+
+    def describe(self) -> dict[str, Any]:
+        e = self.engine.engine
+        return {"max_model_len": e.max_model_len, "vocab_size": e.model_config.vocab_size,
+                "placement_version": self._map.version}
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        prompt: str | None = None,
+    ) -> AsyncIterator[OutputDelta]:
+        encoder = DeltaEncoder()
+        async for out in self.engine.generate(request_id, prompt_token_ids, params, prompt):
+            yield encoder.encode(out)
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats()
+
+    def __del__(self) -> None:
+        self._stop.set()
+        self.engine.shutdown()

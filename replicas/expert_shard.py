@@ -1,0 +1,86 @@
+"""The ExpertShard deployment: holds some experts of every layer and serves them over gRPC.
+
+At start-up a replica claims a slot from the placement controller (a restarted replica takes
+the slot its predecessor vacated), reads only its experts' slices of the stacked expert tensors,
+opens a gRPC server on a free port, and registers the address. It then heartbeats, carrying its
+per-expert token counts for the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import torch
+from ray import serve
+
+from zayaserve.replicas.model.checkpoint_paths import resolve_model
+from zayaserve.replicas.model.config import ZayaConfig
+from zayaserve.replicas.model.experts import run_grouped
+from zayaserve.replicas.model.loader import load_expert_side
+from zayaserve.router.shard_server import ExpertShardServicer, serve_shard
+
+log = logging.getLogger("zayaserve.expert_shard")
+HEARTBEAT_S = 1.0
+
+
+@serve.deployment(max_ongoing_requests=100, health_check_period_s=2, health_check_timeout_s=10)
+class ExpertShard:
+    # Serve awaits async constructors (mypy insists __init__ returns None).
+    async def __init__(  # type: ignore[misc]
+        self, controller: Any, model: str, dtype: str = "auto", torch_threads: int | None = None
+    ) -> None:
+        import ray
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.controller = controller
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.slot, self.experts = await controller.claim.remote(self.replica)
+        path = resolve_model(model)
+        self.config = ZayaConfig.from_pretrained(path)
+        self.weights = load_expert_side(path, self.experts, dtype)
+        self.expert_bytes = sum(w.nbytes for w in self.weights)
+
+        def compute(layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return run_grouped(self.weights[layer], hidden, expert_ids, weights)
+
+        self.servicer = ExpertShardServicer(self.slot, compute, self.experts, self.expert_bytes,
+                                            num_layers=len(self.weights))
+        node_ip = ray.util.get_node_ip_address()
+        self.server, port = await serve_shard(self.servicer, host="0.0.0.0", port=0,
+                                              advertise_host=node_ip)
+        self.address = f"{node_ip}:{port}"
+        await controller.register.remote(self.replica, self.slot, self.address)
+        self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
+        log.info("expert shard %s holds experts %s at %s", self.slot, self.experts, self.address)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                still_mine = await self.controller.heartbeat.remote(
+                    self.replica, self.slot, self.info())
+                if not still_mine:  # we were presumed dead; take the slot back if it is free
+                    await self.controller.register.remote(self.replica, self.slot, self.address)
+            except Exception as err:  # the controller restarting must not kill the shard
+                log.warning("heartbeat failed: %r", err)
+
+    def info(self) -> dict[str, Any]:
+        """What this replica holds: asked by tests and operators."""
+        return {"slot": self.slot, "address": self.address, "experts": list(self.experts),
+                "num_layers": len(self.weights), "expert_bytes": self.expert_bytes,
+                "pid": os.getpid(),
+                "tokens": {f"{layer}:{e}": n
+                           for (layer, e), n in self.servicer.tokens_served.items()}}
+
+    async def check_health(self) -> None:
+        if self._beat.done():
+            raise RuntimeError("heartbeat task stopped")
+
+    async def __del__(self) -> None:
+        await self.server.stop(grace=1)

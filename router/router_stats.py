@@ -1,0 +1,73 @@
+"""Counters the token router keeps, for Prometheus metrics and the disaggregation benchmark."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class LayerLatency:
+    """Round trips of one layer's dispatches (skip-only dispatches count, at ~0 s)."""
+
+    count: int = 0
+    total_s: float = 0.0
+    max_s: float = 0.0
+    last_s: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.total_s += seconds
+        self.max_s = max(self.max_s, seconds)
+        self.last_s = seconds
+
+    @property
+    def mean_s(self) -> float:
+        return self.total_s / self.count if self.count else 0.0
+
+
+@dataclass(slots=True)
+class RouterStats:
+    """Monotonic counters since the router was made (mutated only on the router's loop)."""
+
+    dispatches: int = 0  # dispatch() calls that got past input checks
+    calls: int = 0  # Dispatch RPCs attempted (one per shard per round)
+    failed_calls: int = 0
+    rows_sent: int = 0  # token rows put on the wire, retries included
+    rows_skipped: int = 0  # skip-class rows, never sent
+    rows_retried: int = 0  # rows re-sent after a failed call (failover or wait for a replica)
+    retries: int = 0  # failed calls whose rows were sent again
+    bytes_sent: int = 0  # serialized request bytes
+    bytes_received: int = 0  # serialized reply bytes
+    replica_waits: int = 0  # polls while some experts had no usable replica
+    wait_s: float = 0.0  # time spent in those polls
+    map_versions_seen: int = 0
+    layer_latency: dict[int, LayerLatency] = field(default_factory=dict)
+
+    def snapshot(self) -> RouterStats:
+        """A copy that later dispatches do not change."""
+        return copy.deepcopy(self)
+
+    def as_dict(self) -> dict[str, int | float]:
+        """Flat numbers, Prometheus-style names: counters that add up across routers, and the
+        round-trip time as sum/count (per-layer detail stays in `layer_latency`)."""
+        latencies = list(self.layer_latency.values())
+        return {
+            "router_dispatches_total": self.dispatches,
+            "router_calls_total": self.calls,
+            "router_failed_calls_total": self.failed_calls,
+            "router_retries_total": self.retries,
+            "router_rows_sent_total": self.rows_sent,
+            "router_rows_skipped_total": self.rows_skipped,
+            "router_rows_retried_total": self.rows_retried,
+            "router_bytes_sent_total": self.bytes_sent,
+            "router_bytes_received_total": self.bytes_received,
+            "router_replica_waits_total": self.replica_waits,
+            "router_replica_wait_seconds_total": self.wait_s,
+            "router_placement_versions_seen_total": self.map_versions_seen,
+            "router_dispatch_seconds_sum": sum(x.total_s for x in latencies),
+            "router_dispatch_seconds_count": sum(x.count for x in latencies),
+        }
+
+
+__all__ = ["LayerLatency", "RouterStats"]

@@ -1,0 +1,97 @@
+"""The token router's connections to expert shards: one channel per address, reused, with the
+rows in flight and a back-off per address that recently failed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from zayaserve.router.protos import expert_pb2_grpc
+from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # gRPC's default reconnect backoff grows to 120 s; a shard restarted on the same port must
+    # be found within the router's wait, not minutes later.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+# A failing address is skipped for 50 ms, doubling per further failure up to 1 s: other replicas
+# take its rows meanwhile, and a dead one costs one refused connection per probe, not a storm.
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 1.0
+
+
+@dataclass(slots=True)
+class _Cooldown:
+    failures: int
+    retry_at: float  # time.monotonic() after which the address may be probed again
+
+
+class ShardChannels:
+    """Channels and per-address state, owned by one asyncio loop (grpc.aio channels are bound to
+    the loop that made them)."""
+
+    def __init__(self, close_grace_s: float) -> None:
+        self.close_grace_s = close_grace_s
+        self._stubs: dict[str, tuple[grpc.aio.Channel, Any]] = {}
+        self._in_flight: defaultdict[str, int] = defaultdict(int)  # address -> rows
+        self._cooling: dict[str, _Cooldown] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def stub(self, address: str) -> Any:
+        """The ExpertShard stub for an address; the channel connects lazily, on first call."""
+        if address not in self._stubs:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._stubs[address] = (channel, expert_pb2_grpc.ExpertShardStub(channel))
+        return self._stubs[address][1]
+
+    def usable(self, address: str, now: float) -> bool:
+        cooldown = self._cooling.get(address)
+        return cooldown is None or cooldown.retry_at <= now
+
+    def load(self, address: str) -> int:
+        return self._in_flight[address]
+
+    def add_in_flight(self, address: str, rows: int) -> None:
+        self._in_flight[address] += rows
+
+    def succeeded(self, address: str) -> None:
+        self._cooling.pop(address, None)
+
+    def failed(self, address: str) -> None:
+        previous = self._cooling.get(address)
+        failures = 1 if previous is None else previous.failures + 1
+        backoff = min(BACKOFF_FIRST_S * 2 ** (failures - 1), BACKOFF_MAX_S)
+        self._cooling[address] = _Cooldown(failures, time.monotonic() + backoff)
+
+    def retain(self, addresses: Iterable[str]) -> None:
+        """Close channels to addresses no longer in the placement map."""
+        keep = set(addresses)
+        for address in [a for a in self._stubs if a not in keep]:
+            self._forget(address)
+
+    def _forget(self, address: str) -> None:
+        channel, _ = self._stubs.pop(address)
+        self._cooling.pop(address, None)
+        # Calls still in flight on it may finish (grace) without holding up the caller.
+        task = asyncio.ensure_future(channel.close(grace=self.close_grace_s))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        for address in list(self._stubs):
+            self._forget(address)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+__all__ = ["CHANNEL_OPTIONS", "ShardChannels"]

@@ -1,0 +1,184 @@
+"""The expert shard's gRPC face: decode routed rows, compute the experts held here, send back.
+
+The tensor math is not here: the servicer takes a `compute(layer, hidden, expert_ids, weights)`
+callable (the ExpertShard deployment passes `run_grouped` over its loaded `ExpertWeights`), so
+router/ stays free of the model code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
+
+import grpc
+import torch
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
+from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES, TensorCodecError, decode, encode
+
+SERVICE_NAME = "zayaserve.expert.v1.ExpertShard"
+
+# compute(layer, hidden [n, H], expert_ids [n] int64, weights [n]) -> [n, H]. It runs on a worker
+# thread, may be called concurrently, must not write into its inputs (they alias request bytes),
+# and is only ever given experts this shard holds.
+ComputeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
+    """Serves `Dispatch` for the experts it holds and `Info` for the placement controller.
+
+    Contract: a Dispatch naming any expert this shard does not hold in that layer (a stale
+    placement map, or the skip class, which must never be sent) fails whole with
+    FAILED_PRECONDITION naming the experts, so the router refreshes its map; malformed tensors
+    fail with INVALID_ARGUMENT naming the field; a compute error is INTERNAL. Nothing is
+    computed partially.
+    """
+
+    def __init__(
+        self,
+        shard_id: str,
+        compute: ComputeFn,
+        held: Mapping[int, Sequence[int]] | Sequence[int],
+        expert_bytes: int,
+        *,
+        num_layers: int | None = None,
+        address: str = "",
+    ) -> None:
+        self.shard_id = shard_id
+        self.compute = compute
+        self.expert_bytes = expert_bytes
+        self.address = address  # filled in by serve_shard when left empty
+        self._held_all: frozenset[int] | None = None
+        self._held_by_layer: dict[int, frozenset[int]] = {}
+        if isinstance(held, Mapping):
+            self._held_by_layer = {int(k): frozenset(map(int, v)) for k, v in held.items()}
+            self.num_layers = len(held) if num_layers is None else num_layers
+        else:
+            self._held_all = frozenset(map(int, held))
+            self.num_layers = num_layers or 0
+        self.tokens_served: Counter[tuple[int, int]] = Counter()  # (layer, expert) -> rows
+        self.requests = 0
+        self.max_placement_version = 0
+
+    def held_experts(self, layer: int) -> frozenset[int]:
+        if self._held_all is not None:
+            return self._held_all
+        return self._held_by_layer.get(layer, frozenset())
+
+    @property
+    def rows_served(self) -> int:
+        return sum(self.tokens_served.values())
+
+    async def Dispatch(  # noqa: N802 - gRPC method name
+        self, request: expert_pb2.DispatchRequest, context: grpc.aio.ServicerContext
+    ) -> expert_pb2.DispatchResponse:
+        layer = request.layer
+        if self.num_layers and layer >= self.num_layers:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"layer: {layer} out of range, shard {self.shard_id} has "
+                         f"{self.num_layers} layers")
+        try:
+            hidden = decode(request.hidden, "hidden", expect_ndim=2)  # [n, H]
+            weights = decode(request.weights, "weights", expect_ndim=1)  # [n]
+        except TensorCodecError as e:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        expert_ids = torch.tensor(list(request.expert_ids), dtype=torch.int64)  # [n]
+        n = hidden.shape[0]
+        if expert_ids.numel() != n or weights.numel() != n:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"expert_ids/weights: {expert_ids.numel()} ids and {weights.numel()} "
+                         f"weights for {n} hidden rows")
+        present, counts = torch.unique(expert_ids, return_counts=True)
+        held = self.held_experts(layer)
+        foreign = [e for e in present.tolist() if e not in held]
+        if foreign:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"expert_ids: shard {self.shard_id} does not hold experts {foreign} of "
+                         f"layer {layer} (holds {sorted(held)})")
+        self.max_placement_version = max(self.max_placement_version, request.placement_version)
+        if n == 0:
+            out = hidden.new_zeros(hidden.shape)
+        else:
+            try:
+                # Off the event loop: other requests (and health checks) keep being served.
+                out = await asyncio.to_thread(self.compute, layer, hidden, expert_ids, weights)
+            except Exception as e:  # the shard stays up; the caller sees why
+                await _abort(context, grpc.StatusCode.INTERNAL,
+                             f"shard {self.shard_id} layer {layer}: {type(e).__name__}: {e}")
+        if tuple(out.shape) != tuple(hidden.shape):
+            await _abort(context, grpc.StatusCode.INTERNAL,
+                         f"shard {self.shard_id}: compute returned {list(out.shape)} for "
+                         f"{list(hidden.shape)}")
+        self.requests += 1
+        for expert, count in zip(present.tolist(), counts.tolist(), strict=True):
+            self.tokens_served[(layer, expert)] += count
+        return expert_pb2.DispatchResponse(out=encode(out, "out"), shard_id=self.shard_id)
+
+    async def Info(  # noqa: N802 - gRPC method name
+        self, request: expert_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> expert_pb2.ShardInfo:
+        info = expert_pb2.ShardInfo(
+            shard_id=self.shard_id, address=self.address, num_layers=self.num_layers,
+            expert_bytes=self.expert_bytes, pid=os.getpid())
+        if self._held_all is not None:
+            info.experts.extend(sorted(self._held_all))
+        else:
+            for layer, experts in self._held_by_layer.items():
+                info.per_layer[layer].experts.extend(sorted(experts))
+        for (layer, expert), tokens in sorted(self.tokens_served.items()):
+            info.tokens_served.add(layer=layer, expert=expert, tokens=tokens)
+        return info
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str
+) -> NoReturn:
+    await context.abort(code, details)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def serve_shard(
+    servicer: ExpertShardServicer,
+    host: str = "0.0.0.0",
+    port: int = 0,
+    *,
+    advertise_host: str | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Start a gRPC server with the shard and grpc.health.v1 on it; returns (server, bound port).
+
+    Port 0 binds a free port. The servicer's `address` (reported by Info) becomes
+    `advertise_host:port`, by default the bind host or, for a wildcard bind, this machine's name.
+    Stop it with `await server.stop(grace)`.
+    """
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),  # port 0 must give a port nobody else holds
+    ])
+    expert_pb2_grpc.add_ExpertShardServicer_to_server(servicer, server)
+    health = grpc_health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(_host_port(host, port))
+    if bound == 0:
+        raise OSError(f"port: cannot bind {_host_port(host, port)}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    if not servicer.address:
+        wildcard = host in ("", "0.0.0.0", "::", "[::]")
+        servicer.address = _host_port(
+            advertise_host or (socket.gethostname() if wildcard else host), bound)
+    return server, bound
+
+
+__all__ = ["SERVICE_NAME", "ComputeFn", "ExpertShardServicer", "serve_shard"]

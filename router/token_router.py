@@ -1,0 +1,331 @@
+"""Dispatch/combine over gRPC: the attention side's expert backend when experts live elsewhere.
+
+One `dispatch` per (micro-batch, layer): drop skip tokens, group the rest by the shard chosen for
+their expert, send every shard its rows at once, and put the answers back in token order. A
+failed call's rows go to another replica of the same experts; with none left the router re-reads
+the placement map and waits, bounded, for one to appear (a restarted shard registers anew).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+import grpc
+import torch
+
+from zayaserve.router.placement import PlacementMap
+from zayaserve.router.protos import expert_pb2
+from zayaserve.router.router_stats import LayerLatency, RouterStats
+from zayaserve.router.shard_channels import ShardChannels
+from zayaserve.router.tensor_codec import WIRE_DTYPES, decode, encode
+
+T = TypeVar("T")
+
+# Codes that say "this replica is not there (now)": waiting for a replica is bounded by time.
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+# Codes that retrying cannot fix: our request is wrong. Everything else (deadline, overload,
+# a stale map's FAILED_PRECONDITION, INTERNAL) is retried, at most max_retries times.
+_FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
+          grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+
+
+class ExpertDispatchError(RuntimeError):
+    """An expert dispatch that cannot complete; the message names the layer and experts."""
+
+
+class NoExpertReplicaError(ExpertDispatchError):
+    """No live shard held these experts within the router's wait bound."""
+
+    def __init__(self, layer: int, experts: Sequence[int], waited_s: float, version: int,
+                 last_error: str = "") -> None:
+        self.layer, self.experts, self.waited_s = layer, list(experts), waited_s
+        super().__init__(
+            f"no live replica for experts {self.experts} of layer {layer} after waiting "
+            f"{waited_s:.2f} s (placement version {version})"
+            + (f"; last error: {last_error}" if last_error else ""))
+
+
+class ExpertShardError(ExpertDispatchError):
+    """A shard refused the rows for a reason retrying does not fix, or failed too often."""
+
+
+class _Failure(NamedTuple):
+    address: str
+    code: grpc.StatusCode
+    details: str
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """The dispatch-wide retry budget: the wait clock and the count of real failures."""
+
+    wait_started: float | None = None
+    failures: int = 0
+    last_error: str = ""
+
+
+class TokenRouter:
+    """Sends one layer's routed tokens to the expert shards and combines the answers.
+
+    Contract: `dispatch` returns exactly what a local expert backend would (exact zeros for skip
+    rows, which are never sent), or raises `ExpertDispatchError`; it never hangs: waiting for a
+    replica is bounded by `wait_for_replica_s`, failures other than "unreachable" by
+    `max_retries`, each call by `deadline_s`. Use from one asyncio loop (channels belong to it).
+    `placement_source()` must be cheap and non-blocking: it is read at every dispatch.
+    """
+
+    def __init__(
+        self,
+        placement_source: Callable[[], PlacementMap],
+        num_experts: int,
+        *,
+        deadline_s: float = 5.0,
+        wait_for_replica_s: float = 30.0,
+        max_retries: int = 3,
+        poll_interval_s: float = 0.05,
+    ) -> None:
+        if min(deadline_s, poll_interval_s, num_experts) <= 0:
+            raise ValueError("deadline_s/poll_interval_s/num_experts: must be > 0")
+        if min(wait_for_replica_s, max_retries) < 0:
+            raise ValueError("wait_for_replica_s/max_retries: must be >= 0")
+        self.placement_source = placement_source
+        self.num_experts = num_experts
+        self.deadline_s = deadline_s
+        self.wait_for_replica_s = wait_for_replica_s
+        self.max_retries = max_retries
+        self.poll_interval_s = poll_interval_s
+        self.stats = RouterStats()
+        self._placement: PlacementMap | None = None
+        self._channels = ShardChannels(close_grace_s=deadline_s)
+        self._turn = 0
+
+    async def dispatch(
+        self,
+        layer: int,
+        hidden: torch.Tensor,  # [T, H]
+        expert_ids: torch.Tensor,  # [T] in [0, num_experts]; num_experts = skip
+        weights: torch.Tensor,  # [T]
+    ) -> torch.Tensor:  # [T, H]
+        self._check_inputs(hidden, expert_ids, weights)
+        start = time.monotonic()
+        out = torch.zeros_like(hidden)
+        # Plan on the CPU: a handful of small index ops that would each sync a GPU anyway.
+        expert_ids = expert_ids.to("cpu")
+        pending = (expert_ids != self.num_experts).nonzero().squeeze(1)  # token rows to send
+        self.stats.dispatches += 1
+        self.stats.rows_skipped += hidden.shape[0] - pending.numel()
+        attempt = _Attempt()
+        while pending.numel():
+            placement = self._refresh()
+            plan, unplaced = self._plan(layer, placement, pending, expert_ids)
+            results = await asyncio.gather(*(
+                self._call(address, layer, hidden, expert_ids, weights, rows, placement.version)
+                for address, rows in plan.items()))
+            retry = [unplaced]
+            for rows, result in zip(plan.values(), results, strict=True):
+                if isinstance(result, torch.Tensor):
+                    out.index_copy_(0, rows.to(out.device), result.to(out.device))
+                else:
+                    self._on_failure(layer, result, rows, expert_ids, attempt)
+                    retry.append(rows)
+            pending = torch.cat(retry)
+            if pending.numel():
+                left = self._wait_left(layer, placement, attempt, expert_ids[pending])
+                if not plan:  # nothing could be sent: give the map (or a back-off) time
+                    pause = min(self.poll_interval_s, left)
+                    self.stats.replica_waits += 1
+                    self.stats.wait_s += pause
+                    await asyncio.sleep(pause)
+        self.stats.layer_latency.setdefault(layer, LayerLatency()).add(time.monotonic() - start)
+        return out
+
+    def _check_inputs(
+        self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden: expected [T, H], got {list(hidden.shape)}")
+        if hidden.dtype not in WIRE_DTYPES.values():
+            raise ValueError(f"hidden: dtype {hidden.dtype} cannot be sent")
+        tokens = hidden.shape[0]
+        if tuple(expert_ids.shape) != (tokens,) or expert_ids.dtype != torch.int64:
+            raise ValueError(f"expert_ids: expected int64 [{tokens}], got {expert_ids.dtype} "
+                             f"{list(expert_ids.shape)}")
+        if tuple(weights.shape) != (tokens,):
+            raise ValueError(f"weights: expected [{tokens}], got {list(weights.shape)}")
+        if tokens and not 0 <= int(expert_ids.min()) <= int(expert_ids.max()) <= self.num_experts:
+            raise ValueError(f"expert_ids: values must lie in [0, {self.num_experts}]")
+
+    def _refresh(self) -> PlacementMap:
+        placement = self.placement_source()
+        if placement.num_experts != self.num_experts:
+            raise ValueError(f"placement: num_experts {placement.num_experts} differs from the "
+                             f"router's {self.num_experts}")
+        old = self._placement
+        if old is None or placement.version != old.version:
+            self._placement = placement
+            self.stats.map_versions_seen += 1
+            self._channels.retain(placement.addresses.values())
+        return placement
+
+    def _plan(
+        self, layer: int, placement: PlacementMap, pending: torch.Tensor, expert_ids: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rows per chosen address (one expert's rows all go to one replica), and the rows of
+        experts with no usable replica right now."""
+        ids = expert_ids[pending]
+        order = torch.argsort(ids, stable=True)  # token order kept within an expert
+        present, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        now = time.monotonic()
+        planned: defaultdict[str, int] = defaultdict(int)
+        groups: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
+        unplaced: list[torch.Tensor] = []
+        for expert, rows in zip(present.tolist(), torch.split(pending[order], counts.tolist()),
+                                strict=True):
+            usable = [a for a in (placement.addresses[s]
+                                  for s in placement.shards_for(layer, expert))
+                      if self._channels.usable(a, now)]
+            if not usable:
+                unplaced.append(rows)
+                continue
+            # Least outstanding rows (in flight plus planned here); ties go round-robin.
+            load = [self._channels.load(a) + planned[a] for a in usable]
+            tied = [a for a, x in zip(usable, load, strict=True) if x == min(load)]
+            self._turn += 1
+            address = tied[self._turn % len(tied)]
+            planned[address] += rows.numel()
+            groups[address].append(rows)
+        plan = {a: torch.cat(parts) for a, parts in groups.items()}
+        return plan, (torch.cat(unplaced) if unplaced else pending[:0])
+
+    async def _call(
+        self, address: str, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+        weights: torch.Tensor, rows: torch.Tensor, version: int,
+    ) -> torch.Tensor | _Failure:
+        on_device = rows.to(hidden.device)
+        request = expert_pb2.DispatchRequest(
+            layer=layer, hidden=encode(hidden[on_device], "hidden"),
+            expert_ids=expert_ids[rows].tolist(),
+            weights=encode(weights[on_device.to(weights.device)], "weights"),
+            placement_version=version)
+        n = rows.numel()
+        self.stats.calls += 1
+        self.stats.rows_sent += n
+        self.stats.bytes_sent += request.ByteSize()
+        self._channels.add_in_flight(address, n)
+        try:
+            reply = await self._channels.stub(address).Dispatch(request, timeout=self.deadline_s)
+        except grpc.aio.AioRpcError as e:
+            return _Failure(address, e.code(), e.details() or "")
+        except grpc.aio.UsageError as e:  # the channel was closed under us by a map change
+            return _Failure(address, grpc.StatusCode.UNAVAILABLE, str(e))
+        finally:
+            self._channels.add_in_flight(address, -n)
+        self.stats.bytes_received += reply.ByteSize()
+        self._channels.succeeded(address)
+        try:
+            out = decode(reply.out, "out", expect_dtype=hidden.dtype, expect_ndim=2)
+        except ValueError as e:
+            return _Failure(address, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if tuple(out.shape) != (n, hidden.shape[1]):
+            return _Failure(address, grpc.StatusCode.INVALID_ARGUMENT,
+                            f"out: shape {list(out.shape)} for {n} rows")
+        return out
+
+    def _on_failure(self, layer: int, failure: _Failure, rows: torch.Tensor,
+                    expert_ids: torch.Tensor, attempt: _Attempt) -> None:
+        experts = sorted(set(expert_ids[rows].tolist()))
+        message = f"{failure.address}: {failure.code.name}: {failure.details}"
+        self.stats.failed_calls += 1
+        if failure.code in _FATAL:
+            raise ExpertShardError(f"layer {layer} experts {experts}: {message}")
+        self.stats.retries += 1
+        self.stats.rows_retried += rows.numel()
+        attempt.last_error = message
+        self._channels.failed(failure.address)
+        if failure.code in _UNREACHABLE:
+            return  # bounded by the wait for a replica, not by max_retries
+        attempt.failures += 1
+        if attempt.failures > self.max_retries:
+            raise ExpertShardError(
+                f"layer {layer} experts {experts}: {attempt.failures} failed calls "
+                f"(max_retries={self.max_retries}); last: {message}")
+
+    def _wait_left(self, layer: int, placement: PlacementMap, attempt: _Attempt,
+                   ids: torch.Tensor) -> float:
+        """Seconds left to wait for a replica (the clock starts at the first trouble); raises
+        once the bound is spent."""
+        now = time.monotonic()
+        if attempt.wait_started is None:
+            attempt.wait_started = now
+        waited = now - attempt.wait_started
+        if waited >= self.wait_for_replica_s:
+            raise NoExpertReplicaError(layer, sorted(set(ids.tolist())), waited,
+                                       placement.version, attempt.last_error)
+        return self.wait_for_replica_s - waited
+
+    def stats_dict(self) -> dict[str, int | float]:
+        """The counters as flat numbers (for the worker's metrics report)."""
+        return self.stats.as_dict()
+
+    async def close(self) -> None:
+        """Close the channels (on the router's loop); the router is not used afterwards."""
+        await self._channels.close()
+
+
+class BackgroundLoop:
+    """An asyncio loop on a daemon thread, so synchronous model code can await the router."""
+
+    def __init__(self, name: str = "zayaserve-token-router") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self.submit(coro).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class RemoteExpertBackend:
+    """The `ExpertBackend` call shape over a `TokenRouter` whose loop runs on another thread."""
+
+    def __init__(self, router: TokenRouter, loop: asyncio.AbstractEventLoop,
+                 *, timeout_s: float | None = None) -> None:
+        self.router = router
+        self.loop = loop
+        self.num_experts = router.num_experts
+        self.timeout_s = timeout_s  # the router bounds every dispatch; this is a backstop
+
+    def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            raise RuntimeError("RemoteExpertBackend called on its own event loop (would deadlock)")
+        future = asyncio.run_coroutine_threadsafe(
+            self.router.dispatch(layer, hidden, expert_ids, weights), self.loop)
+        try:
+            return future.result(self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # do not leave the dispatch running for nobody
+            raise
+
+
+__all__ = [
+    "BackgroundLoop", "ExpertDispatchError", "ExpertShardError", "NoExpertReplicaError",
+    "RemoteExpertBackend", "TokenRouter"]
