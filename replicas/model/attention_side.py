@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zayaserve.kernels.paged_attention_ref import paged_attention_ref, plan_attention
-from zayaserve.kernels.registry import get_op
+from zayaserve.kernels.paged_attention_ref import plan_attention
+from zayaserve.kernels.registry import default_backend, get_op
 from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.cca import CCAProjection, qk_l2_norm
 from zayaserve.replicas.model.config import ZayaConfig
@@ -83,10 +83,7 @@ class AttentionLayer(nn.Module):
             k = apply_partial_rope(k, *rope)
         cache.k[i][batch.slot_mapping] = k
         cache.v[i][batch.slot_mapping] = v
-        plan = batch.cached("attention", lambda: plan_attention(
-            batch.query_start.tolist(), batch.context_lens, batch.block_tables,
-            cache.block_size))
-        o = paged_attention_ref(q, cache.k[i], cache.v[i], plan, attn.scale, attn.window)
+        o = self._attention(q, batch, cache, attn)
         o = attn.o_proj(o.reshape(o.shape[0], -1))
         residual = self.post_attention_residual_scale(o, residual)
 
@@ -96,6 +93,20 @@ class AttentionLayer(nn.Module):
         residual = self.post_mlp_residual_scale(y, residual)
         return residual, routing.state
 
+
+    def _attention(self, q: torch.Tensor, batch: StepBatch, cache: KVCache,
+                   attn: SelfAttention) -> torch.Tensor:
+        """GQA over the paged cache (the `paged_attention` op); layout derived once a step."""
+        i = self.layer_idx
+        backend = default_backend()
+        plan = batch.cached("attention_plan", lambda: plan_attention(
+            batch.query_start.tolist(), batch.context_lens, batch.block_tables,
+            cache.block_size)) if backend == "torch" else None
+        context_lens = batch.cached("context_lens", lambda: torch.tensor(
+            batch.context_lens, dtype=torch.int32, device=q.device))
+        return get_op("paged_attention", backend)(  # type: ignore[no-any-return]
+            q, cache.k[i], cache.v[i], batch.query_start, context_lens, batch.block_tables,
+            cache.block_size, attn.scale, attn.window, plan=plan)
 
     def _cca_decode(
         self, x: torch.Tensor, batch: StepBatch, cache: KVCache
