@@ -1,0 +1,264 @@
+"""What the REST and gRPC front ends share: request errors that name a field, turning request
+fields into `SamplingParams`, the context-length check, and iterator plumbing (close on exit,
+merge several requests' streams)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Any
+
+from zayaserve.cluster.backend import GenerationBackend
+from zayaserve.replicas.engine.async_engine import EngineDeadError, EngineOverloadedError
+from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.params import SamplingParams
+
+
+class FrontendError(Exception):
+    """A request the front end answers with an error. `status` is the HTTP code; gRPC maps it
+    (see grpc_api). `param` names the offending request field, when one is to blame."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(FrontendError):
+    pass
+
+
+class AuthenticationError(FrontendError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(FrontendError):
+    status = 404
+    code = "model_not_found"
+
+
+class BodyTooLargeError(FrontendError):
+    status = 413
+    code = "request_too_large"
+
+
+class OverloadedError(FrontendError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UnavailableError(FrontendError):
+    status = 503
+    error_type = "server_error"
+    code = "service_unavailable"
+
+
+# The engine and SamplingParams start their messages with the field: "top_p must be ...",
+# "prompt: 3000 tokens ...", "messages[1].content must be ...".
+_LEADING_FIELD = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\]|\.[A-Za-z_]\w*)*)(?=[: ])")
+# Only these count as field names: a message that merely starts with a word ("chat template
+# error: ...") must not blame a field that does not exist.
+KNOWN_FIELDS = frozenset(SamplingParams.__dataclass_fields__) | {
+    "prompt", "prompt_token_ids", "messages", "model", "request_id"}
+
+
+def field_of(message: str) -> str | None:
+    """The request field a backend/SamplingParams ValueError message starts with, if any."""
+    found = _LEADING_FIELD.match(message)
+    if found is None:
+        return None
+    path = found.group(1)
+    return path if re.split(r"[.\[]", path, maxsplit=1)[0] in KNOWN_FIELDS else None
+
+
+def as_frontend_error(
+    err: BaseException, renames: dict[str, str] | None = None, default_param: str | None = None
+) -> FrontendError:
+    """Maps what the backend raises onto the error the client sees. `renames` translates engine
+    field names into this API's (e.g. the engine's `prompt_token_ids` is REST's `prompt`).
+    Anything that is not a request problem is re-raised, for the server's 500 path."""
+    if isinstance(err, FrontendError):
+        return err
+    if isinstance(err, EngineOverloadedError):
+        return OverloadedError(f"the server is overloaded, retry later ({err})")
+    if isinstance(err, EngineDeadError):
+        return UnavailableError(str(err))
+    if isinstance(err, ValueError):
+        message = str(err)
+        param = field_of(message) or default_param
+        if param is not None and renames:
+            head = re.split(r"[.\[]", param, maxsplit=1)[0]
+            if head in renames:
+                param = renames[head] + param[len(head):]
+                if message.startswith(head):  # say it in the client's terms
+                    message = renames[head] + message[len(head):]
+        if param is not None and not message.startswith(param):
+            message = f"{param}: {message}"
+        return InvalidRequestError(message, param)
+    raise err
+
+
+def build_sampling_params(fields: dict[str, Any], renames: dict[str, str] | None = None
+                          ) -> SamplingParams:
+    """SamplingParams from the request fields that were set (the rest keep vLLM's defaults)."""
+    try:
+        return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+    except ValueError as err:
+        raise as_frontend_error(err, renames) from None
+
+
+def resolve_model(requested: str | None, served: Sequence[str]) -> str:
+    """The model name to answer with; a name this server does not serve is a 404."""
+    if not requested:
+        return served[0]
+    if requested not in served:
+        raise ModelNotFoundError(
+            f"The model `{requested}` does not exist; this server serves {list(served)}",
+            "model")
+    return requested
+
+
+def check_context_length(
+    backend: GenerationBackend, num_prompt_tokens: int, max_tokens: int | None,
+    prompt_field: str, max_tokens_field: str = "max_tokens",
+) -> None:
+    """Rejects, as vLLM does, a prompt that leaves no room to generate, or a prompt plus
+    max_tokens beyond the model's context length."""
+    limit = backend.max_model_len
+    if num_prompt_tokens >= limit:
+        raise InvalidRequestError(
+            f"{prompt_field}: this model's maximum context length is {limit} tokens, and the "
+            f"prompt has {num_prompt_tokens} tokens, leaving no room to generate", prompt_field)
+    if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+        raise InvalidRequestError(
+            f"{max_tokens_field}: this model's maximum context length is {limit} tokens, but "
+            f"{num_prompt_tokens + max_tokens} were requested ({num_prompt_tokens} in the "
+            f"prompt, {max_tokens} to generate); lower {max_tokens_field} or shorten the prompt",
+            max_tokens_field)
+
+
+def check_token_ids(backend: GenerationBackend, ids: Sequence[int], field: str) -> None:
+    if not ids:
+        raise InvalidRequestError(f"{field}: must contain at least one token", field)
+    vocab = backend.tokenizer.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(
+            f"{field}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", field)
+
+
+async def aclose_quietly(iterator: AsyncIterator[Any]) -> None:
+    """Closes a backend iterator (which cancels its request) whatever state it is in."""
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
+
+
+async def open_stream(
+    backend: GenerationBackend, request_id: str, prompt_ids: list[int], params: SamplingParams,
+    prompt: str | None,
+) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+    """Starts a request and waits for its first output, so that admission errors (overload, bad
+    input) surface here, before a streaming response has committed to a 200."""
+    iterator = backend.generate(request_id, prompt_ids, params, prompt)
+    try:
+        first = await iterator.__anext__()
+    except BaseException:
+        await aclose_quietly(iterator)
+        raise
+    return first, iterator
+
+
+async def open_streams(
+    backend: GenerationBackend, requests: Sequence[tuple[str, list[int], str | None]],
+    params: SamplingParams,
+) -> list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]:
+    """`open_stream` for several prompts at once; if any fails, the others are cancelled."""
+    results = await asyncio.gather(
+        *(open_stream(backend, rid, ids, params, text) for rid, ids, text in requests),
+        return_exceptions=True)
+    opened = [r for r in results if not isinstance(r, BaseException)]
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        for _, iterator in opened:
+            await aclose_quietly(iterator)
+        raise failed[0]
+    return opened  # type: ignore[return-value]
+
+
+async def merge_streams(
+    streams: Sequence[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """Yields (stream index, output) from several opened streams as outputs arrive, first
+    outputs first. Leaving early (a disconnect) cancels and closes every unfinished stream."""
+    pending: dict[asyncio.Task[RequestOutput], int] = {}
+
+    def follow(i: int) -> None:
+        task = asyncio.ensure_future(streams[i][1].__anext__())
+        pending[task] = i
+
+    try:
+        for i, (first, _) in enumerate(streams):
+            yield i, first
+        for i, (first, _) in enumerate(streams):
+            if not first.finished:
+                follow(i)
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                try:
+                    out = task.result()
+                except StopAsyncIteration:
+                    continue
+                if not out.finished:
+                    follow(i)
+                yield i, out
+    finally:
+        # An iterator cannot be closed while a __anext__ on it is in flight: cancel those first.
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(BaseException):
+                await task
+        for _, iterator in streams:
+            await aclose_quietly(iterator)
+
+
+async def close_streams(
+    merged: AsyncIterator[tuple[int, RequestOutput]] | None,
+    opened: Sequence[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
+) -> None:
+    """Closes a merge_streams iterator and, in case it never started (so its cleanup never
+    ran), the streams it was given: every unfinished request is cancelled. Idempotent."""
+    if merged is not None:
+        await aclose_quietly(merged)
+    for _, iterator in opened:
+        await aclose_quietly(iterator)
+
+
+async def collect(
+    backend: GenerationBackend, requests: Sequence[tuple[str, list[int], str | None]],
+    params: SamplingParams, on_output: Callable[[int, RequestOutput], None] | None = None,
+) -> list[RequestOutput]:
+    """Runs several prompts to completion; returns each one's final output, in order.
+    on_output(prompt index, output) sees every intermediate output (for metrics)."""
+    final: list[RequestOutput | None] = [None] * len(requests)
+    opened = await open_streams(backend, requests, params)
+    async with contextlib.aclosing(merge_streams(opened)) as outputs:
+        async for i, out in outputs:
+            if on_output is not None:
+                on_output(i, out)
+            final[i] = out
+    if any(out is None or not out.finished for out in final):
+        raise UnavailableError("the backend ended a request without finishing it")
+    return final  # type: ignore[return-value]

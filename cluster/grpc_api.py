@@ -1,0 +1,250 @@
+"""The public gRPC front end (`zayaserve.v1.Generation`) over any `GenerationBackend`, with the
+standard health service and server reflection. It applies the same checks as the REST front
+end; a bad field is INVALID_ARGUMENT naming it, overload is RESOURCE_EXHAUSTED, an unknown
+model NOT_FOUND. A client that cancels its call cancels the request (its blocks are freed)."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from zayaserve.cluster.backend import GenerationBackend
+from zayaserve.cluster.choice_cursor import ChoiceCursor
+from zayaserve.cluster.frontend_common import (
+    AuthenticationError,
+    FrontendError,
+    InvalidRequestError,
+    aclose_quietly,
+    as_frontend_error,
+    build_sampling_params,
+    check_context_length,
+    check_token_ids,
+    collect,
+    open_stream,
+    resolve_model,
+)
+from zayaserve.cluster.metrics import MetricsCollector
+from zayaserve.cluster.protos import generation_pb2 as pb
+from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
+from zayaserve.replicas.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from zayaserve.replicas.engine.params import SamplingParams
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+_STATUS_OF_HTTP = {
+    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+}
+_OPTIONAL_SAMPLING_FIELDS = (
+    "n", "temperature", "top_p", "top_k", "seed", "ignore_eos", "max_tokens", "min_tokens",
+    "logprobs", "skip_special_tokens", "include_stop_str_in_output")
+# SamplingParams names its fields bare; here they live under `sampling`.
+_RENAMES = {name: f"sampling.{name}" for name in SamplingParams.__dataclass_fields__}
+
+
+def _sampling_params(request: pb.GenerateRequest) -> SamplingParams:
+    s = request.sampling
+    fields: dict[str, Any] = {name: getattr(s, name) for name in _OPTIONAL_SAMPLING_FIELDS
+                              if s.HasField(name)}
+    if s.stop:
+        fields["stop"] = list(s.stop)
+    if s.stop_token_ids:
+        fields["stop_token_ids"] = list(s.stop_token_ids)
+    return build_sampling_params(fields, _RENAMES)
+
+
+def _logprobs_pb(backend: GenerationBackend, token_id: int, entries: dict[int, Logprob],
+                 k: int) -> pb.PositionLogprobs:
+    def one(tid: int, lp: Logprob) -> pb.TokenLogprob:
+        return pb.TokenLogprob(token_id=tid, logprob=lp.logprob, rank=lp.rank or 0,
+                               token=backend.tokenizer.decode([tid], skip_special_tokens=False))
+
+    ranked = sorted(entries.items(), key=lambda kv: (-kv[1].logprob, kv[0]))[:k]
+    sampled = entries.get(token_id, Logprob(float("-inf")))
+    return pb.PositionLogprobs(sampled=one(token_id, sampled),
+                               top=[one(t, lp) for t, lp in ranked])
+
+
+def _usage(out: RequestOutput) -> pb.Usage:
+    prompt = len(out.prompt_token_ids)
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    return pb.Usage(prompt_tokens=prompt, completion_tokens=completion,
+                    total_tokens=prompt + completion)
+
+
+def _delta_pb(backend: GenerationBackend, params: SamplingParams, c: CompletionOutput,
+              text: str, token_ids: list[int], logprobs: list[dict[int, Logprob]] | None
+              ) -> pb.CompletionDelta:
+    delta = pb.CompletionDelta(index=c.index, text=text, token_ids=token_ids,
+                               finish_reason=c.finish_reason or "")
+    if params.logprobs is not None and logprobs is not None:
+        delta.logprobs.extend(_logprobs_pb(backend, t, e, params.logprobs)
+                              for t, e in zip(token_ids, logprobs, strict=True))
+    if isinstance(c.stop_reason, str):
+        delta.stop_str = c.stop_reason
+    elif isinstance(c.stop_reason, int):
+        delta.stop_token_id = c.stop_reason
+    return delta
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, backend: GenerationBackend, *, api_key: str | None = None,
+                 served_model_names: list[str] | None = None,
+                 metrics: MetricsCollector | None = None) -> None:
+        self.backend = backend
+        self.served_model_names = list(served_model_names or [backend.model_name])
+        self.metrics = metrics or MetricsCollector()  # a private registry when not shared
+        self._expected_auth = f"Bearer {api_key}".encode() if api_key else None
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self._expected_auth is None:
+            return
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else bytes(given)
+        if not hmac.compare_digest(given_bytes, self._expected_auth):
+            raise AuthenticationError("missing or wrong `authorization: Bearer <key>` metadata")
+
+    def _prepare(self, request: pb.GenerateRequest
+                 ) -> tuple[str, str, str | None, list[int], SamplingParams]:
+        """(model, request id, prompt text, prompt ids, params), or a FrontendError."""
+        model = resolve_model(request.model or None, self.served_model_names)
+        tokenizer = self.backend.tokenizer
+        which = request.WhichOneof("input")
+        text: str | None
+        if which == "prompt":
+            text, field = request.prompt, "prompt"
+            ids = tokenizer.encode(text)
+        elif which == "prompt_token_ids":
+            text, field, ids = None, "prompt_token_ids", list(request.prompt_token_ids.ids)
+            check_token_ids(self.backend, ids, field)
+        elif which == "chat":
+            field = "chat"
+            messages = [{"role": m.role, "content": m.content}
+                        for m in request.chat.messages]
+            try:
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except ValueError as err:
+                raise as_frontend_error(err, {"messages": "chat.messages"}, "chat") from None
+            ids = tokenizer.encode(text, add_special_tokens=False)  # as LLM.chat
+        else:
+            raise InvalidRequestError("input: set one of prompt, prompt_token_ids or chat",
+                                      "input")
+        params = _sampling_params(request)
+        check_context_length(self.backend, len(ids), params.max_tokens, field,
+                             "sampling.max_tokens")
+        request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        return model, request_id, text, ids, params
+
+    async def _fail(self, context: grpc.aio.ServicerContext, err: BaseException,
+                    endpoint: str) -> None:
+        try:
+            frontend_err: FrontendError = as_frontend_error(err)
+        except Exception:  # not the request's fault
+            status, message = grpc.StatusCode.INTERNAL, f"internal error: {err!r}"
+        else:
+            status = _STATUS_OF_HTTP.get(frontend_err.status, grpc.StatusCode.INTERNAL)
+            message = frontend_err.message
+            if frontend_err.param and not message.startswith(frontend_err.param):
+                message = f"{frontend_err.param}: {message}"
+        self._count(endpoint, status)
+        await context.abort(status, message)
+
+    def _count(self, endpoint: str, status: grpc.StatusCode) -> None:
+        self.metrics.count_request(endpoint, status.name)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        endpoint = "grpc.Generate"
+        tracker = self.metrics.track(endpoint)
+        iterator = None
+        served = False
+        try:
+            self._authorize(context)
+            model, request_id, text, ids, params = self._prepare(request)
+            out, iterator = await open_stream(self.backend, request_id, ids, params, text)
+            tracker.on_prompt(len(ids))
+            cursors = [ChoiceCursor() for _ in range(params.n)]
+            first = True
+            while True:
+                message = pb.GenerateResponse(request_id=request_id, model=model,
+                                              finished=out.finished)
+                if first:
+                    message.prompt_token_ids.extend(out.prompt_token_ids)
+                for c in out.outputs:
+                    d = cursors[c.index].advance(c, params)
+                    if d is not None:
+                        message.outputs.append(_delta_pb(self.backend, params, c, d.text,
+                                                         d.token_ids, d.logprobs))
+                tracker.on_output(0, out)
+                if out.finished:
+                    message.usage.CopyFrom(_usage(out))
+                if first or message.outputs or out.finished:
+                    yield message
+                first = False
+                if out.finished:
+                    break
+                out = await iterator.__anext__()
+            self._count(endpoint, grpc.StatusCode.OK)
+            served = True
+        except Exception as err:
+            await self._fail(context, err, endpoint)
+        finally:
+            if iterator is not None:
+                await aclose_quietly(iterator)  # on cancel: aborts the request, frees blocks
+            tracker.finish(served)
+
+    async def GenerateUnary(self, request: pb.GenerateRequest,
+                            context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        endpoint = "grpc.GenerateUnary"
+        tracker = self.metrics.track(endpoint)
+        try:
+            self._authorize(context)
+            model, request_id, text, ids, params = self._prepare(request)
+            [out] = await collect(self.backend, [(request_id, ids, text)], params,
+                                  tracker.on_output)
+        except BaseException as err:
+            tracker.finish(served=False)
+            if not isinstance(err, Exception):
+                raise  # cancelled by the client: nothing to answer
+            await self._fail(context, err, endpoint)
+            raise AssertionError("unreachable: abort raises") from err
+        tracker.on_prompt(len(ids))
+        tracker.finish()
+        self._count(endpoint, grpc.StatusCode.OK)
+        return pb.GenerateResponse(
+            request_id=request_id, model=model, finished=True, usage=_usage(out),
+            prompt_token_ids=out.prompt_token_ids,
+            outputs=[_delta_pb(self.backend, params, c, c.text, c.token_ids, c.logprobs)
+                     for c in out.outputs])
+
+
+async def start_grpc_server(
+    backend: GenerationBackend, port: int, host: str = "0.0.0.0", *,
+    api_key: str | None = None, served_model_names: list[str] | None = None,
+    metrics: MetricsCollector | None = None,
+) -> grpc.aio.Server:
+    """Starts (and returns) a grpc.aio server with Generation, grpc.health.v1 (SERVING for ""
+    and the Generation service) and reflection. Call from the event loop that will serve it;
+    stop with `await server.stop(grace)`."""
+    server = grpc.aio.server()
+    pb_grpc.add_GenerationServicer_to_server(
+        GenerationServicer(backend, api_key=api_key, served_model_names=served_model_names,
+                           metrics=metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"port: cannot bind the gRPC server to {host}:{port}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server

@@ -1,0 +1,220 @@
+"""The OpenAI-compatible REST front end over any `GenerationBackend`.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (bearer key when one is
+set), GET /health, GET /metrics. Every error, whoever raises it, leaves as OpenAI's error body
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Any, TypeVar
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from zayaserve.cluster.backend import GenerationBackend
+from zayaserve.cluster.frontend_common import (
+    AuthenticationError,
+    BodyTooLargeError,
+    FrontendError,
+    InvalidRequestError,
+    UnavailableError,
+)
+from zayaserve.cluster.metrics import MetricsCollector
+from zayaserve.cluster.openai_chat import create_chat_completion
+from zayaserve.cluster.openai_common import ServingContext, error_response_of
+from zayaserve.cluster.openai_completions import create_completion
+from zayaserve.cluster.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorDetail,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+# Paths counted under their own name in zayaserve_requests_total; anything else is "other",
+# so scanners probing random URLs cannot blow up the label set.
+_COUNTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+                            "/metrics"})
+# A backend that cannot answer stats() in this long is stuck, not busy (a step is far shorter).
+_HEALTH_TIMEOUT_S = 10.0
+_STATS_TIMEOUT_S = 5.0
+# pydantic names union members and wrappers in error locations; they are not request fields.
+_TYPE_TAG_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal"})
+
+
+def _error_json(err: FrontendError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(error_response_of(err).model_dump(), status_code=err.status,
+                        headers=headers)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str | None:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and not (
+                part in _TYPE_TAG_NAMES or not part[:1].islower() or any(c in part for c in "[(-")):
+            path += f".{part}" if path else part
+    return path or None
+
+
+def _validation_error(err: ValidationError) -> InvalidRequestError:
+    errors = err.errors()
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return InvalidRequestError(f"malformed JSON body: {first.get('ctx', {}).get('error', '')}")
+    param = _field_path(tuple(first["loc"]))
+    if first["type"] == "model_type" and param is None:
+        return InvalidRequestError("the request body must be a JSON object")
+    if first["type"] == "extra_forbidden":
+        message = "unrecognized request argument (not supported by this server)"
+    else:
+        # A union field fails once per accepted type, all at the same path: list them all.
+        same_field = [str(e["msg"]).removeprefix("Value error, ") for e in errors
+                      if _field_path(tuple(e["loc"])) == param]
+        message = "; or ".join(dict.fromkeys(same_field))
+    return InvalidRequestError(f"{param}: {message}" if param else message, param)
+
+
+async def _read_body(request: Request, limit: int, model: type[M]) -> M:
+    """The body as `model`, refusing anything over `limit` bytes before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError(f"request body of {declared} bytes exceeds {limit} bytes")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLargeError(f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody will read the answer; just don't log a 500
+        raise InvalidRequestError("the client disconnected while sending the body") from None
+    try:
+        return model.model_validate_json(b"".join(chunks))
+    except ValidationError as err:
+        raise _validation_error(err) from None
+
+
+class _CountRequests:
+    """Counts every HTTP answer by path and status (pure ASGI, so streaming and disconnect
+    detection pass through untouched)."""
+
+    def __init__(self, app: ASGIApp, metrics: MetricsCollector) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in _COUNTED_PATHS else "other"
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.count_request(endpoint, status)
+
+
+def build_openai_app(
+    backend: GenerationBackend,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = 1_000_000,
+    served_model_names: list[str] | None = None,
+    metrics: MetricsCollector | None = None,
+) -> FastAPI:
+    """The REST app. `served_model_names` are the ids clients may pass as `model` (default: the
+    backend's model name); `metrics` lets several front ends share one registry."""
+    names = list(served_model_names or [backend.model_name])
+    metrics = metrics or MetricsCollector()
+    ctx = ServingContext(backend, names, metrics)
+    app = FastAPI(title="zayaserve", description="OpenAI-compatible API for ZAYA1 models")
+    app.state.serving = ctx
+    app.add_middleware(_CountRequests, metrics=metrics)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def authorize(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):  # constant time: no key guessing by timing
+            raise AuthenticationError("Incorrect API key provided (Authorization: Bearer ...)")
+
+    @app.exception_handler(FrontendError)
+    async def on_frontend_error(_: Request, err: FrontendError) -> JSONResponse:
+        return _error_json(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        body = ErrorResponse(error=ErrorDetail(message=str(err.detail),
+                                               type="invalid_request_error"))
+        return JSONResponse(body.model_dump(), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, err: Exception) -> JSONResponse:
+        logger.exception("unhandled error in the REST front end")
+        body = ErrorResponse(error=ErrorDetail(message=f"internal error: {err!r}",
+                                               type="server_error"))
+        return JSONResponse(body.model_dump(), status_code=500)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        body = await _read_body(request, max_body_bytes, CompletionRequest)
+        return await create_completion(body, ctx, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        body = await _read_body(request, max_body_bytes, ChatCompletionRequest)
+        return await create_chat_completion(body, ctx, request)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        cards = [ModelCard(id=name, max_model_len=backend.max_model_len) for name in names]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            await asyncio.wait_for(backend.stats(), _HEALTH_TIMEOUT_S)
+        except Exception as err:
+            return _error_json(UnavailableError(f"backend unhealthy: {err!r}"))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        try:
+            stats = await asyncio.wait_for(backend.stats(), _STATS_TIMEOUT_S)
+        except Exception:
+            logger.warning("backend stats() failed; /metrics shows front-end metrics only")
+            stats = None
+        metrics.update_backend_stats(stats)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app

@@ -1,0 +1,181 @@
+"""POST /v1/chat/completions: a conversation, rendered with the checkpoint's chat template
+exactly as `LLM.chat` renders it, to assistant replies, whole or as server-sent events."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from zayaserve.cluster.choice_cursor import ChoiceCursor
+from zayaserve.cluster.frontend_common import (
+    InvalidRequestError,
+    as_frontend_error,
+    build_sampling_params,
+    check_context_length,
+    close_streams,
+    collect,
+    merge_streams,
+    open_streams,
+    resolve_model,
+)
+from zayaserve.cluster.metrics import RequestTracker
+from zayaserve.cluster.openai_common import (
+    SSE_DONE,
+    ClosingStreamingResponse,
+    ServingContext,
+    chat_logprobs,
+    sse,
+    stream_closer,
+    stream_error_event,
+    unless_disconnected,
+    usage_of,
+)
+from zayaserve.cluster.openai_protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+)
+from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.params import SamplingParams
+
+ENDPOINT = "/v1/chat/completions"
+
+
+def _max_tokens_field(body: ChatCompletionRequest) -> str:
+    return "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+
+
+def _params(body: ChatCompletionRequest, room: int) -> SamplingParams:
+    """room: tokens left in the context after the prompt, the default max_tokens (vLLM's)."""
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequestError("stream_options: only allowed with stream=true",
+                                  "stream_options")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs: requires logprobs=true", "top_logprobs")
+    max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
+                  else body.max_tokens)
+    return build_sampling_params(dict(
+        n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
+        ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+        max_tokens=max_tokens if max_tokens is not None else room,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output),
+        renames={"logprobs": "top_logprobs", "max_tokens": _max_tokens_field(body)})
+
+
+def _prompt(body: ChatCompletionRequest, ctx: ServingContext) -> tuple[str, list[int]]:
+    tokenizer = ctx.backend.tokenizer
+    conversation = [m.model_dump(exclude_none=True) for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=body.add_generation_prompt)
+    except ValueError as err:
+        raise as_frontend_error(err, default_param="messages") from None
+    # As LLM.chat: the rendered template already starts with bos.
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContext,
+                                 request: Request) -> Response:
+    model = resolve_model(body.model, ctx.served_model_names)
+    text, ids = _prompt(body, ctx)
+    check_context_length(ctx.backend, len(ids), None, "messages")
+    params = _params(body, ctx.backend.max_model_len - len(ids))
+    check_context_length(ctx.backend, len(ids), params.max_tokens, "messages",
+                         _max_tokens_field(body))
+    chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+    requests = [(chat_id, ids, text)]
+    tracker = ctx.metrics.track(ENDPOINT)
+    renames = {"prompt": "messages", "prompt_token_ids": "messages"}
+    try:
+        if body.stream:
+            opened = await open_streams(ctx.backend, requests, params)
+            tracker.on_prompt(len(ids))
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _events(opened, params, ctx, chat_id, model, tracker, include_usage)
+            return ClosingStreamingResponse(
+                events, cleanup=stream_closer(opened, tracker), media_type="text/event-stream")
+        final = await unless_disconnected(
+            request, collect(ctx.backend, requests, params, on_output=tracker.on_output))
+    except Exception as err:
+        tracker.finish(served=False)
+        raise as_frontend_error(err, renames) from None
+    tracker.finish(served=final is not None)
+    if final is None:
+        return Response(status_code=499)  # the client left; nobody reads this
+    tracker.on_prompt(len(ids))
+    return JSONResponse(_response(final[0], params, ctx, chat_id, model).model_dump())
+
+
+def _logprobs(params: SamplingParams, ctx: ServingContext, token_ids: list[int],
+              logprobs: list | None) -> ChatLogprobs | None:
+    if params.logprobs is None or logprobs is None:
+        return None
+    return chat_logprobs(ctx.backend.tokenizer, token_ids, logprobs, params.logprobs)
+
+
+def _response(out: RequestOutput, params: SamplingParams, ctx: ServingContext, chat_id: str,
+              model: str) -> ChatCompletionResponse:
+    choices = [
+        ChatChoice(index=c.index, message=ChatMessage(content=c.text),
+                   logprobs=_logprobs(params, ctx, c.token_ids, c.logprobs),
+                   finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                   stop_reason=c.stop_reason)
+        for c in out.outputs]
+    return ChatCompletionResponse(id=chat_id, model=model, choices=choices,
+                                  usage=usage_of([out]))
+
+
+async def _events(
+    opened: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]], params: SamplingParams,
+    ctx: ServingContext, chat_id: str, model: str, tracker: RequestTracker, include_usage: bool,
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+
+    def chunk(choices: list[ChatStreamChoice]) -> bytes:
+        return sse(ChatCompletionStreamResponse(id=chat_id, created=created, model=model,
+                                                choices=choices))
+
+    final = opened[0][0]
+    cursors = [ChoiceCursor() for _ in range(params.n)]
+    outputs = merge_streams(opened)
+    try:
+        # OpenAI opens every choice with a role-only delta.
+        yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                     for i in range(params.n)])
+        async for _, out in outputs:
+            tracker.on_output(0, out)
+            final = out
+            choices = []
+            for c in out.outputs:
+                delta = cursors[c.index].advance(c, params)
+                if delta is None:
+                    continue
+                choices.append(ChatStreamChoice(
+                    index=c.index, delta=DeltaMessage(content=delta.text),
+                    logprobs=_logprobs(params, ctx, delta.token_ids, delta.logprobs),
+                    finish_reason=delta.finish_reason,  # type: ignore[arg-type]
+                    stop_reason=delta.stop_reason))
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            yield sse(ChatCompletionStreamResponse(id=chat_id, created=created, model=model,
+                                                   choices=[], usage=usage_of([final])))
+        yield SSE_DONE
+    except Exception as err:  # a 200 is already out: report in-band, then end the stream
+        yield stream_error_event(err)
+        yield SSE_DONE
+    finally:
+        await close_streams(outputs, opened)
+        tracker.finish()

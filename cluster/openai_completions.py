@@ -1,0 +1,171 @@
+"""POST /v1/completions: prompts (text or token ids, one or many) to text completions, whole or
+as server-sent events."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from zayaserve.cluster.choice_cursor import ChoiceCursor
+from zayaserve.cluster.frontend_common import (
+    InvalidRequestError,
+    as_frontend_error,
+    build_sampling_params,
+    check_context_length,
+    check_token_ids,
+    close_streams,
+    collect,
+    merge_streams,
+    open_streams,
+    resolve_model,
+)
+from zayaserve.cluster.metrics import RequestTracker
+from zayaserve.cluster.openai_common import (
+    SSE_DONE,
+    ClosingStreamingResponse,
+    ServingContext,
+    completion_logprobs,
+    sse,
+    stream_closer,
+    stream_error_event,
+    unless_disconnected,
+    usage_of,
+)
+from zayaserve.cluster.openai_protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+)
+from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.params import SamplingParams
+
+ENDPOINT = "/v1/completions"
+# The engine names token-id prompts `prompt_token_ids`; here they arrive as `prompt`.
+_RENAMES = {"prompt_token_ids": "prompt"}
+
+Prompt = tuple[str | None, list[int]]
+
+
+def _prompts(body: CompletionRequest, ctx: ServingContext) -> list[Prompt]:
+    tokenizer = ctx.backend.tokenizer
+    raw = body.prompt
+    single = isinstance(raw, str) or isinstance(raw[0], int)  # text, or one id list
+    items: list[str | list[int]] = [raw] if single else list(raw)  # type: ignore[list-item,arg-type]
+    prompts: list[Prompt] = []
+    for i, item in enumerate(items):
+        field = "prompt" if len(items) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            prompts.append((item, tokenizer.encode(item)))
+        else:
+            check_token_ids(ctx.backend, item, field)
+            prompts.append((None, list(item)))
+    return prompts
+
+
+def _params(body: CompletionRequest) -> SamplingParams:
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequestError("stream_options: only allowed with stream=true",
+                                  "stream_options")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise InvalidRequestError("best_of: only best_of == n is supported", "best_of")
+    return build_sampling_params(dict(
+        n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
+        ignore_eos=body.ignore_eos, max_tokens=body.max_tokens, min_tokens=body.min_tokens,
+        logprobs=body.logprobs, skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output))
+
+
+async def create_completion(body: CompletionRequest, ctx: ServingContext,
+                            request: Request) -> Response:
+    model = resolve_model(body.model, ctx.served_model_names)
+    params = _params(body)
+    prompts = _prompts(body, ctx)
+    for i, (_, ids) in enumerate(prompts):
+        check_context_length(ctx.backend, len(ids), params.max_tokens,
+                             "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    requests = [(f"{completion_id}-{i}", ids, text) for i, (text, ids) in enumerate(prompts)]
+    tracker = ctx.metrics.track(ENDPOINT)
+    try:
+        if body.stream:
+            opened = await open_streams(ctx.backend, requests, params)
+            tracker.on_prompt(sum(len(ids) for _, ids in prompts))
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _events(opened, params, ctx, completion_id, model, tracker, include_usage)
+            return ClosingStreamingResponse(
+                events, cleanup=stream_closer(opened, tracker), media_type="text/event-stream")
+        final = await unless_disconnected(
+            request, collect(ctx.backend, requests, params, on_output=tracker.on_output))
+    except Exception as err:
+        tracker.finish(served=False)
+        raise as_frontend_error(err, _RENAMES) from None
+    tracker.finish(served=final is not None)
+    if final is None:
+        return Response(status_code=499)  # the client left; nobody reads this
+    tracker.on_prompt(sum(len(ids) for _, ids in prompts))
+    return JSONResponse(_response(final, params, ctx, completion_id, model).model_dump())
+
+
+def _response(final: list[RequestOutput], params: SamplingParams, ctx: ServingContext,
+              completion_id: str, model: str) -> CompletionResponse:
+    tokenizer = ctx.backend.tokenizer
+    choices = []
+    for i, out in enumerate(final):
+        for c in out.outputs:
+            logprobs = None
+            if params.logprobs is not None and c.logprobs is not None:
+                logprobs, _ = completion_logprobs(tokenizer, c.token_ids, c.logprobs, 0)
+            choices.append(CompletionChoice(
+                index=i * params.n + c.index, text=c.text, logprobs=logprobs,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason))  # type: ignore[arg-type]
+    return CompletionResponse(id=completion_id, model=model, choices=choices,
+                              usage=usage_of(final))
+
+
+async def _events(
+    opened: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]], params: SamplingParams,
+    ctx: ServingContext, completion_id: str, model: str, tracker: RequestTracker,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    tokenizer = ctx.backend.tokenizer
+    created = int(time.time())
+    cursors: dict[tuple[int, int], ChoiceCursor] = {}
+    final: list[RequestOutput] = [first for first, _ in opened]
+    outputs = merge_streams(opened)
+    try:
+        async for i, out in outputs:
+            tracker.on_output(i, out)
+            final[i] = out
+            choices = []
+            for c in out.outputs:
+                cursor = cursors.setdefault((i, c.index), ChoiceCursor())
+                delta = cursor.advance(c, params)
+                if delta is None:
+                    continue
+                logprobs = None
+                if params.logprobs is not None and delta.logprobs is not None:
+                    logprobs, cursor.text_offset = completion_logprobs(
+                        tokenizer, delta.token_ids, delta.logprobs, cursor.text_offset)
+                choices.append(CompletionChoice(
+                    index=i * params.n + c.index, text=delta.text, logprobs=logprobs,
+                    finish_reason=delta.finish_reason,  # type: ignore[arg-type]
+                    stop_reason=delta.stop_reason))
+            if choices:
+                yield sse(CompletionStreamResponse(
+                    id=completion_id, created=created, model=model, choices=choices))
+        if include_usage:
+            yield sse(CompletionStreamResponse(id=completion_id, created=created, model=model,
+                                               choices=[], usage=usage_of(final)))
+        yield SSE_DONE
+    except Exception as err:  # a 200 is already out: report in-band, then end the stream
+        yield stream_error_event(err)
+        yield SSE_DONE
+    finally:
+        await close_streams(outputs, opened)
+        tracker.finish()
