@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install, then serve the built-in tiny demo model.
-# Until the Ray Serve cluster lands, this runs the same engine offline through the CLI.
+# The main job on a fresh machine: install, then serve the built-in tiny demo model on an
+# embedded local Ray (REST on :8000, gRPC on :9000; Ctrl-C stops it). Extra flags pass through,
+# e.g. `bash deploy/demo.sh --expert-shards 2 --expert-replication 2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install.sh
-exec .venv/bin/zayaserve generate --model tiny --max-tokens 32 "${@:-Hello from zayaserve}"
+exec .venv/bin/zayaserve serve --model tiny "$@"

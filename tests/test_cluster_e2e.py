@@ -1,0 +1,295 @@
+"""The disaggregated cluster on a real local Ray Serve: attention workers, expert shards over
+gRPC, the OpenAI REST front end and the public gRPC API — against the offline `LLM`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from zayaserve import LLM, SamplingParams
+from zayaserve.cluster.config import ClusterConfig
+from zayaserve.replicas.model.checkpoint_paths import resolve_model
+from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+# Serve runs one HTTP proxy per Ray session: every app deployed in it shares this port.
+HTTP_PORT = 0
+PROMPTS = ["The capital of", "Once upon a time", "zayaserve streams tokens", "1 2 3 4"]
+MAX_TOKENS = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+    from ray import serve
+
+    ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=4,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def offline() -> dict[str, list[int]]:
+    """Greedy outputs of the offline engine: the truth every path must reproduce."""
+    llm = LLM(model=str(resolve_model("tiny")))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params)
+    chat = llm.chat([{"role": "user", "content": PROMPTS[0]}], params)
+    result = {p: o.outputs[0].token_ids for p, o in zip(PROMPTS, outs, strict=True)}
+    result["__chat__"] = chat[0].outputs[0].token_ids
+    result["__chat_text__"] = chat[0].outputs[0].text  # type: ignore[assignment]
+    return result
+
+
+class Cluster:
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.cfg = cfg
+        self.base = f"http://127.0.0.1:{cfg.http_port}"
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0)
+
+    def placement(self) -> dict[str, Any]:
+        from ray import serve
+
+        handle = serve.get_deployment_handle("PlacementController", app_name="zayaserve")
+        return handle.placement.remote().result()  # type: ignore[no-any-return]
+
+    def shard_infos(self) -> list[Any]:
+        infos = []
+        for address in self.placement()["addresses"].values():
+            with grpc.insecure_channel(address) as ch:
+                infos.append(expert_pb2_grpc.ExpertShardStub(ch).Info(
+                    expert_pb2.InfoRequest(), timeout=10))
+        return infos
+
+    def wait_all_shards(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if len(self.placement()["addresses"]) == self.cfg.expert_shards:
+                return
+            time.sleep(0.5)
+        raise TimeoutError("expert shards did not all register")
+
+
+def _deploy(**overrides: Any) -> Cluster:
+    from zayaserve.cluster.serve_cli import deploy
+
+    global HTTP_PORT
+    HTTP_PORT = HTTP_PORT or _free_port()
+    cfg = ClusterConfig.create(model="tiny", http_port=HTTP_PORT, grpc_port=_free_port(),
+                               replica_num_cpus=0.1, torch_threads=1, **overrides)
+    deploy(cfg)
+    cluster = Cluster(cfg)
+    cluster.wait_all_shards()
+    return cluster
+
+
+def _undeploy() -> None:
+    from ray import serve
+
+    serve.delete("zayaserve", _blocking=True)
+
+
+def _texts(offline: dict[str, Any]) -> dict[str, str]:
+    from zayaserve.replicas.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(resolve_model("tiny"))
+    return {p: tok.decode(offline[p]) for p in PROMPTS}
+
+
+# ---- replicated experts: REST/gRPC equality and surviving a shard crash ----------------------
+
+
+@pytest.fixture(scope="module")
+def replicated(ray_session: None) -> Iterator[Cluster]:
+    cluster = _deploy(expert_shards=2, expert_replication=2, max_pending_requests=6)
+    yield cluster
+    _undeploy()
+
+
+def test_rest_stream_and_nonstream_equal_offline(replicated: Cluster, offline: dict) -> None:
+    want = _texts(offline)
+
+    async def run() -> list[tuple[str, str, str]]:
+        aclient = openai.AsyncOpenAI(base_url=replicated.base + "/v1", api_key="x",
+                                     max_retries=0)
+
+        async def one(prompt: str) -> tuple[str, str, str]:
+            kw: dict[str, Any] = dict(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS,
+                                      temperature=0, extra_body={"ignore_eos": True})
+            full = (await aclient.completions.create(**kw)).choices[0].text
+            parts = [c.choices[0].text async for c in await aclient.completions.create(
+                stream=True, **kw)]
+            return prompt, full, "".join(parts)
+
+        return await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    for prompt, full, streamed in asyncio.run(run()):
+        assert full == want[prompt]
+        assert streamed == want[prompt]
+
+
+def test_chat_equals_offline(replicated: Cluster, offline: dict) -> None:
+    kw: dict[str, Any] = dict(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                              max_tokens=MAX_TOKENS, temperature=0,
+                              extra_body={"ignore_eos": True})
+    r = replicated.client.chat.completions.create(**kw)
+    assert r.choices[0].message.content == offline["__chat_text__"]
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       replicated.client.chat.completions.create(stream=True, **kw))
+    assert streamed == offline["__chat_text__"]
+
+
+def test_grpc_equals_offline(replicated: Cluster, offline: dict) -> None:
+    from zayaserve.client import ZayaClient
+
+    client = ZayaClient(f"127.0.0.1:{replicated.cfg.grpc_port}")
+    for prompt in PROMPTS:
+        result = client.generate(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        assert result.completions[0].token_ids == offline[prompt]
+        streamed = [t for d in client.stream(prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                             ignore_eos=True) for t in d.token_ids]
+        assert streamed == offline[prompt]
+
+
+def test_killing_a_replicated_shard_loses_nothing(replicated: Cluster, offline: dict) -> None:
+    want = _texts(offline)
+    victim = replicated.shard_infos()[0].pid
+
+    async def run() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=replicated.base + "/v1", api_key="x",
+                                     max_retries=0)
+
+        async def one(prompt: str) -> str:
+            stream = await aclient.completions.create(
+                model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                extra_body={"ignore_eos": True})
+            parts = []
+            async for chunk in stream:
+                parts.append(chunk.choices[0].text)
+                if len(parts) == 3 and prompt == PROMPTS[0]:
+                    os.kill(victim, signal.SIGKILL)  # mid-stream crash of one shard
+                    await asyncio.sleep(0.5)
+            return "".join(parts)
+
+        return await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    for prompt, text in zip(PROMPTS, asyncio.run(run()), strict=True):
+        assert text == want[prompt]
+    replicated.wait_all_shards()  # Serve restarts the replica; it re-registers
+
+
+def test_disconnect_frees_blocks_and_overload_is_429(replicated: Cluster) -> None:
+    body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream(
+            "POST", replicated.base + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+    # overload: more concurrent long requests than max_pending_requests=6
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            async def one() -> int:
+                r = await http.post(replicated.base + "/v1/completions",
+                                    json={**body, "stream": False, "max_tokens": 60})
+                if r.status_code == 429:
+                    assert r.json()["error"]["message"]
+                return r.status_code
+            return await asyncio.gather(*(one() for _ in range(14)))
+
+    codes = asyncio.run(flood())
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+    deadline = time.time() + 30
+    stats: dict[str, Any] = {}
+    while time.time() < deadline:
+        from ray import serve
+
+        stats = serve.get_deployment_handle("AttentionWorker", app_name="zayaserve") \
+            .stats.remote().result()
+        if stats["num_requests_running"] == 0 and \
+                stats["kv_blocks_free"] == stats["kv_blocks_total"]:
+            break
+        time.sleep(0.5)
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_bad_input_gets_4xx_through_the_cluster(replicated: Cluster) -> None:
+    url = replicated.base + "/v1/completions"
+    with httpx.Client(timeout=30) as http:
+        r = http.post(url, json={"model": "nope", "prompt": "x"})
+        assert r.status_code == 404 and r.json()["error"]["message"]
+        r = http.post(url, json={"model": "tiny", "prompt": "x", "temperature": -1})
+        assert r.status_code == 400 and "temperature" in r.text
+        r = http.post(url, json={"model": "tiny", "prompt": [10**7], "max_tokens": 2})
+        assert r.status_code == 400 and "prompt" in r.text
+        r = http.post(url, content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400
+
+
+# ---- unreplicated experts: shards hold only theirs; a crash waits for the restart ----------
+
+
+@pytest.fixture(scope="module")
+def unreplicated(ray_session: None, replicated: Cluster) -> Iterator[Cluster]:
+    del replicated  # ordered after the replicated app, which is torn down first
+    _undeploy()
+    cluster = _deploy(expert_shards=2, expert_replication=1)
+    yield cluster
+    _undeploy()
+
+
+def test_shards_hold_only_their_experts(unreplicated: Cluster) -> None:
+    from zayaserve.replicas.model.config import ZayaConfig
+
+    cfg = ZayaConfig.from_pretrained(resolve_model("tiny"))
+    infos = unreplicated.shard_infos()
+    held = [sorted(i.experts) for i in infos]
+    assert sorted(e for h in held for e in h) == list(range(cfg.num_experts))  # a partition
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 * cfg.num_hidden_layers
+    for info, experts in zip(infos, held, strict=True):
+        assert 0 < len(experts) < cfg.num_experts
+        assert info.expert_bytes == len(experts) * per_expert
+
+
+def test_unreplicated_shard_crash_waits_for_restart(unreplicated: Cluster, offline: dict):
+    want = _texts(offline)
+    victim = unreplicated.shard_infos()[0].pid
+
+    async def run() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=unreplicated.base + "/v1", api_key="x",
+                                     max_retries=0, timeout=300)
+
+        async def one(prompt: str) -> str:
+            stream = await aclient.completions.create(
+                model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                extra_body={"ignore_eos": True})
+            parts = []
+            async for chunk in stream:
+                parts.append(chunk.choices[0].text)
+                if len(parts) == 2 and prompt == PROMPTS[0]:
+                    os.kill(victim, signal.SIGKILL)
+            return "".join(parts)
+
+        return await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    for prompt, text in zip(PROMPTS, asyncio.run(run()), strict=True):
+        assert text == want[prompt]
