@@ -331,11 +331,12 @@ def paged_attention_torch(
     window: int | None,
     plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
-    """The torch reference behind the common signature; pass `plan` to reuse it across layers."""
+    """The torch path behind the common signature (the reference's layout, attention through
+    torch's fused SDPA); pass `plan` to reuse it across layers."""
     if plan is None:
         plan = plan_attention(_as_list(query_start), _as_list(context_lens), block_tables,
                               block_size)
-    return paged_attention_ref(q, k_cache, v_cache, plan, scale, window)
+    return paged_attention_ref(q, k_cache, v_cache, plan, scale, window, fused=True)
 
 
 def _as_list(x: torch.Tensor | Sequence[int]) -> list[int]:

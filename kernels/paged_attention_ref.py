@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
 class AttentionPlan:
     decode_rows: torch.Tensor  # [B] packed rows of the single-token sequences
-    decode_slots: torch.Tensor  # [B, W] cache slots of their contexts (padded)
-    decode_pos: torch.Tensor  # [W]
+    decode_blocks: torch.Tensor  # [B, NB] their block tables (padding points at block 0)
+    decode_pos: torch.Tensor  # [W = NB * block_size]
     decode_lens: torch.Tensor  # [B]
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (row a, row b, slots, q pos)
     _masks: dict[tuple[str, int | None], torch.Tensor] = field(default_factory=dict)
@@ -50,14 +51,10 @@ def plan_attention(
     num_seqs = len(context_lens)
     decode = [s for s in range(num_seqs) if query_start[s + 1] - query_start[s] == 1]
     lens = torch.tensor([context_lens[s] for s in decode], dtype=torch.int64, device=dev)
-    width = int(lens.max()) if decode else 0
-    pos = torch.arange(width, device=dev)
-    tables = block_tables[decode]
-    if decode:
-        blk = tables[:, (pos // block_size).clamp_max(tables.shape[1] - 1)]
-        slots = (blk * block_size + pos % block_size).clamp_min(0)  # [B, W]
-    else:
-        slots = torch.zeros(0, 0, dtype=torch.int64, device=dev)
+    # Whole blocks are gathered (block_size * nkv * D contiguous values each), not slots.
+    num_blocks = -(-int(lens.max()) // block_size) if decode else 0
+    blocks = block_tables[decode][:, :num_blocks].clamp_min(0)  # [B, NB]
+    pos = torch.arange(num_blocks * block_size, device=dev)
     prefills = []
     for s in range(num_seqs):
         a, b, ctx = query_start[s], query_start[s + 1], context_lens[s]
@@ -66,7 +63,7 @@ def plan_attention(
             ctx_slots = block_tables[s][p // block_size] * block_size + p % block_size
             prefills.append((a, b, ctx_slots, torch.arange(ctx - (b - a), ctx, device=dev)))
     rows = torch.tensor([query_start[s] for s in decode], dtype=torch.int64, device=dev)
-    return AttentionPlan(rows, slots, pos, lens, prefills)
+    return AttentionPlan(rows, blocks, pos, lens, prefills)
 
 
 def _attend(
@@ -82,6 +79,21 @@ def _attend(
     return torch.einsum("bhgqk,bhkd->bhgqd", probs, v)
 
 
+def _attend_fused(
+    q: torch.Tensor,  # [B, nkv, g, Tq, D]
+    k: torch.Tensor,  # [B, nkv, Tk, D]
+    v: torch.Tensor,  # [B, nkv, Tk, D]
+    allowed: torch.Tensor,  # [B, Tq, Tk] bool
+    scale: float,
+) -> torch.Tensor:
+    """The same attention through torch's fused SDPA kernel (no [Tq, Tk] score tensors)."""
+    B, nkv, g, Tq, D = q.shape
+    out = F.scaled_dot_product_attention(
+        q.reshape(B, nkv * g, Tq, D), k, v, attn_mask=allowed[:, None], scale=scale,
+        enable_gqa=True)
+    return out.view(B, nkv, g, Tq, D)
+
+
 def paged_attention_ref(
     q: torch.Tensor,  # [T, nq, D] new queries, sequences laid end to end
     k_cache: torch.Tensor,  # [slots, nkv, D] (new K already written)
@@ -89,23 +101,28 @@ def paged_attention_ref(
     plan: AttentionPlan,
     scale: float,
     window: int | None,
+    fused: bool = False,
 ) -> torch.Tensor:
+    """`fused=False` is the plain-math reference; True computes the same with SDPA."""
+    attend = _attend_fused if fused else _attend
     T, nq, D = q.shape
     nkv = k_cache.shape[1]
     g = nq // nkv
     out = torch.empty_like(q)
     B = plan.decode_rows.shape[0]
     if B:
-        k = k_cache[plan.decode_slots].permute(0, 2, 1, 3)  # [B, nkv, W, D]
-        v = v_cache[plan.decode_slots].permute(0, 2, 1, 3)
+        bs = plan.decode_pos.shape[0] // plan.decode_blocks.shape[1]
+        k = k_cache.view(-1, bs, nkv, D)[plan.decode_blocks].view(B, -1, nkv, D)
+        v = v_cache.view(-1, bs, nkv, D)[plan.decode_blocks].view(B, -1, nkv, D)
+        k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # [B, nkv, W, D]
         qd = q[plan.decode_rows].view(B, nkv, g, 1, D)
-        o = _attend(qd, k, v, plan.decode_mask(window), scale)
+        o = attend(qd, k, v, plan.decode_mask(window), scale)
         out[plan.decode_rows] = o.reshape(B, nq, D)
     for i, (a, b, slots, _) in enumerate(plan.prefills):
         n = b - a
         k = k_cache[slots].permute(1, 0, 2)[None]  # [1, nkv, ctx, D]
         v = v_cache[slots].permute(1, 0, 2)[None]
         qs = q[a:b].view(n, nkv, g, D).permute(1, 2, 0, 3)[None]  # [1, nkv, g, n, D]
-        o = _attend(qs, k, v, plan.prefill_mask(i, window), scale)
+        o = attend(qs, k, v, plan.prefill_mask(i, window), scale)
         out[a:b] = o[0].permute(2, 0, 1, 3).reshape(n, nq, D)
     return out

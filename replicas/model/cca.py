@@ -95,22 +95,17 @@ class CCAProjection(nn.Module):
         q_res = (q.view(T, nq, D) + k.view(T, nkv, D).repeat_interleave(nq // nkv, dim=1)) * 0.5
         k_res = q_res.view(T, nkv, nq // nkv, D).mean(dim=2)
 
-        # Gather each token's window of K+1 pre-conv columns from [state_s; chunk_s].
+        # Lay out [state_s; chunk_s] for every sequence end to end and run both convs over it:
+        # a token's causal window never leaves its own sequence's segment.
         slots = batch.state_slots
         idx = batch.cached(("cca", K), lambda: cca_gather_indices(batch, K))
         qk = torch.cat([q, k], dim=-1)  # [T, C]
         ext = torch.cat([conv_state[slots].reshape(S * K, qk.shape[1]), qk], dim=0)
-        window = ext[idx.window]  # [T, K+1, C]
-
-        t0, t1 = cfg.cca_time0, cfg.cca_time1
-        w0 = self.conv_qk_depthwise.weight[:, 0, :]  # [C, t0]
-        dw = self.conv_qk_depthwise.bias + window[:, 0:t1, :] * w0[:, 0]
-        for m in range(1, t0):
-            dw = dw + window[:, m:m + t1, :] * w0[:, m]  # [T, t1, C]
-        G, Dg = self.groups, cfg.conv_channels // self.groups
-        w1 = self.conv_qk_grouped.weight.view(G, Dg, Dg, t1)  # [G, out, in, t1]
-        mixed = torch.einsum("tjgi,goij->tgo", dw.view(T, t1, G, Dg), w1).reshape(T, -1)
-        mixed = mixed + self.conv_qk_grouped.bias  # [T, C]
+        stream = ext[idx.stream].T.unsqueeze(0)  # [1, C, S*K + T]
+        dw = self.conv_qk_depthwise
+        gw = self.conv_qk_grouped
+        mixed = F.conv1d(F.conv1d(stream, dw.weight, dw.bias, groups=stream.shape[1]),
+                         gw.weight, gw.bias, groups=self.groups)[0].T[idx.output]  # [T, C]
 
         if K > 0:  # the new conv state: the last K columns of [state; chunk] per sequence
             conv_state[slots] = ext[idx.state]
@@ -126,7 +121,8 @@ class CCAProjection(nn.Module):
 
 
 class CCAIndices(NamedTuple):
-    window: torch.Tensor  # [T, K+1] rows of [states (S*K); chunk (T)] each token convolves
+    stream: torch.Tensor  # [S*K + T] rows of [states; chunk] in per-sequence order
+    output: torch.Tensor  # [T] conv output column of each token
     state: torch.Tensor  # [S, K] rows that become each sequence's next conv state
     prev_v: torch.Tensor  # [T] rows of [v states (S); delayed v (T)] each token's value uses
 
@@ -138,14 +134,21 @@ def cca_gather_indices(batch: StepBatch, K: int) -> CCAIndices:
     seq = batch.token_seq
     first = batch.query_start[:-1]
     local = torch.arange(T, device=dev) - first[seq]  # position within the chunk
-    e = local[:, None] + torch.arange(K + 1, device=dev)[None, :]  # in [state; chunk] coords
-    window = torch.where(e < K, seq[:, None] * K + e, S * K + first[seq][:, None] + e - K)
+    # Stream position of sequence s's segment: its K state columns, then its chunk.
+    seg_start = first + torch.arange(S, device=dev) * K  # [S]
+    stream = torch.empty(S * K + T, dtype=torch.int64, device=dev)
+    if K:
+        state_pos = seg_start[:, None] + torch.arange(K, device=dev)[None, :]
+        stream[state_pos.reshape(-1)] = torch.arange(S * K, device=dev)
+    stream[seg_start[seq] + K + local] = S * K + torch.arange(T, device=dev)
+    # A valid conv over the stream shortens it by K: token j of s lands at seg_start + j.
+    output = seg_start[seq] + local
     lens = torch.tensor(batch.query_lens, device=dev)
     e_state = lens[:, None] + torch.arange(K, device=dev)[None, :]
     state = torch.where(e_state < K, torch.arange(S, device=dev)[:, None] * K + e_state,
                         S * K + first[:, None] + e_state - K)
     prev_v = torch.where(local == 0, seq, S + torch.arange(T, device=dev) - 1)
-    return CCAIndices(window, state, prev_v)
+    return CCAIndices(stream, output, state, prev_v)
 
 
 def qk_l2_norm(
