@@ -9,6 +9,7 @@ layout (gather slots, masks) lives in an `AttentionPlan` built once and shared b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,19 +19,30 @@ import torch.nn.functional as F
 class AttentionPlan:
     decode_rows: torch.Tensor  # [B] packed rows of the single-token sequences
     decode_blocks: torch.Tensor  # [B, NB] their block tables (padding points at block 0)
-    decode_pos: torch.Tensor  # [W = NB * block_size]
     decode_lens: torch.Tensor  # [B]
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (row a, row b, slots, q pos)
-    _masks: dict[tuple[str, int | None], torch.Tensor] = field(default_factory=dict)
+    _masks: dict[tuple[str, int | None], Any] = field(default_factory=dict)
+    block_size: int = 1
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
+    def decode_view(self, window: int | None, block_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(blocks [B, NB], allowed [B, 1, NB*bs]) for a layer's window: a sliding-window layer
+        gathers only the blocks that overlap its window, not the whole context."""
         key = ("decode", window)
         if key not in self._masks:
-            allowed = self.decode_pos[None] < self.decode_lens[:, None]
+            lens, bs = self.decode_lens, block_size
+            first = torch.zeros_like(lens) if window is None else (
+                (lens - window).clamp_min(0) // bs)  # first block any query may see
+            width = int((-(-lens // bs) - first).max())
+            idx = (first[:, None] + torch.arange(width, device=lens.device)[None]).clamp_max(
+                self.decode_blocks.shape[1] - 1)
+            blocks = self.decode_blocks.gather(1, idx)
+            pos = (first[:, None] * bs + torch.arange(width * bs, device=lens.device)[None])
+            allowed = pos < lens[:, None]
             if window is not None:
-                allowed &= self.decode_pos[None] > (self.decode_lens[:, None] - 1 - window)
-            self._masks[key] = allowed[:, None, :]  # [B, 1, W]
-        return self._masks[key]
+                allowed &= pos > (lens[:, None] - 1 - window)
+            self._masks[key] = (blocks, allowed[:, None, :])
+        return self._masks[key]  # type: ignore[no-any-return]
 
     def prefill_mask(self, i: int, window: int | None) -> torch.Tensor:
         key = (f"prefill{i}", window)
@@ -54,7 +66,6 @@ def plan_attention(
     # Whole blocks are gathered (block_size * nkv * D contiguous values each), not slots.
     num_blocks = -(-int(lens.max()) // block_size) if decode else 0
     blocks = block_tables[decode][:, :num_blocks].clamp_min(0)  # [B, NB]
-    pos = torch.arange(num_blocks * block_size, device=dev)
     prefills = []
     for s in range(num_seqs):
         a, b, ctx = query_start[s], query_start[s + 1], context_lens[s]
@@ -63,7 +74,7 @@ def plan_attention(
             ctx_slots = block_tables[s][p // block_size] * block_size + p % block_size
             prefills.append((a, b, ctx_slots, torch.arange(ctx - (b - a), ctx, device=dev)))
     rows = torch.tensor([query_start[s] for s in decode], dtype=torch.int64, device=dev)
-    return AttentionPlan(rows, blocks, pos, lens, prefills)
+    return AttentionPlan(rows, blocks, lens, prefills, block_size=block_size)
 
 
 def _attend(
@@ -111,12 +122,13 @@ def paged_attention_ref(
     out = torch.empty_like(q)
     B = plan.decode_rows.shape[0]
     if B:
-        bs = plan.decode_pos.shape[0] // plan.decode_blocks.shape[1]
-        k = k_cache.view(-1, bs, nkv, D)[plan.decode_blocks].view(B, -1, nkv, D)
-        v = v_cache.view(-1, bs, nkv, D)[plan.decode_blocks].view(B, -1, nkv, D)
+        bs = plan.block_size
+        blocks, allowed = plan.decode_view(window, bs)
+        k = k_cache.view(-1, bs, nkv, D)[blocks].view(B, -1, nkv, D)
+        v = v_cache.view(-1, bs, nkv, D)[blocks].view(B, -1, nkv, D)
         k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # [B, nkv, W, D]
         qd = q[plan.decode_rows].view(B, nkv, g, 1, D)
-        o = attend(qd, k, v, plan.decode_mask(window), scale)
+        o = attend(qd, k, v, allowed, scale)
         out[plan.decode_rows] = o.reshape(B, nq, D)
     for i, (a, b, slots, _) in enumerate(plan.prefills):
         n = b - a
