@@ -94,7 +94,7 @@ def run_mode(name: str, args: argparse.Namespace, prompts: list[list[int]], **cl
     from zayaserve.cluster.config import ClusterConfig
     from zayaserve.cluster.serve_cli import APP_NAME, deploy
 
-    cfg = ClusterConfig.create(model=args.model, http_port=_free_port(), grpc_port=0,
+    cfg = ClusterConfig.create(model=args.model, http_port=args.http_port, grpc_port=0,
                                replica_num_cpus=0.1, max_num_seqs=args.streams,
                                torch_threads=args.threads, **cluster)
     deploy(cfg)
@@ -118,12 +118,14 @@ def report(r: ModeResult) -> str:
             f" p99 {_pct(r.ttft, .99)*1e3:7.0f} ms  ITL p50 {_pct(r.itl, .5)*1e3:6.1f} ms"
             f" p99 {_pct(r.itl, .99)*1e3:7.1f} ms")
     s = r.stats
-    if s.get("dispatch_calls"):
-        sent, recv = s.get("dispatch_bytes_sent", 0), s.get("dispatch_bytes_received", 0)
-        tokens = max(1, s.get("dispatch_rows_sent", 0))
-        line += (f"\n{'':<34} gRPC {(sent + recv) / tokens:8.0f} bytes per dispatched token-row"
-                 f", {(sent + recv) / max(1, r.output_tokens) / 1e3:8.1f} kB per output token,"
-                 f" layer round trip mean {s.get('dispatch_rtt_mean_ms', float('nan')):.2f} ms")
+    if s.get("router_calls_total"):
+        grpc_bytes = s["router_bytes_sent_total"] + s["router_bytes_received_total"]
+        rows = max(1, s["router_rows_sent_total"])
+        rtt_ms = 1e3 * s["router_dispatch_seconds_sum"] / max(1, s["router_dispatch_seconds_count"])
+        line += (f"\n{'':<34} gRPC {grpc_bytes / rows:6.0f} B per dispatched token-row, "
+                 f"{grpc_bytes / max(1, r.output_tokens) / 1e3:7.1f} kB per output token "
+                 f"(prefill included); layer dispatch round trip mean {rtt_ms:.2f} ms; "
+                 f"{s['router_rows_skipped_total']} skip rows never sent")
     return line
 
 
@@ -137,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    args.http_port = _free_port()  # one Serve HTTP proxy per Ray session, shared by the modes
 
     import ray
 

@@ -103,7 +103,12 @@ class PlacementState:
                         total[k] = total.get(k, 0) + v
         total["expert_shards_live"] = sum(1 for h in self.holders.values() if h.address)
         total["placement_version"] = self.version
-        total["shards"] = dict(self.shard_stats)
+        # Labelled samples (the metrics front end's shape): tokens each shard served per expert.
+        total["expert_tokens_total"] = [
+            {"shard": slot, "layer": int(key.split(":")[0]), "expert": int(key.split(":")[1]),
+             "value": n}
+            for slot, stats in sorted(self.shard_stats.items())
+            for key, n in sorted(stats.get("tokens", {}).items())]
         return total
 
 
