@@ -110,4 +110,6 @@ class LLM:
 
     def stats(self) -> dict[str, float]:
         s = self.engine.scheduler
-        return {"num_preemptions": float(s.num_preemptions)}
+        return {"num_preemptions": float(s.num_preemptions),
+                "prefix_cache_local_hit_tokens": float(s.prefix_hit_tokens),
+                "prefix_cache_cached_blocks": float(s.blocks.num_cached)}

@@ -21,6 +21,8 @@ class EngineConfig(BaseModel):
     kv_cache_memory_gb: float = Field(2.0, gt=0, description="Memory for the KV cache.")
     seed: int = Field(0, description="Seed of the sampler for requests without their own.")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse cached KV blocks (with their CCA states) of shared prefixes.")
     micro_batches: int = Field(
         1, ge=1, le=2, description="2 overlaps one micro-batch's attention with the other's "
         "expert round trip (useful with remote experts).")

@@ -21,6 +21,12 @@ from zayaserve.replicas.engine.runner import ModelRunner
 from zayaserve.replicas.engine.sampler import SamplingRow, prompt_logprobs, sample
 from zayaserve.replicas.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from zayaserve.replicas.engine.sequence import Request, Sequence, Status
+from zayaserve.replicas.kv_tiers.hashing import (
+    BlockHasher,
+    cache_namespace,
+    model_fingerprint,
+    weights_identity,
+)
 from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
 from zayaserve.replicas.model.kv_cache import KVCache
 from zayaserve.replicas.model.loader import load_attention_side, load_expert_side
@@ -58,15 +64,22 @@ class LLMEngine:
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
-            per_block = KVCache.bytes_per_block(mc, bs, self.model.dtype)
+            per_block = KVCache.bytes_per_block(mc, bs, self.model.dtype,
+                                                snapshots=config.enable_prefix_caching)
             budget_blocks = int(config.kv_cache_memory_gb * 2**30) // per_block
             num_blocks = max(1, min(budget_blocks, config.max_num_seqs * -(-max_len // bs)))
         # A single sequence must always fit, or preemption could never make progress.
         self.max_model_len = min(max_len, num_blocks * bs)
-        self.cache = KVCache(mc, num_blocks, bs, config.max_num_seqs, self.model.dtype)
+        self.cache = KVCache(mc, num_blocks, bs, config.max_num_seqs, self.model.dtype,
+                             snapshots=config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, bs),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, bs,
+                            config.enable_prefix_caching),
             BlockPool(num_blocks), StateSlots(config.max_num_seqs))
+        # Block hashes are namespaced by the model (config + weights identity), block size and
+        # encoding, so no two models or layouts can ever share an entry.
+        self.cache_namespace = cache_namespace(
+            model_fingerprint(mc.model_dump(mode="json"), weights_identity(path)), bs, "none")
         self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Request] = {}
@@ -114,6 +127,8 @@ class LLMEngine:
                                            skip_special_tokens=p.skip_special_tokens)
         seq = Sequence(next(self._seq_ids), req, index, tokens, gen, detok,
                        logprobs=[] if p.logprobs is not None else None)
+        if self.config.enable_prefix_caching:
+            seq.start_hashing(BlockHasher(self.cache_namespace, self.config.block_size))
         req.seqs.append(seq)
         return seq
 
@@ -139,6 +154,7 @@ class LLMEngine:
         logits = self.runner.run(sched, plan.rows)
         for c in sched.chunks:
             c.seq.num_computed_tokens += c.num_tokens
+            self.scheduler.seal_computed(c.seq, c.start)
         self._collect_prompt_logprobs(plan, logits)
         touched = self._sample(plan, logits)
         outputs = []

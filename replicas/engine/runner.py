@@ -36,6 +36,8 @@ class ModelRunner:
             self.cache.copy_block(src, dst)
         for slot in sched.reset_state_slots:
             self.cache.reset_state(slot)
+        for slot, block in sched.restore_states:
+            self.cache.restore_state(slot, block)
         split = _split_point(sched.chunks) if self._pool is not None else 0
         if split == 0:
             return self._forward(sched.chunks, logits_rows)
@@ -53,8 +55,19 @@ class ModelRunner:
             (c.seq.token_ids[c.start:c.start + c.num_tokens], c.start, c.seq.block_table,
              c.seq.state_slot)
             for c in chunks]
-        batch = StepBatch.build(packed, self.cache.block_size, rows)
+        snapshots = self._snapshot_rows(chunks) if self.cache.conv_snap is not None else None
+        batch = StepBatch.build(packed, self.cache.block_size, rows, snapshots=snapshots)
         return self.model(batch, self.cache, self.experts)
+
+    def _snapshot_rows(self, chunks: list[ScheduledChunk]) -> list[tuple[int, int]]:
+        """(packed row, block) for every token that completes a block in this step."""
+        bs, out, offset = self.cache.block_size, [], 0
+        for c in chunks:
+            end = c.start + c.num_tokens
+            for p in range(c.start + (bs - 1 - c.start % bs), end, bs):
+                out.append((offset + p - c.start, c.seq.block_table[p // bs]))
+            offset += c.num_tokens
+        return out
 
 
 def _split_point(chunks: list[ScheduledChunk]) -> int:

@@ -17,6 +17,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     block_size: int
+    enable_prefix_caching: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     reset_state_slots: list[int] = field(default_factory=list)
+    restore_states: list[tuple[int, int]] = field(default_factory=list)  # (slot, cached block)
     num_preempted: int = 0
 
     @property
@@ -46,6 +48,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = Status.WAITING
@@ -82,18 +85,51 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.state_slot < 0 and self.slots.num_free == 0:
                 break
+            hits = self._reuse_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, n, out):
+                if hits:  # give the hits back; the sequence waits with nothing held
+                    self.blocks.free(seq.block_table)
+                    seq.block_table, seq.num_computed_tokens = [], 0
                 break
             self.waiting.popleft()
             if seq.state_slot < 0:
                 seq.state_slot = self.slots.allocate()
-                out.reset_state_slots.append(seq.state_slot)
+                if hits:
+                    out.restore_states.append((seq.state_slot, hits[-1]))
+                else:
+                    out.reset_state_slots.append(seq.state_slot)
+            if hits:
+                self.prefix_hit_tokens += len(hits) * self.config.block_size
+                seq.request.num_cached_tokens = max(seq.request.num_cached_tokens,
+                                                    len(hits) * self.config.block_size)
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
         return out
+
+    def _reuse_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Points a fresh (or preempted) sequence at the cached blocks of its longest cached
+        prefix, leaving at least one token to compute (its logits are needed)."""
+        if (not self.config.enable_prefix_caching or seq.num_computed_tokens
+                or seq.block_table or seq.request.prompt_logprobs is not None):
+            return []  # prompt logprobs need every position's logits: no reuse (as vLLM)
+        usable = (seq.num_tokens - 1) // self.config.block_size
+        hits = self.blocks.lookup(seq.block_hashes[:usable])
+        if hits:
+            self.blocks.share(hits)
+            seq.block_table = list(hits)
+            seq.num_computed_tokens = len(hits) * self.config.block_size
+        return hits
+
+    def seal_computed(self, seq: Sequence, before: int) -> None:
+        """Indexes the blocks this step completed (their snapshots were written with them)."""
+        if not self.config.enable_prefix_caching:
+            return
+        bs = self.config.block_size
+        for i in range(before // bs, seq.num_computed_tokens // bs):
+            self.blocks.seal(seq.block_table[i], seq.block_hashes[i])
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Make room in `seq`'s block table for n more tokens; copy a shared block we'd write."""

@@ -9,6 +9,7 @@ import torch
 
 from zayaserve.replicas.engine.outputs import Logprob, PromptLogprobs, SampleLogprobs
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.kv_tiers.hashing import BlockHasher
 from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer
 
 
@@ -55,6 +56,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text: str = ""
+    hasher: BlockHasher | None = None  # prefix caching: chain hash of full blocks
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def params(self) -> SamplingParams:
@@ -76,8 +79,14 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len:]
 
+    def start_hashing(self, hasher: BlockHasher) -> None:
+        self.hasher = hasher
+        self.block_hashes = list(hasher.extend(self.token_ids))
+
     def append(self, token: int, logprob: float, top: dict[int, Logprob] | None) -> None:
         self.token_ids.append(token)
+        if self.hasher is not None:
+            self.block_hashes.extend(self.hasher.extend([token]))
         self.cumulative_logprob += logprob
         if self.logprobs is not None and top is not None:
             self.logprobs.append(top)

@@ -74,10 +74,18 @@ class AttentionLayer(nn.Module):
         i, attn = self.layer_idx, self.self_attn
         dtype = self.input_layernorm.weight.dtype
         x = self.input_layernorm(residual.to(dtype))
+        snaps = None
+        if cache.conv_snap is not None and cache.v_snap is not None:
+            snaps = (cache.conv_snap[i], cache.v_snap[i])
         if batch.num_tokens == batch.num_seqs:  # all decodes: the fused CCA decode-step op
             q, k, v = self._cca_decode(x, batch, cache)
+            if snaps is not None and batch.snapshot_rows is not None:
+                # one token per sequence: the state it just left in its slot is the snapshot
+                slots = batch.state_slots[batch.snapshot_rows]
+                snaps[0][batch.snapshot_blocks] = cache.conv_state[i][slots]
+                snaps[1][batch.snapshot_blocks] = cache.v_state[i][slots]
         else:
-            q, k, v = attn.qkv_proj(x, batch, cache.conv_state[i], cache.v_state[i])
+            q, k, v = attn.qkv_proj(x, batch, cache.conv_state[i], cache.v_state[i], snaps)
             q, k = qk_l2_norm(q, k, attn.qk_norm.temp)
             q = apply_partial_rope(q, *rope)
             k = apply_partial_rope(k, *rope)

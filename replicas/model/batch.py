@@ -27,6 +27,10 @@ class StepBatch:
     block_tables: torch.Tensor  # [S, max_blocks] int64 (padding -1)
     state_slots: torch.Tensor  # [S] int64, CCA state slot of each sequence
     logits_indices: torch.Tensor  # [L] int64, token rows whose logits are wanted
+    # Prefix caching: token rows that complete a block, and that block: the CCA states after
+    # these tokens are kept with the block.
+    snapshot_rows: torch.Tensor | None = None  # [P] int64
+    snapshot_blocks: torch.Tensor | None = None  # [P] int64
     # Per-step derived values (gather indices, attention plans) shared by all layers.
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
@@ -49,6 +53,7 @@ class StepBatch:
         block_size: int,
         logits_rows: list[int],
         device: torch.device | str = "cpu",
+        snapshots: list[tuple[int, int]] | None = None,
     ) -> StepBatch:
         """chunks: per sequence (new token ids, start position, block table, state slot)."""
         ids: list[int] = []
@@ -82,4 +87,6 @@ class StepBatch:
                 len(chunks), width),
             state_slots=t([c[3] for c in chunks]),
             logits_indices=t(logits_rows),
+            snapshot_rows=t([r for r, _ in snapshots]) if snapshots else None,
+            snapshot_blocks=t([b for _, b in snapshots]) if snapshots else None,
         )

@@ -85,6 +85,7 @@ class CCAProjection(nn.Module):
         batch: StepBatch,
         conv_state: torch.Tensor,  # [slots, K, C] (this layer), updated in place
         v_state: torch.Tensor,  # [slots, Dv] (this layer), updated in place
+        snapshots: tuple[torch.Tensor, torch.Tensor] | None = None,  # [blocks, K, C], [.., Dv]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         T, S, K = x.shape[0], batch.num_seqs, cfg.conv_state_len
@@ -107,6 +108,13 @@ class CCAProjection(nn.Module):
         mixed = F.conv1d(F.conv1d(stream, dw.weight, dw.bias, groups=stream.shape[1]),
                          gw.weight, gw.bias, groups=self.groups)[0].T[idx.output]  # [T, C]
 
+        if snapshots is not None and batch.snapshot_rows is not None:
+            # States after each block-completing token, for the prefix cache.
+            conv_snap, v_snap = snapshots
+            snap_idx = batch.cached(("cca_snap", K), lambda: cca_snapshot_indices(batch, K))
+            if K > 0:
+                conv_snap[batch.snapshot_blocks] = ext[snap_idx]
+            v_snap[batch.snapshot_blocks] = v_del[batch.snapshot_rows]
         if K > 0:  # the new conv state: the last K columns of [state; chunk] per sequence
             conv_state[slots] = ext[idx.state]
 
@@ -149,6 +157,17 @@ def cca_gather_indices(batch: StepBatch, K: int) -> CCAIndices:
                         S * K + first[:, None] + e_state - K)
     prev_v = torch.where(local == 0, seq, S + torch.arange(T, device=dev) - 1)
     return CCAIndices(stream, output, state, prev_v)
+
+
+def cca_snapshot_indices(batch: StepBatch, K: int) -> torch.Tensor:
+    """[P, K] rows of [states (S*K); chunk (T)]: the last K pre-conv columns up to and
+    including each snapshot token, i.e. the conv state a sequence would have right after it."""
+    assert batch.snapshot_rows is not None
+    rows = batch.snapshot_rows
+    seq = batch.token_seq[rows]
+    first = batch.query_start[:-1][seq]
+    e = (rows - first + 1)[:, None] + torch.arange(K, device=rows.device)[None, :]
+    return torch.where(e < K, seq[:, None] * K + e, batch.num_seqs * K + first[:, None] + e - K)
 
 
 def qk_l2_norm(

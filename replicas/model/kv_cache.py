@@ -22,7 +22,7 @@ class KVCache:
         num_state_slots: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
-        layers: range | None = None,
+        snapshots: bool = False,
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -41,11 +41,26 @@ class KVCache:
             num_layers, num_state_slots, config.v_state_size, dtype=dtype, device=device)
         self.initial_v_state = torch.zeros(num_layers, config.v_state_size, dtype=dtype,
                                            device=device)
+        # Prefix caching: the CCA states at the end of every full block, indexed by block, so
+        # a sequence can resume exactly at a cached block boundary ([L, blocks, K, C], [L, ...]).
+        self.conv_snap: torch.Tensor | None = None
+        self.v_snap: torch.Tensor | None = None
+        if snapshots:
+            self.conv_snap = torch.zeros(num_layers, num_blocks, config.conv_state_len,
+                                         config.conv_channels, dtype=dtype, device=device)
+            self.v_snap = torch.zeros(num_layers, num_blocks, config.v_state_size, dtype=dtype,
+                                      device=device)
 
     def reset_state(self, slot: int) -> None:
         """A fresh sequence starts from zero conv history and the bias-only delayed v."""
         self.conv_state[:, slot].zero_()
         self.v_state[:, slot] = self.initial_v_state
+
+    def restore_state(self, slot: int, block: int) -> None:
+        """A sequence resuming after a cached block starts from that block's end state."""
+        assert self.conv_snap is not None and self.v_snap is not None
+        self.conv_state[:, slot] = self.conv_snap[:, block]
+        self.v_state[:, slot] = self.v_snap[:, block]
 
     def copy_state(self, src: int, dst: int) -> None:
         self.conv_state[:, dst] = self.conv_state[:, src]
@@ -58,6 +73,10 @@ class KVCache:
             v[dst * bs:(dst + 1) * bs] = v[src * bs:(src + 1) * bs]
 
     @staticmethod
-    def bytes_per_block(config: ZayaConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(config: ZayaConfig, block_size: int, dtype: torch.dtype,
+                        snapshots: bool = False) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()
-        return 2 * config.num_hidden_layers * block_size * config.kv_size * elem
+        kv = 2 * config.num_hidden_layers * block_size * config.kv_size * elem
+        snap = config.num_hidden_layers * (
+            config.conv_state_len * config.conv_channels + config.v_state_size) * elem
+        return kv + (snap if snapshots else 0)
