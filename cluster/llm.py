@@ -109,7 +109,5 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def stats(self) -> dict[str, float]:
-        s = self.engine.scheduler
-        return {"num_preemptions": float(s.num_preemptions),
-                "prefix_cache_local_hit_tokens": float(s.prefix_hit_tokens),
-                "prefix_cache_cached_blocks": float(s.blocks.num_cached)}
+        return {"num_preemptions": float(self.engine.scheduler.num_preemptions),
+                **self.engine.cache_stats()}

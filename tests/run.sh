@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=test bash deploy/install.sh
+# The prefix-cache tests start a real redis-server (Debian's package) on a free port.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
 PY=$PWD/.venv/bin/python
 export PATH="$PWD/.venv/bin:$PATH"  # console scripts used by the tests
 "$PY" -m ruff check .

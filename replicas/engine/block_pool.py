@@ -68,11 +68,13 @@ class BlockPool:
                 else:
                     self._free.append(b)
 
-    def seal(self, block: int, block_hash: bytes) -> None:
-        """Index a computed full block by its prefix hash (first writer wins)."""
-        if block not in self._hash_of and block_hash not in self._block_of:
-            self._hash_of[block] = block_hash
-            self._block_of[block_hash] = block
+    def seal(self, block: int, block_hash: bytes) -> bool:
+        """Index a computed full block by its prefix hash (first writer wins); True if new."""
+        if block in self._hash_of or block_hash in self._block_of:
+            return False
+        self._hash_of[block] = block_hash
+        self._block_of[block_hash] = block
+        return True
 
     def lookup(self, hashes: list[bytes]) -> list[int]:
         """Blocks of the longest cached prefix of `hashes`."""

@@ -23,6 +23,12 @@ class EngineConfig(BaseModel):
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads.")
     enable_prefix_caching: bool = Field(
         True, description="Reuse cached KV blocks (with their CCA states) of shared prefixes.")
+    kv_cache_redis_url: str | None = Field(
+        None, description="redis:// or rediss:// URL of the shared L2 prefix cache.")
+    kv_cache_encoding: str = Field(
+        "none", pattern="^(none|int8|fp8)$",
+        description="How K/V are stored in L2: none (exact), int8 or fp8 (per block and head).")
+    kv_cache_ttl_s: int | None = Field(3600, ge=1, description="Lifetime of an L2 entry.")
     micro_batches: int = Field(
         1, ge=1, le=2, description="2 overlaps one micro-batch's attention with the other's "
         "expert round trip (useful with remote experts).")

@@ -27,6 +27,7 @@ from zayaserve.replicas.kv_tiers.hashing import (
     model_fingerprint,
     weights_identity,
 )
+from zayaserve.replicas.kv_tiers.remote_tier import RemoteTier
 from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
 from zayaserve.replicas.model.kv_cache import KVCache
 from zayaserve.replicas.model.loader import load_attention_side, load_expert_side
@@ -78,13 +79,41 @@ class LLMEngine:
             BlockPool(num_blocks), StateSlots(config.max_num_seqs))
         # Block hashes are namespaced by the model (config + weights identity), block size and
         # encoding, so no two models or layouts can ever share an entry.
-        self.cache_namespace = cache_namespace(
-            model_fingerprint(mc.model_dump(mode="json"), weights_identity(path)), bs, "none")
+        self.fingerprint = model_fingerprint(
+            {**mc.model_dump(mode="json"), "cache_dtype": str(self.model.dtype)},
+            weights_identity(path))
+        self.cache_namespace = cache_namespace(self.fingerprint, bs, config.kv_cache_encoding)
+        self.remote = self._remote_tier() if config.kv_cache_redis_url else None
+        self.scheduler.remote = self.remote
         self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+
+    def _remote_tier(self) -> RemoteTier:
+        if not self.config.enable_prefix_caching:
+            raise ValueError("kv_cache_redis_url: needs enable_prefix_caching=True")
+        from zayaserve.replicas.kv_tiers.redis_store import RedisBlockStore
+
+        store = RedisBlockStore(self.config.kv_cache_redis_url or "",
+                                ttl_s=self.config.kv_cache_ttl_s)
+        return RemoteTier(store, self.cache, self.model_config, self.fingerprint,
+                          self.config.kv_cache_encoding)
+
+    def cache_stats(self) -> dict[str, float]:
+        s, r = self.scheduler, self.remote
+        stats = {"prefix_cache_local_hit_tokens": float(s.prefix_hit_tokens),
+                 "prefix_cache_cached_blocks": float(s.blocks.num_cached),
+                 "prefix_cache_remote_hit_tokens": 0.0,
+                 "prefix_cache_remote_rejected_blocks": 0.0,
+                 "prefix_cache_remote_errors": 0.0}
+        if r is not None:
+            stats["prefix_cache_remote_hit_tokens"] = float(r.stats.hit_tokens)
+            stats["prefix_cache_remote_rejected_blocks"] = float(r.stats.rejected_blocks)
+            stats["prefix_cache_remote_errors"] = float(r.store.stats.errors)
+            stats["prefix_cache_remote_writes"] = float(r.store.stats.writes)
+        return stats
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.sequence import Sequence, Status
+from zayaserve.replicas.kv_tiers.remote_tier import RemoteTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
+        self.remote: RemoteTier | None = None  # L2 (Redis), set by the engine when configured
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = Status.WAITING
@@ -100,7 +102,6 @@ class Scheduler:
                 else:
                     out.reset_state_slots.append(seq.state_slot)
             if hits:
-                self.prefix_hit_tokens += len(hits) * self.config.block_size
                 seq.request.num_cached_tokens = max(seq.request.num_cached_tokens,
                                                     len(hits) * self.config.block_size)
             seq.status = Status.RUNNING
@@ -117,11 +118,27 @@ class Scheduler:
             return []  # prompt logprobs need every position's logits: no reuse (as vLLM)
         usable = (seq.num_tokens - 1) // self.config.block_size
         hits = self.blocks.lookup(seq.block_hashes[:usable])
+        self.blocks.share(hits)
+        self.prefix_hit_tokens += len(hits) * self.config.block_size  # L1 only
+        if self.remote is not None and len(hits) < usable:
+            hits = hits + self._fetch_remote(seq.block_hashes[len(hits):usable])
         if hits:
-            self.blocks.share(hits)
             seq.block_table = list(hits)
             seq.num_computed_tokens = len(hits) * self.config.block_size
         return hits
+
+    def _fetch_remote(self, hashes: list[bytes]) -> list[int]:
+        """Blocks of the longest prefix of `hashes` that L2 has, installed into fresh blocks
+        (sealed into L1 too) — only as many as fit without preempting anyone."""
+        assert self.remote is not None
+        hashes = hashes[:max(0, self.blocks.num_free - 1)]
+        payloads = self.remote.fetch(hashes)  # type: ignore[arg-type]
+        blocks = self.blocks.allocate(len(payloads))
+        for block, h, payload in zip(blocks, hashes, payloads, strict=False):
+            self.remote.install(block, payload)
+            self.blocks.seal(block, h)
+        self.remote.stats.hit_tokens += len(blocks) * self.config.block_size
+        return blocks
 
     def seal_computed(self, seq: Sequence, before: int) -> None:
         """Indexes the blocks this step completed (their snapshots were written with them)."""
@@ -129,7 +146,9 @@ class Scheduler:
             return
         bs = self.config.block_size
         for i in range(before // bs, seq.num_computed_tokens // bs):
-            self.blocks.seal(seq.block_table[i], seq.block_hashes[i])
+            block, block_hash = seq.block_table[i], seq.block_hashes[i]
+            if self.blocks.seal(block, block_hash) and self.remote is not None:
+                self.remote.publish(block, block_hash)  # type: ignore[arg-type]
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Make room in `seq`'s block table for n more tokens; copy a shared block we'd write."""

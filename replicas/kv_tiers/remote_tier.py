@@ -1,0 +1,96 @@
+"""L2 glue: publishes sealed blocks (K/V of every layer plus the CCA states at the block's end)
+to the Redis store and installs fetched ones into the engine's paged cache.
+
+Writes are fire-and-forget (the store queues them and drops under pressure); reads are one
+pipelined round trip, taken only when the transfer is estimated to beat recomputing the tokens.
+A corrupt, stale or foreign entry decodes to None: it is counted and treated as a miss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zayaserve.replicas.kv_tiers.hashing import BlockHash
+from zayaserve.replicas.kv_tiers.payload import (
+    BlockPayload,
+    block_nbytes,
+    decode_block,
+    encode_block,
+)
+from zayaserve.replicas.kv_tiers.redis_store import RedisBlockStore
+from zayaserve.replicas.model.config import ZayaConfig
+from zayaserve.replicas.model.kv_cache import KVCache
+
+ENCODINGS = ("none", "int8", "fp8")
+
+
+@dataclass
+class RemoteTierStats:
+    hit_tokens: int = 0
+    rejected_blocks: int = 0
+    skipped_by_cost: int = 0
+
+
+class RemoteTier:
+    def __init__(self, store: RedisBlockStore, cache: KVCache, config: ZayaConfig,
+                 fingerprint: str, encoding: str = "none",
+                 recompute_tokens_per_s: float = 2000.0) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"kv_cache_encoding: must be one of {ENCODINGS}, got {encoding!r}")
+        assert cache.conv_snap is not None, "the L2 tier needs prefix caching's snapshots"
+        self.store, self.cache, self.config = store, cache, config
+        self.fingerprint, self.encoding = fingerprint, encoding
+        self.recompute_tokens_per_s = recompute_tokens_per_s
+        self.stats = RemoteTierStats()
+        dtype = cache.k[0].dtype
+        self._shape = dict(
+            fingerprint=fingerprint, num_layers=config.num_hidden_layers,
+            block_size=cache.block_size, num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim, conv_shape=(config.conv_state_len, config.conv_channels),
+            v_state_size=config.v_state_size, dtype=dtype)
+        self.block_bytes = block_nbytes(**self._shape, encoding=encoding)  # type: ignore[arg-type]
+
+    def _span(self, block: int) -> slice:
+        bs = self.cache.block_size
+        return slice(block * bs, (block + 1) * bs)
+
+    def publish(self, block: int, block_hash: BlockHash) -> None:
+        c, span = self.cache, self._span(block)
+        assert c.conv_snap is not None and c.v_snap is not None
+        payload = encode_block(
+            torch.stack([k[span] for k in c.k]), torch.stack([v[span] for v in c.v]),
+            c.conv_snap[:, block], c.v_snap[:, block], fingerprint=self.fingerprint,
+            encoding=self.encoding)
+        self.store.put_async(block_hash, payload)
+
+    def fetch(self, hashes: list[BlockHash]) -> list[BlockPayload]:
+        """Payloads of the longest prefix of `hashes` found (and valid) in L2."""
+        if not hashes or not self.store.available:
+            return []
+        tokens = len(hashes) * self.cache.block_size
+        if not self.store.transfer.should_fetch(tokens, len(hashes) * self.block_bytes,
+                                                self.recompute_tokens_per_s):
+            self.stats.skipped_by_cost += 1
+            return []
+        found = []
+        for data in self.store.get_many(hashes):
+            if data is None:
+                break
+            payload = decode_block(data, encoding=self.encoding,
+                                   device=self.cache.k[0].device, **self._shape)  # type: ignore
+            if payload is None:
+                self.stats.rejected_blocks += 1
+                break
+            found.append(payload)
+        return found
+
+    def install(self, block: int, payload: BlockPayload) -> None:
+        c, span = self.cache, self._span(block)
+        assert c.conv_snap is not None and c.v_snap is not None
+        for layer, (k, v) in enumerate(zip(c.k, c.v, strict=True)):
+            k[span] = payload.k[layer]
+            v[span] = payload.v[layer]
+        c.conv_snap[:, block] = payload.conv_state
+        c.v_snap[:, block] = payload.v_state
