@@ -101,9 +101,13 @@ def test_reference_matches_model_code(t0, t1, nq, nkv, d, factor, batch, dtype) 
             q_r, k_r, v_out_r = cca_decode_ref(proj, conv_r, v_r, step.state_slots,
                                                step.positions, **kernel_args(module, temp, cfg,
                                                                              kind))
-        atol = 1e-5 if dtype == torch.float32 else 0.0
-        for got, want in ((q_r, q_m), (k_r, k_m), (v_out_r, v_out_m)):
-            torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+        # The model's chunk path runs the convs as torch conv1d (the reference model's own op);
+        # the decode reference sums the taps by hand. fp32 agrees to 1e-5; in bf16 the two
+        # round at different points: observed worst 0.047 on values of magnitude up to ~4.
+        atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (0.1, 0.05)
+        for got, want in ((q_r, q_m), (k_r, k_m)):
+            torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+        torch.testing.assert_close(v_out_r, v_out_m, atol=0.0, rtol=0.0)  # no conv on v
         assert torch.equal(conv_r, conv_m) and torch.equal(v_r, v_m)
 
 
