@@ -57,5 +57,5 @@ class LocalBackend(GenerationBackend):
                     "num_requests_waiting": len(s.waiting),
                     "num_preemptions_total": s.num_preemptions,
                     "kv_blocks_free": s.blocks.num_free,
-                    "kv_blocks_total": s.blocks.num_blocks}
+                    "kv_blocks_total": s.blocks.num_blocks, **engine.cache_stats()}
         return await self.engine.run_on_engine(read)  # type: ignore[no-any-return]

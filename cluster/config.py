@@ -47,6 +47,11 @@ class ClusterConfig(BaseModel):
         0.1, gt=0, description="CPUs reserved per replica (fractional on small machines).")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica.")
     seed: int = Field(0)
+    enable_prefix_caching: bool = Field(True, description="Reuse cached prefix blocks (L1).")
+    redis_url: str | None = Field(
+        None, description="redis:// or rediss:// URL of the shared L2 prefix cache.")
+    kv_cache_encoding: str = Field(
+        "none", pattern="^(none|int8|fp8)$", description="L2 encoding of K/V blocks.")
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -68,7 +73,10 @@ class ClusterConfig(BaseModel):
                     max_model_len=self.max_model_len,
                     kv_cache_memory_gb=self.kv_cache_memory_gb, seed=self.seed,
                     num_threads=self.torch_threads,
-                    micro_batches=2 if self.micro_batch_overlap else 1)
+                    micro_batches=2 if self.micro_batch_overlap else 1,
+                    enable_prefix_caching=self.enable_prefix_caching,
+                    kv_cache_redis_url=self.redis_url,
+                    kv_cache_encoding=self.kv_cache_encoding)
 
     @classmethod
     def create(cls, **values: Any) -> ClusterConfig:

@@ -28,6 +28,8 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--redis-url", default=None, help="shared L2 prefix cache (redis://...)")
+    p.add_argument("--kv-cache-encoding", default=None, choices=["none", "int8", "fp8"])
     p.add_argument("--no-overlap", action="store_true",
                    help="disable micro-batch overlap of attention and expert calls")
     p.set_defaults(func=run_serve)
@@ -38,7 +40,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         args.config, model=args.model, attention_workers=args.attention_workers,
         expert_shards=args.expert_shards, expert_replication=args.expert_replication,
         http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
-        api_key=args.api_key, micro_batch_overlap=False if args.no_overlap else None)
+        api_key=args.api_key, micro_batch_overlap=False if args.no_overlap else None,
+        redis_url=args.redis_url, kv_cache_encoding=args.kv_cache_encoding)
 
 
 def deploy(cfg: ClusterConfig) -> None:

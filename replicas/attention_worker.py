@@ -94,6 +94,7 @@ class AttentionWorker:
             "num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
             "num_preemptions_total": s.num_preemptions, "kv_blocks_free": s.blocks.num_free,
             "kv_blocks_total": s.blocks.num_blocks, "engine_steps_total": self.engine.steps}
+        stats.update(self.engine.engine.cache_stats())
         if self.router is not None:
             stats.update(self.router.stats_dict())
         return stats
