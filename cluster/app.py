@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from zayaserve.cluster.config import ClusterConfig
 from zayaserve.cluster.ingress import Ingress
@@ -30,9 +31,13 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
         shards = ExpertShard.options(  # type: ignore[attr-defined]
             num_replicas=cfg.expert_shards, ray_actor_options=actor,
         ).bind(controller, cfg.model, cfg.dtype, cfg.torch_threads)
+    router = RequestRouterConfig(  # Serve imports the class by its dotted path
+        request_router_class="zayaserve.router.prefix_router.PrefixAwareRouter",  # type: ignore
+        request_router_kwargs={"block_size": cfg.block_size,
+                               "imbalanced_threshold": cfg.routing_imbalance_threshold})
     workers = AttentionWorker.options(  # type: ignore[attr-defined]
         num_replicas=cfg.attention_workers, ray_actor_options=actor,
-        max_ongoing_requests=cfg.max_pending_requests + 8,
+        max_ongoing_requests=cfg.max_pending_requests + 8, request_router_config=router,
     ).bind(controller, cfg.model, cfg.engine_kwargs(), cfg.max_pending_requests,
            cfg.dispatch_deadline_s, cfg.wait_for_replica_s)
     return Ingress.options(  # type: ignore[attr-defined]

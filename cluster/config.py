@@ -52,6 +52,8 @@ class ClusterConfig(BaseModel):
         None, description="redis:// or rediss:// URL of the shared L2 prefix cache.")
     kv_cache_encoding: str = Field(
         "none", pattern="^(none|int8|fp8)$", description="L2 encoding of K/V blocks.")
+    routing_imbalance_threshold: int = Field(
+        8, ge=0, description="Queue-length gap above which load beats prefix affinity.")
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:

@@ -293,3 +293,42 @@ def test_unreplicated_shard_crash_waits_for_restart(unreplicated: Cluster, offli
 
     for prompt, text in zip(PROMPTS, asyncio.run(run()), strict=True):
         assert text == want[prompt]
+
+
+# ---- two attention workers: prefix-aware routing -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def routed(ray_session: None, unreplicated: Cluster) -> Iterator[Cluster]:
+    del unreplicated
+    _undeploy()
+    cluster = _deploy(expert_shards=1, attention_workers=2)
+    yield cluster
+    _undeploy()
+
+
+def test_requests_sharing_a_prefix_land_on_the_worker_that_has_it(routed: Cluster) -> None:
+    """4 prefixes x (1 + 3 followers): with prefix-aware routing every follower finds its
+    prefix in the L1 cache of the worker it lands on (random routing over 2 workers would send
+    about half of them to the other worker, which has nothing cached yet)."""
+    prefix_tokens, followers = 64, 3
+    with httpx.Client(timeout=120) as http:
+        for p in range(4):
+            prefix = [300 + 7 * p + i % 5 for i in range(prefix_tokens)]
+            for f in range(1 + followers):
+                r = http.post(routed.base + "/v1/completions", json={
+                    "model": "tiny", "prompt": prefix + [10 + f] * 5, "max_tokens": 2,
+                    "temperature": 0})
+                assert r.status_code == 200, r.text
+    from ray import serve
+
+    ctl = serve.get_deployment_handle("PlacementController", app_name="zayaserve")
+    expected = 4 * followers * prefix_tokens
+    deadline = time.time() + 20
+    hits = 0.0
+    while time.time() < deadline:  # workers report their stats every second
+        hits = ctl.stats.remote().result().get("prefix_cache_local_hit_tokens", 0)
+        if hits >= expected:
+            break
+        time.sleep(0.5)
+    assert hits == expected
