@@ -94,7 +94,10 @@ def _deploy(**overrides: Any) -> Cluster:
 
     global HTTP_PORT
     HTTP_PORT = HTTP_PORT or _free_port()
-    cfg = ClusterConfig.create(model="tiny", http_port=HTTP_PORT, grpc_port=_free_port(),
+    grpc_port = _free_port()
+    while grpc_port == HTTP_PORT:  # nothing listens on HTTP_PORT yet, so it can come back
+        grpc_port = _free_port()
+    cfg = ClusterConfig.create(model="tiny", http_port=HTTP_PORT, grpc_port=grpc_port,
                                replica_num_cpus=0.1, torch_threads=1, **overrides)
     deploy(cfg)
     cluster = Cluster(cfg)
