@@ -51,11 +51,4 @@ class LocalBackend(GenerationBackend):
         return self.engine.generate(request_id, prompt_token_ids, params, prompt)
 
     async def stats(self) -> dict[str, Any]:
-        def read(engine: Any) -> dict[str, Any]:
-            s = engine.scheduler
-            return {"num_requests_running": len(s.running),
-                    "num_requests_waiting": len(s.waiting),
-                    "num_preemptions_total": s.num_preemptions,
-                    "kv_blocks_free": s.blocks.num_free,
-                    "kv_blocks_total": s.blocks.num_blocks, **engine.cache_stats()}
-        return await self.engine.run_on_engine(read)  # type: ignore[no-any-return]
+        return await self.engine.run_on_engine(lambda engine: engine.stats())  # type: ignore[no-any-return]

@@ -109,5 +109,4 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def stats(self) -> dict[str, float]:
-        return {"num_preemptions": float(self.engine.scheduler.num_preemptions),
-                **self.engine.cache_stats()}
+        return self.engine.stats()

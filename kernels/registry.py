@@ -57,7 +57,12 @@ def _triton_usable() -> bool:
 
 
 def default_backend() -> Backend:
-    forced = os.environ.get(ENV_VAR)
+    # Called for every op on the hot path: resolve once per environment setting.
+    return _resolve(os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+
+
+@cache
+def _resolve(forced: str | None, interpret: str | None) -> Backend:
     if forced:
         if forced not in ("torch", "triton"):
             raise ValueError(f"{ENV_VAR} must be 'torch' or 'triton', got {forced!r}")

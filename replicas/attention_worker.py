@@ -89,12 +89,8 @@ class AttentionWorker:
                 log.warning("stats report failed: %r", err)
 
     def _stats(self) -> dict[str, Any]:
-        s = self.engine.engine.scheduler
-        stats: dict[str, Any] = {
-            "num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
-            "num_preemptions_total": s.num_preemptions, "kv_blocks_free": s.blocks.num_free,
-            "kv_blocks_total": s.blocks.num_blocks, "engine_steps_total": self.engine.steps}
-        stats.update(self.engine.engine.cache_stats())
+        stats: dict[str, Any] = {**self.engine.engine.stats(),
+                                 "engine_steps_total": self.engine.steps}
         if self.router is not None:
             stats.update(self.router.stats_dict())
         return stats

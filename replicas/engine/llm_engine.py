@@ -101,9 +101,15 @@ class LLMEngine:
         return RemoteTier(store, self.cache, self.model_config, self.fingerprint,
                           self.config.kv_cache_encoding)
 
-    def cache_stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float]:
+        """Flat numeric stats: the offline `LLM.stats()`, and gauges on /metrics in serving."""
         s, r = self.scheduler, self.remote
-        stats = {"prefix_cache_local_hit_tokens": float(s.prefix_hit_tokens),
+        stats = {"num_requests_running": float(len(s.running)),
+                 "num_requests_waiting": float(len(s.waiting)),
+                 "num_preemptions": float(s.num_preemptions),
+                 "kv_blocks_free": float(s.blocks.num_free),
+                 "kv_blocks_total": float(s.blocks.num_blocks),
+                 "prefix_cache_local_hit_tokens": float(s.prefix_hit_tokens),
                  "prefix_cache_cached_blocks": float(s.blocks.num_cached),
                  "prefix_cache_remote_hit_tokens": 0.0,
                  "prefix_cache_remote_rejected_blocks": 0.0,

@@ -78,11 +78,8 @@ class LocalExpertBackend(ExpertBackend):
             (i, e) for i, lw in enumerate(layers) for e in range(num_experts) if e not in lw.row_of]
         if missing:
             raise ValueError(f"local expert backend lacks (layer, expert) pairs: {missing[:4]}...")
-        self.tokens_per_expert = torch.zeros(len(layers), num_experts + 1, dtype=torch.int64)
 
     def __call__(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        self.tokens_per_expert[layer] += torch.bincount(
-            expert_ids, minlength=self.num_experts + 1)
         return run_grouped(self.layers[layer], hidden, expert_ids, weights)
