@@ -38,6 +38,7 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     workers = AttentionWorker.options(  # type: ignore[attr-defined]
         num_replicas=cfg.attention_workers, ray_actor_options=actor,
         max_ongoing_requests=cfg.max_pending_requests + 8, request_router_config=router,
+        max_queued_requests=cfg.max_queued_requests,
     ).bind(controller, cfg.model, cfg.engine_kwargs(), cfg.max_pending_requests,
            cfg.dispatch_deadline_s, cfg.wait_for_replica_s)
     return Ingress.options(  # type: ignore[attr-defined]

@@ -33,6 +33,10 @@ class GenerationBackend(ABC):
     async def stats(self) -> dict[str, Any]:
         """Flat numeric stats for /metrics (names without the zayaserve_ prefix)."""
 
+    @abstractmethod
+    async def check_health(self) -> None:
+        """Returns when a live engine can take requests; raises otherwise."""
+
 
 class LocalBackend(GenerationBackend):
     def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
@@ -52,3 +56,6 @@ class LocalBackend(GenerationBackend):
 
     async def stats(self) -> dict[str, Any]:
         return await self.engine.run_on_engine(lambda engine: engine.stats())  # type: ignore[no-any-return]
+
+    async def check_health(self) -> None:
+        await self.engine.run_on_engine(lambda engine: None)  # raises once the engine is dead

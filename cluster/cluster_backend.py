@@ -11,22 +11,38 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from zayaserve.cluster.backend import GenerationBackend
-from zayaserve.replicas.engine.async_engine import EngineOverloadedError
+from zayaserve.replicas.engine.async_engine import (
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestFailedError,
+    StreamStalledError,
+)
 from zayaserve.replicas.engine.output_delta import DeltaDecoder
 from zayaserve.replicas.engine.outputs import RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 
 
+# What a worker raises on purpose, each with its own status code in the front ends.
+_WORKER_ERRORS = (ValueError, EngineOverloadedError, EngineDeadError, RequestFailedError,
+                  StreamStalledError)
+# Ray's ways of saying that the worker replica itself is gone (crashed, being replaced).
+_REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError",
+                 "ActorUnschedulableError")
+
+
 def unwrap_remote_error(err: BaseException) -> BaseException:
-    """The exception a worker raised, or an overload error for Serve's back-pressure."""
+    """The exception a worker raised, an overload error for Serve's back-pressure, or an
+    EngineDeadError for a worker replica that is gone."""
     name = type(err).__name__
     if name in ("BackPressureError", "DeploymentUnavailableError"):
-        return EngineOverloadedError(str(err))
+        return EngineOverloadedError("the attention workers' queue is full")
+    if name in _REPLICA_GONE:
+        return EngineDeadError("the attention worker serving this request went away")
     cause = getattr(err, "cause", None) or err.__cause__
     seen = 0
     while cause is not None and seen < 5:
-        if isinstance(cause, ValueError | EngineOverloadedError):
+        if isinstance(cause, _WORKER_ERRORS):
             return cause
         cause = getattr(cause, "cause", None) or cause.__cause__
         seen += 1
@@ -63,6 +79,12 @@ class ClusterBackend(GenerationBackend):
             self.in_flight -= 1
             if not finished:  # the client left: cancel in the worker, which frees the blocks
                 stream.cancel()
+
+    async def check_health(self) -> None:
+        try:
+            await self.workers.health.remote()
+        except Exception as err:
+            raise unwrap_remote_error(err) from err
 
     async def stats(self) -> dict[str, Any]:
         if self.controller is None:  # experts in-process: ask a worker directly

@@ -11,6 +11,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from zayaserve.replicas.engine.config import RequestLimits
+
 
 class ClusterConfigError(ValueError):
     pass
@@ -54,6 +56,17 @@ class ClusterConfig(BaseModel):
         "none", pattern="^(none|int8|fp8)$", description="L2 encoding of K/V blocks.")
     routing_imbalance_threshold: int = Field(
         8, ge=0, description="Queue-length gap above which load beats prefix affinity.")
+    limits: RequestLimits = Field(
+        default_factory=lambda: RequestLimits(),
+        description="Per-request limits (max_n, max_temperature, stop counts, prompts).")
+    max_queued_requests: int = Field(
+        512, ge=1, description="Requests Serve queues for the attention workers before it "
+        "answers 429 / RESOURCE_EXHAUSTED.")
+    grpc_max_message_bytes: int = Field(
+        4 * 2**20, ge=1024, description="Largest gRPC request message the public API accepts.")
+    grpc_max_concurrent_rpcs: int = Field(
+        1024, ge=1, description="Public gRPC calls served at once; more are refused "
+        "(RESOURCE_EXHAUSTED).")
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -78,7 +91,8 @@ class ClusterConfig(BaseModel):
                     micro_batches=2 if self.micro_batch_overlap else 1,
                     enable_prefix_caching=self.enable_prefix_caching,
                     kv_cache_redis_url=self.redis_url,
-                    kv_cache_encoding=self.kv_cache_encoding)
+                    kv_cache_encoding=self.kv_cache_encoding,
+                    limits=self.limits.model_dump())
 
     @classmethod
     def create(cls, **values: Any) -> ClusterConfig:

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 from zayaserve.cluster.backend import GenerationBackend
-from zayaserve.replicas.engine.async_engine import EngineDeadError, EngineOverloadedError
+from zayaserve.replicas.engine.async_engine import (
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestFailedError,
+    StreamStalledError,
+)
 from zayaserve.replicas.engine.outputs import RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
+
+logger = logging.getLogger("zayaserve.frontend")
 
 
 class FrontendError(Exception):
@@ -24,10 +32,20 @@ class FrontendError(Exception):
     error_type = "invalid_request_error"
     code: str | None = None
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None,
+                 retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
+        if self.retry_after_s is not None:
+            return {"Retry-After": str(self.retry_after_s)}
+        return None
 
 
 class InvalidRequestError(FrontendError):
@@ -61,6 +79,24 @@ class UnavailableError(FrontendError):
     code = "service_unavailable"
 
 
+class StalledStreamError(FrontendError):
+    status = 408
+    code = "stream_stalled"
+
+
+class InternalServerError(FrontendError):
+    status = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+
+def internal_error(err: BaseException, where: str) -> InternalServerError:
+    """What a client is told of a failure that is not its fault: the class of what failed,
+    never a traceback or a repr (those go to the log)."""
+    logger.error("unexpected %s in %s", type(err).__name__, where, exc_info=err)
+    return InternalServerError(f"internal error ({type(err).__name__}); see the server log")
+
+
 # The engine and SamplingParams start their messages with the field: "top_p must be ...",
 # "prompt: 3000 tokens ...", "messages[1].content must be ...".
 _LEADING_FIELD = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\]|\.[A-Za-z_]\w*)*)(?=[: ])")
@@ -88,9 +124,17 @@ def as_frontend_error(
     if isinstance(err, FrontendError):
         return err
     if isinstance(err, EngineOverloadedError):
-        return OverloadedError(f"the server is overloaded, retry later ({err})")
+        return OverloadedError(f"the server is overloaded, retry later ({err})",
+                               retry_after_s=1)
     if isinstance(err, EngineDeadError):
-        return UnavailableError(str(err))
+        return UnavailableError(f"{err}; retry later", retry_after_s=1)
+    if isinstance(err, RequestFailedError):
+        if err.retryable:
+            return UnavailableError(f"{err}: a peer it needs is unavailable; retry later",
+                                    retry_after_s=1)
+        return InternalServerError(str(err))
+    if isinstance(err, StreamStalledError):
+        return StalledStreamError(str(err))
     if isinstance(err, ValueError):
         message = str(err)
         param = field_of(message) or default_param

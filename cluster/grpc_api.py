@@ -5,6 +5,7 @@ model NOT_FOUND. A client that cancels its call cancels the request (its blocks 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from zayaserve.cluster.frontend_common import (
     check_context_length,
     check_token_ids,
     collect,
+    internal_error,
     open_stream,
     resolve_model,
 )
@@ -35,11 +37,14 @@ from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
 from zayaserve.replicas.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
 
+_HEALTH_TIMEOUT_S = 10.0
+_HEALTH_WATCHERS: set[asyncio.Future[None]] = set()  # keeps the watcher tasks referenced
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 _STATUS_OF_HTTP = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
 }
 _OPTIONAL_SAMPLING_FIELDS = (
@@ -147,12 +152,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             frontend_err: FrontendError = as_frontend_error(err)
         except Exception:  # not the request's fault
-            status, message = grpc.StatusCode.INTERNAL, f"internal error: {err!r}"
-        else:
-            status = _STATUS_OF_HTTP.get(frontend_err.status, grpc.StatusCode.INTERNAL)
-            message = frontend_err.message
-            if frontend_err.param and not message.startswith(frontend_err.param):
-                message = f"{frontend_err.param}: {message}"
+            frontend_err = internal_error(err, endpoint)
+        status = _STATUS_OF_HTTP.get(frontend_err.status, grpc.StatusCode.INTERNAL)
+        message = frontend_err.message
+        if frontend_err.param and not message.startswith(frontend_err.param):
+            message = f"{frontend_err.param}: {message}"
         self._count(endpoint, status)
         await context.abort(status, message)
 
@@ -225,15 +229,38 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                      for c in out.outputs])
 
 
+async def _watch_health(backend: GenerationBackend, servicer: Any, period_s: float) -> None:
+    """grpc.health.v1 tells the truth: SERVING only while the backend has a live engine."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    current = None
+    while True:
+        try:
+            await asyncio.wait_for(backend.check_health(), _HEALTH_TIMEOUT_S)
+            status = serving
+        except Exception:
+            status = not_serving
+        if status != current:
+            for service in ("", SERVICE_NAME):
+                await servicer.set(service, status)
+            current = status
+        await asyncio.sleep(period_s)
+
+
 async def start_grpc_server(
     backend: GenerationBackend, port: int, host: str = "0.0.0.0", *,
     api_key: str | None = None, served_model_names: list[str] | None = None,
-    metrics: MetricsCollector | None = None,
+    metrics: MetricsCollector | None = None, max_message_bytes: int = 4 * 2**20,
+    max_concurrent_rpcs: int = 1024, health_period_s: float = 1.0,
 ) -> grpc.aio.Server:
     """Starts (and returns) a grpc.aio server with Generation, grpc.health.v1 (SERVING for ""
-    and the Generation service) and reflection. Call from the event loop that will serve it;
-    stop with `await server.stop(grace)`."""
-    server = grpc.aio.server()
+    and the Generation service while the backend is healthy, NOT_SERVING otherwise) and
+    reflection. Messages over `max_message_bytes` are refused, and calls beyond
+    `max_concurrent_rpcs` get RESOURCE_EXHAUSTED. Call from the event loop that will serve
+    it; stop with `await server.stop(grace)`."""
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", max_message_bytes)],
+        maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb_grpc.add_GenerationServicer_to_server(
         GenerationServicer(backend, api_key=api_key, served_model_names=served_model_names,
                            metrics=metrics), server)
@@ -245,6 +272,7 @@ async def start_grpc_server(
     if bound == 0:
         raise OSError(f"port: cannot bind the gRPC server to {host}:{port}")
     await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    watcher = asyncio.ensure_future(_watch_health(backend, health_servicer, health_period_s))
+    _HEALTH_WATCHERS.add(watcher)
+    watcher.add_done_callback(_HEALTH_WATCHERS.discard)
     return server

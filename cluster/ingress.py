@@ -35,13 +35,16 @@ class Ingress:
 
             self.grpc_server = await start_grpc_server(
                 self.backend, self.config.grpc_port, host=self.config.http_host,
-                api_key=self.config.api_key)
+                api_key=self.config.api_key,
+                max_message_bytes=self.config.grpc_max_message_bytes,
+                max_concurrent_rpcs=self.config.grpc_max_concurrent_rpcs)
 
     def __serve_build_asgi_app__(self) -> Any:
         from zayaserve.cluster.openai_api import build_openai_app
 
         return build_openai_app(self.backend, api_key=self.config.api_key,
-                                served_model_names=[self.config.model_name])
+                                served_model_names=[self.config.model_name],
+                                max_prompts=self.config.limits.max_prompts_per_request)
 
     async def __del__(self) -> None:
         if self.grpc_server is not None:

@@ -26,6 +26,7 @@ from zayaserve.cluster.frontend_common import (
     FrontendError,
     InvalidRequestError,
     UnavailableError,
+    internal_error,
 )
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.cluster.openai_chat import create_chat_completion
@@ -56,9 +57,8 @@ _TYPE_TAG_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "non
 
 
 def _error_json(err: FrontendError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     return JSONResponse(error_response_of(err).model_dump(), status_code=err.status,
-                        headers=headers)
+                        headers=err.headers)
 
 
 def _field_path(loc: tuple[Any, ...]) -> str | None:
@@ -145,12 +145,14 @@ def build_openai_app(
     max_body_bytes: int = 1_000_000,
     served_model_names: list[str] | None = None,
     metrics: MetricsCollector | None = None,
+    max_prompts: int = 64,
 ) -> FastAPI:
     """The REST app. `served_model_names` are the ids clients may pass as `model` (default: the
-    backend's model name); `metrics` lets several front ends share one registry."""
+    backend's model name); `metrics` lets several front ends share one registry;
+    `max_prompts` bounds the prompts of one completions request."""
     names = list(served_model_names or [backend.model_name])
     metrics = metrics or MetricsCollector()
-    ctx = ServingContext(backend, names, metrics)
+    ctx = ServingContext(backend, names, metrics, max_prompts)
     app = FastAPI(title="zayaserve", description="OpenAI-compatible API for ZAYA1 models")
     app.state.serving = ctx
     app.add_middleware(_CountRequests, metrics=metrics)
@@ -175,11 +177,8 @@ def build_openai_app(
                             headers=getattr(err, "headers", None))
 
     @app.exception_handler(Exception)
-    async def on_unexpected(_: Request, err: Exception) -> JSONResponse:
-        logger.exception("unhandled error in the REST front end")
-        body = ErrorResponse(error=ErrorDetail(message=f"internal error: {err!r}",
-                                               type="server_error"))
-        return JSONResponse(body.model_dump(), status_code=500)
+    async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
+        return _error_json(internal_error(err, request.url.path))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -202,9 +201,10 @@ def build_openai_app(
     @app.get("/health")
     async def health() -> Response:
         try:
-            await asyncio.wait_for(backend.stats(), _HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(backend.check_health(), _HEALTH_TIMEOUT_S)
         except Exception as err:
-            return _error_json(UnavailableError(f"backend unhealthy: {err!r}"))
+            return _error_json(UnavailableError(
+                f"backend unhealthy ({type(err).__name__})", retry_after_s=1))
         return Response(status_code=200)
 
     @app.get("/metrics")

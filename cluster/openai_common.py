@@ -17,7 +17,12 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from zayaserve.cluster.backend import GenerationBackend
-from zayaserve.cluster.frontend_common import FrontendError, as_frontend_error, close_streams
+from zayaserve.cluster.frontend_common import (
+    FrontendError,
+    as_frontend_error,
+    close_streams,
+    internal_error,
+)
 from zayaserve.cluster.metrics import MetricsCollector, RequestTracker
 from zayaserve.cluster.openai_protocol import (
     ChatLogprobs,
@@ -43,6 +48,7 @@ class ServingContext:
     backend: GenerationBackend
     served_model_names: list[str]
     metrics: MetricsCollector
+    max_prompts: int = 64  # prompts in one completions request
 
 
 def error_response_of(err: FrontendError) -> ErrorResponse:
@@ -55,8 +61,7 @@ def stream_error_event(err: BaseException) -> bytes:
     try:
         frontend_err = as_frontend_error(err)
     except Exception:  # not the request's fault
-        frontend_err = FrontendError(f"internal error: {err!r}")
-        frontend_err.error_type, frontend_err.status = "server_error", 500
+        frontend_err = internal_error(err, "a stream")
     return sse(error_response_of(frontend_err))
 
 

@@ -54,8 +54,14 @@ Prompt = tuple[str | None, list[int]]
 def _prompts(body: CompletionRequest, ctx: ServingContext) -> list[Prompt]:
     tokenizer = ctx.backend.tokenizer
     raw = body.prompt
+    if not raw:
+        raise InvalidRequestError("prompt: must not be empty", "prompt")
     single = isinstance(raw, str) or isinstance(raw[0], int)  # text, or one id list
     items: list[str | list[int]] = [raw] if single else list(raw)  # type: ignore[list-item,arg-type]
+    if len(items) > ctx.max_prompts:
+        raise InvalidRequestError(
+            f"prompt: at most {ctx.max_prompts} prompts per request "
+            f"(limits.max_prompts_per_request), got {len(items)}", "prompt")
     prompts: list[Prompt] = []
     for i, item in enumerate(items):
         field = "prompt" if len(items) == 1 else f"prompt[{i}]"

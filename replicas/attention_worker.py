@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve
 
-from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
+from zayaserve.replicas.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.output_delta import DeltaEncoder, OutputDelta
@@ -110,6 +110,17 @@ class AttentionWorker:
 
     def stats(self) -> dict[str, Any]:
         return self._stats()
+
+    def check_health(self) -> None:
+        """Serve calls this periodically: a dead engine makes the replica unhealthy, and Serve
+        replaces it (a dead engine would otherwise answer fastest and draw the most traffic)."""
+        if self.engine.is_dead:
+            raise EngineDeadError("engine loop is dead; this replica must be replaced")
+
+    def health(self) -> bool:
+        """For the ingress's /health and gRPC health: raises like check_health."""
+        self.check_health()
+        return True
 
     def __del__(self) -> None:
         self._stop.set()

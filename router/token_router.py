@@ -37,7 +37,12 @@ _FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
 
 
 class ExpertDispatchError(RuntimeError):
-    """An expert dispatch that cannot complete; the message names the layer and experts."""
+    """An expert dispatch that cannot complete; the message names the layer and experts.
+
+    `retryable`: the fault lies with a peer (a shard away, or misbehaving), not with the engine
+    that asked, so the engine fails the step's requests as retryable and keeps serving."""
+
+    retryable = True
 
 
 class NoExpertReplicaError(ExpertDispatchError):
@@ -323,7 +328,8 @@ class RemoteExpertBackend:
             return future.result(self.timeout_s)
         except concurrent.futures.TimeoutError:
             future.cancel()  # do not leave the dispatch running for nobody
-            raise
+            raise ExpertDispatchError(
+                f"layer {layer}: no answer within {self.timeout_s} s") from None
 
 
 __all__ = [

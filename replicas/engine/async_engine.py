@@ -2,22 +2,37 @@
 
 The engine is single-threaded by design: every call into it happens on the loop thread, which
 takes commands (add, abort) from a queue between steps and blocks when there is no work.
-Cancelling a consumer (a client that disconnects) aborts its request and frees its blocks.
+
+Failure domains: a request's failure ends that request, a step's failure ends that step's
+requests, and only `max_consecutive_step_failures` failed steps in a row (or the loop itself
+dying) mark the engine dead. Cancelling a consumer at any point (before its request is added,
+mid-step, after it finished) only aborts that request and frees its blocks.
+
+Streams are keyed by ids this class makes, never by the caller's id (a label, echoed back in the
+outputs), so two callers that pick the same id can never see each other's tokens. A stream holds
+at most one pending output: outputs are cumulative, so a newer one supersedes an unread one, and
+a consumer that stops reading costs O(its output), not O(steps x output). After
+`max_unread_steps` superseded outputs in a row the reader is taken as gone: the request is
+aborted with `StreamStalledError` and its blocks freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.outputs import RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
+
+log = logging.getLogger("zayaserve.engine")
 
 
 class EngineOverloadedError(RuntimeError):
@@ -28,22 +43,48 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; nothing more can be served by this replica."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine step that ran this request failed. `cause` is the class name of what failed
+    (for the client; the traceback goes to the log). `retryable` marks failures of a peer that
+    may come back (an expert shard), which front ends answer with 503 and Retry-After."""
+
+    def __init__(self, message: str, cause: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.retryable = retryable
+
+
+class StreamStalledError(RuntimeError):
+    """The consumer stopped reading this stream; the request was aborted."""
+
+
 @dataclass(slots=True)
 class _Stream:
+    """One request's mailbox: the latest unread output (or the error that ended it)."""
+
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
+    label: str
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: RequestOutput | BaseException | None = None
+    unread: int = 0  # outputs superseded before the consumer read them, in a row
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_pending_requests: int = 256) -> None:
+    def __init__(self, engine: LLMEngine, max_pending_requests: int = 256,
+                 max_consecutive_step_failures: int = 3, max_unread_steps: int = 4096) -> None:
         self.engine = engine
         self.max_pending_requests = max_pending_requests
+        self.max_consecutive_step_failures = max_consecutive_step_failures
+        self.max_unread_steps = max_unread_steps
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._ids = itertools.count()
         self._error: BaseException | None = None
         self.steps = 0
+        self.failed_steps = 0
+        self._failures_in_a_row = 0
         self._thread = threading.Thread(target=self._loop, name="zayaserve-engine", daemon=True)
         self._thread.start()
 
@@ -51,51 +92,117 @@ class AsyncLLMEngine:
 
     def _loop(self) -> None:
         try:
-            while not self._stopped.is_set():
-                block = not self.engine.has_unfinished_requests()
-                try:
-                    if block:
-                        self._commands.get(timeout=0.1)()
-                    else:
-                        self._commands.get_nowait()()
-                    while True:
-                        self._commands.get_nowait()()
-                except queue.Empty:
-                    pass
+            while not self._stopped.is_set() and self._error is None:
+                self._run_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    self.steps += 1
-                    for out in outputs:
-                        self._deliver(out.request_id, out, finished=out.finished)
-        except BaseException as err:  # a dead loop must fail every waiter, never hang them
-            self._error = err
-            with self._lock:
-                streams = list(self._streams)
-            for rid in streams:
-                self._deliver(rid, EngineDeadError(f"engine loop failed: {err!r}"), True)
+                    self._step()
+        except BaseException as err:  # a bug in the loop itself: fail every waiter, never hang
+            log.exception("engine loop died")
+            self._die(err)
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            self._commands.get(timeout=0.1)() if block else self._commands.get_nowait()()
+            while True:
+                self._commands.get_nowait()()
+        except queue.Empty:
+            pass
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as err:
+            self._on_step_failure(err)
+            return
+        self.steps += 1
+        self._failures_in_a_row = 0
+        for out in outputs:
+            self._deliver(out.request_id, out, finished=out.finished)
+
+    def _on_step_failure(self, err: Exception) -> None:
+        """Ends the failed step's requests (all requests, if the step failed before it knew
+        them); the engine goes on unless steps keep failing for reasons of its own."""
+        self.failed_steps += 1
+        retryable = bool(getattr(err, "retryable", False))
+        victims = self.engine.last_step_request_ids
+        if victims is None:
+            victims = set(self.engine.requests)
+        log.error("engine step failed (%s) for requests %s", type(err).__name__,
+                  sorted(self._labels(victims)), exc_info=err)
+        failure = RequestFailedError(
+            f"the engine step serving this request failed ({type(err).__name__})",
+            type(err).__name__, retryable)
+        for rid in victims:
+            self.engine.abort_request(rid)
+            self._deliver(rid, failure, finished=True)
+        if not retryable:  # an expert shard being away is not this engine's fault
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= self.max_consecutive_step_failures:
+                self._die(err)
+
+    def _die(self, err: BaseException) -> None:
+        self._error = err
+        with self._lock:
+            streams = list(self._streams)
+        dead = EngineDeadError(f"engine stopped after repeated failures ({type(err).__name__})")
+        for rid in streams:
+            self._deliver(rid, dead, finished=True)
+
+    def _labels(self, ids: set[str]) -> list[str]:
+        with self._lock:
+            return [f"{s.label}({rid})" if (s := self._streams.get(rid)) else rid for rid in ids]
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException, finished: bool):
+        stalled = False
         with self._lock:
             stream = self._streams.get(request_id)
+            if stream is None:
+                return
+            if isinstance(item, RequestOutput):
+                item.request_id = stream.label
+                if isinstance(stream.latest, RequestOutput):
+                    stream.unread += 1
+                    if stream.unread > self.max_unread_steps and not finished:
+                        stalled, finished = True, True
+                        item = StreamStalledError(
+                            f"the client read none of the last {stream.unread} outputs "
+                            f"(max_unread_steps={self.max_unread_steps}); request aborted")
             if finished:
                 self._streams.pop(request_id, None)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        if stalled:
+            self.engine.abort_request(request_id)
+        stream.loop.call_soon_threadsafe(self._post, stream, item)
+
+    @staticmethod
+    def _post(stream: _Stream, item: RequestOutput | BaseException) -> None:
+        # An error, once posted, is final: a late output must not hide it.
+        if not isinstance(stream.latest, BaseException):
+            stream.latest = item
+        stream.wake.set()
 
     def _call(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Runs fn on the loop thread; the future carries its result or exception."""
+        """Runs fn on the loop thread; the future carries its result or exception. A future
+        cancelled before its turn is skipped: its caller is gone and wants nothing done."""
         fut: Future[Any] = Future()
 
         def command() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
             try:
-                fut.set_result(fn())
-            except BaseException as err:
+                result = fn()
+            except Exception as err:
                 fut.set_exception(err)
+            else:
+                fut.set_result(result)
 
         self._commands.put(command)
         return fut
 
     # ---- the asyncio side ----------------------------------------------------------------
+
+    @property
+    def is_dead(self) -> bool:
+        return self._error is not None or not self._thread.is_alive()
 
     @property
     def num_pending(self) -> int:
@@ -109,45 +216,46 @@ class AsyncLLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields the request's cumulative output after every step that touched it."""
-        if self._error is not None:
-            raise EngineDeadError(f"engine loop failed: {self._error!r}")
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
+        """Yields the request's cumulative output (its `request_id` is the caller's label)
+        after steps that touched it; consecutive outputs may be coalesced."""
+        if self.is_dead:
+            raise EngineDeadError(f"engine stopped ({type(self._error).__name__})")
+        rid = f"{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), request_id)
         with self._lock:
             if len(self._streams) >= self.max_pending_requests:
                 raise EngineOverloadedError(
                     f"{len(self._streams)} requests in flight (max_pending_requests="
                     f"{self.max_pending_requests})")
-            if request_id in self._streams:
-                raise ValueError(f"request_id: {request_id!r} is already in flight")
-            self._streams[request_id] = stream
-        try:
-            await asyncio.wrap_future(self._call(
-                lambda: self.engine.add_request(request_id, prompt_token_ids, params, prompt)))
-        except BaseException:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            raise
+            self._streams[rid] = stream
         finished = False
         try:
+            await asyncio.wrap_future(self._call(
+                lambda: self.engine.add_request(rid, prompt_token_ids, params, prompt)))
             while not finished:
-                item = await stream.queue.get()
+                await stream.wake.wait()
+                stream.wake.clear()
+                item, stream.latest, stream.unread = stream.latest, None, 0
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
+                if item is None:
+                    continue
                 finished = item.finished
                 yield item
         finally:
-            if not finished:  # the consumer went away (disconnect, cancel): free its blocks
-                self.abort(request_id)
+            if not finished:  # the consumer went away, or add failed: free what it holds
+                self._abort(rid)
 
-    def abort(self, request_id: str) -> None:
+    def _abort(self, rid: str) -> None:
         with self._lock:
-            self._streams.pop(request_id, None)
-        self._call(lambda: self.engine.abort_request(request_id))
+            self._streams.pop(rid, None)
+        self._call(lambda: self.engine.abort_request(rid))
 
     async def run_on_engine(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """Runs fn(engine) between steps (for stats and admin), returning its result."""
+        if self.is_dead:
+            raise EngineDeadError(f"engine stopped ({type(self._error).__name__})")
         return await asyncio.wrap_future(self._call(lambda: fn(self.engine)))
 
     def shutdown(self) -> None:

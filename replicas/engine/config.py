@@ -5,6 +5,23 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
+class RequestLimits(BaseModel):
+    """What one request may ask for: checked when it is added, before it costs anything. Each
+    refusal is a 4xx / INVALID_ARGUMENT naming the request field and this limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_n: int = Field(16, ge=1, description="Most completions (`n`) one request may ask for.")
+    max_temperature: float = Field(
+        100.0, gt=0, description="Highest sampling temperature a request may set.")
+    max_stop_strings: int = Field(16, ge=0, description="Most `stop` strings per request.")
+    max_stop_string_chars: int = Field(
+        256, ge=1, description="Longest `stop` string, in characters.")
+    max_stop_token_ids: int = Field(1024, ge=0, description="Most `stop_token_ids` per request.")
+    max_prompts_per_request: int = Field(
+        64, ge=1, description="Most prompts in one completions request (a list of prompts).")
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -32,6 +49,9 @@ class EngineConfig(BaseModel):
     micro_batches: int = Field(
         1, ge=1, le=2, description="2 overlaps one micro-batch's attention with the other's "
         "expert round trip (useful with remote experts).")
+
+    limits: RequestLimits = Field(
+        default_factory=lambda: RequestLimits(), description="Per-request limits.")
 
     @classmethod
     def create(cls, **kwargs: object) -> EngineConfig:

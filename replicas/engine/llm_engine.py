@@ -17,6 +17,7 @@ from zayaserve.replicas.engine.output_processor import (
 )
 from zayaserve.replicas.engine.outputs import RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.engine.request_limits import check_request
 from zayaserve.replicas.engine.runner import ModelRunner
 from zayaserve.replicas.engine.sampler import SamplingRow, prompt_logprobs, sample
 from zayaserve.replicas.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -88,6 +89,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Request] = {}
+        # The requests the current/last step scheduled (None while scheduling): if a step
+        # fails, these are the ones whose state it may have left half-written.
+        self.last_step_request_ids: set[str] | None = set()
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
 
@@ -139,6 +143,7 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt_token_ids: ids {bad[:5]} are outside the vocabulary "
                              f"[0, {vocab})")
+        check_request(params, self.config.limits, vocab, self.eos_ids)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer and this checkpoint has none; "
                              "use stop_token_ids")
@@ -182,7 +187,9 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self.last_step_request_ids = None
         sched = self.scheduler.schedule()
+        self.last_step_request_ids = {c.seq.request.request_id for c in sched.chunks}
         if not sched.chunks:
             return []
         plan = self._plan_logits(sched)

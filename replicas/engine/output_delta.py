@@ -1,7 +1,8 @@
 """Compact per-step updates of a request's output, for streaming between processes.
 
 Engines produce cumulative `RequestOutput`s; sending those every step costs O(n^2) over a long
-generation. A worker sends only what is new, and the receiver rebuilds the cumulative view.
+generation. A worker sends only what is new (tokens, logprobs and text), and the receiver
+rebuilds the cumulative view.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from zayaserve.replicas.engine.outputs import CompletionOutput, Logprob, Request
 class CompletionDelta:
     index: int
     token_ids: list[int]
-    text: str  # the completion's full text (stop strings may truncate what was sent before)
+    # The completion's text is its old text cut to `text_start` characters, then `text`: only
+    # new characters travel, and a stop string found later can still cut what was sent.
+    text_start: int
+    text: str
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float | None
     finish_reason: str | None
@@ -37,17 +41,20 @@ class DeltaEncoder:
     """Worker side: remembers how much of each completion has been sent."""
 
     sent_tokens: dict[int, int] = field(default_factory=dict)
+    sent_chars: dict[int, int] = field(default_factory=dict)
     first: bool = True
 
     def encode(self, out: RequestOutput) -> OutputDelta:
         comps = []
         for c in out.outputs:
             n = self.sent_tokens.get(c.index, 0)
+            start = min(self.sent_chars.get(c.index, 0), len(c.text))
             comps.append(CompletionDelta(
-                c.index, c.token_ids[n:], c.text,
+                c.index, c.token_ids[n:], start, c.text[start:],
                 c.logprobs[n:] if c.logprobs is not None else None,
                 c.cumulative_logprob, c.finish_reason, c.stop_reason))
             self.sent_tokens[c.index] = len(c.token_ids)
+            self.sent_chars[c.index] = len(c.text)
         delta = OutputDelta(out.request_id, out.finished, comps,
                             num_cached_tokens=out.num_cached_tokens)
         if self.first:
@@ -77,10 +84,10 @@ class DeltaDecoder:
                                      [] if d.logprobs is not None else None)
                 self.out.outputs.append(c)
                 by_index[d.index] = c
-            c.token_ids = c.token_ids + d.token_ids
-            c.text = d.text
+            c.token_ids.extend(d.token_ids)
+            c.text = c.text[:d.text_start] + d.text
             if d.logprobs is not None and c.logprobs is not None:
-                c.logprobs = c.logprobs + d.logprobs
+                c.logprobs.extend(d.logprobs)
             c.cumulative_logprob = d.cumulative_logprob
             c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
         self.out.outputs.sort(key=lambda c: c.index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,10 @@ def _as_float(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number, got {value!r}")
     result = float(value)
-    if result != result:  # NaN compares unequal to itself and would pass every range check
-        raise ValueError(f"{name} must not be NaN, got {value!r}")
+    # NaN passes every range check (it compares unequal to everything), and inf reaches the
+    # sampler as inf/inf = NaN probabilities: neither is a setting anyone means.
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return result
 
 
