@@ -98,7 +98,7 @@ class AttentionWorker:
     def describe(self) -> dict[str, Any]:
         e = self.engine.engine
         return {"max_model_len": e.max_model_len, "vocab_size": e.model_config.vocab_size,
-                "placement_version": self._map.version}
+                "placement_version": self._map.version, "replica": self.replica}
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

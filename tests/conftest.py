@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+from cluster_harness import MAX_TOKENS as CLUSTER_MAX_TOKENS
+from cluster_harness import PROMPTS as CLUSTER_PROMPTS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -15,6 +18,34 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     from zayaserve.replicas.model.checkpoint_init import init_checkpoint
 
     return init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+    from ray import serve
+
+    ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=4, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def offline() -> dict[str, list[int]]:
+    """Greedy outputs of the offline engine: the truth every path must reproduce."""
+    from zayaserve import LLM, SamplingParams
+    from zayaserve.replicas.model.checkpoint_paths import resolve_model
+
+    llm = LLM(model=str(resolve_model("tiny")))
+    params = SamplingParams(temperature=0, max_tokens=CLUSTER_MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate(CLUSTER_PROMPTS, params)
+    chat = llm.chat([{"role": "user", "content": CLUSTER_PROMPTS[0]}], params)
+    result = {p: o.outputs[0].token_ids for p, o in zip(CLUSTER_PROMPTS, outs, strict=True)}
+    result["__chat__"] = chat[0].outputs[0].token_ids
+    result["__chat_text__"] = chat[0].outputs[0].text  # type: ignore[assignment]
+    return result
 
 
 def pytest_configure(config: pytest.Config) -> None:

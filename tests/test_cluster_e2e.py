@@ -6,110 +6,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import httpx
 import openai
 import pytest
+from cluster_harness import MAX_TOKENS, PROMPTS, Cluster, deploy, undeploy
 
-from zayaserve import LLM, SamplingParams
-from zayaserve.cluster.config import ClusterConfig
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
-from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
 
 pytestmark = pytest.mark.e2e
-
-# Serve runs one HTTP proxy per Ray session: every app deployed in it shares this port.
-HTTP_PORT = 0
-PROMPTS = ["The capital of", "Once upon a time", "zayaserve streams tokens", "1 2 3 4"]
-MAX_TOKENS = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    import ray
-    from ray import serve
-
-    ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=4, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    serve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def offline() -> dict[str, list[int]]:
-    """Greedy outputs of the offline engine: the truth every path must reproduce."""
-    llm = LLM(model=str(resolve_model("tiny")))
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    outs = llm.generate(PROMPTS, params)
-    chat = llm.chat([{"role": "user", "content": PROMPTS[0]}], params)
-    result = {p: o.outputs[0].token_ids for p, o in zip(PROMPTS, outs, strict=True)}
-    result["__chat__"] = chat[0].outputs[0].token_ids
-    result["__chat_text__"] = chat[0].outputs[0].text  # type: ignore[assignment]
-    return result
-
-
-class Cluster:
-    def __init__(self, cfg: ClusterConfig) -> None:
-        self.cfg = cfg
-        self.base = f"http://127.0.0.1:{cfg.http_port}"
-        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0)
-
-    def placement(self) -> dict[str, Any]:
-        from ray import serve
-
-        handle = serve.get_deployment_handle("PlacementController", app_name="zayaserve")
-        return handle.placement.remote().result()  # type: ignore[no-any-return]
-
-    def shard_infos(self) -> list[Any]:
-        infos = []
-        for address in self.placement()["addresses"].values():
-            with grpc.insecure_channel(address) as ch:
-                infos.append(expert_pb2_grpc.ExpertShardStub(ch).Info(
-                    expert_pb2.InfoRequest(), timeout=10))
-        return infos
-
-    def wait_all_shards(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if len(self.placement()["addresses"]) == self.cfg.expert_shards:
-                return
-            time.sleep(0.5)
-        raise TimeoutError("expert shards did not all register")
-
-
-def _deploy(**overrides: Any) -> Cluster:
-    from zayaserve.cluster.serve_cli import deploy
-
-    global HTTP_PORT
-    HTTP_PORT = HTTP_PORT or _free_port()
-    grpc_port = _free_port()
-    while grpc_port == HTTP_PORT:  # nothing listens on HTTP_PORT yet, so it can come back
-        grpc_port = _free_port()
-    cfg = ClusterConfig.create(model="tiny", http_port=HTTP_PORT, grpc_port=grpc_port,
-                               replica_num_cpus=0.1, torch_threads=1, **overrides)
-    deploy(cfg)
-    cluster = Cluster(cfg)
-    cluster.wait_all_shards()
-    return cluster
-
-
-def _undeploy() -> None:
-    from ray import serve
-
-    serve.delete("zayaserve", _blocking=True)
-
 
 def _texts(offline: dict[str, Any]) -> dict[str, str]:
     from zayaserve.replicas.model.tokenizer import Tokenizer
@@ -123,9 +31,9 @@ def _texts(offline: dict[str, Any]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def replicated(ray_session: None) -> Iterator[Cluster]:
-    cluster = _deploy(expert_shards=2, expert_replication=2, max_pending_requests=6)
+    cluster = deploy(expert_shards=2, expert_replication=2, max_pending_requests=6)
     yield cluster
-    _undeploy()
+    undeploy()
 
 
 def test_rest_stream_and_nonstream_equal_offline(replicated: Cluster, offline: dict) -> None:
@@ -254,10 +162,10 @@ def test_bad_input_gets_4xx_through_the_cluster(replicated: Cluster) -> None:
 @pytest.fixture(scope="module")
 def unreplicated(ray_session: None, replicated: Cluster) -> Iterator[Cluster]:
     del replicated  # ordered after the replicated app, which is torn down first
-    _undeploy()
-    cluster = _deploy(expert_shards=2, expert_replication=1)
+    undeploy()
+    cluster = deploy(expert_shards=2, expert_replication=1)
     yield cluster
-    _undeploy()
+    undeploy()
 
 
 def test_shards_hold_only_their_experts(unreplicated: Cluster) -> None:
@@ -304,10 +212,10 @@ def test_unreplicated_shard_crash_waits_for_restart(unreplicated: Cluster, offli
 @pytest.fixture(scope="module")
 def routed(ray_session: None, unreplicated: Cluster) -> Iterator[Cluster]:
     del unreplicated
-    _undeploy()
-    cluster = _deploy(expert_shards=1, attention_workers=2)
+    undeploy()
+    cluster = deploy(expert_shards=1, attention_workers=2)
     yield cluster
-    _undeploy()
+    undeploy()
 
 
 def test_requests_sharing_a_prefix_land_on_the_worker_that_has_it(routed: Cluster) -> None:

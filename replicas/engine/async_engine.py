@@ -53,6 +53,9 @@ class RequestFailedError(RuntimeError):
         self.cause = cause
         self.retryable = retryable
 
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries (Ray) intact
+        return type(self), (str(self), self.cause, self.retryable)
+
 
 class StreamStalledError(RuntimeError):
     """The consumer stopped reading this stream; the request was aborted."""

@@ -1,0 +1,79 @@
+"""A real local Ray Serve cluster for the e2e tests: one Ray per test session (the fixtures
+are in conftest.py), one `zayaserve` app deployed at a time."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import grpc
+import openai
+
+from zayaserve.cluster.config import ClusterConfig
+from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
+
+# Serve runs one HTTP proxy per Ray session: every app deployed in it shares this port.
+HTTP_PORT = 0
+PROMPTS = ["The capital of", "Once upon a time", "zayaserve streams tokens", "1 2 3 4"]
+MAX_TOKENS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.cfg = cfg
+        self.base = f"http://127.0.0.1:{cfg.http_port}"
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0)
+
+    def placement(self) -> dict[str, Any]:
+        from ray import serve
+
+        handle = serve.get_deployment_handle("PlacementController", app_name="zayaserve")
+        return handle.placement.remote().result()  # type: ignore[no-any-return]
+
+    def shard_infos(self) -> list[Any]:
+        infos = []
+        for address in self.placement()["addresses"].values():
+            with grpc.insecure_channel(address) as ch:
+                infos.append(expert_pb2_grpc.ExpertShardStub(ch).Info(
+                    expert_pb2.InfoRequest(), timeout=10))
+        return infos
+
+    def wait_all_shards(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if len(self.placement()["addresses"]) == self.cfg.expert_shards:
+                return
+            time.sleep(0.5)
+        raise TimeoutError("expert shards did not all register")
+
+
+def deploy(**overrides: Any) -> Cluster:
+    """Deploys the app (ClusterConfig fields as overrides) and waits for its shards."""
+    from zayaserve.cluster.serve_cli import deploy as serve_deploy
+
+    global HTTP_PORT
+    HTTP_PORT = HTTP_PORT or free_port()
+    grpc_port = free_port()
+    while grpc_port == HTTP_PORT:  # nothing listens on HTTP_PORT yet, so it can come back
+        grpc_port = free_port()
+    cfg = ClusterConfig.create(model="tiny", http_port=HTTP_PORT, grpc_port=grpc_port,
+                               replica_num_cpus=0.1, torch_threads=1, **overrides)
+    serve_deploy(cfg)
+    cluster = Cluster(cfg)
+    cluster.wait_all_shards()
+    return cluster
+
+
+def undeploy() -> None:
+    from ray import serve
+
+    serve.delete("zayaserve", _blocking=True)
+
+
