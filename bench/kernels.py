@@ -25,7 +25,8 @@ def _bench(fn: object) -> float:
 
 
 def bench_fused_moe(peak_gbs: float, peak_tflops: float) -> None:
-    from zayaserve.kernels.fused_moe import fused_moe_ref, fused_moe_triton
+    from zayaserve.kernels.fused_moe_ref import fused_moe_ref
+    from zayaserve.kernels.fused_moe_triton import fused_moe_triton
 
     dev, dt = "cuda", torch.bfloat16
     gate_up = torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02
@@ -46,7 +47,8 @@ def bench_fused_moe(peak_gbs: float, peak_tflops: float) -> None:
 
 
 def bench_cache_encoding(peak_gbs: float) -> None:
-    from zayaserve.kernels.cache_encoding import quantize_ref, quantize_triton
+    from zayaserve.kernels.cache_encoding_ref import quantize_ref
+    from zayaserve.kernels.cache_encoding_triton import quantize_triton
 
     x = torch.randn(40 * 64, 16, NKV, D, device="cuda", dtype=torch.bfloat16)
     for enc in ("int8", "fp8"):

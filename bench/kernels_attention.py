@@ -72,8 +72,8 @@ def bench_case(label: str, q_lens: list[int], ctx_lens: list[int],
                window: int | None) -> Result:
     from triton.testing import do_bench
 
-    from zayaserve.kernels.paged_attention import paged_attention_triton
     from zayaserve.kernels.paged_attention_ref import paged_attention_ref, plan_attention
+    from zayaserve.kernels.paged_attention_triton import paged_attention_triton
 
     q, k, v, qs, ctx, tables = _make_inputs(q_lens, ctx_lens)
     scale = HEAD_DIM**-0.5

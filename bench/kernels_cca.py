@@ -57,7 +57,8 @@ def bench_cca_decode(batch_sizes: Sequence[int] = (1, 16, 64, 256)) -> None:
                  "False); the kernel's correctness tests run on the CPU via TRITON_INTERPRET=1.")
     from triton.testing import do_bench
 
-    from zayaserve.kernels.cca_decode import cca_decode_ref, cca_decode_triton
+    from zayaserve.kernels.cca_decode_ref import cca_decode_ref
+    from zayaserve.kernels.cca_decode_triton import cca_decode_triton
 
     print(f"CCA decode, bf16, nq={NQ} nkv={NKV} D={HEAD_DIM} t0={T0} t1={T1} "
           f"on {torch.cuda.get_device_name()}")

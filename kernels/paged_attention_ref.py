@@ -4,10 +4,13 @@ Decode rows (one new token) are batched together, padded to the longest context;
 chunk attends to its whole cached context with a causal (and optional sliding-window) mask.
 Softmax runs in fp32 like the reference model. Everything that depends only on the step's
 layout (gather slots, masks) lives in an `AttentionPlan` built once and shared by all layers.
+`paged_attention_torch` is the registry's torch backend: the signature of
+`paged_attention_triton`, computed here. This module never imports triton.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,3 +141,27 @@ def paged_attention_ref(
         o = attend(qs, k, v, plan.prefill_mask(i, window), scale)
         out[a:b] = o[0].permute(2, 0, 1, 3).reshape(n, nq, D)
     return out
+
+
+def paged_attention_torch(
+    q: torch.Tensor,  # [T, nq, D]
+    k_cache: torch.Tensor,  # [slots, nkv, D]
+    v_cache: torch.Tensor,  # [slots, nkv, D]
+    query_start: torch.Tensor | Sequence[int],  # [S+1]
+    context_lens: torch.Tensor | Sequence[int],  # [S]
+    block_tables: torch.Tensor,  # [S, max_blocks]
+    block_size: int,
+    scale: float,
+    window: int | None,
+    plan: AttentionPlan | None = None,
+) -> torch.Tensor:
+    """The torch path behind the common signature (the reference's layout, attention through
+    torch's fused SDPA); pass `plan` to reuse it across layers."""
+    if plan is None:
+        plan = plan_attention(_as_list(query_start), _as_list(context_lens), block_tables,
+                              block_size)
+    return paged_attention_ref(q, k_cache, v_cache, plan, scale, window, fused=True)
+
+
+def _as_list(x: torch.Tensor | Sequence[int]) -> list[int]:
+    return [int(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)]

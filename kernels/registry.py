@@ -3,6 +3,10 @@
 `ZAYASERVE_KERNEL_BACKEND=triton|torch` overrides the choice for every op (with
 `TRITON_INTERPRET=1`, the Triton kernels also run on the CPU, which is how they are tested).
 The engine calls ops only through `get_op`.
+
+Each op's torch implementation lives in a `*_ref` module that never imports triton, its Triton
+implementation in the matching `*_triton` module (which imports triton unconditionally), so a
+plain CPU install without triton runs everything on the torch backend.
 """
 
 from __future__ import annotations
@@ -16,28 +20,28 @@ from typing import Any, Literal
 Backend = Literal["torch", "triton"]
 ENV_VAR = "ZAYASERVE_KERNEL_BACKEND"
 
-# op -> backend -> "module:function" (imported on first use, so torch-only machines never
-# import triton).
+# op -> backend -> "module:function", imported on first use: only a "triton" entry imports
+# triton, so machines without it (or without a GPU) never do.
 OPS: dict[str, dict[Backend, str]] = {
     "fused_moe": {
-        "torch": "zayaserve.kernels.fused_moe:fused_moe_ref",
-        "triton": "zayaserve.kernels.fused_moe:fused_moe_triton",
+        "torch": "zayaserve.kernels.fused_moe_ref:fused_moe_ref",
+        "triton": "zayaserve.kernels.fused_moe_triton:fused_moe_triton",
     },
     "paged_attention": {
-        "torch": "zayaserve.kernels.paged_attention:paged_attention_torch",
-        "triton": "zayaserve.kernels.paged_attention:paged_attention_triton",
+        "torch": "zayaserve.kernels.paged_attention_ref:paged_attention_torch",
+        "triton": "zayaserve.kernels.paged_attention_triton:paged_attention_triton",
     },
     "cca_decode": {
-        "torch": "zayaserve.kernels.cca_decode:cca_decode_ref",
-        "triton": "zayaserve.kernels.cca_decode:cca_decode_triton",
+        "torch": "zayaserve.kernels.cca_decode_ref:cca_decode_ref",
+        "triton": "zayaserve.kernels.cca_decode_triton:cca_decode_triton",
     },
     "kv_quantize": {
-        "torch": "zayaserve.kernels.cache_encoding:quantize_ref",
-        "triton": "zayaserve.kernels.cache_encoding:quantize_triton",
+        "torch": "zayaserve.kernels.cache_encoding_ref:quantize_ref",
+        "triton": "zayaserve.kernels.cache_encoding_triton:quantize_triton",
     },
     "kv_dequantize": {
-        "torch": "zayaserve.kernels.cache_encoding:dequantize_ref",
-        "triton": "zayaserve.kernels.cache_encoding:dequantize_triton",
+        "torch": "zayaserve.kernels.cache_encoding_ref:dequantize_ref",
+        "triton": "zayaserve.kernels.cache_encoding_triton:dequantize_triton",
     },
 }
 

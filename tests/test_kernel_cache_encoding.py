@@ -18,10 +18,9 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from zayaserve.kernels.cache_encoding import (  # noqa: E402
-    dequantize_ref,
+from zayaserve.kernels.cache_encoding_ref import dequantize_ref, quantize_ref  # noqa: E402
+from zayaserve.kernels.cache_encoding_triton import (  # noqa: E402
     dequantize_triton,
-    quantize_ref,
     quantize_triton,
 )
 
@@ -164,7 +163,7 @@ def test_references_import_without_triton() -> None:
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from zayaserve.kernels import cache_encoding as ce, fused_moe as fm\n"
+        "from zayaserve.kernels import cache_encoding_ref as ce, fused_moe_ref as fm\n"
         "q, s = ce.quantize_ref(torch.randn(1, 4, 1, 8), 'int8')\n"
         "fm.fused_moe_ref(torch.randn(2, 8), torch.tensor([0, -1]), torch.ones(2),\n"
         "                 torch.randn(1, 8, 8), torch.randn(1, 8, 4))\n"

@@ -21,7 +21,8 @@ if not NATIVE:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from zayaserve.kernels.cca_decode import cca_decode_ref, cca_decode_triton  # noqa: E402
+from zayaserve.kernels.cca_decode_ref import cca_decode_ref  # noqa: E402
+from zayaserve.kernels.cca_decode_triton import cca_decode_triton  # noqa: E402
 from zayaserve.kernels.registry import get_op  # noqa: E402
 from zayaserve.replicas.model.batch import StepBatch  # noqa: E402
 from zayaserve.replicas.model.cca import CCAProjection, qk_l2_norm  # noqa: E402

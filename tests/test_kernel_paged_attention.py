@@ -17,10 +17,8 @@ from dataclasses import dataclass  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from zayaserve.kernels.paged_attention import (  # noqa: E402
-    paged_attention_torch,
-    paged_attention_triton,
-)
+from zayaserve.kernels.paged_attention_ref import paged_attention_torch  # noqa: E402
+from zayaserve.kernels.paged_attention_triton import paged_attention_triton  # noqa: E402
 from zayaserve.kernels.registry import get_op  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
@@ -217,7 +215,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import zayaserve.kernels.paged_attention as m
+import zayaserve.kernels.paged_attention_triton as m
 
 fn = m._paged_attn_kernel
 while not isinstance(fn, triton.runtime.jit.JITFunction):

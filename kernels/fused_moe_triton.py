@@ -1,12 +1,7 @@
-"""Top-1 MoE expert FFN (SiLU-GLU) with a skip class: a torch reference and a Triton kernel.
+"""Top-1 MoE expert FFN (SiLU-GLU) with a skip class as Triton kernels; the contract and the
+torch reference are in `fused_moe_ref`.
 
-Contract (both backends): `hidden` [T, H]; `expert_rows` [T] int64, the local row of each token's
-expert in the stacked weights, or -1 for "no expert here" (the skip class, or an expert another
-shard holds): those rows get exact zeros and are never computed. `weights` [T] router
-probability; `gate_up` [E, 2I, H] (gate is the first half); `down` [E, H, I]. Returns [T, H] in
-hidden's dtype: `weight * down(silu(gate) * up)`.
-
-Triton path (vLLM-style "align by expert", no host sync so it can live in a CUDA graph):
+vLLM-style "align by expert", no host sync so it can live in a CUDA graph:
 1. sort token ids by expert and lay each expert's segment out padded to BLOCK_M, so every
    M-tile belongs to exactly one expert (`tile_expert[t]`, -1 for tiles past the end);
 2. grouped GEMM hidden @ gate_up[e].T with the gate and up tiles accumulated by the same
@@ -21,48 +16,12 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch wheels ship without triton; the reference must still work
-    triton = None  # type: ignore[assignment]
+from zayaserve.kernels.fused_moe_ref import _check_rows
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def fused_moe_ref(
-    hidden: torch.Tensor,  # [T, H]
-    expert_rows: torch.Tensor,  # [T] int64, -1 = no expert here
-    weights: torch.Tensor,  # [T]
-    gate_up: torch.Tensor,  # [E, 2I, H]
-    down: torch.Tensor,  # [E, H, I]
-) -> torch.Tensor:
-    """Group tokens by expert with one sort, run each expert once on its rows, scatter back.
-
-    Same math as `replicas.model.experts.run_grouped` (which this folder may not import)."""
-    _check_rows(expert_rows, hidden.shape[0])
-    out = torch.zeros_like(hidden)
-    order = torch.argsort(expert_rows, stable=True)
-    present, counts = torch.unique_consecutive(expert_rows[order], return_counts=True)
-    start = 0
-    for row, count in zip(present.tolist(), counts.tolist(), strict=True):
-        tokens = order[start:start + count]
-        start += count
-        if row < 0:
-            continue
-        if row >= gate_up.shape[0]:
-            raise ValueError(f"expert row {row} out of range for {gate_up.shape[0]} local experts")
-        gate, up = F.linear(hidden[tokens], gate_up[row]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[row])
-        out[tokens] = (y * weights[tokens, None]).to(out.dtype)
-    return out
-
-
-def _check_rows(expert_rows: torch.Tensor, num_tokens: int) -> None:
-    assert expert_rows.shape == (num_tokens,), f"expert_rows {tuple(expert_rows.shape)}"
-    assert expert_rows.dtype == torch.int64, f"expert_rows must be int64, got {expert_rows.dtype}"
 
 
 def align_by_expert(
@@ -117,8 +76,6 @@ def _block_m(num_tokens: int, num_experts: int) -> int:
 def _target_backend() -> str:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "interpreter"
-    if triton is None:
-        return "none"
     try:
         return str(triton.runtime.driver.active.get_current_target().backend)
     except Exception:  # no GPU driver on this machine: kernels cannot launch anyway
@@ -129,8 +86,6 @@ _BACKEND = _target_backend()
 
 
 def _gemm_configs() -> list[Any]:
-    if triton is None:
-        return []
     cfg = triton.Config
     if _BACKEND == "cuda":
         return [
@@ -154,87 +109,86 @@ def _gemm_configs() -> list[Any]:
     return [cfg({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 
 
-if triton is not None:
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "BLOCK_M"])
+@triton.jit
+def _gate_up_glu_kernel(
+    hidden_ptr, w_ptr, act_ptr, sorted_ids_ptr, tile_expert_ptr,
+    num_tokens, N, K,  # N = I (intermediate), K = H
+    stride_ht, stride_we, stride_wn, stride_at,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tokens = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = tokens < num_tokens
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = hidden_ptr + tokens[:, None].to(tl.int64) * stride_ht + offs_k[None, :]
+    w_base = w_ptr + expert * stride_we + offs_k[:, None]  # [K, N] view of gate_up[e].T
+    gate_ptrs = w_base + offs_n[None, :] * stride_wn
+    up_ptrs = w_base + (offs_n[None, :] + N) * stride_wn  # up is the second half of 2I
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(gate_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        u = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's dot reads bf16 bit patterns as integers
+            a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+        acc_gate = tl.dot(a, g, acc_gate, input_precision="ieee")
+        acc_up = tl.dot(a, u, acc_up, input_precision="ieee")
+        a_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # SiLU-GLU in fp32, rounded once
+    # The intermediate stays in padded sorted order: the down GEMM reads it with the
+    # same tile map, so no gather is needed between the two GEMMs.
+    act_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_at + offs_n[None, :]
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=n_ok[None, :])
 
-    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "BLOCK_M"])
-    @triton.jit
-    def _gate_up_glu_kernel(
-        hidden_ptr, w_ptr, act_ptr, sorted_ids_ptr, tile_expert_ptr,
-        num_tokens, N, K,  # N = I (intermediate), K = H
-        stride_ht, stride_we, stride_wn, stride_at,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        UPCAST: tl.constexpr,
-    ):
-        tile = tl.program_id(0)
-        expert = tl.load(tile_expert_ptr + tile)
-        if expert < 0:
-            return
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        tokens = tl.load(sorted_ids_ptr + offs_m)
-        row_ok = tokens < num_tokens
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = hidden_ptr + tokens[:, None].to(tl.int64) * stride_ht + offs_k[None, :]
-        w_base = w_ptr + expert * stride_we + offs_k[:, None]  # [K, N] view of gate_up[e].T
-        gate_ptrs = w_base + offs_n[None, :] * stride_wn
-        up_ptrs = w_base + (offs_n[None, :] + N) * stride_wn  # up is the second half of 2I
-        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            g = tl.load(gate_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            u = tl.load(up_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:  # the interpreter's dot reads bf16 bit patterns as integers
-                a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
-            acc_gate = tl.dot(a, g, acc_gate, input_precision="ieee")
-            acc_up = tl.dot(a, u, acc_up, input_precision="ieee")
-            a_ptrs += BLOCK_K
-            gate_ptrs += BLOCK_K
-            up_ptrs += BLOCK_K
-        act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # SiLU-GLU in fp32, rounded once
-        # The intermediate stays in padded sorted order: the down GEMM reads it with the
-        # same tile map, so no gather is needed between the two GEMMs.
-        act_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_at + offs_n[None, :]
-        tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=n_ok[None, :])
 
-    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "BLOCK_M"])
-    @triton.jit
-    def _down_kernel(
-        act_ptr, w_ptr, out_ptr, route_w_ptr, sorted_ids_ptr, tile_expert_ptr,
-        num_tokens, N, K,  # N = H, K = I
-        stride_at, stride_we, stride_wn, stride_ot,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        UPCAST: tl.constexpr,
-    ):
-        tile = tl.program_id(0)
-        expert = tl.load(tile_expert_ptr + tile)
-        if expert < 0:
-            return
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        tokens = tl.load(sorted_ids_ptr + offs_m)
-        row_ok = tokens < num_tokens
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_at + offs_k[None, :]
-        w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] + offs_n[None, :] * stride_wn
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        route_w = tl.load(route_w_ptr + tokens, mask=row_ok, other=0.0).to(tl.float32)
-        acc = acc * route_w[:, None]
-        # Top-1: a token occupies one padded row, so a plain indexed store un-permutes.
-        out_ptrs = out_ptr + tokens[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "BLOCK_M"])
+@triton.jit
+def _down_kernel(
+    act_ptr, w_ptr, out_ptr, route_w_ptr, sorted_ids_ptr, tile_expert_ptr,
+    num_tokens, N, K,  # N = H, K = I
+    stride_at, stride_we, stride_wn, stride_ot,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tokens = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = tokens < num_tokens
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_at + offs_k[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_k[:, None] + offs_n[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    route_w = tl.load(route_w_ptr + tokens, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * route_w[:, None]
+    # Top-1: a token occupies one padded row, so a plain indexed store un-permutes.
+    out_ptrs = out_ptr + tokens[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 def fused_moe_triton(
@@ -245,7 +199,6 @@ def fused_moe_triton(
     down: torch.Tensor,  # [E, H, I]
 ) -> torch.Tensor:
     """Same contract as `fused_moe_ref`; two grouped-GEMM launches, no host synchronisation."""
-    assert triton is not None, "fused_moe_triton needs triton installed"
     num_tokens, hid = hidden.shape
     num_experts, two_inter, hid_w = gate_up.shape
     inter = two_inter // 2

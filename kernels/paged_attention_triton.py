@@ -1,10 +1,11 @@
 """GQA attention over a paged KV cache: one Triton kernel for decode and chunked prefill.
 
-`paged_attention_triton` and `paged_attention_torch` (the reference) share one signature, so
-the registry can swap them. q [T, nq, D] holds the new tokens of S sequences laid end to end
-(`query_start` [S+1]); their K/V are already in the flat cache [slots, nkv, D] (slot = block *
-block_size + offset). Token i of sequence s sits at position p = context_lens[s] - q_len + i
-and sees the keys at positions (p - window, p] (all of [0, p] without a window).
+`paged_attention_triton` and `paged_attention_ref.paged_attention_torch` (the torch path, in a
+module that never imports triton) share one signature, so the registry can swap them.
+q [T, nq, D] holds the new tokens of S sequences laid end to end (`query_start` [S+1]); their
+K/V are already in the flat cache [slots, nkv, D] (slot = block * block_size + offset). Token i
+of sequence s sits at position p = context_lens[s] - q_len + i and sees the keys at positions
+(p - window, p] (all of [0, p] without a window).
 
 Kernel layout. Program (tile, kv_head, split): `tile` is a run of BLOCK_Q consecutive query
 tokens of one sequence (found by a binary search over `query_start`, so no host-side map and no
@@ -27,11 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zayaserve.kernels.paged_attention_ref import (
-    AttentionPlan,
-    paged_attention_ref,
-    plan_attention,
-)
+from zayaserve.kernels.paged_attention_ref import AttentionPlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -318,26 +315,3 @@ def paged_attention_triton(
         )
     return out
 
-
-def paged_attention_torch(
-    q: torch.Tensor,  # [T, nq, D]
-    k_cache: torch.Tensor,  # [slots, nkv, D]
-    v_cache: torch.Tensor,  # [slots, nkv, D]
-    query_start: torch.Tensor | Sequence[int],  # [S+1]
-    context_lens: torch.Tensor | Sequence[int],  # [S]
-    block_tables: torch.Tensor,  # [S, max_blocks]
-    block_size: int,
-    scale: float,
-    window: int | None,
-    plan: AttentionPlan | None = None,
-) -> torch.Tensor:
-    """The torch path behind the common signature (the reference's layout, attention through
-    torch's fused SDPA); pass `plan` to reuse it across layers."""
-    if plan is None:
-        plan = plan_attention(_as_list(query_start), _as_list(context_lens), block_tables,
-                              block_size)
-    return paged_attention_ref(q, k_cache, v_cache, plan, scale, window, fused=True)
-
-
-def _as_list(x: torch.Tensor | Sequence[int]) -> list[int]:
-    return [int(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)]
