@@ -22,7 +22,6 @@ from zayaserve.replicas.engine.outputs import RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 
-
 # What a worker raises on purpose, each with its own status code in the front ends.
 _WORKER_ERRORS = (ValueError, EngineOverloadedError, EngineDeadError, RequestFailedError,
                   StreamStalledError)

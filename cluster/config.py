@@ -57,7 +57,7 @@ class ClusterConfig(BaseModel):
     routing_imbalance_threshold: int = Field(
         8, ge=0, description="Queue-length gap above which load beats prefix affinity.")
     limits: RequestLimits = Field(
-        default_factory=lambda: RequestLimits(),
+        default_factory=lambda: RequestLimits.model_validate({}),
         description="Per-request limits (max_n, max_temperature, stop counts, prompts).")
     max_queued_requests: int = Field(
         512, ge=1, description="Requests Serve queues for the attention workers before it "

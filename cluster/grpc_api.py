@@ -150,7 +150,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def _fail(self, context: grpc.aio.ServicerContext, err: BaseException,
                     endpoint: str) -> None:
         try:
-            frontend_err: FrontendError = as_frontend_error(err)
+            frontend_err: FrontendError = as_frontend_error(err, _RENAMES)
         except Exception:  # not the request's fault
             frontend_err = internal_error(err, endpoint)
         status = _STATUS_OF_HTTP.get(frontend_err.status, grpc.StatusCode.INTERNAL)

@@ -84,7 +84,7 @@ KILLERS = {
     "stop ids outside the vocabulary": (
         '{"model": "%s", "prompt": "hi", "stop_token_ids": [999999]}', "stop_token_ids"),
     "10^5 stop strings": (
-        '{"model": "%s", "prompt": "hi", "stop": ' + str(["s%d" % i for i in range(10**5)])
+        '{"model": "%s", "prompt": "hi", "stop": ' + str([f"s{i}" for i in range(10**5)])
         .replace("'", '"') + "}", "stop"),
     "a stop string of 10^4 characters": (
         '{"model": "%s", "prompt": "hi", "stop": ["' + "x" * 10**4 + '"]}', "stop"),
@@ -109,44 +109,103 @@ def test_killer_request_gets_4xx_and_replica_lives(name: str, server: Server,
     wait_idle(backend)
 
 
-def test_reused_request_ids_never_cross_streams(tiny_checkpoint: Any, backend: LocalBackend):
+class GrpcServer:
+    """The public gRPC front end on a free port, served from its own event loop thread."""
+
+    def __init__(self, backend: LocalBackend, **kw: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.port = _free_port()
+        self.server = self._run(start_grpc_server(backend, self.port, "127.0.0.1", **kw))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self._run(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def grpc_server(backend: LocalBackend) -> Iterator[GrpcServer]:
+    s = GrpcServer(backend, max_message_bytes=2**20)
+    yield s
+    s.stop()
+
+
+def _grpc_text(stub: Any, prompt: str, **sampling: Any) -> str:
+    reply = stub.GenerateUnary(pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(
+        **sampling)), timeout=60)
+    return str(reply.outputs[0].text)
+
+
+GRPC_KILLERS = {
+    "infinite temperature": (dict(temperature=float("inf"), min_tokens=3),
+                             "sampling.temperature"),
+    "n of 100000": (dict(n=100000), "sampling.n"),
+    "stop ids banning the whole vocabulary": (
+        dict(min_tokens=2, stop_token_ids=list(range(512))), "sampling.stop_token_ids"),
+    "10^5 stop strings": (dict(stop=[f"s{i}" for i in range(10**5)]), "sampling.stop"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRPC_KILLERS))
+def test_grpc_killer_gets_invalid_argument(name: str, grpc_server: GrpcServer, expected: str):
+    sampling, field = GRPC_KILLERS[name]
+    with pytest.raises(grpc.RpcError) as info:
+        _grpc_text(grpc_server.stub, "hi", **sampling)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (info.value.details() or "")
+    assert _grpc_text(grpc_server.stub, PROBE, temperature=0, max_tokens=PROBE_TOKENS,
+                      ignore_eos=True) == expected
+
+
+def test_grpc_oversized_message_and_short_deadlines(grpc_server: GrpcServer,
+                                                    backend: LocalBackend, expected: str):
+    with pytest.raises(grpc.RpcError) as info:
+        _grpc_text(grpc_server.stub, "x" * 2**21)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for timeout in (0.001, 0.005, 0.02, 0.05):  # deadlines shorter than a step
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_server.stub.GenerateUnary(pb.GenerateRequest(
+                prompt=PROBE, sampling=pb.SamplingParams(max_tokens=50)), timeout=timeout)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not backend.engine.is_dead
+    assert _grpc_text(grpc_server.stub, PROBE, temperature=0, max_tokens=PROBE_TOKENS,
+                      ignore_eos=True) == expected
+    wait_idle(backend)
+
+
+def test_reused_request_ids_never_cross_streams(tiny_checkpoint: Any, backend: LocalBackend,
+                                                grpc_server: GrpcServer):
     """Two gRPC clients pick the same request_id at once: each gets its own prompt's tokens."""
     prompts = ["Once upon a time", "1 2 3 4"]
     llm = LLM(str(tiny_checkpoint), **ENGINE_KW)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    port = _free_port()
-    server = asyncio.run_coroutine_threadsafe(
-        start_grpc_server(backend, port, "127.0.0.1"), loop).result(30)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.GenerationStub(channel)
 
-            def run(prompt: str) -> list[int]:
-                ids: list[int] = []
-                request = pb.GenerateRequest(prompt=prompt, request_id="same-id", sampling=pb.
-                                             SamplingParams(temperature=0, max_tokens=24,
-                                                            ignore_eos=True))
-                for message in stub.Generate(request, timeout=60):
-                    assert message.request_id == "same-id"  # the client's label comes back
-                    for c in message.outputs:
-                        ids.extend(c.token_ids)
-                return ids
+    def run(prompt: str) -> list[int]:
+        ids: list[int] = []
+        request = pb.GenerateRequest(prompt=prompt, request_id="same-id", sampling=pb.
+                                     SamplingParams(temperature=0, max_tokens=24,
+                                                    ignore_eos=True))
+        for message in grpc_server.stub.Generate(request, timeout=60):
+            assert message.request_id == "same-id"  # the client's label comes back
+            for c in message.outputs:
+                ids.extend(c.token_ids)
+        return ids
 
-            results: list[list[int]] = [[], []]
-            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(
-                prompts[i]))) for i in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(90)
-            assert results == want
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
+    results: list[list[int]] = [[], []]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(prompts[i])))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert results == want
     wait_idle(backend)
 
 

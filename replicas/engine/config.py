@@ -51,7 +51,7 @@ class EngineConfig(BaseModel):
         "expert round trip (useful with remote experts).")
 
     limits: RequestLimits = Field(
-        default_factory=lambda: RequestLimits(), description="Per-request limits.")
+        default_factory=lambda: RequestLimits.model_validate({}), description="Per-request limits.")
 
     @classmethod
     def create(cls, **kwargs: object) -> EngineConfig:
