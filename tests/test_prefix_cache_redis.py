@@ -147,3 +147,26 @@ def test_quantised_encodings_deviation_and_size(ckpt: Path, redis_server: RedisS
     per_token = writer.engine.remote.block_bytes / 4
     print(f"\n{encoding}: max logprob deviation {dev:.2e}, {per_token:.0f} bytes/token")
     assert dev < 0.5  # a sanity bound; the figure itself is what gets reported
+
+
+def test_non_finite_kv_with_lossy_encoding_is_kept_local(ckpt: Path,
+                                                          redis_server: RedisServer) -> None:
+    """A block whose K/V hold NaN/inf cannot be quantised: publishing skips it (counted)
+    instead of raising on the engine thread; the engine keeps serving."""
+    import torch
+
+    from zayaserve.replicas.kv_tiers.hashing import BlockHash
+
+    llm = _llm(ckpt, redis_server.url(), kv_cache_encoding="int8")
+    want = _tokens(_run(llm, [SHARED + [3]]))
+    remote = llm.engine.remote
+    assert remote is not None and remote.store.flush(10)
+    bs = llm.engine.cache.block_size
+    original = llm.engine.cache.k[0][5 * bs].clone()
+    llm.engine.cache.k[0][5 * bs] = float("nan")
+    writes = remote.store.stats.writes
+    remote.publish(5, BlockHash(b"\x01" * 32))
+    assert remote.stats.unpublishable_blocks == 1 and remote.store.flush(10)
+    assert remote.store.stats.writes == writes
+    llm.engine.cache.k[0][5 * bs] = original  # the block is still in L1: heal it
+    assert _tokens(_run(llm, [SHARED + [3]])) == want

@@ -34,13 +34,13 @@ from typing import NamedTuple
 import torch
 import xxhash
 
+from zayaserve.kernels.cache_encoding_ref import QDTYPE as _QDTYPE
 from zayaserve.kernels.registry import get_op
 
 MAGIC = b"ZAYAKV"
 FORMAT_VERSION = 1
 ENCODINGS = {"none": 0, "int8": 1, "fp8": 2}
 DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-_QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _PRELUDE = struct.Struct("<6sHH")
 _SHAPE = struct.Struct("<7IBBQQ")
 

@@ -31,6 +31,7 @@ class RemoteTierStats:
     hit_tokens: int = 0
     rejected_blocks: int = 0
     skipped_by_cost: int = 0
+    unpublishable_blocks: int = 0  # NaN/inf K/V that a lossy encoding cannot carry
 
 
 class RemoteTier:
@@ -59,10 +60,12 @@ class RemoteTier:
     def publish(self, block: int, block_hash: BlockHash) -> None:
         c, span = self.cache, self._span(block)
         assert c.conv_snap is not None and c.v_snap is not None
-        payload = encode_block(
-            torch.stack([k[span] for k in c.k]), torch.stack([v[span] for v in c.v]),
-            c.conv_snap[:, block], c.v_snap[:, block], fingerprint=self.fingerprint,
-            encoding=self.encoding)
+        k, v = torch.stack([k[span] for k in c.k]), torch.stack([v[span] for v in c.v])
+        if self.encoding != "none" and not (k.isfinite().all() and v.isfinite().all()):
+            self.stats.unpublishable_blocks += 1  # the block stays local; never fail a step
+            return
+        payload = encode_block(k, v, c.conv_snap[:, block], c.v_snap[:, block],
+                               fingerprint=self.fingerprint, encoding=self.encoding)
         self.store.put_async(block_hash, payload)
 
     def fetch(self, hashes: list[BlockHash]) -> list[BlockPayload]:
