@@ -153,7 +153,6 @@ def test_non_finite_kv_with_lossy_encoding_is_kept_local(ckpt: Path,
                                                           redis_server: RedisServer) -> None:
     """A block whose K/V hold NaN/inf cannot be quantised: publishing skips it (counted)
     instead of raising on the engine thread; the engine keeps serving."""
-    import torch
 
     from zayaserve.replicas.kv_tiers.hashing import BlockHash
 
