@@ -172,9 +172,14 @@ class AsyncLLMEngine:
                             f"(max_unread_steps={self.max_unread_steps}); request aborted")
             if finished:
                 self._streams.pop(request_id, None)
+        try:
+            stream.loop.call_soon_threadsafe(self._post, stream, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody will ever read
+            stalled = stalled or not finished
+            with self._lock:
+                self._streams.pop(request_id, None)
         if stalled:
             self.engine.abort_request(request_id)
-        stream.loop.call_soon_threadsafe(self._post, stream, item)
 
     @staticmethod
     def _post(stream: _Stream, item: RequestOutput | BaseException) -> None:
