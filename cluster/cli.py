@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # bad input: name it, exit 2
         print(f"zayaserve: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before `serve` took over SIGINT: no traceback
+        return 130
 
 
 if __name__ == "__main__":

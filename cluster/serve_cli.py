@@ -1,6 +1,10 @@
 """`zayaserve serve`: deploy the cluster on Ray Serve and stay in the foreground.
 
-Without RAY_ADDRESS it starts an embedded local Ray; Ctrl-C or SIGTERM shuts down cleanly.
+Without RAY_ADDRESS it starts an embedded local Ray of its own (with the Ray dashboard, so Ray
+Serve's `serve status` works against it, unless `--no-dashboard`); Ctrl-C or SIGTERM shuts down
+cleanly. The terminal stays quiet: Ray and Serve log warnings and errors only, and the calls the
+deployments make to each other (placement, heartbeats, stats) are never access-logged;
+`--log-level info` brings Serve's own logs and access logs back.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 from zayaserve.cluster.config import ClusterConfig
 
 APP_NAME = "zayaserve"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -32,6 +37,15 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--kv-cache-encoding", default=None, choices=["none", "int8", "fp8"])
     p.add_argument("--no-overlap", action="store_true",
                    help="disable micro-batch overlap of attention and expert calls")
+    p.add_argument("--no-dashboard", action="store_true",
+                   help="embedded Ray: start it without the dashboard (then `serve status` "
+                        "cannot reach it)")
+    p.add_argument("--dashboard-port", type=int, default=8265,
+                   help="embedded Ray: the dashboard's port (default 8265, what `serve status` "
+                        "asks by default)")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                   help="Ray and Serve log level (default warning; info adds Serve's "
+                        "per-call access logs)")
     p.set_defaults(func=run_serve)
 
 
@@ -44,14 +58,54 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         redis_url=args.redis_url, kv_cache_encoding=args.kv_cache_encoding)
 
 
-def deploy(cfg: ClusterConfig) -> None:
-    """Starts Serve on the connected Ray cluster and deploys the app (returns when ready)."""
+def serve_logging(log_level: str = "warning") -> Any:
+    """Serve's LoggingConfig for the controller, the proxies and (as the app's default) every
+    deployment: below info, no access logs, so internal handle calls print nothing."""
+    from ray.serve.schema import LoggingConfig
+
+    level = log_level.upper()
+    return LoggingConfig(log_level=level, enable_access_log=level in ("DEBUG", "INFO"))
+
+
+def deploy(cfg: ClusterConfig, log_level: str = "warning") -> None:
+    """Starts Serve on the connected Ray cluster and deploys the app (returns when ready).
+
+    `log_level` sets Serve's logging where this call creates it (the controller and proxies
+    only when Serve is not yet running) and is the default of every deployment in the app."""
     from ray import serve
 
     from zayaserve.cluster.app import build_app
 
-    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    logging_config = serve_logging(log_level)
+    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port},
+                logging_config=logging_config)
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", logging_config=logging_config)
+
+
+def _start_ray(args: argparse.Namespace, level: int) -> str | None:
+    """Connects to RAY_ADDRESS, or starts a new local Ray; returns the dashboard URL, if any."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=level)
+        return None
+    dashboard = not args.no_dashboard
+    # address="local": always a cluster of our own, never one a `ray start` left running.
+    ctx = ray.init(address="local", include_dashboard=dashboard,
+                   dashboard_port=args.dashboard_port if dashboard else None,
+                   logging_level=level)
+    url = getattr(ctx, "dashboard_url", None) if dashboard else None
+    return f"http://{url}" if url and "://" not in url else url
+
+
+def _status_command(dashboard_url: str) -> str:
+    """Ray Serve's `serve status` for this cluster: Ray turns token auth on for a new local
+    cluster (token in ~/.ray/auth_token), and the `serve` CLI sends it only when told to."""
+    auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+    address = "" if dashboard_url.rstrip("/") in (
+        "http://127.0.0.1:8265", "http://localhost:8265") else f" --address {dashboard_url}"
+    return f"{auth}serve status{address}"
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -59,16 +113,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     cfg = config_from_args(args)
+    level = getattr(logging, args.log_level.upper())
     embedded = not os.environ.get("RAY_ADDRESS")
-    if embedded:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    else:
-        ray.init(address=os.environ["RAY_ADDRESS"])
+    dashboard_url = _start_ray(args, level)
+    logging.getLogger("ray.serve").setLevel(level)  # the driver's Serve client
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        deploy(cfg)
+        deploy(cfg, args.log_level)
         print(f"zayaserve: serving {cfg.model_name!r} "
               f"({cfg.attention_workers} attention worker(s), {cfg.expert_shards} expert "
               f"shard(s), replication {cfg.expert_replication})", flush=True)
@@ -76,6 +129,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if cfg.grpc_port:
             print(f"  gRPC:          {cfg.http_host}:{cfg.grpc_port} "
                   "(zayaserve.v1.Generation)", flush=True)
+        if dashboard_url:
+            print(f"  Ray dashboard: {dashboard_url}", flush=True)
+            print(f"  status:        {_status_command(dashboard_url)}", flush=True)
         print("  Ctrl-C to stop", flush=True)
         stop.wait()
     finally:

@@ -2,7 +2,10 @@
 # The test command (README): installs everything on a fresh machine, lints, type-checks, tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=test bash deploy/install.sh
+# Always ./.venv (whatever VENV says): it is the one the rest of this script uses. The plain
+# install (no extras, as the README's demo gets it) is tested inside pytest, in a venv of its
+# own: tests/test_plain_install.py.
+VENV="$PWD/.venv" EXTRAS=test bash deploy/install.sh
 # The prefix-cache tests start a real redis-server (Debian's package) on a free port.
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
