@@ -5,15 +5,49 @@ field the client thinks is honoured."""
 from __future__ import annotations
 
 import time
-from typing import Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+)
+
+from zayaserve.replicas.engine.params import MAX_LOGPROBS
 
 # ---- shared -------------------------------------------------------------------------------
 
+# Schema-only constraints: they document, for the OpenAPI schema, checks that SamplingParams or a
+# validator below makes (with its own, field-naming message), so they are not checked twice.
+NonEmptyStr = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
+
+
+def _integral(value: object) -> object:
+    # JSON Schema's "integer" includes 3.0: take it as 3, but no other float, string or bool.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[StrictInt, BeforeValidator(_integral)]
+TokenId = Annotated[Int, WithJsonSchema({"type": "integer", "minimum": 0})]
+_SEED_RANGE = {"minimum": -(2**63), "maximum": 2**64 - 1}  # torch.Generator's
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    _TOKEN_IDS,
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+]}
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a value of the wrong JSON type is refused, not coerced ("2" is no `n`, 0 is no
+    # `echo`), as the schema says and OpenAI does.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Request):
@@ -21,31 +55,61 @@ class StreamOptions(_Request):
         default=False, description="Send one last chunk, with empty choices, carrying the usage.")
 
 
+# Cross-field rules (checked by each endpoint), for the schema: each an anyOf of the ways to
+# satisfy it; a request obeying several satisfies one branch of each (combined in one anyOf:
+# schemathesis's coverage phase cannot merge an allOf of them).
+_NO_STREAM_OPTIONS = {"properties": {"stream_options": {"type": "null"}}}
+_STREAMING = {"required": ["stream"], "properties": {"stream": {"const": True}}}
+_NO_TOP_LOGPROBS = {"properties": {"top_logprobs": {"type": "null"}}}
+_LOGPROBS = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+
+
+def _all_of_any(*rules: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"anyOf": ...} that holds when each rule (a list of alternatives) holds."""
+    branches: list[dict[str, Any]] = [{}]
+    for alternatives in rules:
+        branches = [{"required": sorted({*b.get("required", []), *a.get("required", [])}),
+                     "properties": {**b.get("properties", {}), **a["properties"]}}
+                    for b in branches for a in alternatives]
+    return {"anyOf": [{k: v for k, v in b.items() if v} for b in branches]}
+
+
 class _SamplingFields(_Request):
     """Fields both endpoints take, with vLLM's names and meaning (see SamplingParams)."""
 
+    model_config = ConfigDict(json_schema_extra=_all_of_any([_NO_STREAM_OPTIONS, _STREAMING]))
+
     model: str | None = Field(default=None, description="A served model id (GET /v1/models).")
-    n: int | None = Field(default=None, description="Completions to generate per prompt.")
-    temperature: float | None = Field(default=None, description="0 is greedy; default 1.")
-    top_p: float | None = Field(default=None, description="Nucleus sampling mass in (0, 1].")
-    stop: str | list[str] | None = Field(
+    n: Int | None = Field(default=None, description="Completions to generate per prompt.",
+                          json_schema_extra={"minimum": 1})
+    temperature: float | None = Field(default=None, description="0 is greedy; default 1.",
+                                      json_schema_extra={"minimum": 0})
+    top_p: float | None = Field(default=None, description="Nucleus sampling mass in (0, 1].",
+                                json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
+    stop: NonEmptyStr | list[NonEmptyStr] | None = Field(
         default=None, description="Strings that end a completion (not included in its text).")
-    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    seed: Int | None = Field(default=None, description="Seed for reproducible sampling.",
+                             json_schema_extra=_SEED_RANGE)
     stream: bool = Field(default=False, description="Answer with server-sent events.")
     stream_options: StreamOptions | None = Field(
         default=None, description="Streaming options; only with stream=true.")
     user: str | None = Field(default=None, description="End-user id (accepted, not used).")
-    frequency_penalty: float | None = Field(default=None, description="Unsupported unless 0.")
-    presence_penalty: float | None = Field(default=None, description="Unsupported unless 0.")
+    frequency_penalty: float | None = Field(default=None, description="Unsupported unless 0.",
+                                            json_schema_extra={"minimum": 0, "maximum": 0})
+    presence_penalty: float | None = Field(default=None, description="Unsupported unless 0.",
+                                           json_schema_extra={"minimum": 0, "maximum": 0})
     logit_bias: dict[str, float] | None = Field(
-        default=None, description="Unsupported unless empty.")
+        default=None, description="Unsupported unless empty.",
+        json_schema_extra={"maxProperties": 0})
     # vLLM extras
-    top_k: int | None = Field(
-        default=None, description="vLLM: sample among the k most likely tokens.")
-    min_tokens: int | None = Field(
-        default=None, description="vLLM: tokens to generate before EOS or stop tokens may end it.")
+    top_k: Int | None = Field(
+        default=None, description="vLLM: sample among the k most likely tokens (-1 or 0: all).",
+        json_schema_extra={"minimum": -1})
+    min_tokens: Int | None = Field(
+        default=None, description="vLLM: tokens to generate before EOS or stop tokens may end it.",
+        json_schema_extra={"minimum": 0})
     ignore_eos: bool | None = Field(default=None, description="vLLM: keep going past EOS.")
-    stop_token_ids: list[StrictInt] | None = Field(
+    stop_token_ids: list[TokenId] | None = Field(
         default=None, description="vLLM: token ids that end a completion.")
     skip_special_tokens: bool | None = Field(
         default=None, description="vLLM: leave special tokens out of the text (default true).")
@@ -93,21 +157,27 @@ def _now() -> int:
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(
+    prompt: Annotated[str | list[str] | list[TokenId] | list[list[TokenId]],
+                      WithJsonSchema(_PROMPT_SCHEMA)] = Field(
         description="Text, a list of texts, token ids, or a list of token id lists.")
-    max_tokens: int | None = Field(
-        default=16, description="Most tokens to generate per completion.")
-    logprobs: int | None = Field(
-        default=None, description="Also return the logprobs of this many most likely tokens.")
-    echo: bool | None = Field(default=False, description="Unsupported: must be false.")
-    suffix: str | None = Field(default=None, description="Unsupported: must be unset.")
-    best_of: int | None = Field(default=None, description="Unsupported unless equal to n.")
+    max_tokens: Int | None = Field(
+        default=16, description="Most tokens to generate per completion.",
+        json_schema_extra={"minimum": 1})
+    logprobs: Int | None = Field(
+        default=None, description="Also return the logprobs of this many most likely tokens.",
+        json_schema_extra={"minimum": 0, "maximum": MAX_LOGPROBS})
+    echo: bool | None = Field(default=False, description="Unsupported: must be false.",
+                              json_schema_extra={"enum": [False, None]})
+    suffix: str | None = Field(default=None, description="Unsupported: must be unset.",
+                               json_schema_extra={"maxLength": 0})
+    best_of: Int | None = Field(default=None, description="Unsupported unless equal to n.",
+                                json_schema_extra={"minimum": 1})
 
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, value: object) -> object:
         if isinstance(value, list) and (not value or any(v == [] for v in value)):
-            raise ValueError("prompt must not be empty")
+            raise ValueError("must not be empty")
         return value
 
     @field_validator("echo")
@@ -172,15 +242,21 @@ class ChatMessageParam(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    model_config = ConfigDict(json_schema_extra=_all_of_any(
+        [_NO_STREAM_OPTIONS, _STREAMING], [_NO_TOP_LOGPROBS, _LOGPROBS]))
+
     messages: list[ChatMessageParam] = Field(
         min_length=1, description="The conversation, rendered with the model's chat template.")
-    max_tokens: int | None = Field(
-        default=None, description="Deprecated name of max_completion_tokens.")
-    max_completion_tokens: int | None = Field(
-        default=None, description="Most tokens to generate; default: up to the context length.")
+    max_tokens: Int | None = Field(
+        default=None, description="Deprecated name of max_completion_tokens.",
+        json_schema_extra={"minimum": 1})
+    max_completion_tokens: Int | None = Field(
+        default=None, description="Most tokens to generate; default: up to the context length.",
+        json_schema_extra={"minimum": 1})
     logprobs: bool | None = Field(default=False, description="Return each token's logprob.")
-    top_logprobs: int | None = Field(
-        default=None, description="With logprobs: also this many most likely tokens per position.")
+    top_logprobs: Int | None = Field(
+        default=None, description="With logprobs: also this many most likely tokens per position.",
+        json_schema_extra={"minimum": 0, "maximum": MAX_LOGPROBS})
     add_generation_prompt: bool = Field(
         default=True, description="vLLM: end the prompt with the assistant turn's opening.")
 
@@ -268,3 +344,89 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- OpenAPI ------------------------------------------------------------------------------
+# The generation routes read and validate their bodies themselves (to bound the size and to
+# answer in OpenAI's error shape), so FastAPI cannot see the request models: these declare the
+# bodies and every answer, for the route decorators.
+
+# Every error a route can answer with, all as ErrorResponse.
+_ERRORS: dict[int, str] = {
+    400: "Invalid request; the message and `param` name the offending field.",
+    401: "Missing or wrong API key (only when the server has one).",
+    404: "`model` is not served here (code model_not_found).",
+    408: "The backend stopped producing output (code stream_stalled).",
+    413: "The request body is too large (code request_too_large).",
+    429: "Overloaded; retry after Retry-After seconds.",
+    500: "Internal error; the server log has the details.",
+    503: "The backend is unavailable; retry after Retry-After seconds.",
+}
+GENERATION_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503)
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+    429: {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}},
+    503: {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}},
+}
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return _inline_refs({**defs[ref.removeprefix("#/$defs/")], **rest}, defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def _inlined_schema(model: type[BaseModel], mode: Literal["validation", "serialization"]
+                    ) -> dict[str, Any]:
+    schema = model.model_json_schema(mode=mode)
+    defs = schema.pop("$defs", {})
+    result: dict[str, Any] = _inline_refs(schema, defs)
+    return result
+
+
+def _sse_event_schema(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event of a stream (OpenAPI < 3.2: `schema` describes each event): a JSON
+    `chunk`, or an ErrorResponse if it fails after the 200 went out; the last is `[DONE]`."""
+    return {
+        "type": "object", "required": ["data"],
+        "description": f"With stream=true: `data: <{chunk.__name__}>` events (or one "
+                       "`data: <ErrorResponse>` if it fails midway), then `data: [DONE]`.",
+        "properties": {"data": {"anyOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+                "anyOf": [_inlined_schema(chunk, "serialization"),
+                          _inlined_schema(ErrorResponse, "serialization")]}},
+        ]}},
+    }
+
+
+def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` declaring `model` as the route's required JSON body. The schema is
+    inlined: pydantic's `#/$defs/...` references would not resolve inside an OpenAPI document."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inlined_schema(model, "validation")}}}}
+
+
+def openapi_responses(
+    ok: type[BaseModel] | None, *, ok_description: str = "Success.",
+    stream_chunk: type[BaseModel] | None = None, errors: Iterable[int] = (500,),
+) -> dict[int | str, dict[str, Any]]:
+    """`responses` for a route decorator: 200 with `ok` (or no body when None), also as
+    server-sent events of `stream_chunk` when given, and each of `errors` as ErrorResponse."""
+    success: dict[str, Any] = {"description": ok_description}
+    if ok is not None:
+        success["model"] = ok
+    if stream_chunk is not None:
+        success["content"] = {"text/event-stream": {"schema": _sse_event_schema(stream_chunk)}}
+    responses: dict[int | str, dict[str, Any]] = {200: success}
+    for status in errors:
+        responses[status] = {"model": ErrorResponse, "description": _ERRORS[status]}
+        if status in _HEADERS:
+            responses[status]["headers"] = _HEADERS[status]
+    return responses
