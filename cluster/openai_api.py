@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zayaserve.cluster.backend import GenerationBackend
@@ -33,12 +33,19 @@ from zayaserve.cluster.openai_chat import create_chat_completion
 from zayaserve.cluster.openai_common import ServingContext, error_response_of
 from zayaserve.cluster.openai_completions import create_completion
 from zayaserve.cluster.openai_protocol import (
+    GENERATION_ERRORS,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
     CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
     ErrorDetail,
     ErrorResponse,
     ModelCard,
     ModelList,
+    openapi_request_body,
+    openapi_responses,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,6 +88,9 @@ def _validation_error(err: ValidationError) -> InvalidRequestError:
     if first["type"] == "model_type" and param is None:
         return InvalidRequestError("the request body must be a JSON object")
     if first["type"] == "extra_forbidden":
+        # The unknown key ends the location whatever it looks like ("X-Foo", "a-b", "").
+        parent, key = _field_path(tuple(first["loc"][:-1])), str(first["loc"][-1])
+        param = f"{parent}.{key}" if parent else key
         message = "unrecognized request argument (not supported by this server)"
     else:
         # A union field fails once per accepted type, all at the same path: list them all.
@@ -180,25 +190,31 @@ def build_openai_app(
     async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
         return _error_json(internal_error(err, request.url.path))
 
-    @app.post("/v1/completions")
+    # The handlers read their own bodies: the decorators declare them, and every answer.
+    @app.post("/v1/completions", openapi_extra=openapi_request_body(CompletionRequest),
+              responses=openapi_responses(CompletionResponse, errors=GENERATION_ERRORS,
+                                          stream_chunk=CompletionStreamResponse))
     async def completions(request: Request) -> Response:
         authorize(request)
         body = await _read_body(request, max_body_bytes, CompletionRequest)
         return await create_completion(body, ctx, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_request_body(ChatCompletionRequest),
+              responses=openapi_responses(ChatCompletionResponse, errors=GENERATION_ERRORS,
+                                          stream_chunk=ChatCompletionStreamResponse))
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         body = await _read_body(request, max_body_bytes, ChatCompletionRequest)
         return await create_chat_completion(body, ctx, request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=openapi_responses(ModelList, errors=(401, 500)))
     async def models(request: Request) -> JSONResponse:
         authorize(request)
         cards = [ModelCard(id=name, max_model_len=backend.max_model_len) for name in names]
         return JSONResponse(ModelList(data=cards).model_dump())
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses=openapi_responses(
+        None, ok_description="Healthy (empty body).", errors=(500, 503)))
     async def health() -> Response:
         try:
             await asyncio.wait_for(backend.check_health(), _HEALTH_TIMEOUT_S)
@@ -207,7 +223,8 @@ def build_openai_app(
                 f"backend unhealthy ({type(err).__name__})", retry_after_s=1))
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses=openapi_responses(None, ok_description="Prometheus text format."))
     async def metrics_text() -> Response:
         try:
             stats = await asyncio.wait_for(backend.stats(), _STATS_TIMEOUT_S)

@@ -18,6 +18,7 @@ from zayaserve.cluster.frontend_common import (
     check_context_length,
     close_streams,
     collect,
+    internal_error,
     merge_streams,
     open_streams,
     resolve_model,
@@ -137,6 +138,22 @@ def _response(out: RequestOutput, params: SamplingParams, ctx: ServingContext, c
                                   usage=usage_of([out]))
 
 
+def _stream_choices(out: RequestOutput, cursors: list[ChoiceCursor], params: SamplingParams,
+                    ctx: ServingContext) -> list[ChatStreamChoice]:
+    """What the latest output adds for the client, one entry per choice with news."""
+    choices = []
+    for c in out.outputs:
+        delta = cursors[c.index].advance(c, params)
+        if delta is None:
+            continue
+        choices.append(ChatStreamChoice(
+            index=c.index, delta=DeltaMessage(content=delta.text),
+            logprobs=_logprobs(params, ctx, delta.token_ids, delta.logprobs),
+            finish_reason=delta.finish_reason,  # type: ignore[arg-type]
+            stop_reason=delta.stop_reason))
+    return choices
+
+
 async def _events(
     opened: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]], params: SamplingParams,
     ctx: ServingContext, chat_id: str, model: str, tracker: RequestTracker, include_usage: bool,
@@ -157,16 +174,10 @@ async def _events(
         async for _, out in outputs:
             tracker.on_output(0, out)
             final = out
-            choices = []
-            for c in out.outputs:
-                delta = cursors[c.index].advance(c, params)
-                if delta is None:
-                    continue
-                choices.append(ChatStreamChoice(
-                    index=c.index, delta=DeltaMessage(content=delta.text),
-                    logprobs=_logprobs(params, ctx, delta.token_ids, delta.logprobs),
-                    finish_reason=delta.finish_reason,  # type: ignore[arg-type]
-                    stop_reason=delta.stop_reason))
+            try:
+                choices = _stream_choices(out, cursors, params, ctx)
+            except Exception as err:  # a bug here is the server's, whatever its type
+                raise internal_error(err, ENDPOINT) from err
             if choices:
                 yield chunk(choices)
         if include_usage:

@@ -19,6 +19,7 @@ from zayaserve.cluster.frontend_common import (
     check_token_ids,
     close_streams,
     collect,
+    internal_error,
     merge_streams,
     open_streams,
     resolve_model,
@@ -43,6 +44,7 @@ from zayaserve.cluster.openai_protocol import (
 )
 from zayaserve.replicas.engine.outputs import RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.model.tokenizer import Tokenizer
 
 ENDPOINT = "/v1/completions"
 # The engine names token-id prompts `prompt_token_ids`; here they arrive as `prompt`.
@@ -134,6 +136,26 @@ def _response(final: list[RequestOutput], params: SamplingParams, ctx: ServingCo
                               usage=usage_of(final))
 
 
+def _stream_choices(i: int, out: RequestOutput, cursors: dict[tuple[int, int], ChoiceCursor],
+                    params: SamplingParams, tokenizer: Tokenizer) -> list[CompletionChoice]:
+    """What prompt i's latest output adds for the client, one entry per choice with news."""
+    choices = []
+    for c in out.outputs:
+        cursor = cursors.setdefault((i, c.index), ChoiceCursor())
+        delta = cursor.advance(c, params)
+        if delta is None:
+            continue
+        logprobs = None
+        if params.logprobs is not None and delta.logprobs is not None:
+            logprobs, cursor.text_offset = completion_logprobs(
+                tokenizer, delta.token_ids, delta.logprobs, cursor.text_offset)
+        choices.append(CompletionChoice(
+            index=i * params.n + c.index, text=delta.text, logprobs=logprobs,
+            finish_reason=delta.finish_reason,  # type: ignore[arg-type]
+            stop_reason=delta.stop_reason))
+    return choices
+
+
 async def _events(
     opened: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]], params: SamplingParams,
     ctx: ServingContext, completion_id: str, model: str, tracker: RequestTracker,
@@ -148,20 +170,10 @@ async def _events(
         async for i, out in outputs:
             tracker.on_output(i, out)
             final[i] = out
-            choices = []
-            for c in out.outputs:
-                cursor = cursors.setdefault((i, c.index), ChoiceCursor())
-                delta = cursor.advance(c, params)
-                if delta is None:
-                    continue
-                logprobs = None
-                if params.logprobs is not None and delta.logprobs is not None:
-                    logprobs, cursor.text_offset = completion_logprobs(
-                        tokenizer, delta.token_ids, delta.logprobs, cursor.text_offset)
-                choices.append(CompletionChoice(
-                    index=i * params.n + c.index, text=delta.text, logprobs=logprobs,
-                    finish_reason=delta.finish_reason,  # type: ignore[arg-type]
-                    stop_reason=delta.stop_reason))
+            try:
+                choices = _stream_choices(i, out, cursors, params, tokenizer)
+            except Exception as err:  # a bug here is the server's, whatever its type
+                raise internal_error(err, ENDPOINT) from err
             if choices:
                 yield sse(CompletionStreamResponse(
                     id=completion_id, created=created, model=model, choices=choices))

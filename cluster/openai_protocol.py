@@ -22,8 +22,9 @@ from zayaserve.replicas.engine.params import MAX_LOGPROBS
 
 # ---- shared -------------------------------------------------------------------------------
 
-# Schema-only constraints: they document, for the OpenAPI schema, checks that SamplingParams or a
-# validator below makes (with its own, field-naming message), so they are not checked twice.
+# Constraints written only into the schema (WithJsonSchema, json_schema_extra) document checks
+# that SamplingParams or a validator below makes, with its own field-naming message: the OpenAPI
+# schema says what is accepted, and nothing is checked twice.
 NonEmptyStr = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
 
 
@@ -34,7 +35,7 @@ def _integral(value: object) -> object:
 
 Int = Annotated[StrictInt, BeforeValidator(_integral)]
 TokenId = Annotated[Int, WithJsonSchema({"type": "integer", "minimum": 0})]
-_SEED_RANGE = {"minimum": -(2**63), "maximum": 2**64 - 1}  # torch.Generator's
+_SEED_RANGE: dict[str, Any] = {"minimum": -(2**63), "maximum": 2**64 - 1}  # torch.Generator's
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 _PROMPT_SCHEMA = {"anyOf": [
     {"type": "string", "minLength": 1},

@@ -48,13 +48,15 @@ def update_text_and_check_stop(
 
 
 def make_output(req: Request) -> RequestOutput:
+    """A snapshot: the sequences' lists are copied, since later steps keep appending to them
+    while a consumer may still be reading this output (token_ids and logprobs must agree)."""
     outputs = [
         CompletionOutput(
             index=s.index,
             text=s.text,
             token_ids=s.output_token_ids,
             cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-            logprobs=s.logprobs,
+            logprobs=list(s.logprobs) if s.logprobs is not None else None,
             finish_reason=s.finish_reason,
             stop_reason=s.stop_reason,
         )
@@ -64,7 +66,7 @@ def make_output(req: Request) -> RequestOutput:
         request_id=req.request_id,
         prompt=req.prompt,
         prompt_token_ids=req.prompt_token_ids,
-        prompt_logprobs=req.prompt_logprobs,
+        prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
         outputs=outputs,
         finished=req.finished,
         num_cached_tokens=req.num_cached_tokens,

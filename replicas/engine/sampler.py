@@ -104,10 +104,12 @@ def _apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
 
 def _prefix_keep(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     # Mass strictly before each token: a token is kept while the kept set is still short of
-    # top_p, which yields the smallest prefix reaching top_p. The first token has 0 before it
-    # and top_p > 0, so at least one token always survives.
+    # top_p, which yields the smallest prefix reaching top_p. The first token always survives:
+    # a tiny top_p (5e-324 is > 0, so valid) is 0 once in float32, which would keep none.
     before = sorted_probs.cumsum(dim=1) - sorted_probs
-    return before < top_p.unsqueeze(1)
+    keep = before < top_p.unsqueeze(1)
+    keep[:, 0] = True
+    return keep
 
 
 def _nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
