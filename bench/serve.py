@@ -87,16 +87,17 @@ async def _drive(base: str, model: str, prompts: list[list[int]], max_tokens: in
         return time.perf_counter() - t, list(results)
 
 
-def run_mode(name: str, args: argparse.Namespace, prompts: list[list[int]], **cluster: Any
-             ) -> ModeResult:
+def run_mode(name: str, args: argparse.Namespace, prompts: list[list[int]],
+             micro_batches: int = 2, **cluster: Any) -> ModeResult:
     from ray import serve
 
     from zayaserve.cluster.config import ClusterConfig
     from zayaserve.cluster.serve_cli import APP_NAME, deploy
 
     cfg = ClusterConfig.create(model=args.model, http_port=args.http_port, grpc_port=0,
-                               replica_num_cpus=0.1, max_num_seqs=args.streams,
-                               torch_threads=args.threads, **cluster)
+                               replica_num_cpus=0.1, **cluster,
+                               engine={"max_num_seqs": args.streams, "num_threads": args.threads,
+                                       "micro_batches": micro_batches})
     deploy(cfg)
     try:
         if cfg.expert_shards:
@@ -156,10 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = run_mode("(a) experts in-process", args, prompts, expert_shards=0)
         print(report(a), flush=True)
         b = run_mode("(b) 2 shards, no overlap", args, prompts, expert_shards=2,
-                     micro_batch_overlap=False)
+                     micro_batches=1)
         print(report(b), flush=True)
         c = run_mode("(c) 2 shards, micro-batch overlap", args, prompts, expert_shards=2,
-                     micro_batch_overlap=True)
+                     micro_batches=2)
         print(report(c), flush=True)
         print(f"ratio (c)/(a) throughput: {c.tokens_per_s / a.tokens_per_s:.2f}")
         print(f"ratio (c)/(b) throughput: {c.tokens_per_s / b.tokens_per_s:.2f}")

@@ -1,6 +1,7 @@
 """The Serve application: `build_app(args)` for `serve run zayaserve.cluster.app:build_app
-model=tiny expert_shards=2`, `serve deploy` and a KubeRay `serveConfigV2` (args become
-ClusterConfig fields; errors name the field)."""
+model=tiny expert_shards=2 engine.block_size=8`, `serve deploy` and a KubeRay `serveConfigV2`
+(args become ClusterConfig fields, engine settings nested as `engine: {...}` in YAML or dotted
+on the command line; errors name the field)."""
 
 from __future__ import annotations
 
@@ -30,16 +31,16 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
         ).bind(num_experts, cfg.expert_shards, cfg.expert_replication)
         shards = ExpertShard.options(  # type: ignore[attr-defined]
             num_replicas=cfg.expert_shards, ray_actor_options=actor,
-        ).bind(controller, cfg.model, cfg.dtype, cfg.torch_threads)
+        ).bind(controller, cfg.model, cfg.engine.dtype, cfg.engine.num_threads)
     router = RequestRouterConfig(  # Serve imports the class by its dotted path
         request_router_class="zayaserve.router.prefix_router.PrefixAwareRouter",  # type: ignore
-        request_router_kwargs={"block_size": cfg.block_size,
+        request_router_kwargs={"block_size": cfg.engine.block_size,
                                "imbalanced_threshold": cfg.routing_imbalance_threshold})
     workers = AttentionWorker.options(  # type: ignore[attr-defined]
         num_replicas=cfg.attention_workers, ray_actor_options=actor,
         max_ongoing_requests=cfg.max_pending_requests + 8, request_router_config=router,
         max_queued_requests=cfg.max_queued_requests,
-    ).bind(controller, cfg.model, cfg.engine_kwargs(), cfg.max_pending_requests,
+    ).bind(controller, cfg.model, cfg.engine, cfg.max_pending_requests,
            cfg.dispatch_deadline_s, cfg.wait_for_replica_s)
     return Ingress.options(  # type: ignore[attr-defined]
         ray_actor_options=actor,

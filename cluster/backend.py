@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
-from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 
 
 class GenerationBackend(ABC):
-    """Contract: `generate` yields cumulative `RequestOutput`s, the last one with
-    `finished=True`; raises `ValueError` for bad input (the message names the field),
+    """Contract: `generate` yields the request's `StepDelta`s (only what is new), the last one
+    with `finished=True`; raises `ValueError` for bad input (the message names the field),
     `EngineOverloadedError` when its bounded queue is full. Closing the iterator early
     (client gone) cancels the request and frees its cache."""
 
@@ -27,7 +27,7 @@ class GenerationBackend(ABC):
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]: ...
+    ) -> AsyncIterator[StepDelta]: ...
 
     @abstractmethod
     async def stats(self) -> dict[str, Any]:
@@ -51,7 +51,7 @@ class LocalBackend(GenerationBackend):
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncIterator[StepDelta]:
         return self.engine.generate(request_id, prompt_token_ids, params, prompt)
 
     async def stats(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """`GenerationBackend` over Ray Serve handles to the attention workers.
 
-Workers stream compact deltas; this side rebuilds the cumulative outputs the front ends expect.
+Workers stream the engine's `StepDelta`s unchanged, and this side passes them on.
 Errors raised in a worker come back wrapped by Ray; they are unwrapped to the types the front
 ends map to status codes (ValueError -> 400, EngineOverloadedError -> 429).
 """
@@ -17,8 +17,7 @@ from zayaserve.replicas.engine.async_engine import (
     RequestFailedError,
     StreamStalledError,
 )
-from zayaserve.replicas.engine.output_delta import DeltaDecoder
-from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 
@@ -61,17 +60,15 @@ class ClusterBackend(GenerationBackend):
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncIterator[StepDelta]:
         stream = self.workers.options(stream=True).generate.remote(
             request_id, prompt_token_ids, params, prompt)
-        decoder = DeltaDecoder(prompt)
         finished = False
         self.in_flight += 1
         try:
             async for delta in stream:
-                out = decoder.apply(delta)
-                finished = out.finished
-                yield out
+                finished = delta.finished
+                yield delta
         except Exception as err:
             raise unwrap_remote_error(err) from err
         finally:

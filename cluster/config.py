@@ -1,17 +1,38 @@
 """The cluster's configuration: one pydantic model read from YAML, CLI flags or Serve args.
 
-Every error names the field, e.g. `expert_replication: must be <= expert_shards (2), got 3`.
+Cluster-level fields sit at the top; everything about how an attention worker's engine runs is
+`engine:`, an `EngineSettings` with the names `LLM(...)` takes:
+
+    model: tiny
+    expert_shards: 2
+    engine: {block_size: 16, kv_cache_redis_url: "redis://redis:6379/0", limits: {max_n: 8}}
+
+Every error names the field by its path, e.g. `engine.block_size: Input should be greater than
+or equal to 1` or `expert_replication: must be <= expert_shards (2), got 3`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from zayaserve.replicas.engine.config import RequestLimits
+from zayaserve.replicas.engine.config import EngineSettings
+from zayaserve.replicas.validation_errors import format_validation_error
+
+# Where the cluster's engine default differs from the engine's own: its experts are usually
+# remote, so by default one micro-batch's attention overlaps the other's expert round trip.
+CLUSTER_ENGINE_DEFAULTS: dict[str, Any] = {"micro_batches": 2}
 
 
 class ClusterConfigError(ValueError):
@@ -32,33 +53,22 @@ class ClusterConfig(BaseModel):
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=0, le=65535, description="Public gRPC port (0: off).")
     api_key: str | None = Field(None, description="Bearer key required by REST and gRPC.")
-    dtype: str = Field("auto", description="float32, bfloat16, float16 or auto.")
-    block_size: int = Field(16, ge=1)
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    max_model_len: int | None = Field(None, ge=1)
-    kv_cache_memory_gb: float = Field(1.0, gt=0)
+    engine: EngineSettings = Field(
+        default_factory=lambda: EngineSettings(**CLUSTER_ENGINE_DEFAULTS),
+        description="How every attention worker's engine runs: EngineSettings, the keyword "
+        "arguments of LLM(...). One default differs from the engine's: micro_batches is 2 "
+        "(overlap one micro-batch's attention with the other's expert calls) unless set; "
+        "`--no-overlap` sets 1. The expert shards use its dtype and num_threads; the request "
+        "router its block_size. An EngineSettings object given in Python is used as it is.")
     max_pending_requests: int = Field(
         256, ge=1, description="Requests one attention worker accepts before answering 429.")
-    micro_batch_overlap: bool = Field(
-        True, description="Overlap one micro-batch's attention with the other's expert calls.")
     dispatch_deadline_s: float = Field(10.0, gt=0, description="Deadline of one expert call.")
     wait_for_replica_s: float = Field(
         60.0, gt=0, description="How long a dispatch waits for a restarted expert shard.")
     replica_num_cpus: float = Field(
         0.1, gt=0, description="CPUs reserved per replica (fractional on small machines).")
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per replica.")
-    seed: int = Field(0)
-    enable_prefix_caching: bool = Field(True, description="Reuse cached prefix blocks (L1).")
-    redis_url: str | None = Field(
-        None, description="redis:// or rediss:// URL of the shared L2 prefix cache.")
-    kv_cache_encoding: str = Field(
-        "none", pattern="^(none|int8|fp8)$", description="L2 encoding of K/V blocks.")
     routing_imbalance_threshold: int = Field(
         8, ge=0, description="Queue-length gap above which load beats prefix affinity.")
-    limits: RequestLimits = Field(
-        default_factory=lambda: RequestLimits.model_validate({}),
-        description="Per-request limits (max_n, max_temperature, stop counts, prompts).")
     max_queued_requests: int = Field(
         512, ge=1, description="Requests Serve queues for the attention workers before it "
         "answers 429 / RESOURCE_EXHAUSTED.")
@@ -67,6 +77,13 @@ class ClusterConfig(BaseModel):
     grpc_max_concurrent_rpcs: int = Field(
         1024, ge=1, description="Public gRPC calls served at once; more are refused "
         "(RESOURCE_EXHAUSTED).")
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _cluster_engine_defaults(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {**CLUSTER_ENGINE_DEFAULTS, **value}
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -81,32 +98,22 @@ class ClusterConfig(BaseModel):
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        """EngineConfig fields for an attention worker."""
-        return dict(dtype=self.dtype, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
-                    max_num_batched_tokens=self.max_num_batched_tokens,
-                    max_model_len=self.max_model_len,
-                    kv_cache_memory_gb=self.kv_cache_memory_gb, seed=self.seed,
-                    num_threads=self.torch_threads,
-                    micro_batches=2 if self.micro_batch_overlap else 1,
-                    enable_prefix_caching=self.enable_prefix_caching,
-                    kv_cache_redis_url=self.redis_url,
-                    kv_cache_encoding=self.kv_cache_encoding,
-                    limits=self.limits.model_dump())
-
     @classmethod
     def create(cls, **values: Any) -> ClusterConfig:
+        """Validates `values`; a dotted key is a nested one (`engine.block_size=8`, as
+        `serve run ... engine.block_size=8` passes it)."""
+        nested: dict[str, Any] = {}
+        for key, value in values.items():
+            merge_into(nested, _unflatten(key, value))
         try:
-            return cls(**values)
+            return cls(**nested)
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: "
-                f"{str(e['msg']).removeprefix('Value error, ')}" for e in err.errors())
-            raise ClusterConfigError(problems) from None
+            raise ClusterConfigError(format_validation_error(err)) from None
 
     @classmethod
     def load(cls, file: str | Path | None = None, **overrides: Any) -> ClusterConfig:
-        """YAML file values, then non-None overrides (CLI flags) on top."""
+        """YAML file values, then non-None overrides (CLI flags) on top; nested mappings
+        (`engine={...}`) are merged key by key."""
         values: dict[str, Any] = {}
         if file is not None:
             try:
@@ -115,6 +122,35 @@ class ClusterConfig(BaseModel):
                 raise ClusterConfigError(f"config file {file}: {err}") from None
             if not isinstance(loaded, dict):
                 raise ClusterConfigError(f"config file {file}: expected a mapping at the top")
-            values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-        values.update({k: v for k, v in overrides.items() if v is not None})
+            merge_into(values, _underscored(loaded))
+        merge_into(values, overrides, skip_none=True)
         return cls.create(**values)
+
+
+def merge_into(base: dict[str, Any], new: Mapping[str, Any], skip_none: bool = False) -> None:
+    """Writes `new` into `base`; a mapping meets a mapping key by key, and a pydantic model
+    already in `base` is opened into its fields to take nested values."""
+    for key, value in new.items():
+        if skip_none and value is None:
+            continue
+        if isinstance(value, Mapping):
+            old = base.get(key)
+            if isinstance(old, BaseModel):
+                old = old.model_dump()
+            merged = dict(old) if isinstance(old, dict) else {}
+            merge_into(merged, value, skip_none)
+            base[key] = merged
+        else:
+            base[key] = value
+
+
+def _unflatten(key: str, value: Any) -> dict[str, Any]:
+    head, _, rest = key.partition(".")
+    return {head: _unflatten(rest, value) if rest else value}
+
+
+def _underscored(values: Any) -> Any:
+    """YAML may spell keys with dashes (`block-size`), as the CLI flags do."""
+    if isinstance(values, dict):
+        return {str(k).replace("-", "_"): _underscored(v) for k, v in values.items()}
+    return values

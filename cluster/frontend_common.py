@@ -18,7 +18,7 @@ from zayaserve.replicas.engine.async_engine import (
     RequestFailedError,
     StreamStalledError,
 )
-from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 
 logger = logging.getLogger("zayaserve.frontend")
@@ -210,8 +210,8 @@ async def aclose_quietly(iterator: AsyncIterator[Any]) -> None:
 async def open_stream(
     backend: GenerationBackend, request_id: str, prompt_ids: list[int], params: SamplingParams,
     prompt: str | None,
-) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
-    """Starts a request and waits for its first output, so that admission errors (overload, bad
+) -> tuple[StepDelta, AsyncIterator[StepDelta]]:
+    """Starts a request and waits for its first delta, so that admission errors (overload, bad
     input) surface here, before a streaming response has committed to a 200."""
     iterator = backend.generate(request_id, prompt_ids, params, prompt)
     try:
@@ -225,7 +225,7 @@ async def open_stream(
 async def open_streams(
     backend: GenerationBackend, requests: Sequence[tuple[str, list[int], str | None]],
     params: SamplingParams,
-) -> list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]:
+) -> list[tuple[StepDelta, AsyncIterator[StepDelta]]]:
     """`open_stream` for several prompts at once; if any fails, the others are cancelled."""
     results = await asyncio.gather(
         *(open_stream(backend, rid, ids, params, text) for rid, ids, text in requests),
@@ -240,11 +240,11 @@ async def open_streams(
 
 
 async def merge_streams(
-    streams: Sequence[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
-) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-    """Yields (stream index, output) from several opened streams as outputs arrive, first
-    outputs first. Leaving early (a disconnect) cancels and closes every unfinished stream."""
-    pending: dict[asyncio.Task[RequestOutput], int] = {}
+    streams: Sequence[tuple[StepDelta, AsyncIterator[StepDelta]]],
+) -> AsyncGenerator[tuple[int, StepDelta], None]:
+    """Yields (stream index, delta) from several opened streams as deltas arrive, first
+    deltas first. Leaving early (a disconnect) cancels and closes every unfinished stream."""
+    pending: dict[asyncio.Task[StepDelta], int] = {}
 
     def follow(i: int) -> None:
         task = asyncio.ensure_future(streams[i][1].__anext__())
@@ -279,8 +279,8 @@ async def merge_streams(
 
 
 async def close_streams(
-    merged: AsyncIterator[tuple[int, RequestOutput]] | None,
-    opened: Sequence[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
+    merged: AsyncIterator[tuple[int, StepDelta]] | None,
+    opened: Sequence[tuple[StepDelta, AsyncIterator[StepDelta]]],
 ) -> None:
     """Closes a merge_streams iterator and, in case it never started (so its cleanup never
     ran), the streams it was given: every unfinished request is cancelled. Idempotent."""
@@ -292,17 +292,18 @@ async def close_streams(
 
 async def collect(
     backend: GenerationBackend, requests: Sequence[tuple[str, list[int], str | None]],
-    params: SamplingParams, on_output: Callable[[int, RequestOutput], None] | None = None,
+    params: SamplingParams, on_delta: Callable[[int, StepDelta], None] | None = None,
 ) -> list[RequestOutput]:
-    """Runs several prompts to completion; returns each one's final output, in order.
-    on_output(prompt index, output) sees every intermediate output (for metrics)."""
-    final: list[RequestOutput | None] = [None] * len(requests)
+    """Runs several prompts to completion; returns each one's whole output, in order.
+    on_delta(prompt index, delta) sees every delta (for metrics)."""
+    builders = [RequestOutputBuilder(rid, text) for rid, _, text in requests]
     opened = await open_streams(backend, requests, params)
-    async with contextlib.aclosing(merge_streams(opened)) as outputs:
-        async for i, out in outputs:
-            if on_output is not None:
-                on_output(i, out)
-            final[i] = out
-    if any(out is None or not out.finished for out in final):
+    async with contextlib.aclosing(merge_streams(opened)) as deltas:
+        async for i, delta in deltas:
+            if on_delta is not None:
+                on_delta(i, delta)
+            builders[i].add(delta)
+    final = [b.output for b in builders]
+    if not all(out.finished for out in final):
         raise UnavailableError("the backend ended a request without finishing it")
-    return final  # type: ignore[return-value]
+    return final

@@ -16,7 +16,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from zayaserve.cluster.backend import GenerationBackend
-from zayaserve.cluster.choice_cursor import ChoiceCursor
 from zayaserve.cluster.frontend_common import (
     AuthenticationError,
     FrontendError,
@@ -34,7 +33,7 @@ from zayaserve.cluster.frontend_common import (
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
-from zayaserve.replicas.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from zayaserve.replicas.engine.outputs import Logprob, RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
 
 _HEALTH_TIMEOUT_S = 10.0
@@ -84,18 +83,18 @@ def _usage(out: RequestOutput) -> pb.Usage:
                     total_tokens=prompt + completion)
 
 
-def _delta_pb(backend: GenerationBackend, params: SamplingParams, c: CompletionOutput,
-              text: str, token_ids: list[int], logprobs: list[dict[int, Logprob]] | None
-              ) -> pb.CompletionDelta:
-    delta = pb.CompletionDelta(index=c.index, text=text, token_ids=token_ids,
-                               finish_reason=c.finish_reason or "")
+def _delta_pb(backend: GenerationBackend, params: SamplingParams, index: int, text: str,
+              token_ids: list[int], logprobs: list[dict[int, Logprob]] | None,
+              finish_reason: str | None, stop_reason: int | str | None) -> pb.CompletionDelta:
+    delta = pb.CompletionDelta(index=index, text=text, token_ids=token_ids,
+                               finish_reason=finish_reason or "")
     if params.logprobs is not None and logprobs is not None:
         delta.logprobs.extend(_logprobs_pb(backend, t, e, params.logprobs)
                               for t, e in zip(token_ids, logprobs, strict=True))
-    if isinstance(c.stop_reason, str):
-        delta.stop_str = c.stop_reason
-    elif isinstance(c.stop_reason, int):
-        delta.stop_token_id = c.stop_reason
+    if isinstance(stop_reason, str):
+        delta.stop_str = stop_reason
+    elif isinstance(stop_reason, int):
+        delta.stop_token_id = stop_reason
     return delta
 
 
@@ -172,29 +171,30 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             self._authorize(context)
             model, request_id, text, ids, params = self._prepare(request)
-            out, iterator = await open_stream(self.backend, request_id, ids, params, text)
+            delta, iterator = await open_stream(self.backend, request_id, ids, params, text)
             tracker.on_prompt(len(ids))
-            cursors = [ChoiceCursor() for _ in range(params.n)]
-            first = True
+            usage = pb.Usage(prompt_tokens=len(ids))
             while True:
                 message = pb.GenerateResponse(request_id=request_id, model=model,
-                                              finished=out.finished)
-                if first:
-                    message.prompt_token_ids.extend(out.prompt_token_ids)
-                for c in out.outputs:
-                    d = cursors[c.index].advance(c, params)
-                    if d is not None:
-                        message.outputs.append(_delta_pb(self.backend, params, c, d.text,
-                                                         d.token_ids, d.logprobs))
-                tracker.on_output(0, out)
-                if out.finished:
-                    message.usage.CopyFrom(_usage(out))
-                if first or message.outputs or out.finished:
+                                              finished=delta.finished)
+                if delta.prompt_token_ids is not None:
+                    message.prompt_token_ids.extend(delta.prompt_token_ids)
+                for c in delta.completions:
+                    if c.text or c.token_ids or c.finish_reason:
+                        message.outputs.append(_delta_pb(
+                            self.backend, params, c.index, c.text, list(c.token_ids),
+                            list(c.logprobs) if c.logprobs is not None else None,
+                            c.finish_reason, c.stop_reason))
+                    usage.completion_tokens += len(c.token_ids)
+                tracker.on_delta(0, delta)
+                if delta.finished:
+                    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                    message.usage.CopyFrom(usage)
+                if delta.prompt_token_ids is not None or message.outputs or delta.finished:
                     yield message
-                first = False
-                if out.finished:
+                if delta.finished:
                     break
-                out = await iterator.__anext__()
+                delta = await iterator.__anext__()
             self._count(endpoint, grpc.StatusCode.OK)
             served = True
         except Exception as err:
@@ -212,7 +212,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self._authorize(context)
             model, request_id, text, ids, params = self._prepare(request)
             [out] = await collect(self.backend, [(request_id, ids, text)], params,
-                                  tracker.on_output)
+                                  tracker.on_delta)
         except BaseException as err:
             tracker.finish(served=False)
             if not isinstance(err, Exception):
@@ -225,8 +225,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.GenerateResponse(
             request_id=request_id, model=model, finished=True, usage=_usage(out),
             prompt_token_ids=out.prompt_token_ids,
-            outputs=[_delta_pb(self.backend, params, c, c.text, c.token_ids, c.logprobs)
-                     for c in out.outputs])
+            outputs=[_delta_pb(self.backend, params, c.index, c.text, c.token_ids, c.logprobs,
+                               c.finish_reason, c.stop_reason) for c in out.outputs])
 
 
 async def _watch_health(backend: GenerationBackend, servicer: Any, period_s: float) -> None:

@@ -44,7 +44,7 @@ class Ingress:
 
         return build_openai_app(self.backend, api_key=self.config.api_key,
                                 served_model_names=[self.config.model_name],
-                                max_prompts=self.config.limits.max_prompts_per_request)
+                                max_prompts=self.config.engine.limits.max_prompts_per_request)
 
     async def __del__(self) -> None:
         if self.grpc_server is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.llm_engine import LLMEngine
-from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder
 from zayaserve.replicas.engine.params import SamplingParams
 
 PromptInput = str | dict[str, Any]
@@ -69,23 +69,27 @@ class LLM:
         # Validate everything before anything is queued, so a bad prompt loses nothing.
         encoded = [self._encode(p, i) for i, p in enumerate(prompt_list)]
         order: dict[str, int] = {}
+        builders: dict[str, RequestOutputBuilder] = {}
         try:
             for i, ((text, ids), sp) in enumerate(zip(encoded, params, strict=True)):
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, ids, sp, prompt=text)
                 order[rid] = i
+                builders[rid] = RequestOutputBuilder(rid, text)
         except BaseException:
             for rid in order:
                 self.engine.abort_request(rid)
             raise
-        return self._run(order)
+        return self._run(order, builders)
 
-    def _run(self, order: dict[str, int]) -> list[RequestOutput]:
+    def _run(self, order: dict[str, int], builders: dict[str, RequestOutputBuilder]
+             ) -> list[RequestOutput]:
         results: list[RequestOutput | None] = [None] * len(order)
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished and out.request_id in order:
-                    results[order[out.request_id]] = out
+            for delta in self.engine.step():
+                out = builders[delta.request_id].add(delta)
+                if out.finished:
+                    results[order[delta.request_id]] = out
         return [r for r in results if r is not None]
 
     def chat(

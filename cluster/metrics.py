@@ -33,7 +33,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.outputs import StepDelta
 
 PREFIX = "zayaserve_"
 
@@ -88,7 +88,6 @@ class RequestTracker:
         self.arrival = time.perf_counter()
         self._last: float | None = None
         self._done = False
-        self._tokens_seen: dict[int, int] = {}
         metrics.requests_in_flight.inc()
 
     def on_tokens(self, num_new_tokens: int) -> None:
@@ -105,11 +104,10 @@ class RequestTracker:
         self._last = now
         m.generation_tokens.labels(self.endpoint).inc(num_new_tokens)
 
-    def on_output(self, prompt_index: int, out: RequestOutput) -> None:
-        """Call with each cumulative output of the request's prompt_index-th prompt."""
-        total = sum(len(c.token_ids) for c in out.outputs)
-        self.on_tokens(total - self._tokens_seen.get(prompt_index, 0))
-        self._tokens_seen[prompt_index] = total
+    def on_delta(self, prompt_index: int, delta: StepDelta) -> None:
+        """Call with each delta of the request's prompt_index-th prompt."""
+        del prompt_index
+        self.on_tokens(sum(len(c.token_ids) for c in delta.completions))
 
     def on_prompt(self, num_prompt_tokens: int) -> None:
         self._metrics.prompt_tokens.labels(self.endpoint).inc(num_prompt_tokens)

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from zayaserve.cluster.choice_cursor import ChoiceCursor
 from zayaserve.cluster.frontend_common import (
     InvalidRequestError,
     as_frontend_error,
@@ -28,6 +27,7 @@ from zayaserve.cluster.openai_common import (
     SSE_DONE,
     ClosingStreamingResponse,
     ServingContext,
+    UsageCounter,
     chat_logprobs,
     sse,
     stream_closer,
@@ -45,7 +45,7 @@ from zayaserve.cluster.openai_protocol import (
     ChatStreamChoice,
     DeltaMessage,
 )
-from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.outputs import RequestOutput, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 
 ENDPOINT = "/v1/chat/completions"
@@ -108,7 +108,7 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
             return ClosingStreamingResponse(
                 events, cleanup=stream_closer(opened, tracker), media_type="text/event-stream")
         final = await unless_disconnected(
-            request, collect(ctx.backend, requests, params, on_output=tracker.on_output))
+            request, collect(ctx.backend, requests, params, on_delta=tracker.on_delta))
     except Exception as err:
         tracker.finish(served=False)
         raise as_frontend_error(err, renames) from None
@@ -138,24 +138,20 @@ def _response(out: RequestOutput, params: SamplingParams, ctx: ServingContext, c
                                   usage=usage_of([out]))
 
 
-def _stream_choices(out: RequestOutput, cursors: list[ChoiceCursor], params: SamplingParams,
-                    ctx: ServingContext) -> list[ChatStreamChoice]:
-    """What the latest output adds for the client, one entry per choice with news."""
-    choices = []
-    for c in out.outputs:
-        delta = cursors[c.index].advance(c, params)
-        if delta is None:
-            continue
-        choices.append(ChatStreamChoice(
-            index=c.index, delta=DeltaMessage(content=delta.text),
-            logprobs=_logprobs(params, ctx, delta.token_ids, delta.logprobs),
-            finish_reason=delta.finish_reason,  # type: ignore[arg-type]
-            stop_reason=delta.stop_reason))
-    return choices
+def _stream_choices(delta: StepDelta, params: SamplingParams, ctx: ServingContext
+                    ) -> list[ChatStreamChoice]:
+    """One entry per choice with news in this delta."""
+    return [ChatStreamChoice(
+        index=c.index, delta=DeltaMessage(content=c.text),
+        logprobs=_logprobs(params, ctx, list(c.token_ids),
+                           list(c.logprobs) if c.logprobs is not None else None),
+        finish_reason=c.finish_reason,  # type: ignore[arg-type]
+        stop_reason=c.stop_reason)
+        for c in delta.completions if c.text or c.token_ids or c.finish_reason]
 
 
 async def _events(
-    opened: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]], params: SamplingParams,
+    opened: list[tuple[StepDelta, AsyncIterator[StepDelta]]], params: SamplingParams,
     ctx: ServingContext, chat_id: str, model: str, tracker: RequestTracker, include_usage: bool,
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
@@ -164,25 +160,24 @@ async def _events(
         return sse(ChatCompletionStreamResponse(id=chat_id, created=created, model=model,
                                                 choices=choices))
 
-    final = opened[0][0]
-    cursors = [ChoiceCursor() for _ in range(params.n)]
+    usage = UsageCounter()
     outputs = merge_streams(opened)
     try:
         # OpenAI opens every choice with a role-only delta.
         yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                      for i in range(params.n)])
-        async for _, out in outputs:
-            tracker.on_output(0, out)
-            final = out
+        async for _, delta in outputs:
+            tracker.on_delta(0, delta)
+            usage.add(delta)
             try:
-                choices = _stream_choices(out, cursors, params, ctx)
+                choices = _stream_choices(delta, params, ctx)
             except Exception as err:  # a bug here is the server's, whatever its type
                 raise internal_error(err, ENDPOINT) from err
             if choices:
                 yield chunk(choices)
         if include_usage:
             yield sse(ChatCompletionStreamResponse(id=chat_id, created=created, model=model,
-                                                   choices=[], usage=usage_of([final])))
+                                                   choices=[], usage=usage.usage()))
         yield SSE_DONE
     except Exception as err:  # a 200 is already out: report in-band, then end the stream
         yield stream_error_event(err)

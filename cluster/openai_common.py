@@ -33,7 +33,7 @@ from zayaserve.cluster.openai_protocol import (
     ErrorResponse,
     UsageInfo,
 )
-from zayaserve.replicas.engine.outputs import Logprob, RequestOutput
+from zayaserve.replicas.engine.outputs import Logprob, RequestOutput, StepDelta
 from zayaserve.replicas.model.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -65,7 +65,7 @@ def stream_error_event(err: BaseException) -> bytes:
     return sse(error_response_of(frontend_err))
 
 
-def stream_closer(opened: Sequence[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
+def stream_closer(opened: Sequence[tuple[StepDelta, AsyncIterator[StepDelta]]],
                   tracker: RequestTracker) -> Callable[[], Awaitable[None]]:
     """The cleanup of a streaming response: cancel what is unfinished, close the tracker."""
     async def close() -> None:
@@ -79,6 +79,22 @@ def sse(payload: BaseModel | dict[str, Any]) -> bytes:
     # Every field is written, nulls included, as OpenAI's own chunks do.
     body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
     return f"data: {body}\n\n".encode()
+
+
+class UsageCounter:
+    """Usage of a streamed response, counted from its deltas (O(1) per delta)."""
+
+    def __init__(self) -> None:
+        self.prompt = self.completion = 0
+
+    def add(self, delta: StepDelta) -> None:
+        if delta.prompt_token_ids is not None:
+            self.prompt += len(delta.prompt_token_ids)
+        self.completion += sum(len(c.token_ids) for c in delta.completions)
+
+    def usage(self) -> UsageInfo:
+        return UsageInfo(prompt_tokens=self.prompt, completion_tokens=self.completion,
+                         total_tokens=self.prompt + self.completion)
 
 
 def usage_of(outputs: Sequence[RequestOutput]) -> UsageInfo:

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from zayaserve.cluster.choice_cursor import ChoiceCursor
 from zayaserve.cluster.frontend_common import (
     InvalidRequestError,
     as_frontend_error,
@@ -29,6 +28,7 @@ from zayaserve.cluster.openai_common import (
     SSE_DONE,
     ClosingStreamingResponse,
     ServingContext,
+    UsageCounter,
     completion_logprobs,
     sse,
     stream_closer,
@@ -42,7 +42,7 @@ from zayaserve.cluster.openai_protocol import (
     CompletionResponse,
     CompletionStreamResponse,
 )
-from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.outputs import RequestOutput, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 
@@ -109,7 +109,7 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
             return ClosingStreamingResponse(
                 events, cleanup=stream_closer(opened, tracker), media_type="text/event-stream")
         final = await unless_disconnected(
-            request, collect(ctx.backend, requests, params, on_output=tracker.on_output))
+            request, collect(ctx.backend, requests, params, on_delta=tracker.on_delta))
     except Exception as err:
         tracker.finish(served=False)
         raise as_frontend_error(err, _RENAMES) from None
@@ -136,42 +136,41 @@ def _response(final: list[RequestOutput], params: SamplingParams, ctx: ServingCo
                               usage=usage_of(final))
 
 
-def _stream_choices(i: int, out: RequestOutput, cursors: dict[tuple[int, int], ChoiceCursor],
+def _stream_choices(i: int, delta: StepDelta, text_offsets: dict[tuple[int, int], int],
                     params: SamplingParams, tokenizer: Tokenizer) -> list[CompletionChoice]:
-    """What prompt i's latest output adds for the client, one entry per choice with news."""
+    """What prompt i's delta adds for the client, one entry per choice with news."""
     choices = []
-    for c in out.outputs:
-        cursor = cursors.setdefault((i, c.index), ChoiceCursor())
-        delta = cursor.advance(c, params)
-        if delta is None:
+    for c in delta.completions:
+        if not (c.text or c.token_ids or c.finish_reason):
             continue
         logprobs = None
-        if params.logprobs is not None and delta.logprobs is not None:
-            logprobs, cursor.text_offset = completion_logprobs(
-                tokenizer, delta.token_ids, delta.logprobs, cursor.text_offset)
+        if params.logprobs is not None and c.logprobs is not None:
+            key = (i, c.index)
+            logprobs, text_offsets[key] = completion_logprobs(
+                tokenizer, list(c.token_ids), list(c.logprobs), text_offsets.get(key, 0))
         choices.append(CompletionChoice(
-            index=i * params.n + c.index, text=delta.text, logprobs=logprobs,
-            finish_reason=delta.finish_reason,  # type: ignore[arg-type]
-            stop_reason=delta.stop_reason))
+            index=i * params.n + c.index, text=c.text, logprobs=logprobs,
+            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+            stop_reason=c.stop_reason))
     return choices
 
 
 async def _events(
-    opened: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]], params: SamplingParams,
+    opened: list[tuple[StepDelta, AsyncIterator[StepDelta]]], params: SamplingParams,
     ctx: ServingContext, completion_id: str, model: str, tracker: RequestTracker,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     tokenizer = ctx.backend.tokenizer
     created = int(time.time())
-    cursors: dict[tuple[int, int], ChoiceCursor] = {}
-    final: list[RequestOutput] = [first for first, _ in opened]
+    text_offsets: dict[tuple[int, int], int] = {}
+    usage = UsageCounter()
     outputs = merge_streams(opened)
     try:
-        async for i, out in outputs:
-            tracker.on_output(i, out)
-            final[i] = out
+        async for i, delta in outputs:
+            tracker.on_delta(i, delta)
+            usage.add(delta)
             try:
-                choices = _stream_choices(i, out, cursors, params, tokenizer)
+                choices = _stream_choices(i, delta, text_offsets, params, tokenizer)
             except Exception as err:  # a bug here is the server's, whatever its type
                 raise internal_error(err, ENDPOINT) from err
             if choices:
@@ -179,7 +178,7 @@ async def _events(
                     id=completion_id, created=created, model=model, choices=choices))
         if include_usage:
             yield sse(CompletionStreamResponse(id=completion_id, created=created, model=model,
-                                               choices=[], usage=usage_of(final)))
+                                               choices=[], usage=usage.usage()))
         yield SSE_DONE
     except Exception as err:  # a 200 is already out: report in-band, then end the stream
         yield stream_error_event(err)

@@ -33,10 +33,12 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None)
     p.add_argument("--api-key", default=None)
-    p.add_argument("--redis-url", default=None, help="shared L2 prefix cache (redis://...)")
-    p.add_argument("--kv-cache-encoding", default=None, choices=["none", "int8", "fp8"])
+    p.add_argument("--redis-url", default=None,
+                   help="engine.kv_cache_redis_url: shared L2 prefix cache (redis://...)")
+    p.add_argument("--kv-cache-encoding", default=None, choices=["none", "int8", "fp8"],
+                   help="engine.kv_cache_encoding: how L2 stores K/V")
     p.add_argument("--no-overlap", action="store_true",
-                   help="disable micro-batch overlap of attention and expert calls")
+                   help="engine.micro_batches=1: no overlap of attention and expert calls")
     p.add_argument("--no-dashboard", action="store_true",
                    help="embedded Ray: start it without the dashboard (then `serve status` "
                         "cannot reach it)")
@@ -54,8 +56,10 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         args.config, model=args.model, attention_workers=args.attention_workers,
         expert_shards=args.expert_shards, expert_replication=args.expert_replication,
         http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
-        api_key=args.api_key, micro_batch_overlap=False if args.no_overlap else None,
-        redis_url=args.redis_url, kv_cache_encoding=args.kv_cache_encoding)
+        api_key=args.api_key,
+        engine={"kv_cache_redis_url": args.redis_url,
+                "kv_cache_encoding": args.kv_cache_encoding,
+                "micro_batches": 1 if args.no_overlap else None})
 
 
 def serve_logging(log_level: str = "warning") -> Any:

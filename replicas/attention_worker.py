@@ -19,9 +19,9 @@ from typing import Any
 from ray import serve
 
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine, EngineDeadError
-from zayaserve.replicas.engine.config import EngineConfig
+from zayaserve.replicas.engine.config import EngineConfig, EngineSettings
 from zayaserve.replicas.engine.llm_engine import LLMEngine
-from zayaserve.replicas.engine.output_delta import DeltaEncoder, OutputDelta
+from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
@@ -41,7 +41,7 @@ def placement_from_dict(d: dict[str, Any]) -> PlacementMap:
 
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=30)
 class AttentionWorker:
-    def __init__(self, controller: Any, model: str, engine_kwargs: dict[str, Any],
+    def __init__(self, controller: Any, model: str, engine_settings: EngineSettings,
                  max_pending_requests: int = 256, dispatch_deadline_s: float = 10.0,
                  wait_for_replica_s: float = 60.0) -> None:
         self.controller = controller
@@ -63,7 +63,7 @@ class AttentionWorker:
                                       deadline_s=dispatch_deadline_s,
                                       wait_for_replica_s=wait_for_replica_s)
             experts = RemoteExpertBackend(self.router, self.router_loop)
-        engine = LLMEngine(EngineConfig(model=str(path), **engine_kwargs),
+        engine = LLMEngine(EngineConfig(model=str(path), **engine_settings.model_dump()),
                            experts=experts)  # type: ignore[arg-type]
         self.engine = AsyncLLMEngine(engine, max_pending_requests)
         if controller is not None:
@@ -103,10 +103,9 @@ class AttentionWorker:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None,
-    ) -> AsyncIterator[OutputDelta]:
-        encoder = DeltaEncoder()
-        async for out in self.engine.generate(request_id, prompt_token_ids, params, prompt):
-            yield encoder.encode(out)
+    ) -> AsyncIterator[StepDelta]:
+        async for delta in self.engine.generate(request_id, prompt_token_ids, params, prompt):
+            yield delta
 
     def stats(self) -> dict[str, Any]:
         return self._stats()

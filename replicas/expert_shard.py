@@ -30,12 +30,12 @@ HEARTBEAT_S = 1.0
 class ExpertShard:
     # Serve awaits async constructors (mypy insists __init__ returns None).
     async def __init__(  # type: ignore[misc]
-        self, controller: Any, model: str, dtype: str = "auto", torch_threads: int | None = None
+        self, controller: Any, model: str, dtype: str = "auto", num_threads: int | None = None
     ) -> None:
         import ray
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        if num_threads:
+            torch.set_num_threads(num_threads)
         self.controller = controller
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.slot, self.experts = await controller.claim.remote(self.replica)

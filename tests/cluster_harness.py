@@ -55,7 +55,8 @@ class Cluster:
 
 
 def deploy(**overrides: Any) -> Cluster:
-    """Deploys the app (ClusterConfig fields as overrides) and waits for its shards."""
+    """Deploys the app (ClusterConfig fields as overrides; `engine={...}` is merged into the
+    harness's engine settings) and waits for its shards."""
     from zayaserve.cluster.serve_cli import deploy as serve_deploy
 
     global HTTP_PORT
@@ -63,8 +64,9 @@ def deploy(**overrides: Any) -> Cluster:
     grpc_port = free_port()
     while grpc_port == HTTP_PORT:  # nothing listens on HTTP_PORT yet, so it can come back
         grpc_port = free_port()
+    engine = {"num_threads": 1, **overrides.pop("engine", {})}
     cfg = ClusterConfig.create(model="tiny", http_port=HTTP_PORT, grpc_port=grpc_port,
-                               replica_num_cpus=0.1, torch_threads=1, **overrides)
+                               replica_num_cpus=0.1, engine=engine, **overrides)
     serve_deploy(cfg)
     cluster = Cluster(cfg)
     cluster.wait_all_shards()

@@ -11,6 +11,7 @@ from zayaserve import LLM, SamplingParams
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.llm_engine import LLMEngine
+from zayaserve.replicas.engine.outputs import RequestOutputBuilder
 
 PROMPTS = [[2, 40, 41, 42], [2, 7, 8], [2, 100, 200, 300, 400, 500]]
 
@@ -35,10 +36,10 @@ def test_concurrent_streams_equal_offline(engine: AsyncLLMEngine, tiny_checkpoin
         [{"prompt_token_ids": p} for p in PROMPTS], params)]
 
     async def one(i: int) -> tuple[list[int], int]:
-        updates, last = 0, None
-        async for out in engine.generate(f"r{i}", PROMPTS[i], params):
-            updates, last = updates + 1, out
-        assert last is not None and last.finished
+        updates, builder = 0, RequestOutputBuilder(f"r{i}", None)
+        async for delta in engine.generate(f"r{i}", PROMPTS[i], params):
+            updates, last = updates + 1, builder.add(delta)
+        assert last.finished
         return last.outputs[0].token_ids, updates
 
     async def main() -> list[tuple[list[int], int]]:
@@ -55,8 +56,9 @@ def test_cancel_mid_stream_frees_blocks(engine: AsyncLLMEngine):
 
     async def main() -> None:
         stream = engine.generate("cancel-me", PROMPTS[2], params)
-        async for out in stream:
-            if len(out.outputs[0].token_ids) >= 3:
+        builder = RequestOutputBuilder("cancel-me", None)
+        async for delta in stream:
+            if len(builder.add(delta).outputs[0].token_ids) >= 3:
                 break
         await stream.aclose()
         for _ in range(100):

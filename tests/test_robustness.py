@@ -28,6 +28,7 @@ from zayaserve.replicas.engine.async_engine import (
 )
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.llm_engine import LLMEngine
+from zayaserve.replicas.engine.outputs import RequestOutputBuilder
 
 PROBE = "The capital of"
 PROBE_TOKENS = 8
@@ -230,12 +231,12 @@ def engine(tiny_checkpoint: Any) -> Iterator[AsyncLLMEngine]:
 
 def _greedy_ids(eng: AsyncLLMEngine, prompt: list[int], n: int = PROBE_TOKENS) -> list[int]:
     async def run() -> list[int]:
-        last = None
-        async for out in eng.generate("probe", prompt, SamplingParams(
+        builder = RequestOutputBuilder("probe", None)
+        async for delta in eng.generate("probe", prompt, SamplingParams(
                 temperature=0, max_tokens=n, ignore_eos=True)):
-            last = out
-        assert last is not None and last.finished
-        return last.outputs[0].token_ids
+            builder.add(delta)
+        assert builder.output.finished
+        return builder.output.outputs[0].token_ids
 
     return asyncio.run(run())
 
@@ -291,10 +292,10 @@ def test_cancel_while_queued_behind_a_slow_step(engine: AsyncLLMEngine, tiny_che
 
 
 async def _drain(stream: Any) -> list[int]:
-    last = None
-    async for out in stream:
-        last = out
-    return [] if last is None else list(last.outputs[0].token_ids)
+    ids: list[int] = []
+    async for delta in stream:
+        ids.extend(t for c in delta.completions for t in c.token_ids)
+    return ids
 
 
 def test_a_failing_step_fails_its_requests_only(engine: AsyncLLMEngine, tiny_checkpoint: Any):

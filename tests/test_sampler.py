@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from zayaserve.replicas.engine import sampler as sampler_mod
-from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.engine.sampler import SampledToken, SamplingRow, prompt_logprobs, sample
 
 
@@ -285,16 +284,11 @@ def test_low_precision_logits_and_shapes() -> None:
         sample(torch.zeros(5), [row()])
 
 
-def test_row_validation_and_from_params() -> None:
+def test_row_validation() -> None:
     with pytest.raises(ValueError, match="temperature"):
         row(temperature=-0.1)
     with pytest.raises(ValueError, match="top_p"):
         row(top_p=0.0)
     with pytest.raises(ValueError, match="num_logprobs"):
         row(num_logprobs=-1)
-    p = SamplingParams(temperature=0.5, top_k=-1, top_p=0.9, logprobs=2)
-    r = SamplingRow.from_params(p, gen(), (2,))
-    assert (r.temperature, r.top_k, r.top_p, r.num_logprobs, r.banned_token_ids) == (
-        0.5, 0, 0.9, 2, (2,)
-    )  # fmt: skip
-    assert not r.is_greedy and SamplingRow.from_params(SamplingParams(top_k=1), gen()).is_greedy
+    assert not row(temperature=0.5, top_k=0).is_greedy and row(temperature=0.5, top_k=1).is_greedy

@@ -9,11 +9,10 @@ dying) mark the engine dead. Cancelling a consumer at any point (before its requ
 mid-step, after it finished) only aborts that request and frees its blocks.
 
 Streams are keyed by ids this class makes, never by the caller's id (a label, echoed back in the
-outputs), so two callers that pick the same id can never see each other's tokens. A stream holds
-at most one pending output: outputs are cumulative, so a newer one supersedes an unread one, and
-a consumer that stops reading costs O(its output), not O(steps x output). After
-`max_unread_steps` superseded outputs in a row the reader is taken as gone: the request is
-aborted with `StreamStalledError` and its blocks freed.
+deltas), so two callers that pick the same id can never see each other's tokens. A stream holds
+at most one pending `StepDelta`: a newer one is merged into an unread one, so a consumer that
+stops reading costs O(its output). After `max_unread_steps` merged steps in a row the reader is
+taken as gone: the request is aborted with `StreamStalledError` and its blocks freed.
 """
 
 from __future__ import annotations
@@ -25,11 +24,11 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from zayaserve.replicas.engine.llm_engine import LLMEngine
-from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 
 log = logging.getLogger("zayaserve.engine")
@@ -68,8 +67,8 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     label: str
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    latest: RequestOutput | BaseException | None = None
-    unread: int = 0  # outputs superseded before the consumer read them, in a row
+    latest: StepDelta | BaseException | None = None
+    unread: int = 0  # deltas merged before the consumer read them, in a row
 
 
 class AsyncLLMEngine:
@@ -155,20 +154,20 @@ class AsyncLLMEngine:
         with self._lock:
             return [f"{s.label}({rid})" if (s := self._streams.get(rid)) else rid for rid in ids]
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException, finished: bool):
+    def _deliver(self, request_id: str, item: StepDelta | BaseException, finished: bool):
         stalled = False
         with self._lock:
             stream = self._streams.get(request_id)
             if stream is None:
                 return
-            if isinstance(item, RequestOutput):
-                item.request_id = stream.label
-                if isinstance(stream.latest, RequestOutput):
+            if isinstance(item, StepDelta):
+                item = replace(item, request_id=stream.label)
+                if isinstance(stream.latest, StepDelta):
                     stream.unread += 1
                     if stream.unread > self.max_unread_steps and not finished:
                         stalled, finished = True, True
                         item = StreamStalledError(
-                            f"the client read none of the last {stream.unread} outputs "
+                            f"the client read none of the last {stream.unread} steps "
                             f"(max_unread_steps={self.max_unread_steps}); request aborted")
             if finished:
                 self._streams.pop(request_id, None)
@@ -182,9 +181,11 @@ class AsyncLLMEngine:
             self.engine.abort_request(request_id)
 
     @staticmethod
-    def _post(stream: _Stream, item: RequestOutput | BaseException) -> None:
-        # An error, once posted, is final: a late output must not hide it.
-        if not isinstance(stream.latest, BaseException):
+    def _post(stream: _Stream, item: StepDelta | BaseException) -> None:
+        # An error, once posted, is final: a late delta must not hide it.
+        if isinstance(stream.latest, StepDelta) and isinstance(item, StepDelta):
+            stream.latest = stream.latest.merged(item)
+        elif not isinstance(stream.latest, BaseException):
             stream.latest = item
         stream.wake.set()
 
@@ -223,9 +224,9 @@ class AsyncLLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yields the request's cumulative output (its `request_id` is the caller's label)
-        after steps that touched it; consecutive outputs may be coalesced."""
+    ) -> AsyncIterator[StepDelta]:
+        """Yields the request's StepDeltas (their `request_id` is the caller's label); the
+        deltas of steps the consumer fell behind on arrive merged into one."""
         if self.is_dead:
             raise EngineDeadError(f"engine stopped ({type(self._error).__name__})")
         rid = f"{next(self._ids)}"

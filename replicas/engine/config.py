@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zayaserve.replicas.validation_errors import format_validation_error
 
 
 class RequestLimits(BaseModel):
@@ -22,10 +26,12 @@ class RequestLimits(BaseModel):
         64, ge=1, description="Most prompts in one completions request (a list of prompts).")
 
 
-class EngineConfig(BaseModel):
+class EngineSettings(BaseModel):
+    """How an engine runs, whatever model it serves: `LLM(model, **settings)`'s keyword
+    arguments, and `engine:` of the cluster's config (the same names everywhere)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="Checkpoint folder (transformers layout).")
     dtype: str = Field("auto", description="float32, bfloat16, float16 or auto (checkpoint's).")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
     max_num_seqs: int = Field(64, ge=1, description="Most sequences running at once.")
@@ -53,11 +59,16 @@ class EngineConfig(BaseModel):
     limits: RequestLimits = Field(
         default_factory=lambda: RequestLimits.model_validate({}), description="Per-request limits.")
 
+
+class EngineConfig(EngineSettings):
+    """EngineSettings plus the checkpoint they apply to: what LLMEngine is built from."""
+
+    model: str = Field(description="Checkpoint folder (transformers layout).")
+
     @classmethod
-    def create(cls, **kwargs: object) -> EngineConfig:
+    def create(cls, **kwargs: Any) -> EngineConfig:
+        """Validates, raising a ValueError that names every bad field (`block_size: ...`)."""
         try:
-            return cls(**kwargs)  # type: ignore[arg-type]
+            return cls(**kwargs)
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-            raise ValueError(problems) from None
+            raise ValueError(format_validation_error(err)) from None

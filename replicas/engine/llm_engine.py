@@ -1,4 +1,4 @@
-"""The engine loop: one step is schedule -> run -> postprocess."""
+"""The engine: requests in, one step = schedule -> run -> update, `StepDelta`s out."""
 
 from __future__ import annotations
 
@@ -10,12 +10,8 @@ import torch
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.config import EngineConfig
-from zayaserve.replicas.engine.output_processor import (
-    banned_tokens,
-    make_output,
-    update_text_and_check_stop,
-)
-from zayaserve.replicas.engine.outputs import RequestOutput
+from zayaserve.replicas.engine.output_processor import SampledStep, banned_tokens
+from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
 from zayaserve.replicas.engine.runner import ModelRunner
@@ -76,8 +72,11 @@ class LLMEngine:
                              snapshots=config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, bs,
-                            config.enable_prefix_caching),
+                            config.enable_prefix_caching, tuple(self.eos_ids),
+                            self.max_model_len),
             BlockPool(num_blocks), StateSlots(config.max_num_seqs))
+        self.scheduler.spawn = self._new_sequence
+        self.scheduler.kv.copy_state = self.cache.copy_state
         # Block hashes are namespaced by the model (config + weights identity), block size and
         # encoding, so no two models or layouts can ever share an entry.
         self.fingerprint = model_fingerprint(
@@ -85,7 +84,7 @@ class LLMEngine:
             weights_identity(path))
         self.cache_namespace = cache_namespace(self.fingerprint, bs, config.kv_cache_encoding)
         self.remote = self._remote_tier() if config.kv_cache_redis_url else None
-        self.scheduler.remote = self.remote
+        self.scheduler.kv.remote = self.remote
         self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Request] = {}
@@ -113,7 +112,7 @@ class LLMEngine:
                  "num_preemptions": float(s.num_preemptions),
                  "kv_blocks_free": float(s.blocks.num_free),
                  "kv_blocks_total": float(s.blocks.num_blocks),
-                 "prefix_cache_local_hit_tokens": float(s.prefix_hit_tokens),
+                 "prefix_cache_local_hit_tokens": float(s.kv.prefix_hit_tokens),
                  "prefix_cache_cached_blocks": float(s.blocks.num_cached),
                  "prefix_cache_remote_hit_tokens": 0.0,
                  "prefix_cache_remote_rejected_blocks": 0.0,
@@ -186,7 +185,8 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[StepDelta]:
+        """schedule -> run -> update: one StepDelta per request that got tokens."""
         self.last_step_request_ids = None
         sched = self.scheduler.schedule()
         self.last_step_request_ids = {c.seq.request.request_id for c in sched.chunks}
@@ -194,17 +194,11 @@ class LLMEngine:
             return []
         plan = self._plan_logits(sched)
         logits = self.runner.run(sched, plan.rows)
-        for c in sched.chunks:
-            c.seq.num_computed_tokens += c.num_tokens
-            self.scheduler.seal_computed(c.seq, c.start)
-        self._collect_prompt_logprobs(plan, logits)
-        touched = self._sample(plan, logits)
-        outputs = []
-        for req in touched:
-            outputs.append(make_output(req))
-            if req.finished:
-                del self.requests[req.request_id]
-        return outputs
+        deltas = self.scheduler.update_from_output(sched, self._sample(plan, logits))
+        for delta in deltas:
+            if delta.finished:
+                del self.requests[delta.request_id]
+        return deltas
 
     def _plan_logits(self, sched: SchedulerOutput) -> _LogitsPlan:
         plan = _LogitsPlan([], [], [])
@@ -228,64 +222,32 @@ class LLMEngine:
             offset += c.num_tokens
         return plan
 
-    def _collect_prompt_logprobs(self, plan: _LogitsPlan, logits: torch.Tensor) -> None:
-        for req, rows, next_ids in plan.prompt:
+    def _sample(self, plan: _LogitsPlan, logits: torch.Tensor) -> SampledStep:
+        """Prompt logprobs and one token per sampling row (n > 1: a row per child to fork)."""
+        prompt: list[tuple[Request, list[dict[int, Logprob] | None]]] = []
+        for req, prompt_rows, next_ids in plan.prompt:
             k = req.params.prompt_logprobs
-            assert req.prompt_logprobs is not None and k is not None
-            req.prompt_logprobs.extend(prompt_logprobs(
-                logits[rows], torch.tensor(next_ids, dtype=torch.int64), k))
-
-    def _sample(self, plan: _LogitsPlan, logits: torch.Tensor) -> list[Request]:
+            assert k is not None
+            prompt.append((req, list(prompt_logprobs(
+                logits[prompt_rows], torch.tensor(next_ids, dtype=torch.int64), k))))
         rows: list[SamplingRow] = []
         targets: list[tuple[Sequence, int]] = []  # (sequence, child index or -1 for itself)
         row_ids: list[int] = []
         for seq, row in plan.samples:
             p = seq.params
-            base = SamplingRow(p.temperature, p.top_k, p.top_p, seq.generator, p.logprobs,
-                               banned_tokens(seq, self.eos_ids))
-            rows.append(base)
-            targets.append((seq, -1))
-            row_ids.append(row)
-            for child in range(1, seq.forks_pending + 1):
-                seed = p.child_seed(child)
-                gen = torch.Generator().manual_seed(seed) if seed is not None else self.generator
+            banned = banned_tokens(seq, self.eos_ids)
+            for child in range(-1, seq.forks_pending + 1):
+                if child == 0:
+                    continue  # index 0 is the sequence itself (child -1)
+                gen = seq.generator
+                if child > 0:
+                    seed = p.child_seed(child)
+                    gen = (torch.Generator().manual_seed(seed) if seed is not None
+                           else self.generator)
                 rows.append(SamplingRow(p.temperature, p.top_k, p.top_p, gen, p.logprobs,
-                                        base.banned_token_ids))
+                                        banned))
                 targets.append((seq, child))
                 row_ids.append(row)
-        if not rows:
-            return []
-        sampled = sample(logits[row_ids], rows)
-        # Children fork from the parent's state before anyone appends a token.
-        seqs = [self._fork(seq, child, row.generator) if child >= 0 else seq
-                for (seq, child), row in zip(targets, rows, strict=True)]
-        touched: dict[str, Request] = {}
-        for seq, tok in zip(seqs, sampled, strict=True):
-            seq.append(tok.token_id, tok.logprob, tok.logprobs)
-            update_text_and_check_stop(seq, tok.token_id, self.eos_ids, self.max_model_len)
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-            touched[seq.request.request_id] = seq.request
-        for seq, _ in plan.samples:
-            seq.forks_pending = 0
-        return list(touched.values())
-
-    def _fork(self, parent: Sequence, index: int, generator: torch.Generator) -> Sequence:
-        """A child of an n > 1 request: it shares the parent's prompt blocks and copies its CCA
-        state, so the prompt is prefilled once. (Called before the parent appends its token.)"""
-        req = parent.request
-        child = self._new_sequence(req, index, list(parent.token_ids))
-        child.generator = generator
-        sched = self.scheduler
-        if (parent.status is Status.RUNNING and sched.slots.num_free > 0
-                and len(sched.running) < self.config.max_num_seqs):
-            child.state_slot = sched.slots.allocate()
-            self.cache.copy_state(parent.state_slot, child.state_slot)
-            sched.blocks.share(parent.block_table)
-            child.block_table = list(parent.block_table)
-            child.num_computed_tokens = parent.num_computed_tokens
-            child.status = Status.RUNNING
-            sched.running.append(child)
-        else:
-            sched.add(child)  # no room now: it recomputes the prompt later
-        return child
+        sampled = sample(logits[row_ids], rows) if rows else []
+        return SampledStep([(seq, child, row.generator, tok) for (seq, child), row, tok
+                            in zip(targets, rows, sampled, strict=True)], prompt)

@@ -72,3 +72,87 @@ class RequestOutput:
             f"prompt_logprobs={self.prompt_logprobs}, outputs={self.outputs}, "
             f"finished={self.finished}, num_cached_tokens={self.num_cached_tokens})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionStep:
+    """What one step added to one completion: only new tokens, text and logprobs.
+
+    `text` is final: the engine holds back the characters a stop string could still cut off,
+    so nothing a client received is ever taken back."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[dict[int, Logprob], ...] | None
+    cumulative_logprob: float | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepDelta:
+    """One request's news from one engine step; made once, in the engine, and carried
+    unchanged to the front ends. The first delta of a request also carries its prompt."""
+
+    request_id: str
+    completions: tuple[CompletionStep, ...]
+    finished: bool
+    num_cached_tokens: int = 0
+    prompt_token_ids: tuple[int, ...] | None = None  # first delta only
+    prompt_logprobs: PromptLogprobs | None = None  # first delta only
+
+    def merged(self, later: StepDelta) -> StepDelta:
+        """This delta followed by `later`, as one (for a reader that fell behind)."""
+        steps = {c.index: c for c in self.completions}
+        for c in later.completions:
+            old = steps.get(c.index)
+            steps[c.index] = c if old is None else CompletionStep(
+                c.index, old.token_ids + c.token_ids, old.text + c.text,
+                None if old.logprobs is None or c.logprobs is None
+                else old.logprobs + c.logprobs,
+                c.cumulative_logprob, c.finish_reason, c.stop_reason)
+        return StepDelta(later.request_id, tuple(steps[i] for i in sorted(steps)),
+                         later.finished, later.num_cached_tokens,
+                         self.prompt_token_ids if self.prompt_token_ids is not None
+                         else later.prompt_token_ids,
+                         self.prompt_logprobs if self.prompt_logprobs is not None
+                         else later.prompt_logprobs)
+
+
+class RequestOutputBuilder:
+    """Accumulates a request's deltas into the vLLM-shaped `RequestOutput` (for `LLM.generate`
+    and non-streaming responses); O(new tokens) per delta. Texts are joined once, when the
+    request finishes."""
+
+    def __init__(self, request_id: str, prompt: str | None) -> None:
+        self.output = RequestOutput(request_id, prompt, [], None, [], False)
+        self._by_index: dict[int, CompletionOutput] = {}
+        self._texts: dict[int, list[str]] = {}
+
+    def add(self, delta: StepDelta) -> RequestOutput:
+        out = self.output
+        if delta.prompt_token_ids is not None:
+            out.prompt_token_ids = list(delta.prompt_token_ids)
+            out.prompt_logprobs = delta.prompt_logprobs
+        for step in delta.completions:
+            c = self._by_index.get(step.index)
+            if c is None:
+                c = CompletionOutput(step.index, "", [], None,
+                                     [] if step.logprobs is not None else None)
+                self._by_index[step.index] = c
+                self._texts[step.index] = []
+                out.outputs.append(c)
+                out.outputs.sort(key=lambda o: o.index)
+            c.token_ids.extend(step.token_ids)
+            self._texts[step.index].append(step.text)
+            if c.logprobs is not None and step.logprobs is not None:
+                c.logprobs.extend(step.logprobs)
+            c.cumulative_logprob = step.cumulative_logprob
+            c.finish_reason, c.stop_reason = step.finish_reason, step.stop_reason
+        out.finished = delta.finished
+        out.num_cached_tokens = delta.num_cached_tokens
+        if out.finished:
+            for c in out.outputs:
+                c.text = "".join(self._texts[c.index])
+        return out

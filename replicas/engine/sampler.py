@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from zayaserve.replicas.engine.outputs import Logprob
-from zayaserve.replicas.engine.params import SAMPLING_EPS, SamplingParams
+from zayaserve.replicas.engine.params import SAMPLING_EPS
 
 # Rows per chunk are chosen so that one [rows, V] float32 temporary stays around 64 MiB; a few
 # hundred rows times a 262k vocabulary would otherwise need several GiB of scratch (sorting for
@@ -52,22 +52,6 @@ class SamplingRow:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS or self.top_k == 1
-
-    @classmethod
-    def from_params(
-        cls,
-        params: SamplingParams,
-        generator: torch.Generator,
-        banned_token_ids: tuple[int, ...] = (),
-    ) -> SamplingRow:
-        return cls(
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            generator=generator,
-            num_logprobs=params.logprobs,
-            banned_token_ids=banned_token_ids,
-        )
 
 
 class SampledToken(NamedTuple):

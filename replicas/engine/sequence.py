@@ -29,6 +29,7 @@ class Request:
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     seqs: list[Sequence] = field(default_factory=list)
+    prompt_sent: bool = False  # the first StepDelta (which carries the prompt) is out
 
     @property
     def finished(self) -> bool:
@@ -56,6 +57,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text: str = ""
+    sent_tokens: int = 0  # output tokens already in a StepDelta
+    sent_chars: int = 0  # characters of `text` already in a StepDelta
     hasher: BlockHasher | None = None  # prefix caching: chain hash of full blocks
     block_hashes: list[bytes] = field(default_factory=list)
 

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from zayaserve.replicas.validation_errors import format_validation_error
+
 LayerType = Literal["hybrid", "hybrid_sliding"]
 
 DEFAULT_ROPE: dict[str, dict[str, Any]] = {
@@ -147,10 +149,7 @@ class ZayaConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
-                for e in err.errors())
-            raise ConfigError(f"{source}: {problems}") from None
+            raise ConfigError(f"{source}: {format_validation_error(err)}") from None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ZayaConfig:
