@@ -18,6 +18,9 @@ from zayaserve.replicas.expert_shard import ExpertShard
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
 
+# Serve imports the request router class by its dotted path.
+REQUEST_ROUTER = "zayaserve.router.request_router.PrefixAwareRequestRouter"
+
 
 def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     cfg = args if isinstance(args, ClusterConfig) else ClusterConfig.create(**args)
@@ -32,8 +35,8 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
         shards = ExpertShard.options(  # type: ignore[attr-defined]
             num_replicas=cfg.expert_shards, ray_actor_options=actor,
         ).bind(controller, cfg.model, cfg.engine.dtype, cfg.engine.num_threads)
-    router = RequestRouterConfig(  # Serve imports the class by its dotted path
-        request_router_class="zayaserve.router.prefix_router.PrefixAwareRouter",  # type: ignore
+    router = RequestRouterConfig(
+        request_router_class=REQUEST_ROUTER,  # type: ignore
         request_router_kwargs={"block_size": cfg.engine.block_size,
                                "imbalanced_threshold": cfg.routing_imbalance_threshold})
     workers = AttentionWorker.options(  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 
 def _init_checkpoint(args: argparse.Namespace) -> int:
-    from zayaserve.replicas.model.checkpoint_init import init_checkpoint
+    from zayaserve.replicas.devtools.random_checkpoint import init_checkpoint
 
     out = init_checkpoint(args.out, preset=args.preset, seed=args.seed, dtype=args.dtype)
     print(f"wrote {args.preset} checkpoint to {out}")

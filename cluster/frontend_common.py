@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
-from zayaserve.cluster.backend import GenerationBackend
+from zayaserve.cluster.engine_client import EngineClient
 from zayaserve.replicas.engine.async_engine import (
     EngineDeadError,
     EngineOverloadedError,
@@ -20,6 +19,7 @@ from zayaserve.replicas.engine.async_engine import (
 )
 from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.validation_errors import ParamError
 
 logger = logging.getLogger("zayaserve.frontend")
 
@@ -97,28 +97,10 @@ def internal_error(err: BaseException, where: str) -> InternalServerError:
     return InternalServerError(f"internal error ({type(err).__name__}); see the server log")
 
 
-# The engine and SamplingParams start their messages with the field: "top_p must be ...",
-# "prompt: 3000 tokens ...", "messages[1].content must be ...".
-_LEADING_FIELD = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\]|\.[A-Za-z_]\w*)*)(?=[: ])")
-# Only these count as field names: a message that merely starts with a word ("chat template
-# error: ...") must not blame a field that does not exist.
-KNOWN_FIELDS = frozenset(SamplingParams.__dataclass_fields__) | {
-    "prompt", "prompt_token_ids", "messages", "model", "request_id"}
-
-
-def field_of(message: str) -> str | None:
-    """The request field a backend/SamplingParams ValueError message starts with, if any."""
-    found = _LEADING_FIELD.match(message)
-    if found is None:
-        return None
-    path = found.group(1)
-    return path if re.split(r"[.\[]", path, maxsplit=1)[0] in KNOWN_FIELDS else None
-
-
 def as_frontend_error(
     err: BaseException, renames: dict[str, str] | None = None, default_param: str | None = None
 ) -> FrontendError:
-    """Maps what the backend raises onto the error the client sees. `renames` translates engine
+    """Maps what generation raises onto the error the client sees. `renames` translates engine
     field names into this API's (e.g. the engine's `prompt_token_ids` is REST's `prompt`).
     Anything that is not a request problem is re-raised, for the server's 500 path."""
     if isinstance(err, FrontendError):
@@ -135,15 +117,13 @@ def as_frontend_error(
         return InternalServerError(str(err))
     if isinstance(err, StreamStalledError):
         return StalledStreamError(str(err))
-    if isinstance(err, ValueError):
+    if isinstance(err, ValueError):  # a ParamError names its field; others get the default
         message = str(err)
-        param = field_of(message) or default_param
-        if param is not None and renames:
-            head = re.split(r"[.\[]", param, maxsplit=1)[0]
-            if head in renames:
-                param = renames[head] + param[len(head):]
-                if message.startswith(head):  # say it in the client's terms
-                    message = renames[head] + message[len(head):]
+        param = err.param if isinstance(err, ParamError) else default_param
+        if param is not None and renames and param in renames:
+            if message.startswith(param):  # say it in the client's terms
+                message = renames[param] + message[len(param):]
+            param = renames[param]
         if param is not None and not message.startswith(param):
             message = f"{param}: {message}"
         return InvalidRequestError(message, param)
@@ -171,12 +151,12 @@ def resolve_model(requested: str | None, served: Sequence[str]) -> str:
 
 
 def check_context_length(
-    backend: GenerationBackend, num_prompt_tokens: int, max_tokens: int | None,
+    client: EngineClient, num_prompt_tokens: int, max_tokens: int | None,
     prompt_field: str, max_tokens_field: str = "max_tokens",
 ) -> None:
     """Rejects, as vLLM does, a prompt that leaves no room to generate, or a prompt plus
     max_tokens beyond the model's context length."""
-    limit = backend.max_model_len
+    limit = client.max_model_len
     if num_prompt_tokens >= limit:
         raise InvalidRequestError(
             f"{prompt_field}: this model's maximum context length is {limit} tokens, and the "
@@ -189,10 +169,10 @@ def check_context_length(
             max_tokens_field)
 
 
-def check_token_ids(backend: GenerationBackend, ids: Sequence[int], field: str) -> None:
+def check_token_ids(client: EngineClient, ids: Sequence[int], field: str) -> None:
     if not ids:
         raise InvalidRequestError(f"{field}: must contain at least one token", field)
-    vocab = backend.tokenizer.vocab_size
+    vocab = client.tokenizer.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise InvalidRequestError(
@@ -200,7 +180,7 @@ def check_token_ids(backend: GenerationBackend, ids: Sequence[int], field: str) 
 
 
 async def aclose_quietly(iterator: AsyncIterator[Any]) -> None:
-    """Closes a backend iterator (which cancels its request) whatever state it is in."""
+    """Closes an engine client's iterator (which cancels its request) whatever state it is in."""
     close = getattr(iterator, "aclose", None)
     if close is not None:
         with contextlib.suppress(Exception):
@@ -208,12 +188,12 @@ async def aclose_quietly(iterator: AsyncIterator[Any]) -> None:
 
 
 async def open_stream(
-    backend: GenerationBackend, request_id: str, prompt_ids: list[int], params: SamplingParams,
+    client: EngineClient, request_id: str, prompt_ids: list[int], params: SamplingParams,
     prompt: str | None,
 ) -> tuple[StepDelta, AsyncIterator[StepDelta]]:
     """Starts a request and waits for its first delta, so that admission errors (overload, bad
     input) surface here, before a streaming response has committed to a 200."""
-    iterator = backend.generate(request_id, prompt_ids, params, prompt)
+    iterator = client.generate(request_id, prompt_ids, params, prompt)
     try:
         first = await iterator.__anext__()
     except BaseException:
@@ -223,12 +203,12 @@ async def open_stream(
 
 
 async def open_streams(
-    backend: GenerationBackend, requests: Sequence[tuple[str, list[int], str | None]],
+    client: EngineClient, requests: Sequence[tuple[str, list[int], str | None]],
     params: SamplingParams,
 ) -> list[tuple[StepDelta, AsyncIterator[StepDelta]]]:
     """`open_stream` for several prompts at once; if any fails, the others are cancelled."""
     results = await asyncio.gather(
-        *(open_stream(backend, rid, ids, params, text) for rid, ids, text in requests),
+        *(open_stream(client, rid, ids, params, text) for rid, ids, text in requests),
         return_exceptions=True)
     opened = [r for r in results if not isinstance(r, BaseException)]
     failed = [r for r in results if isinstance(r, BaseException)]
@@ -291,13 +271,13 @@ async def close_streams(
 
 
 async def collect(
-    backend: GenerationBackend, requests: Sequence[tuple[str, list[int], str | None]],
+    client: EngineClient, requests: Sequence[tuple[str, list[int], str | None]],
     params: SamplingParams, on_delta: Callable[[int, StepDelta], None] | None = None,
 ) -> list[RequestOutput]:
     """Runs several prompts to completion; returns each one's whole output, in order.
     on_delta(prompt index, delta) sees every delta (for metrics)."""
     builders = [RequestOutputBuilder(rid, text) for rid, _, text in requests]
-    opened = await open_streams(backend, requests, params)
+    opened = await open_streams(client, requests, params)
     async with contextlib.aclosing(merge_streams(opened)) as deltas:
         async for i, delta in deltas:
             if on_delta is not None:
@@ -305,5 +285,5 @@ async def collect(
             builders[i].add(delta)
     final = [b.output for b in builders]
     if not all(out.finished for out in final):
-        raise UnavailableError("the backend ended a request without finishing it")
+        raise UnavailableError("the engine ended a request without finishing it")
     return final

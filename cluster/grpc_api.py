@@ -1,4 +1,4 @@
-"""The public gRPC front end (`zayaserve.v1.Generation`) over any `GenerationBackend`, with the
+"""The public gRPC front end (`zayaserve.v1.Generation`) over any `EngineClient`, with the
 standard health service and server reflection. It applies the same checks as the REST front
 end; a bad field is INVALID_ARGUMENT naming it, overload is RESOURCE_EXHAUSTED, an unknown
 model NOT_FOUND. A client that cancels its call cancels the request (its blocks are freed)."""
@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from zayaserve.cluster.backend import GenerationBackend
+from zayaserve.cluster.engine_client import EngineClient
 from zayaserve.cluster.frontend_common import (
     AuthenticationError,
     FrontendError,
@@ -64,11 +64,11 @@ def _sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     return build_sampling_params(fields, _RENAMES)
 
 
-def _logprobs_pb(backend: GenerationBackend, token_id: int, entries: dict[int, Logprob],
+def _logprobs_pb(client: EngineClient, token_id: int, entries: dict[int, Logprob],
                  k: int) -> pb.PositionLogprobs:
     def one(tid: int, lp: Logprob) -> pb.TokenLogprob:
         return pb.TokenLogprob(token_id=tid, logprob=lp.logprob, rank=lp.rank or 0,
-                               token=backend.tokenizer.decode([tid], skip_special_tokens=False))
+                               token=client.tokenizer.decode([tid], skip_special_tokens=False))
 
     ranked = sorted(entries.items(), key=lambda kv: (-kv[1].logprob, kv[0]))[:k]
     sampled = entries.get(token_id, Logprob(float("-inf")))
@@ -83,13 +83,13 @@ def _usage(out: RequestOutput) -> pb.Usage:
                     total_tokens=prompt + completion)
 
 
-def _delta_pb(backend: GenerationBackend, params: SamplingParams, index: int, text: str,
+def _delta_pb(client: EngineClient, params: SamplingParams, index: int, text: str,
               token_ids: list[int], logprobs: list[dict[int, Logprob]] | None,
               finish_reason: str | None, stop_reason: int | str | None) -> pb.CompletionDelta:
     delta = pb.CompletionDelta(index=index, text=text, token_ids=token_ids,
                                finish_reason=finish_reason or "")
     if params.logprobs is not None and logprobs is not None:
-        delta.logprobs.extend(_logprobs_pb(backend, t, e, params.logprobs)
+        delta.logprobs.extend(_logprobs_pb(client, t, e, params.logprobs)
                               for t, e in zip(token_ids, logprobs, strict=True))
     if isinstance(stop_reason, str):
         delta.stop_str = stop_reason
@@ -99,11 +99,11 @@ def _delta_pb(backend: GenerationBackend, params: SamplingParams, index: int, te
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, backend: GenerationBackend, *, api_key: str | None = None,
+    def __init__(self, client: EngineClient, *, api_key: str | None = None,
                  served_model_names: list[str] | None = None,
                  metrics: MetricsCollector | None = None) -> None:
-        self.backend = backend
-        self.served_model_names = list(served_model_names or [backend.model_name])
+        self.client = client
+        self.served_model_names = list(served_model_names or [client.model_name])
         self.metrics = metrics or MetricsCollector()  # a private registry when not shared
         self._expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
@@ -119,7 +119,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                  ) -> tuple[str, str, str | None, list[int], SamplingParams]:
         """(model, request id, prompt text, prompt ids, params), or a FrontendError."""
         model = resolve_model(request.model or None, self.served_model_names)
-        tokenizer = self.backend.tokenizer
+        tokenizer = self.client.tokenizer
         which = request.WhichOneof("input")
         text: str | None
         if which == "prompt":
@@ -127,7 +127,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             ids = tokenizer.encode(text)
         elif which == "prompt_token_ids":
             text, field, ids = None, "prompt_token_ids", list(request.prompt_token_ids.ids)
-            check_token_ids(self.backend, ids, field)
+            check_token_ids(self.client, ids, field)
         elif which == "chat":
             field = "chat"
             messages = [{"role": m.role, "content": m.content}
@@ -141,7 +141,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise InvalidRequestError("input: set one of prompt, prompt_token_ids or chat",
                                       "input")
         params = _sampling_params(request)
-        check_context_length(self.backend, len(ids), params.max_tokens, field,
+        check_context_length(self.client, len(ids), params.max_tokens, field,
                              "sampling.max_tokens")
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
         return model, request_id, text, ids, params
@@ -171,7 +171,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             self._authorize(context)
             model, request_id, text, ids, params = self._prepare(request)
-            delta, iterator = await open_stream(self.backend, request_id, ids, params, text)
+            delta, iterator = await open_stream(self.client, request_id, ids, params, text)
             tracker.on_prompt(len(ids))
             usage = pb.Usage(prompt_tokens=len(ids))
             while True:
@@ -182,7 +182,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 for c in delta.completions:
                     if c.text or c.token_ids or c.finish_reason:
                         message.outputs.append(_delta_pb(
-                            self.backend, params, c.index, c.text, list(c.token_ids),
+                            self.client, params, c.index, c.text, list(c.token_ids),
                             list(c.logprobs) if c.logprobs is not None else None,
                             c.finish_reason, c.stop_reason))
                     usage.completion_tokens += len(c.token_ids)
@@ -211,7 +211,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             self._authorize(context)
             model, request_id, text, ids, params = self._prepare(request)
-            [out] = await collect(self.backend, [(request_id, ids, text)], params,
+            [out] = await collect(self.client, [(request_id, ids, text)], params,
                                   tracker.on_delta)
         except BaseException as err:
             tracker.finish(served=False)
@@ -225,18 +225,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.GenerateResponse(
             request_id=request_id, model=model, finished=True, usage=_usage(out),
             prompt_token_ids=out.prompt_token_ids,
-            outputs=[_delta_pb(self.backend, params, c.index, c.text, c.token_ids, c.logprobs,
+            outputs=[_delta_pb(self.client, params, c.index, c.text, c.token_ids, c.logprobs,
                                c.finish_reason, c.stop_reason) for c in out.outputs])
 
 
-async def _watch_health(backend: GenerationBackend, servicer: Any, period_s: float) -> None:
-    """grpc.health.v1 tells the truth: SERVING only while the backend has a live engine."""
+async def _watch_health(client: EngineClient, servicer: Any, period_s: float) -> None:
+    """grpc.health.v1 tells the truth: SERVING only while the engine is live."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     current = None
     while True:
         try:
-            await asyncio.wait_for(backend.check_health(), _HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(client.check_health(), _HEALTH_TIMEOUT_S)
             status = serving
         except Exception:
             status = not_serving
@@ -248,13 +248,13 @@ async def _watch_health(backend: GenerationBackend, servicer: Any, period_s: flo
 
 
 async def start_grpc_server(
-    backend: GenerationBackend, port: int, host: str = "0.0.0.0", *,
+    client: EngineClient, port: int, host: str = "0.0.0.0", *,
     api_key: str | None = None, served_model_names: list[str] | None = None,
     metrics: MetricsCollector | None = None, max_message_bytes: int = 4 * 2**20,
     max_concurrent_rpcs: int = 1024, health_period_s: float = 1.0,
 ) -> grpc.aio.Server:
     """Starts (and returns) a grpc.aio server with Generation, grpc.health.v1 (SERVING for ""
-    and the Generation service while the backend is healthy, NOT_SERVING otherwise) and
+    and the Generation service while the engine is healthy, NOT_SERVING otherwise) and
     reflection. Messages over `max_message_bytes` are refused, and calls beyond
     `max_concurrent_rpcs` get RESOURCE_EXHAUSTED. Call from the event loop that will serve
     it; stop with `await server.stop(grace)`."""
@@ -262,7 +262,7 @@ async def start_grpc_server(
         options=[("grpc.max_receive_message_length", max_message_bytes)],
         maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(backend, api_key=api_key, served_model_names=served_model_names,
+        GenerationServicer(client, api_key=api_key, served_model_names=served_model_names,
                            metrics=metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -272,7 +272,7 @@ async def start_grpc_server(
     if bound == 0:
         raise OSError(f"port: cannot bind the gRPC server to {host}:{port}")
     await server.start()
-    watcher = asyncio.ensure_future(_watch_health(backend, health_servicer, health_period_s))
+    watcher = asyncio.ensure_future(_watch_health(client, health_servicer, health_period_s))
     _HEALTH_WATCHERS.add(watcher)
     watcher.add_done_callback(_HEALTH_WATCHERS.discard)
     return server

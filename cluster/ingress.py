@@ -1,5 +1,5 @@
 """The ingress deployment: OpenAI-compatible REST (through Serve's HTTP proxy) and the public
-gRPC API (its own server, on `grpc_port`), both over the same `ClusterBackend`."""
+gRPC API (its own server, on `grpc_port`), both over the same `ClusterEngineClient`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from ray import serve
 
-from zayaserve.cluster.cluster_backend import ClusterBackend
+from zayaserve.cluster.cluster_client import ClusterEngineClient
 from zayaserve.cluster.config import ClusterConfig
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.tokenizer import Tokenizer
@@ -27,14 +27,14 @@ class Ingress:
         self.shards = shards
         tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model))
         info = await workers.describe.remote()
-        self.backend = ClusterBackend(workers, controller, tokenizer, self.config.model_name,
-                                      info["max_model_len"])
+        self.client = ClusterEngineClient(workers, controller, tokenizer,
+                                          self.config.model_name, info["max_model_len"])
         self.grpc_server = None
         if self.config.grpc_port:
             from zayaserve.cluster.grpc_api import start_grpc_server
 
             self.grpc_server = await start_grpc_server(
-                self.backend, self.config.grpc_port, host=self.config.http_host,
+                self.client, self.config.grpc_port, host=self.config.http_host,
                 api_key=self.config.api_key,
                 max_message_bytes=self.config.grpc_max_message_bytes,
                 max_concurrent_rpcs=self.config.grpc_max_concurrent_rpcs)
@@ -42,7 +42,7 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         from zayaserve.cluster.openai_api import build_openai_app
 
-        return build_openai_app(self.backend, api_key=self.config.api_key,
+        return build_openai_app(self.client, api_key=self.config.api_key,
                                 served_model_names=[self.config.model_name],
                                 max_prompts=self.config.engine.limits.max_prompts_per_request)
 

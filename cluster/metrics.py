@@ -3,7 +3,7 @@ in one process never collide on metric names), all prefixed `zayaserve_`.
 
 Front-end metrics are observed per request: counts by endpoint and status, time to first token,
 inter-token latency, prompt/generated token counters (tokens/s is `rate()` over the latter),
-requests in flight. Backend metrics come from `GenerationBackend.stats()` at scrape time and
+requests in flight. Engine metrics come from `EngineClient.stats()` at scrape time and
 are exported as gauges named `zayaserve_<key>`. A stats value is either
 
 * a number: one unlabelled gauge, e.g. ``{"kv_blocks_free": 812}``; or
@@ -12,7 +12,7 @@ are exported as gauges named `zayaserve_<key>`. A stats value is either
   "expert_dispatch_latency_seconds": [{"shard": "b", "value": 0.0021}]}``.
   Per-expert token counts and dispatch latency use this shape with the names above.
 
-Anything else (strings, nested dicts) is skipped, so a backend can add diagnostic fields freely.
+Anything else (strings, nested dicts) is skipped, so the engine can add diagnostic fields freely.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float)  # bools count too: exported as 0/1
 
 
-class _BackendStatsCollector(Collector):
+class _EngineStatsCollector(Collector):
     """Turns the latest `stats()` snapshot into gauges each time the registry is scraped."""
 
     def __init__(self) -> None:
@@ -63,13 +63,13 @@ class _BackendStatsCollector(Collector):
         for key, value in sorted(self.snapshot.items()):
             name = _metric_name(key)
             if _is_number(value):
-                family = GaugeMetricFamily(name, f"backend stat {key}", value=float(value))
+                family = GaugeMetricFamily(name, f"engine stat {key}", value=float(value))
                 yield family
             elif isinstance(value, list) and value and all(
                     isinstance(s, Mapping) and _is_number(s.get("value")) for s in value):
                 labels = sorted({str(k) for s in value for k in s if k != "value"})
                 family = GaugeMetricFamily(
-                    name, f"backend stat {key}",
+                    name, f"engine stat {key}",
                     labels=[_BAD_NAME_CHARS.sub("_", lab) for lab in labels])
                 for sample in value:
                     family.add_metric([str(sample.get(lab, "")) for lab in labels],
@@ -151,11 +151,11 @@ class MetricsCollector:
         self.requests_in_flight = Gauge(
             PREFIX + "queue_depth",
             "Generation requests accepted by this front end and not yet answered.", registry=r)
-        self.backend_stats_up = Gauge(
-            PREFIX + "backend_stats_up", "1 if the last backend stats() call succeeded.",
+        self.engine_stats_up = Gauge(
+            PREFIX + "engine_stats_up", "1 if the last engine stats() call succeeded.",
             registry=r)
-        self._backend = _BackendStatsCollector()
-        r.register(self._backend)
+        self._engine_stats = _EngineStatsCollector()
+        r.register(self._engine_stats)
 
     def track(self, endpoint: str) -> RequestTracker:
         return RequestTracker(self, endpoint)
@@ -163,11 +163,11 @@ class MetricsCollector:
     def count_request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint, str(status)).inc()
 
-    def update_backend_stats(self, stats: Mapping[str, Any] | None) -> None:
-        """Replaces the backend snapshot; None records a failed stats() call."""
-        self.backend_stats_up.set(0 if stats is None else 1)
+    def update_engine_stats(self, stats: Mapping[str, Any] | None) -> None:
+        """Replaces the engine stats snapshot; None records a failed stats() call."""
+        self.engine_stats_up.set(0 if stats is None else 1)
         if stats is not None:
-            self._backend.snapshot = dict(stats)
+            self._engine_stats.snapshot = dict(stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

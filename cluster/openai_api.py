@@ -1,4 +1,4 @@
-"""The OpenAI-compatible REST front end over any `GenerationBackend`.
+"""The OpenAI-compatible REST front end over any `EngineClient`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (bearer key when one is
 set), GET /health, GET /metrics. Every error, whoever raises it, leaves as OpenAI's error body
@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from zayaserve.cluster.backend import GenerationBackend
+from zayaserve.cluster.engine_client import EngineClient
 from zayaserve.cluster.frontend_common import (
     AuthenticationError,
     BodyTooLargeError,
@@ -56,7 +56,7 @@ M = TypeVar("M", bound=BaseModel)
 # so scanners probing random URLs cannot blow up the label set.
 _COUNTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
                             "/metrics"})
-# A backend that cannot answer stats() in this long is stuck, not busy (a step is far shorter).
+# An engine that cannot answer stats() in this long is stuck, not busy (a step is far shorter).
 _HEALTH_TIMEOUT_S = 10.0
 _STATS_TIMEOUT_S = 5.0
 # pydantic names union members and wrappers in error locations; they are not request fields.
@@ -149,7 +149,7 @@ class _CountRequests:
 
 
 def build_openai_app(
-    backend: GenerationBackend,
+    client: EngineClient,
     *,
     api_key: str | None = None,
     max_body_bytes: int = 1_000_000,
@@ -158,11 +158,11 @@ def build_openai_app(
     max_prompts: int = 64,
 ) -> FastAPI:
     """The REST app. `served_model_names` are the ids clients may pass as `model` (default: the
-    backend's model name); `metrics` lets several front ends share one registry;
+    engine client's model name); `metrics` lets several front ends share one registry;
     `max_prompts` bounds the prompts of one completions request."""
-    names = list(served_model_names or [backend.model_name])
+    names = list(served_model_names or [client.model_name])
     metrics = metrics or MetricsCollector()
-    ctx = ServingContext(backend, names, metrics, max_prompts)
+    ctx = ServingContext(client, names, metrics, max_prompts)
     app = FastAPI(title="zayaserve", description="OpenAI-compatible API for ZAYA1 models")
     app.state.serving = ctx
     app.add_middleware(_CountRequests, metrics=metrics)
@@ -210,28 +210,28 @@ def build_openai_app(
     @app.get("/v1/models", responses=openapi_responses(ModelList, errors=(401, 500)))
     async def models(request: Request) -> JSONResponse:
         authorize(request)
-        cards = [ModelCard(id=name, max_model_len=backend.max_model_len) for name in names]
+        cards = [ModelCard(id=name, max_model_len=client.max_model_len) for name in names]
         return JSONResponse(ModelList(data=cards).model_dump())
 
     @app.get("/health", response_class=Response, responses=openapi_responses(
         None, ok_description="Healthy (empty body).", errors=(500, 503)))
     async def health() -> Response:
         try:
-            await asyncio.wait_for(backend.check_health(), _HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(client.check_health(), _HEALTH_TIMEOUT_S)
         except Exception as err:
             return _error_json(UnavailableError(
-                f"backend unhealthy ({type(err).__name__})", retry_after_s=1))
+                f"engine unhealthy ({type(err).__name__})", retry_after_s=1))
         return Response(status_code=200)
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses=openapi_responses(None, ok_description="Prometheus text format."))
     async def metrics_text() -> Response:
         try:
-            stats = await asyncio.wait_for(backend.stats(), _STATS_TIMEOUT_S)
+            stats = await asyncio.wait_for(client.stats(), _STATS_TIMEOUT_S)
         except Exception:
-            logger.warning("backend stats() failed; /metrics shows front-end metrics only")
+            logger.warning("engine stats() failed; /metrics shows front-end metrics only")
             stats = None
-        metrics.update_backend_stats(stats)
+        metrics.update_engine_stats(stats)
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return app

@@ -76,7 +76,7 @@ def _params(body: ChatCompletionRequest, room: int) -> SamplingParams:
 
 
 def _prompt(body: ChatCompletionRequest, ctx: ServingContext) -> tuple[str, list[int]]:
-    tokenizer = ctx.backend.tokenizer
+    tokenizer = ctx.client.tokenizer
     conversation = [m.model_dump(exclude_none=True) for m in body.messages]
     try:
         text = tokenizer.apply_chat_template(
@@ -91,9 +91,9 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
                                  request: Request) -> Response:
     model = resolve_model(body.model, ctx.served_model_names)
     text, ids = _prompt(body, ctx)
-    check_context_length(ctx.backend, len(ids), None, "messages")
-    params = _params(body, ctx.backend.max_model_len - len(ids))
-    check_context_length(ctx.backend, len(ids), params.max_tokens, "messages",
+    check_context_length(ctx.client, len(ids), None, "messages")
+    params = _params(body, ctx.client.max_model_len - len(ids))
+    check_context_length(ctx.client, len(ids), params.max_tokens, "messages",
                          _max_tokens_field(body))
     chat_id = f"chatcmpl-{uuid.uuid4().hex}"
     requests = [(chat_id, ids, text)]
@@ -101,14 +101,14 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
     renames = {"prompt": "messages", "prompt_token_ids": "messages"}
     try:
         if body.stream:
-            opened = await open_streams(ctx.backend, requests, params)
+            opened = await open_streams(ctx.client, requests, params)
             tracker.on_prompt(len(ids))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _events(opened, params, ctx, chat_id, model, tracker, include_usage)
             return ClosingStreamingResponse(
                 events, cleanup=stream_closer(opened, tracker), media_type="text/event-stream")
         final = await unless_disconnected(
-            request, collect(ctx.backend, requests, params, on_delta=tracker.on_delta))
+            request, collect(ctx.client, requests, params, on_delta=tracker.on_delta))
     except Exception as err:
         tracker.finish(served=False)
         raise as_frontend_error(err, renames) from None
@@ -123,7 +123,7 @@ def _logprobs(params: SamplingParams, ctx: ServingContext, token_ids: list[int],
               logprobs: list | None) -> ChatLogprobs | None:
     if params.logprobs is None or logprobs is None:
         return None
-    return chat_logprobs(ctx.backend.tokenizer, token_ids, logprobs, params.logprobs)
+    return chat_logprobs(ctx.client.tokenizer, token_ids, logprobs, params.logprobs)
 
 
 def _response(out: RequestOutput, params: SamplingParams, ctx: ServingContext, chat_id: str,

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from zayaserve.cluster.backend import GenerationBackend
+from zayaserve.cluster.engine_client import EngineClient
 from zayaserve.cluster.frontend_common import (
     FrontendError,
     as_frontend_error,
@@ -45,7 +45,7 @@ SSE_DONE = b"data: [DONE]\n\n"
 class ServingContext:
     """What every endpoint handler needs."""
 
-    backend: GenerationBackend
+    client: EngineClient
     served_model_names: list[str]
     metrics: MetricsCollector
     max_prompts: int = 64  # prompts in one completions request
@@ -129,7 +129,7 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
     """The token's own bytes; a byte-level token may hold part of a UTF-8 character, which its
     decoded text (U+FFFD) would lose."""
-    decoder = getattr(tokenizer.backend, "decoder", None)
+    decoder = getattr(tokenizer.hf, "decoder", None)
     piece = tokenizer.id_to_token(token_id)
     if piece is not None and type(decoder).__name__ == "ByteLevel":
         alphabet = _byte_level_alphabet()
@@ -189,8 +189,8 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Runs work; if the client disconnects first, cancels it (closing the backend iterators,
-    which aborts the requests) and returns None."""
+    """Runs work; if the client disconnects first, cancels it (closing the engine client's
+    iterators, which aborts the requests) and returns None."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
     try:
@@ -212,7 +212,7 @@ class ClosingStreamingResponse(StreamingResponse):
     however the response ends. Starlette cancels the body on disconnect for ASGI servers before
     spec 2.4, but on 2.4 it only sees a failed send and leaves the generator suspended; and a
     client gone before the body started leaves a generator whose `finally` never runs. Either
-    way the backend requests must be aborted (freeing their KV blocks) now, not at GC."""
+    way the engine requests must be aborted (freeing their KV blocks) now, not at GC."""
 
     def __init__(self, content: AsyncIterator[bytes],
                  cleanup: Callable[[], Awaitable[None]] | None = None, **kwargs: Any) -> None:

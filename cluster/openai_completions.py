@@ -54,7 +54,7 @@ Prompt = tuple[str | None, list[int]]
 
 
 def _prompts(body: CompletionRequest, ctx: ServingContext) -> list[Prompt]:
-    tokenizer = ctx.backend.tokenizer
+    tokenizer = ctx.client.tokenizer
     raw = body.prompt
     if not raw:
         raise InvalidRequestError("prompt: must not be empty", "prompt")
@@ -70,7 +70,7 @@ def _prompts(body: CompletionRequest, ctx: ServingContext) -> list[Prompt]:
         if isinstance(item, str):
             prompts.append((item, tokenizer.encode(item)))
         else:
-            check_token_ids(ctx.backend, item, field)
+            check_token_ids(ctx.client, item, field)
             prompts.append((None, list(item)))
     return prompts
 
@@ -95,21 +95,21 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
     params = _params(body)
     prompts = _prompts(body, ctx)
     for i, (_, ids) in enumerate(prompts):
-        check_context_length(ctx.backend, len(ids), params.max_tokens,
+        check_context_length(ctx.client, len(ids), params.max_tokens,
                              "prompt" if len(prompts) == 1 else f"prompt[{i}]")
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     requests = [(f"{completion_id}-{i}", ids, text) for i, (text, ids) in enumerate(prompts)]
     tracker = ctx.metrics.track(ENDPOINT)
     try:
         if body.stream:
-            opened = await open_streams(ctx.backend, requests, params)
+            opened = await open_streams(ctx.client, requests, params)
             tracker.on_prompt(sum(len(ids) for _, ids in prompts))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _events(opened, params, ctx, completion_id, model, tracker, include_usage)
             return ClosingStreamingResponse(
                 events, cleanup=stream_closer(opened, tracker), media_type="text/event-stream")
         final = await unless_disconnected(
-            request, collect(ctx.backend, requests, params, on_delta=tracker.on_delta))
+            request, collect(ctx.client, requests, params, on_delta=tracker.on_delta))
     except Exception as err:
         tracker.finish(served=False)
         raise as_frontend_error(err, _RENAMES) from None
@@ -122,7 +122,7 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
 
 def _response(final: list[RequestOutput], params: SamplingParams, ctx: ServingContext,
               completion_id: str, model: str) -> CompletionResponse:
-    tokenizer = ctx.backend.tokenizer
+    tokenizer = ctx.client.tokenizer
     choices = []
     for i, out in enumerate(final):
         for c in out.outputs:
@@ -160,7 +160,7 @@ async def _events(
     ctx: ServingContext, completion_id: str, model: str, tracker: RequestTracker,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    tokenizer = ctx.backend.tokenizer
+    tokenizer = ctx.client.tokenizer
     created = int(time.time())
     text_offsets: dict[tuple[int, int], int] = {}
     usage = UsageCounter()

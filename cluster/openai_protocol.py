@@ -357,11 +357,11 @@ _ERRORS: dict[int, str] = {
     400: "Invalid request; the message and `param` name the offending field.",
     401: "Missing or wrong API key (only when the server has one).",
     404: "`model` is not served here (code model_not_found).",
-    408: "The backend stopped producing output (code stream_stalled).",
+    408: "The engine stopped producing output (code stream_stalled).",
     413: "The request body is too large (code request_too_large).",
     429: "Overloaded; retry after Retry-After seconds.",
     500: "Internal error; the server log has the details.",
-    503: "The backend is unavailable; retry after Retry-After seconds.",
+    503: "The engine is unavailable; retry after Retry-After seconds.",
 }
 GENERATION_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503)
 _HEADERS: dict[int, dict[str, Any]] = {

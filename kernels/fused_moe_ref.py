@@ -3,7 +3,7 @@ imports triton; `fused_moe_triton` is the Triton kernel with the same contract.
 
 Contract (both backends): `hidden` [T, H]; `expert_rows` [T] int64, the local row of each token's
 expert in the stacked weights, or -1 for "no expert here" (the skip class, or an expert another
-shard holds): those rows get exact zeros and are never computed. `weights` [T] router
+shard holds): those rows get exact zeros and are never computed. `weights` [T] MoE-gate
 probability; `gate_up` [E, 2I, H] (gate is the first half); `down` [E, H, I]. Returns [T, H] in
 hidden's dtype: `weight * down(silu(gate) * up)`.
 """

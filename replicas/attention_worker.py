@@ -1,14 +1,14 @@
 """The AttentionWorker deployment: the engine with the attention side of the model, whose
 experts are reached through the token router over gRPC.
 
-The token router runs on its own asyncio loop thread (the engine thread blocks on it, releasing
-the GIL, so the other micro-batch can compute). A poller keeps the placement map fresh, so new
-shard addresses (restarts, later migrations) are used without restarting this replica.
+The token router runs on its own asyncio loop thread, a `BackgroundLoop` (the engine thread
+blocks on it, releasing the GIL, so the other micro-batch can compute). A poller keeps the
+placement map fresh, so new shard addresses (restarts, later migrations) are used without
+restarting this replica.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -26,7 +26,8 @@ from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.router.placement import PlacementMap
-from zayaserve.router.token_router import RemoteExpertBackend, TokenRouter
+from zayaserve.router.remote_experts import BackgroundLoop, RemoteExpertBackend
+from zayaserve.router.token_router import TokenRouter
 
 log = logging.getLogger("zayaserve.attention_worker")
 POLL_S = 0.5
@@ -51,18 +52,16 @@ class AttentionWorker:
         self._map = PlacementMap(version=-1, num_experts=num_experts, replicas={},
                                  addresses={})
         self._stop = threading.Event()
-        self.router: TokenRouter | None = None
+        self.token_router: TokenRouter | None = None
         experts = None  # no controller: experts stay in this process (the baseline mode)
         if controller is not None:
             threading.Thread(target=self._poll_placement, daemon=True,
                              name="zayaserve-placement").start()
-            self.router_loop = asyncio.new_event_loop()
-            threading.Thread(target=self.router_loop.run_forever, daemon=True,
-                             name="zayaserve-router").start()
-            self.router = TokenRouter(lambda: self._map, num_experts,
-                                      deadline_s=dispatch_deadline_s,
-                                      wait_for_replica_s=wait_for_replica_s)
-            experts = RemoteExpertBackend(self.router, self.router_loop)
+            self.token_router_loop = BackgroundLoop()
+            self.token_router = TokenRouter(lambda: self._map, num_experts,
+                                            deadline_s=dispatch_deadline_s,
+                                            wait_for_replica_s=wait_for_replica_s)
+            experts = RemoteExpertBackend(self.token_router, self.token_router_loop.loop)
         engine = LLMEngine(EngineConfig(model=str(path), **engine_settings.model_dump()),
                            experts=experts)  # type: ignore[arg-type]
         self.engine = AsyncLLMEngine(engine, max_pending_requests)
@@ -76,7 +75,7 @@ class AttentionWorker:
                 d = self.controller.placement.remote().result(timeout_s=10)
                 if d["version"] != self._map.version:
                     self._map = placement_from_dict(d)
-            except Exception as err:  # keep the last map; the router retries on its own
+            except Exception as err:  # keep the last map; the token router retries
                 log.warning("placement poll failed: %r", err)
             time.sleep(POLL_S)
 
@@ -91,8 +90,8 @@ class AttentionWorker:
     def _stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {**self.engine.engine.stats(),
                                  "engine_steps_total": self.engine.steps}
-        if self.router is not None:
-            stats.update(self.router.stats_dict())
+        if self.token_router is not None:
+            stats.update(self.token_router.stats_dict())
         return stats
 
     def describe(self) -> dict[str, Any]:

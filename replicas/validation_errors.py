@@ -15,3 +15,15 @@ def format_validation_error(err: ValidationError) -> str:
         path = ".".join(str(p) for p in e["loc"])
         problems.append(f"{path}: {msg}" if path else msg)
     return "; ".join(problems)
+
+
+class ParamError(ValueError):
+    """A request parameter that cannot be served; `param` names it (as the engine calls it:
+    front ends translate it into their own field paths). Raised once, at the boundary."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[object, ...]:  # crosses process boundaries (Ray) intact
+        return type(self), (self.param, str(self))

@@ -9,22 +9,13 @@ place a per-layer placement would slot in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 
 class PlacementError(ValueError):
     """An impossible placement request or an inconsistent map; the message names the field."""
-
-
-@dataclass(frozen=True, slots=True)
-class ShardRegistration:
-    """What a live expert shard announces: where to reach it and the experts it holds."""
-
-    shard_id: str
-    address: str  # "host:port"
-    experts: tuple[int, ...]  # global expert ids, held in every layer
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,52 +54,6 @@ class PlacementMap:
         del layer  # same placement for every layer (see the module docstring)
         return self.replicas.get(expert, ())
 
-    def experts_of(self, shard_id: str) -> list[int]:
-        return sorted(e for e, shards in self.replicas.items() if shard_id in shards)
-
-    def missing_experts(self) -> list[int]:
-        """Experts no shard holds."""
-        return [e for e in range(self.num_experts) if not self.replicas.get(e)]
-
-    def bumped(
-        self,
-        replicas: Mapping[int, Sequence[str]] | None = None,
-        addresses: Mapping[str, str] | None = None,
-    ) -> PlacementMap:
-        """The next version, with the given parts replaced."""
-        return PlacementMap(
-            version=self.version + 1,
-            num_experts=self.num_experts,
-            replicas={e: tuple(s) for e, s in (replicas or self.replicas).items()},
-            addresses=dict(self.addresses if addresses is None else addresses),
-        )
-
-    def with_shard(self, registration: ShardRegistration) -> PlacementMap:
-        """Next version with a shard joined or re-registered (e.g. restarted on a new address).
-
-        A re-registered shard keeps its place in each expert's preference order; a new holder
-        of an expert is appended, so existing routing stays put.
-        """
-        held = set(registration.experts)
-        replicas: dict[int, tuple[str, ...]] = {}
-        for expert in range(self.num_experts):
-            shards = tuple(s for s in self.replicas.get(expert, ())
-                           if s != registration.shard_id or expert in held)
-            if expert in held and registration.shard_id not in shards:
-                shards += (registration.shard_id,)
-            if shards:
-                replicas[expert] = shards
-        addresses = {**self.addresses, registration.shard_id: registration.address}
-        return PlacementMap(self.version + 1, self.num_experts, replicas, addresses)
-
-    def without_shard(self, shard_id: str) -> PlacementMap:
-        """Next version with a shard gone (dead or drained); its experts may end up unplaced."""
-        replicas = {e: tuple(s for s in shards if s != shard_id)
-                    for e, shards in self.replicas.items()}
-        addresses = {s: a for s, a in self.addresses.items() if s != shard_id}
-        return PlacementMap(self.version + 1, self.num_experts,
-                            {e: s for e, s in replicas.items() if s}, addresses)
-
 
 def compute_placement(
     num_experts: int, shard_ids: Sequence[str], replication: int = 1
@@ -145,43 +90,4 @@ def compute_placement(
     return out
 
 
-def placement_from_assignment(
-    assignment: Mapping[str, Sequence[int]],
-    addresses: Mapping[str, str],
-    num_experts: int,
-    version: int = 1,
-) -> PlacementMap:
-    """The map of shard -> experts held; shards listed earlier are preferred for an expert."""
-    replicas: dict[int, list[str]] = {}
-    for shard, experts in assignment.items():
-        for expert in experts:
-            replicas.setdefault(int(expert), []).append(shard)
-    return PlacementMap(version, num_experts, {e: tuple(s) for e, s in replicas.items()},
-                        dict(addresses))
-
-
-def placement_from_registrations(
-    registrations: Iterable[ShardRegistration], num_experts: int, version: int = 1
-) -> PlacementMap:
-    """The map a controller publishes from the shards that registered with it."""
-    regs = list(registrations)
-    ids = [r.shard_id for r in regs]
-    if len(set(ids)) != len(ids):
-        raise PlacementError(f"registrations: shard id registered twice in {ids}")
-    return placement_from_assignment(
-        {r.shard_id: r.experts for r in regs}, {r.shard_id: r.address for r in regs},
-        num_experts, version)
-
-
-def build_placement(
-    num_experts: int, addresses: Mapping[str, str], replication: int = 1, version: int = 1
-) -> PlacementMap:
-    """compute_placement over the given shards, as a map (shard order = dict order)."""
-    return placement_from_assignment(
-        compute_placement(num_experts, list(addresses), replication), addresses, num_experts,
-        version)
-
-
-__all__ = [
-    "PlacementError", "PlacementMap", "ShardRegistration", "build_placement",
-    "compute_placement", "placement_from_assignment", "placement_from_registrations"]
+__all__ = ["PlacementError", "PlacementMap", "compute_placement"]

@@ -1,4 +1,5 @@
-"""Dispatch/combine over gRPC: the attention side's expert backend when experts live elsewhere.
+"""Dispatch/combine over gRPC for the attention side when experts live elsewhere (its expert
+backend, `remote_experts.RemoteExpertBackend`, calls `TokenRouter.dispatch`).
 
 One `dispatch` per (micro-batch, layer): drop skip tokens, group the rest by the shard chosen for
 their expert, send every shard its rows at once, and put the answers back in token order. A
@@ -9,13 +10,11 @@ the placement map and waits, bounded, for one to appear (a restarted shard regis
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple
 
 import grpc
 import torch
@@ -25,8 +24,6 @@ from zayaserve.router.protos import expert_pb2
 from zayaserve.router.router_stats import LayerLatency, RouterStats
 from zayaserve.router.shard_channels import ShardChannels
 from zayaserve.router.tensor_codec import WIRE_DTYPES, decode, encode
-
-T = TypeVar("T")
 
 # Codes that say "this replica is not there (now)": waiting for a replica is bounded by time.
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
@@ -284,54 +281,4 @@ class TokenRouter:
         await self._channels.close()
 
 
-class BackgroundLoop:
-    """An asyncio loop on a daemon thread, so synchronous model code can await the router."""
-
-    def __init__(self, name: str = "zayaserve-token-router") -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return self.submit(coro).result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
-
-
-class RemoteExpertBackend:
-    """The `ExpertBackend` call shape over a `TokenRouter` whose loop runs on another thread."""
-
-    def __init__(self, router: TokenRouter, loop: asyncio.AbstractEventLoop,
-                 *, timeout_s: float | None = None) -> None:
-        self.router = router
-        self.loop = loop
-        self.num_experts = router.num_experts
-        self.timeout_s = timeout_s  # the router bounds every dispatch; this is a backstop
-
-    def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self.loop:
-            raise RuntimeError("RemoteExpertBackend called on its own event loop (would deadlock)")
-        future = asyncio.run_coroutine_threadsafe(
-            self.router.dispatch(layer, hidden, expert_ids, weights), self.loop)
-        try:
-            return future.result(self.timeout_s)
-        except concurrent.futures.TimeoutError:
-            future.cancel()  # do not leave the dispatch running for nobody
-            raise ExpertDispatchError(
-                f"layer {layer}: no answer within {self.timeout_s} s") from None
-
-
-__all__ = [
-    "BackgroundLoop", "ExpertDispatchError", "ExpertShardError", "NoExpertReplicaError",
-    "RemoteExpertBackend", "TokenRouter"]
+__all__ = ["ExpertDispatchError", "ExpertShardError", "NoExpertReplicaError", "TokenRouter"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from zayaserve.replicas.model import checkpoint_init as ci
+from zayaserve.replicas.devtools import random_checkpoint as ci
 from zayaserve.replicas.model.checkpoint_io import (
     CheckpointError,
     CheckpointReader,

@@ -1,5 +1,5 @@
 """The gRPC front end end to end: a real grpc.aio server (own thread and event loop) over
-LocalBackend on the tiny checkpoint, driven through `zayaserve.client` (sync and asyncio) and
+LocalEngineClient on the tiny checkpoint, driven through `zayaserve.client` (sync and asyncio) and
 raw stubs. Outputs equal the offline `LLM`; health and reflection answer; bad fields are
 INVALID_ARGUMENT naming them; overload is RESOURCE_EXHAUSTED; a cancelled call frees blocks."""
 
@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from zayaserve import LLM, SamplingParams
 from zayaserve.client import AsyncZayaClient, ZayaClient
-from zayaserve.cluster.backend import LocalBackend
+from zayaserve.cluster.engine_client import LocalEngineClient
 from zayaserve.cluster.grpc_api import start_grpc_server
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
@@ -38,21 +38,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_backend(path: str, **async_kw: Any) -> LocalBackend:
+def make_engine_client(path: str, **async_kw: Any) -> LocalEngineClient:
     engine = LLMEngine(EngineConfig(model=path, **ENGINE_KW))
-    return LocalBackend(AsyncLLMEngine(engine, **async_kw), MODEL)
+    return LocalEngineClient(AsyncLLMEngine(engine, **async_kw), MODEL)
 
 
 class GrpcServer:
     """start_grpc_server on a free port, served by an event loop on its own thread."""
 
-    def __init__(self, backend: LocalBackend, **kw: Any) -> None:
+    def __init__(self, engine_client: LocalEngineClient, **kw: Any) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = self._run(start_grpc_server(backend, self.port, "127.0.0.1", **kw))
+        self.server = self._run(start_grpc_server(engine_client, self.port, "127.0.0.1", **kw))
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
@@ -63,10 +63,10 @@ class GrpcServer:
         self.thread.join(timeout=10)
 
 
-def wait_idle(backend: LocalBackend, timeout: float = 20.0) -> None:
-    sched = backend.engine.engine.scheduler
+def wait_idle(engine_client: LocalEngineClient, timeout: float = 20.0) -> None:
+    sched = engine_client.engine.engine.scheduler
     deadline = time.monotonic() + timeout
-    while backend.engine.engine.has_unfinished_requests() or sched.running or (
+    while engine_client.engine.engine.has_unfinished_requests() or sched.running or (
             sched.blocks.num_free != sched.blocks.num_blocks):
         assert time.monotonic() < deadline, "requests still running / KV blocks not freed"
         time.sleep(0.02)
@@ -78,15 +78,15 @@ def llm(tiny_checkpoint: Any) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_checkpoint: Any) -> Iterator[LocalBackend]:
-    b = make_backend(str(tiny_checkpoint))
+def engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
+    b = make_engine_client(str(tiny_checkpoint))
     yield b
     b.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def server(backend: LocalBackend) -> Iterator[GrpcServer]:
-    s = GrpcServer(backend)
+def server(engine_client: LocalEngineClient) -> Iterator[GrpcServer]:
+    s = GrpcServer(engine_client)
     yield s
     s.stop()
 
@@ -225,7 +225,7 @@ def test_invalid_inputs_and_unknown_model(server: GrpcServer, client: ZayaClient
 
 
 def test_overload_is_resource_exhausted(tiny_checkpoint: Any) -> None:
-    busy = make_backend(str(tiny_checkpoint), max_pending_requests=1)
+    busy = make_engine_client(str(tiny_checkpoint), max_pending_requests=1)
     server = GrpcServer(busy)
 
     async def fire() -> list[Any]:
@@ -245,21 +245,21 @@ def test_overload_is_resource_exhausted(tiny_checkpoint: Any) -> None:
         busy.engine.shutdown()
 
 
-def test_cancel_frees_blocks(client: ZayaClient, backend: LocalBackend) -> None:
-    wait_idle(backend)
-    steps_before = backend.engine.steps
+def test_cancel_frees_blocks(client: ZayaClient, engine_client: LocalEngineClient) -> None:
+    wait_idle(engine_client)
+    steps_before = engine_client.engine.steps
     stream = client.stream("hello", max_tokens=200, temperature=0, ignore_eos=True)
     got = [next(stream), next(stream)]
-    assert len(got) == 2 and backend.engine.num_pending == 1
+    assert len(got) == 2 and engine_client.engine.num_pending == 1
     stream.close()  # leaving the iterator cancels the call
-    wait_idle(backend)
-    assert backend.engine.steps - steps_before < 150
-    assert backend.engine.num_pending == 0
+    wait_idle(engine_client)
+    assert engine_client.engine.steps - steps_before < 150
+    assert engine_client.engine.num_pending == 0
 
 
-def test_async_cancel_frees_blocks(server: GrpcServer, backend: LocalBackend) -> None:
-    wait_idle(backend)
-    steps_before = backend.engine.steps
+def test_async_cancel_frees_blocks(server: GrpcServer, engine_client: LocalEngineClient) -> None:
+    wait_idle(engine_client)
+    steps_before = engine_client.engine.steps
 
     async def run() -> None:
         async with AsyncZayaClient(server.target, timeout=60) as c:
@@ -269,12 +269,12 @@ def test_async_cancel_frees_blocks(server: GrpcServer, backend: LocalBackend) ->
             await stream.aclose()  # type: ignore[attr-defined]
 
     asyncio.run(run())
-    wait_idle(backend)
-    assert backend.engine.steps - steps_before < 150
+    wait_idle(engine_client)
+    assert engine_client.engine.steps - steps_before < 150
 
 
-def test_api_key(backend: LocalBackend) -> None:
-    server = GrpcServer(backend, api_key="sekret")
+def test_api_key(engine_client: LocalEngineClient) -> None:
+    server = GrpcServer(engine_client, api_key="sekret")
     try:
         with ZayaClient(server.target, timeout=30) as anonymous:
             with pytest.raises(grpc.RpcError) as info:

@@ -1,5 +1,5 @@
 """The OpenAI-compatible REST front end, end to end: a real uvicorn server in this process over
-LocalBackend on the tiny checkpoint, driven by the real `openai` client and raw HTTP. Outputs
+LocalEngineClient on the tiny checkpoint, driven by the real `openai` client and raw HTTP. Outputs
 must equal the offline `LLM` token for token; every bad input gets its status and an OpenAI
 error body naming the field; a client that disconnects frees its KV blocks."""
 
@@ -19,7 +19,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from zayaserve import LLM, SamplingParams
-from zayaserve.cluster.backend import LocalBackend
+from zayaserve.cluster.engine_client import LocalEngineClient
 from zayaserve.cluster.openai_api import build_openai_app
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
 from zayaserve.replicas.engine.config import EngineConfig
@@ -43,9 +43,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_backend(path: str, **async_kw: Any) -> LocalBackend:
+def make_engine_client(path: str, **async_kw: Any) -> LocalEngineClient:
     engine = LLMEngine(EngineConfig(model=path, **ENGINE_KW))
-    return LocalBackend(AsyncLLMEngine(engine, **async_kw), MODEL)
+    return LocalEngineClient(AsyncLLMEngine(engine, **async_kw), MODEL)
 
 
 class Server:
@@ -68,12 +68,12 @@ class Server:
         self.thread.join(timeout=10)
 
 
-def wait_idle(backend: LocalBackend, timeout: float = 20.0) -> None:
+def wait_idle(engine_client: LocalEngineClient, timeout: float = 20.0) -> None:
     """Until nothing runs and every KV block is back in the pool."""
-    sched = backend.engine.engine.scheduler
+    sched = engine_client.engine.engine.scheduler
     deadline = time.monotonic() + timeout
     while True:
-        idle = (not backend.engine.engine.has_unfinished_requests() and not sched.running
+        idle = (not engine_client.engine.engine.has_unfinished_requests() and not sched.running
                 and sched.blocks.num_free == sched.blocks.num_blocks)
         if idle:
             return
@@ -87,15 +87,15 @@ def llm(tiny_checkpoint: Any) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_checkpoint: Any) -> Iterator[LocalBackend]:
-    b = make_backend(str(tiny_checkpoint))
+def engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
+    b = make_engine_client(str(tiny_checkpoint))
     yield b
     b.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def server(backend: LocalBackend) -> Iterator[Server]:
-    s = Server(build_openai_app(backend))
+def server(engine_client: LocalEngineClient) -> Iterator[Server]:
+    s = Server(build_openai_app(engine_client))
     yield s
     s.stop()
 
@@ -368,7 +368,7 @@ def test_metrics_count_requests(server: Server, client: openai.OpenAI) -> None:
     assert after[itl] == before.get(itl, 0) + 2
     assert after[("zayaserve_kv_blocks_total", ())] == ENGINE_KW["num_kv_blocks"]
     assert after[("zayaserve_queue_depth", ())] == 0
-    assert after[("zayaserve_backend_stats_up", ())] == 1
+    assert after[("zayaserve_engine_stats_up", ())] == 1
 
 
 # ---- errors -----------------------------------------------------------------------------
@@ -462,8 +462,8 @@ def test_openai_client_sees_errors(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="nope", messages=CHAT)
 
 
-def test_api_key(backend: LocalBackend) -> None:
-    server = Server(build_openai_app(backend, api_key=API_KEY))
+def test_api_key(engine_client: LocalEngineClient) -> None:
+    server = Server(build_openai_app(engine_client, api_key=API_KEY))
     try:
         url = f"{server.url}/v1"
         with pytest.raises(openai.AuthenticationError) as info:
@@ -480,7 +480,7 @@ def test_api_key(backend: LocalBackend) -> None:
 
 
 def test_overload_is_429(tiny_checkpoint: Any) -> None:
-    busy = make_backend(str(tiny_checkpoint), max_pending_requests=1)
+    busy = make_engine_client(str(tiny_checkpoint), max_pending_requests=1)
     server = Server(build_openai_app(busy))
 
     async def fire() -> list[httpx.Response]:
@@ -502,10 +502,10 @@ def test_overload_is_429(tiny_checkpoint: Any) -> None:
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_disconnect_mid_stream_frees_blocks(server: Server, backend: LocalBackend,
+def test_disconnect_mid_stream_frees_blocks(server: Server, engine_client: LocalEngineClient,
                                             path: str) -> None:
-    wait_idle(backend)
-    steps_before = backend.engine.steps
+    wait_idle(engine_client)
+    steps_before = engine_client.engine.steps
     body: dict[str, Any] = {"max_tokens": 200, "temperature": 0, "stream": True,
                             "ignore_eos": True}
     body.update({"prompt": "hello"} if "chat" not in path else {"messages": CHAT})
@@ -518,20 +518,20 @@ def test_disconnect_mid_stream_frees_blocks(server: Server, backend: LocalBacken
                 events.append(line)
             if len(events) == 2:
                 break
-        assert backend.engine.num_pending == 1
-    wait_idle(backend)
+        assert engine_client.engine.num_pending == 1
+    wait_idle(engine_client)
     # The request was aborted, not run to its 200 tokens.
-    assert backend.engine.steps - steps_before < 150
-    assert backend.engine.num_pending == 0
+    assert engine_client.engine.steps - steps_before < 150
+    assert engine_client.engine.num_pending == 0
 
 
 def test_disconnect_while_waiting_for_whole_answer(server: Server,
-                                                   backend: LocalBackend) -> None:
-    wait_idle(backend)
-    steps_before = backend.engine.steps
+                                                   engine_client: LocalEngineClient) -> None:
+    wait_idle(engine_client)
+    steps_before = engine_client.engine.steps
     body = {"prompt": "hello", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body,
                    timeout=httpx.Timeout(30, read=0.3))
-    wait_idle(backend)
-    assert backend.engine.steps - steps_before < 200
+    wait_idle(engine_client)
+    assert engine_client.engine.steps - steps_before < 200

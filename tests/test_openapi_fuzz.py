@@ -1,8 +1,9 @@
 """Fuzzes the OpenAI-compatible REST API from its own OpenAPI schema with schemathesis: requests
 generated from the declared bodies, valid and invalid alike, each get a documented status, never
 a 5xx, with a body that matches the schema (JSON, or every server-sent event of a stream), and
-a request the schema calls invalid is refused with a 4xx. A real uvicorn server over LocalBackend
-on the tiny checkpoint answers; the number of cases is bounded so the run stays short."""
+a request the schema calls invalid is refused with a 4xx. A real uvicorn server over
+LocalEngineClient on the tiny checkpoint answers; the number of cases is bounded so the run
+stays short."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from test_openai_api import MODEL, Server, make_backend, wait_idle
+from test_openai_api import MODEL, Server, make_engine_client, wait_idle
 
-from zayaserve.cluster.backend import LocalBackend
+from zayaserve.cluster.engine_client import LocalEngineClient
 from zayaserve.cluster.openai_api import build_openai_app
 
 pytestmark = pytest.mark.slow
@@ -42,28 +43,28 @@ stats: dict[str, Any] = {"cases": 0, "by_status": {}, "started": 0.0}
 
 
 @pytest.fixture(scope="module")
-def fuzz_backend(tiny_checkpoint: Any) -> Iterator[LocalBackend]:
-    b = make_backend(str(tiny_checkpoint))
+def fuzz_engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
+    b = make_engine_client(str(tiny_checkpoint))
     yield b
     b.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(fuzz_backend: LocalBackend) -> Iterator[Server]:
-    s = Server(build_openai_app(fuzz_backend, served_model_names=[MODEL]))
+def fuzz_server(fuzz_engine_client: LocalEngineClient) -> Iterator[Server]:
+    s = Server(build_openai_app(fuzz_engine_client, served_model_names=[MODEL]))
     stats["started"] = time.monotonic()
     yield s
     s.stop()
 
 
 def _openapi_document() -> dict[str, Any]:
-    """The app's schema, which depends on no backend: built here, at collection time, since
+    """The app's schema, which depends on no engine: built here, at collection time, since
     schemathesis parametrizes the test with one item per operation (its fixture-based lazy
     loading does not work with pytest 9). The served one is checked equal below."""
-    return build_openai_app(cast(Any, _NoBackend()), served_model_names=[MODEL]).openapi()
+    return build_openai_app(cast(Any, _NoEngineClient()), served_model_names=[MODEL]).openapi()
 
 
-class _NoBackend:
+class _NoEngineClient:
     model_name = MODEL
 
 
@@ -150,8 +151,8 @@ def test_api_conforms_to_its_schema(case: Any, fuzz_server: Server) -> None:
     stats["by_status"][response.status_code] = stats["by_status"].get(response.status_code, 0) + 1
 
 
-def test_fuzzing_left_the_engine_idle(fuzz_backend: LocalBackend) -> None:
+def test_fuzzing_left_the_engine_idle(fuzz_engine_client: LocalEngineClient) -> None:
     """Every fuzzed request, refused, finished or abandoned, has given back its KV blocks."""
-    wait_idle(fuzz_backend)
+    wait_idle(fuzz_engine_client)
     print(f"\nfuzzed {stats['cases']} cases in {time.monotonic() - stats['started']:.0f} s, "
           f"by status: {dict(sorted(stats['by_status'].items()))}")

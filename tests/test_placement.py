@@ -7,14 +7,7 @@ from collections import Counter
 
 import pytest
 
-from zayaserve.router.placement import (
-    PlacementError,
-    PlacementMap,
-    ShardRegistration,
-    build_placement,
-    compute_placement,
-    placement_from_registrations,
-)
+from zayaserve.router.placement import PlacementError, PlacementMap, compute_placement
 
 
 def _is_cyclic_run(experts: list[int], num_experts: int) -> bool:
@@ -75,18 +68,12 @@ def test_impossible_requests_name_the_field(args: tuple, field: str) -> None:
         compute_placement(*args)
 
 
-def test_map_from_registrations_and_its_queries() -> None:
-    pm = placement_from_registrations(
-        [ShardRegistration("a", "h:1", (0, 1, 2)), ShardRegistration("b", "h:2", (2, 3))],
-        num_experts=5, version=7)
+def test_map_queries() -> None:
+    pm = PlacementMap(7, 5, {0: ("a",), 1: ("a",), 2: ("a", "b"), 3: ("b",)},
+                      {"a": "h:1", "b": "h:2"})
     assert pm.version == 7
-    assert pm.shards_for(layer=3, expert=2) == ("a", "b")  # registration order = preference
-    assert pm.shards_for(layer=0, expert=4) == ()
-    assert pm.missing_experts() == [4]
-    assert pm.experts_of("b") == [2, 3]
-    with pytest.raises(PlacementError, match="registrations"):
-        placement_from_registrations(
-            [ShardRegistration("a", "h:1", (0,)), ShardRegistration("a", "h:2", (1,))], 2)
+    assert pm.shards_for(layer=3, expert=2) == ("a", "b")  # listed order = preference
+    assert pm.shards_for(layer=0, expert=4) == ()  # unplaced: the router waits for a newer map
 
 
 def test_map_is_validated_and_read_only() -> None:
@@ -96,25 +83,12 @@ def test_map_is_validated_and_read_only() -> None:
         PlacementMap(1, 4, {4: ("a",)}, {"a": "h:1"})
     with pytest.raises(PlacementError, match=r"replicas\[0\]: shard listed twice"):
         PlacementMap(1, 4, {0: ("a", "a")}, {"a": "h:1"})
-    assert PlacementMap(-1, 4, {}).missing_experts() == [0, 1, 2, 3]  # "none published yet"
-    pm = build_placement(4, {"a": "h:1", "b": "h:2"})
+    with pytest.raises(PlacementError, match="num_experts"):
+        PlacementMap(1, 0, {})
+    none_yet = PlacementMap(-1, 4, {})  # "nothing published yet"
+    assert all(none_yet.shards_for(0, e) == () for e in range(4))
+    pm = PlacementMap(1, 4, {e: ("a",) for e in range(4)}, {"a": "h:1", "b": "h:2"})
     with pytest.raises(dataclasses.FrozenInstanceError):
         pm.version = 2  # type: ignore[misc]
     with pytest.raises(TypeError):
         pm.replicas[0] = ("b",)  # type: ignore[index]
-
-
-def test_new_versions_for_restart_join_and_leave() -> None:
-    pm = build_placement(8, {"a": "h:1", "b": "h:2"}, replication=2, version=3)
-    assert all(pm.shards_for(0, e) == ("a", "b") for e in range(8))
-    restarted = pm.with_shard(ShardRegistration("a", "h:9", tuple(range(8))))
-    assert restarted.version == 4 and restarted.addresses["a"] == "h:9"
-    assert restarted.shards_for(0, 5) == ("a", "b")  # keeps its place in the preference order
-    gone = restarted.without_shard("b")
-    assert gone.version == 5 and "b" not in gone.addresses
-    assert gone.shards_for(0, 5) == ("a",)
-    shrunk = gone.with_shard(ShardRegistration("a", "h:9", (0, 1)))
-    assert shrunk.missing_experts() == [2, 3, 4, 5, 6, 7]
-    joined = shrunk.with_shard(ShardRegistration("c", "h:3", (1, 2)))
-    assert joined.shards_for(0, 1) == ("a", "c") and joined.shards_for(0, 2) == ("c",)
-    assert pm.bumped().version == 4 and pm.bumped().replicas == pm.replicas

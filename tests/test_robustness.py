@@ -13,10 +13,10 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from test_openai_api import ENGINE_KW, MODEL, Server, make_backend, wait_idle
+from test_openai_api import ENGINE_KW, MODEL, Server, make_engine_client, wait_idle
 
 from zayaserve import LLM, SamplingParams
-from zayaserve.cluster.backend import LocalBackend
+from zayaserve.cluster.engine_client import LocalEngineClient
 from zayaserve.cluster.grpc_api import start_grpc_server
 from zayaserve.cluster.openai_api import build_openai_app
 from zayaserve.cluster.protos import generation_pb2 as pb
@@ -44,15 +44,15 @@ def expected(tiny_checkpoint: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_checkpoint: Any) -> Iterator[LocalBackend]:
-    b = make_backend(str(tiny_checkpoint))
+def engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
+    b = make_engine_client(str(tiny_checkpoint))
     yield b
     b.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def server(backend: LocalBackend) -> Iterator[Server]:
-    s = Server(build_openai_app(backend, served_model_names=[MODEL]))
+def server(engine_client: LocalEngineClient) -> Iterator[Server]:
+    s = Server(build_openai_app(engine_client, served_model_names=[MODEL]))
     yield s
     s.stop()
 
@@ -98,26 +98,26 @@ KILLERS = {
 
 @pytest.mark.parametrize("name", sorted(KILLERS))
 def test_killer_request_gets_4xx_and_replica_lives(name: str, server: Server,
-                                                   backend: LocalBackend, expected: str):
+                                                   engine_client: LocalEngineClient, expected: str):
     body, field = KILLERS[name]
     r = post_raw(server, body % MODEL)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == field and error["type"] == "invalid_request_error"
     assert field in error["message"] and "Traceback" not in r.text
-    assert not backend.engine.is_dead
+    assert not engine_client.engine.is_dead
     assert probe(server) == expected
-    wait_idle(backend)
+    wait_idle(engine_client)
 
 
 class GrpcServer:
     """The public gRPC front end on a free port, served from its own event loop thread."""
 
-    def __init__(self, backend: LocalBackend, **kw: Any) -> None:
+    def __init__(self, engine_client: LocalEngineClient, **kw: Any) -> None:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.port = _free_port()
-        self.server = self._run(start_grpc_server(backend, self.port, "127.0.0.1", **kw))
+        self.server = self._run(start_grpc_server(engine_client, self.port, "127.0.0.1", **kw))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = pb_grpc.GenerationStub(self.channel)
 
@@ -131,8 +131,8 @@ class GrpcServer:
 
 
 @pytest.fixture(scope="module")
-def grpc_server(backend: LocalBackend) -> Iterator[GrpcServer]:
-    s = GrpcServer(backend, max_message_bytes=2**20)
+def grpc_server(engine_client: LocalEngineClient) -> Iterator[GrpcServer]:
+    s = GrpcServer(engine_client, max_message_bytes=2**20)
     yield s
     s.stop()
 
@@ -164,8 +164,8 @@ def test_grpc_killer_gets_invalid_argument(name: str, grpc_server: GrpcServer, e
                       ignore_eos=True) == expected
 
 
-def test_grpc_oversized_message_and_short_deadlines(grpc_server: GrpcServer,
-                                                    backend: LocalBackend, expected: str):
+def test_grpc_oversized_message_and_short_deadlines(
+        grpc_server: GrpcServer, engine_client: LocalEngineClient, expected: str):
     with pytest.raises(grpc.RpcError) as info:
         _grpc_text(grpc_server.stub, "x" * 2**21)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -174,14 +174,14 @@ def test_grpc_oversized_message_and_short_deadlines(grpc_server: GrpcServer,
             grpc_server.stub.GenerateUnary(pb.GenerateRequest(
                 prompt=PROBE, sampling=pb.SamplingParams(max_tokens=50)), timeout=timeout)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert not backend.engine.is_dead
+    assert not engine_client.engine.is_dead
     assert _grpc_text(grpc_server.stub, PROBE, temperature=0, max_tokens=PROBE_TOKENS,
                       ignore_eos=True) == expected
-    wait_idle(backend)
+    wait_idle(engine_client)
 
 
-def test_reused_request_ids_never_cross_streams(tiny_checkpoint: Any, backend: LocalBackend,
-                                                grpc_server: GrpcServer):
+def test_reused_request_ids_never_cross_streams(
+        tiny_checkpoint: Any, engine_client: LocalEngineClient, grpc_server: GrpcServer):
     """Two gRPC clients pick the same request_id at once: each gets its own prompt's tokens."""
     prompts = ["Once upon a time", "1 2 3 4"]
     llm = LLM(str(tiny_checkpoint), **ENGINE_KW)
@@ -207,7 +207,7 @@ def test_reused_request_ids_never_cross_streams(tiny_checkpoint: Any, backend: L
     for t in threads:
         t.join(90)
     assert results == want
-    wait_idle(backend)
+    wait_idle(engine_client)
 
 
 def _free_port() -> int:
@@ -327,8 +327,8 @@ def test_repeated_step_failures_mark_the_engine_dead(engine: AsyncLLMEngine):
         with pytest.raises(RequestFailedError):
             _greedy_ids(engine, [2, 9, 10])
     assert engine.is_dead
-    backend = LocalBackend(engine, MODEL)
-    server = Server(build_openai_app(backend, served_model_names=[MODEL]))
+    engine_client = LocalEngineClient(engine, MODEL)
+    server = Server(build_openai_app(engine_client, served_model_names=[MODEL]))
     try:
         health = httpx.get(f"{server.url}/health", timeout=30)
         assert health.status_code == 503 and "Traceback" not in health.text
@@ -358,8 +358,8 @@ def test_peer_faults_fail_requests_with_503_but_never_kill(engine: AsyncLLMEngin
         return real_run(*args, **kw)
 
     runner.run = run  # type: ignore[method-assign]
-    backend = LocalBackend(engine, MODEL)
-    server = Server(build_openai_app(backend, served_model_names=[MODEL]))
+    engine_client = LocalEngineClient(engine, MODEL)
+    server = Server(build_openai_app(engine_client, served_model_names=[MODEL]))
     try:
         for _ in range(engine.max_consecutive_step_failures + 2):
             r = httpx.post(f"{server.url}/v1/completions", timeout=30,

@@ -6,8 +6,8 @@ import asyncio
 import functools
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +18,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from zayaserve.replicas.model.experts import ExpertWeights, LocalExpertBackend, run_grouped
 from zayaserve.replicas.model.loader import load_expert_side
-from zayaserve.router.placement import PlacementMap, ShardRegistration, build_placement
+from zayaserve.router.placement import PlacementMap, compute_placement
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
+from zayaserve.router.remote_experts import BackgroundLoop, RemoteExpertBackend
 from zayaserve.router.shard_server import SERVICE_NAME, ExpertShardServicer, serve_shard
 from zayaserve.router.tensor_codec import encode
-from zayaserve.router.token_router import (
-    BackgroundLoop,
-    ExpertShardError,
-    NoExpertReplicaError,
-    RemoteExpertBackend,
-    TokenRouter,
-)
+from zayaserve.router.token_router import ExpertShardError, NoExpertReplicaError, TokenRouter
 
 E, L, H = 8, 4, 64  # the tiny preset
 SKIP = E
@@ -75,13 +70,40 @@ async def start_shard(ckpt: str, shard_id: str, experts: Sequence[int],
     return Shard(servicer, server, servicer.address)
 
 
+def placement_of(assignment: Mapping[str, Sequence[int]], addresses: Mapping[str, str],
+                 version: int = 1) -> PlacementMap:
+    """The map of shard -> experts held; shards listed earlier are preferred for an expert."""
+    replicas: dict[int, tuple[str, ...]] = {}
+    for shard, experts in assignment.items():
+        for expert in experts:
+            replicas[expert] = (*replicas.get(expert, ()), shard)
+    return PlacementMap(version, E, replicas, addresses)
+
+
+def experts_of(placement: PlacementMap, shard: str) -> list[int]:
+    return sorted(e for e, shards in placement.replicas.items() if shard in shards)
+
+
+def moved(placement: PlacementMap, shard: str, address: str) -> PlacementMap:
+    """The next version, with `shard` (restarted) listening on a new address."""
+    return replace(placement, version=placement.version + 1,
+                   addresses={**placement.addresses, shard: address})
+
+
+def without(placement: PlacementMap, shard: str) -> PlacementMap:
+    """The next version, with `shard` gone; its experts may end up unplaced."""
+    replicas = {e: tuple(s for s in shards if s != shard)
+                for e, shards in placement.replicas.items()}
+    return PlacementMap(placement.version + 1, E, {e: s for e, s in replicas.items() if s},
+                        {s: a for s, a in placement.addresses.items() if s != shard})
+
+
 async def start_cluster(ckpt: str, num_shards: int, replication: int = 1,
                         delay_s: float = 0.0) -> tuple[dict[str, Shard], PlacementMap]:
     """Shards placed by compute_placement; the map they register as."""
-    draft = build_placement(E, {f"s{i}": "unbound:0" for i in range(num_shards)}, replication)
-    shards = {s: await start_shard(ckpt, s, draft.experts_of(s), delay_s) for s in draft.addresses}
-    placement = build_placement(E, {s: sh.address for s, sh in shards.items()}, replication)
-    return shards, placement
+    assignment = compute_placement(E, [f"s{i}" for i in range(num_shards)], replication)
+    shards = {s: await start_shard(ckpt, s, experts, delay_s) for s, experts in assignment.items()}
+    return shards, placement_of(assignment, {s: sh.address for s, sh in shards.items()})
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
@@ -188,11 +210,10 @@ def test_waits_for_a_restarted_shard_on_a_new_address(
         waiting = asyncio.ensure_future(router.dispatch(3, hidden, ids, w))
         await asyncio.sleep(1.0)
         assert not waiting.done()
-        experts = placement.experts_of("s1")
+        experts = experts_of(placement, "s1")
         replacement = await start_shard(ckpt, "s1", experts)
         assert replacement.address != placement.addresses["s1"]
-        current["map"] = placement.with_shard(
-            ShardRegistration("s1", replacement.address, tuple(experts)))
+        current["map"] = moved(placement, "s1", replacement.address)
         assert torch.equal(await waiting, local(3, hidden, ids, w))
         assert 1.0 <= time.monotonic() - begin < 5.0
         assert router.stats.replica_waits > 0 and router.stats.map_versions_seen == 2
@@ -209,7 +230,7 @@ def test_no_replica_ever_raises_within_the_bound(ckpt: str) -> None:
         hidden, ids, w = routing(20, 14, 0.0)
         ids[3] = 6
         # (1) the map never names a holder of experts 4..7
-        partial = placement.without_shard("s1")
+        partial = without(placement, "s1")
         router = TokenRouter(lambda: partial, E, wait_for_replica_s=0.4)
         begin = time.monotonic()
         with pytest.raises(NoExpertReplicaError, match=r"experts \[.*6.*\] of layer 2") as err:
@@ -247,7 +268,7 @@ def test_shard_rejects_what_it_does_not_hold(ckpt: str) -> None:
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "expert_ids/weights" in (err.value.details() or "")
             # a router with a wrong map gives up after max_retries, naming the shard's answer
-            lying = build_placement(E, {"lonely": shard.address})
+            lying = placement_of({"lonely": range(E)}, {"lonely": shard.address})
             router = TokenRouter(lambda: lying, E, max_retries=1, wait_for_replica_s=5.0)
             ids = torch.tensor([0, 5, SKIP])
             with pytest.raises(ExpertShardError, match="does not hold experts"):
@@ -268,7 +289,7 @@ def test_shard_rejects_what_it_does_not_hold(ckpt: str) -> None:
 
 
 def test_router_checks_its_inputs(ckpt: str) -> None:
-    placement = build_placement(E, {"a": "127.0.0.1:1"})
+    placement = placement_of({"a": range(E)}, {"a": "127.0.0.1:1"})
     router = TokenRouter(lambda: placement, E)
     hidden, ids, w = routing(4, 16)
     for bad, field in [((hidden, ids.clamp(max=E) + 1, w), "expert_ids"),

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from zayaserve.replicas.model import tokenizer_build
-from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from zayaserve.replicas.model.tokenizer_build import (
+from zayaserve.replicas.devtools import tokenizer_train
+from zayaserve.replicas.devtools.tokenizer_train import (
     BOS_TOKEN,
     END_OF_TURN,
     PAD_TOKEN,
     START_OF_TURN,
     write_tokenizer_files,
 )
+from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over 13 lazy dogs.",
@@ -74,7 +74,7 @@ def test_exact_vocab_size_and_special_ids(
 ) -> None:
     tok = built(vocab, eos)
     assert tok.vocab_size == vocab
-    assert tok.backend.get_vocab_size(with_added_tokens=False) == vocab
+    assert tok.hf.get_vocab_size(with_added_tokens=False) == vocab
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_ids) == (0, 2, [eos])
     assert tok.token_to_id(PAD_TOKEN) == 0
     assert tok.token_to_id(BOS_TOKEN) == 2
@@ -109,7 +109,7 @@ def test_build_is_deterministic_across_processes(tmp_path: Path) -> None:
     )
     env = {**os.environ, "PYTHONHASHSEED": "123", "RAYON_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-c", code, tokenizer_build.__file__, str(tmp_path / "sub")],
+        [sys.executable, "-c", code, tokenizer_train.__file__, str(tmp_path / "sub")],
         check=True,
         env=env,
     )
@@ -121,7 +121,7 @@ def test_build_is_deterministic_across_processes(tmp_path: Path) -> None:
 def test_synthetic_fill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Large vocabs learn MAX_LEARNED_MERGES and fill the rest with synthetic merges; exercise
     # that path on a small vocab.
-    monkeypatch.setattr(tokenizer_build, "MAX_LEARNED_MERGES", 64)
+    monkeypatch.setattr(tokenizer_train, "MAX_LEARNED_MERGES", 64)
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         write_tokenizer_files(out, 2048, bos_token_id=2, eos_token_id=106, pad_token_id=0)
@@ -328,7 +328,7 @@ def test_unknown_role_raises_from_template(tiny: Tokenizer) -> None:
 
 
 def test_extra_template_variables(tiny: Tokenizer) -> None:
-    tiny_copy = Tokenizer(tiny.backend, chat_template="{{ greeting }} {{ messages | length }}")
+    tiny_copy = Tokenizer(tiny.hf, chat_template="{{ greeting }} {{ messages | length }}")
     assert tiny_copy.apply_chat_template([], greeting="hey") == "hey 0"
 
 
@@ -341,7 +341,7 @@ def test_extra_template_variables(tiny: Tokenizer) -> None:
     ],
 )
 def test_template_is_sandboxed(tiny: Tokenizer, template: str) -> None:
-    tok = Tokenizer(tiny.backend, chat_template=template)
+    tok = Tokenizer(tiny.hf, chat_template=template)
     try:
         rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     except ValueError as e:  # a SecurityError or UndefinedError, wrapped
@@ -353,7 +353,7 @@ def test_template_is_sandboxed(tiny: Tokenizer, template: str) -> None:
 def test_template_security_error_is_chained(tiny: Tokenizer) -> None:
     from jinja2.exceptions import SecurityError
 
-    tok = Tokenizer(tiny.backend, chat_template="{{ messages.append(1) }}")
+    tok = Tokenizer(tiny.hf, chat_template="{{ messages.append(1) }}")
     with pytest.raises(ValueError) as info:
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert isinstance(info.value.__cause__, SecurityError)

@@ -12,7 +12,7 @@ from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.output_processor import SampledStep, banned_tokens
 from zayaserve.replicas.engine.outputs import Logprob, StepDelta
-from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.engine.params import ParamError, SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
 from zayaserve.replicas.engine.runner import ModelRunner
 from zayaserve.replicas.engine.sampler import SamplingRow, prompt_logprobs, sample
@@ -134,20 +134,22 @@ class LLMEngine:
         prompt: str | None = None,
     ) -> None:
         if request_id in self.requests:
-            raise ValueError(f"request_id: {request_id!r} is already in flight")
+            raise ParamError("request_id", f"request_id: {request_id!r} is already in flight")
         if not prompt_token_ids:
-            raise ValueError("prompt: must contain at least one token")
+            raise ParamError("prompt", "prompt: must contain at least one token")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt_token_ids: ids {bad[:5]} are outside the vocabulary "
+            raise ParamError(
+                "prompt_token_ids", f"prompt_token_ids: ids {bad[:5]} are outside the vocabulary "
                              f"[0, {vocab})")
         check_request(params, self.config.limits, vocab, self.eos_ids)
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer and this checkpoint has none; "
+            raise ParamError(
+                "stop", "stop: stop strings need a tokenizer and this checkpoint has none; "
                              "use stop_token_ids")
         if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room to "
+            raise ParamError("prompt", f"prompt: {len(prompt_token_ids)} tokens leave no room to "
                              f"generate within max_model_len {self.max_model_len}")
         req = Request(request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),
                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from zayaserve.replicas.validation_errors import ParamError
+
 # Temperatures below this are treated as greedy decoding (same threshold vLLM uses); dividing
 # logits by anything this small would overflow float32 anyway.
 SAMPLING_EPS = 1e-5
@@ -27,18 +29,18 @@ def _is_int(value: object) -> bool:
 
 def _as_float(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ParamError(name, f"{name} must be a number, got {value!r}")
     result = float(value)
     # NaN passes every range check (it compares unequal to everything), and inf reaches the
     # sampler as inf/inf = NaN probabilities: neither is a setting anyone means.
     if not math.isfinite(result):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ParamError(name, f"{name} must be a finite number, got {value!r}")
     return result
 
 
 def _as_int(name: str, value: object) -> int:
     if not _is_int(value):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise ParamError(name, f"{name} must be an int, got {value!r}")
     assert isinstance(value, int)
     return value
 
@@ -51,7 +53,7 @@ def _as_list(name: str, value: Any) -> list[Any]:
     if value is None:
         return []
     if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise ValueError(f"{name} must be a list, got {value!r}")
+        raise ParamError(name, f"{name} must be a list, got {value!r}")
     return list(value)
 
 
@@ -81,25 +83,26 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.n = _as_int("n", self.n)
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise ParamError("n", f"n must be >= 1, got {self.n}")
 
         self.temperature = _as_float("temperature", self.temperature)
         if self.temperature < 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ParamError("temperature", f"temperature must be >= 0, got {self.temperature}")
 
         self.top_p = _as_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
 
         self.top_k = _as_int("top_k", self.top_k)
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disable), 0 (disable) or >= 1, got {self.top_k}")
+            raise ParamError(
+                "top_k", f"top_k must be -1 (disable), 0 (disable) or >= 1, got {self.top_k}")
         if self.top_k == -1:
             self.top_k = 0
 
         self.seed = _as_optional_int("seed", self.seed)
         if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+            raise ParamError("seed", f"seed must fit in 64 bits, got {self.seed}")
 
         self._check_lengths()
         self._check_logprobs()
@@ -108,39 +111,41 @@ class SamplingParams:
         for flag in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             value = getattr(self, flag)
             if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be a bool, got {value!r}")
+                raise ParamError(flag, f"{flag} must be a bool, got {value!r}")
 
     def _check_lengths(self) -> None:
         self.max_tokens = _as_optional_int("max_tokens", self.max_tokens)
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+            raise ParamError(
+                "max_tokens", f"max_tokens must be >= 1 or None, got {self.max_tokens}")
         self.min_tokens = _as_int("min_tokens", self.min_tokens)
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+            raise ParamError("min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
-            )
+            raise ParamError(
+                "min_tokens",
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
 
     def _check_logprobs(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):
             value = _as_optional_int(name, getattr(self, name))
             if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+                raise ParamError(name, f"{name} must be >= 0 or None, got {value}")
             if value is not None and value > MAX_LOGPROBS:
-                raise ValueError(f"{name} must be <= {MAX_LOGPROBS}, got {value}")
+                raise ParamError(name, f"{name} must be <= {MAX_LOGPROBS}, got {value}")
 
     def _normalise_stops(self) -> None:
         stops = [self.stop] if isinstance(self.stop, str) else _as_list("stop", self.stop)
         for entry in stops:
             if not isinstance(entry, str) or not entry:
-                raise ValueError(f"stop entries must be non-empty strings, got {entry!r}")
+                raise ParamError("stop", f"stop entries must be non-empty strings, got {entry!r}")
         self.stop = stops
 
         ids = _as_list("stop_token_ids", self.stop_token_ids)
         for token_id in ids:
             if not _is_int(token_id) or token_id < 0:
-                raise ValueError(f"stop_token_ids entries must be ints >= 0, got {token_id!r}")
+                raise ParamError(
+                    "stop_token_ids", f"stop_token_ids entries must be ints >= 0, got {token_id!r}")
         self.stop_token_ids = ids
 
     @property

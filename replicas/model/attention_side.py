@@ -1,4 +1,4 @@
-"""The attention side of ZAYA1: embeddings, CCA attention, routers, norms, residual scaling and
+"""The attention side of ZAYA1: embeddings, CCA attention, MoE gates, norms, residual scaling and
 the lm_head. Expert FFNs are reached only through an `ExpertBackend`.
 
 Module and parameter names follow the transformers checkpoint, so loading is name for name.
@@ -15,6 +15,7 @@ from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.cca import CCAProjection, qk_l2_norm
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.experts import ExpertBackend
+from zayaserve.replicas.model.gate import Gate
 from zayaserve.replicas.model.kv_cache import KVCache
 from zayaserve.replicas.model.layers import (
     ResidualScaling,
@@ -22,7 +23,6 @@ from zayaserve.replicas.model.layers import (
     apply_partial_rope,
     rope_cos_sin,
 )
-from zayaserve.replicas.model.router import Router
 
 
 class QKNorm(nn.Module):
@@ -42,11 +42,11 @@ class SelfAttention(nn.Module):
 
 
 class MoERouting(nn.Module):
-    """Holds the router under the checkpoint's `mlp.gate` name; experts live elsewhere."""
+    """Holds the gate under the checkpoint's `mlp.gate` name; experts live elsewhere."""
 
     def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
         super().__init__()
-        self.gate = Router(config, layer_idx)
+        self.gate = Gate(config, layer_idx)
 
 
 class AttentionLayer(nn.Module):

@@ -1,7 +1,9 @@
-"""The expert side: stacked SiLU-GLU experts and the backend interface the attention side calls.
+"""The expert side: stacked SiLU-GLU experts and the expert backend, the interface the attention
+side calls.
 
-The seam between attention and experts is one call, `backend(layer, hidden, expert_ids,
-weights)`. In one process it is `LocalExpertBackend`; in the cluster the same call goes over gRPC.
+The seam between attention and experts is one call, `experts(layer, hidden, expert_ids,
+weights)`. In one process it is `LocalExpertBackend`; in the cluster `RemoteExpertBackend`
+(`zayaserve.router.remote_experts`) makes the same call over gRPC.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ class ExpertBackend(ABC):
     """Computes the expert outputs of one layer for a batch of routed tokens.
 
     Contract: `hidden` [T, H] in the model dtype, `expert_ids` [T] int64 in [0, num_experts]
-    where `num_experts` is the skip class, `weights` [T] the router probability. Returns [T, H]:
+    where `num_experts` is the skip class, `weights` [T] the MoE gate's probability. Returns [T, H]:
     `weight * expert(hidden)` per token, and exact zeros for skip tokens, which are never
     computed or sent anywhere.
     """

@@ -16,9 +16,9 @@ import tokenizers
 from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from zayaserve.replicas.model.tokenizer_build import write_tokenizer_files
+from zayaserve.replicas.validation_errors import ParamError
 
-__all__ = ["IncrementalDetokenizer", "Tokenizer", "write_tokenizer_files"]
+__all__ = ["IncrementalDetokenizer", "Tokenizer"]
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -61,21 +61,25 @@ def _normalize_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
+            raise ParamError(f"messages[{i}]", f"messages[{i}] must be an object, got "
+                                               f"{type(message).__name__}")
         if not isinstance(message.get("role"), str):
-            raise ValueError(f"messages[{i}].role must be a string")
+            raise ParamError(f"messages[{i}].role", f"messages[{i}].role must be a string")
         content = message.get("content")
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
                 if not isinstance(part, Mapping) or part.get("type") != "text":
-                    raise ValueError(f"messages[{i}].content[{j}].type must be 'text'")
+                    raise ParamError(f"messages[{i}].content[{j}].type",
+                                     f"messages[{i}].content[{j}].type must be 'text'")
                 if not isinstance(part.get("text"), str):
-                    raise ValueError(f"messages[{i}].content[{j}].text must be a string")
+                    raise ParamError(f"messages[{i}].content[{j}].text",
+                                     f"messages[{i}].content[{j}].text must be a string")
                 texts.append(part["text"])
             content = "\n".join(texts)
         elif not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+            raise ParamError(f"messages[{i}].content",
+                             f"messages[{i}].content must be a string or a list of text parts")
         out.append({**message, "content": content})
     return out
 
@@ -85,12 +89,12 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: tokenizers.Tokenizer,
+        hf: tokenizers.Tokenizer,
         tokenizer_config: Mapping[str, Any] | None = None,
         model_config: Mapping[str, Any] | None = None,
         chat_template: str | None = None,
     ) -> None:
-        self.backend = backend
+        self.hf = hf  # the Hugging Face `tokenizers.Tokenizer` underneath
         tok_cfg = dict(tokenizer_config or {})
         model_cfg = dict(model_config or {})
         self.bos_token = _token_text(tok_cfg.get("bos_token"))
@@ -112,9 +116,9 @@ class Tokenizer:
         self.eos_token_ids: list[int] = eos_ids
         # Templates render bos_token/eos_token as text, so recover them when only ids are known.
         if self.bos_token is None and self.bos_token_id is not None:
-            self.bos_token = backend.id_to_token(self.bos_token_id)
+            self.bos_token = hf.id_to_token(self.bos_token_id)
         if self.eos_token is None and eos_ids:
-            self.eos_token = backend.id_to_token(eos_ids[0])
+            self.eos_token = hf.id_to_token(eos_ids[0])
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -124,7 +128,7 @@ class Tokenizer:
         if not tok_file.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {tok_file}")
         try:
-            backend = tokenizers.Tokenizer.from_file(str(tok_file))
+            hf = tokenizers.Tokenizer.from_file(str(tok_file))
         except Exception as e:  # the Rust side raises a bare Exception for bad JSON
             raise ValueError(f"cannot load {tok_file}: {e}") from e
         tok_cfg = _read_optional_json(path / "tokenizer_config.json")
@@ -132,35 +136,35 @@ class Tokenizer:
         # transformers v5 saves the template as its own file, which wins over the config entry.
         jinja_file = path / "chat_template.jinja"
         template = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
-        return cls(backend, tok_cfg, model_cfg, template)
+        return cls(hf, tok_cfg, model_cfg, template)
 
     def _token_id(self, token: str | None) -> int | None:
-        return None if token is None else self.backend.token_to_id(token)
+        return None if token is None else self.hf.token_to_id(token)
 
     def _config_id(self, value: Any, token: str | None) -> int | None:
         return value if isinstance(value, int) else self._token_id(token)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.backend.get_vocab_size(with_added_tokens=True))
+        return int(self.hf.get_vocab_size(with_added_tokens=True))
 
     @cached_property
     def all_special_ids(self) -> list[int]:
-        ids = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        ids = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         ids.update(i for i in (self.bos_token_id, self.pad_token_id) if i is not None)
         ids.update(self.eos_token_ids)
         return sorted(ids)
 
     def token_to_id(self, token: str) -> int | None:
-        return self.backend.token_to_id(token)
+        return self.hf.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
-        return self.backend.id_to_token(token_id)
+        return self.hf.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`. Encode rendered chat prompts with add_special_tokens=False:
         the template already starts with the bos token."""
-        ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        ids: list[int] = self.hf.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id
         # tokenizer.json may already add bos through its post-processor; never add it twice.
         if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
@@ -168,7 +172,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
     @cached_property
     def _compiled_template(self) -> Template:

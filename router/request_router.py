@@ -7,8 +7,9 @@ goes to the replica owning its longest remembered prefix, unless that replica's 
 than the least loaded one's by more than `imbalanced_threshold`, in which case load wins.
 Requests with no remembered prefix go to the least loaded replica.
 
-Used as `request_router_class="zayaserve.router.prefix_router.PrefixAwareRouter"`; the routed
-call's positional args are `(request_id, prompt_token_ids, ...)` (AttentionWorker.generate).
+Used as `request_router_class="zayaserve.router.request_router.PrefixAwareRequestRouter"`;
+the routed call's positional args are `(request_id, prompt_token_ids, ...)`
+(AttentionWorker.generate).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class PrefixTable:
             del self._owner[h]
 
 
-class PrefixAwareRouter(FIFOMixin, RequestRouter):
+class PrefixAwareRequestRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, block_size: int = 16, imbalanced_threshold: int = 8,
                          max_entries: int = 100_000, **_: Any) -> None:
         self._block_size = block_size

@@ -1,4 +1,4 @@
-"""`GenerationBackend` over Ray Serve handles to the attention workers.
+"""The `EngineClient` over Ray Serve handles to the attention workers.
 
 Workers stream the engine's `StepDelta`s unchanged, and this side passes them on.
 Errors raised in a worker come back wrapped by Ray; they are unwrapped to the types the front
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from zayaserve.cluster.backend import GenerationBackend
+from zayaserve.cluster.engine_client import EngineClient
 from zayaserve.replicas.engine.async_engine import (
     EngineDeadError,
     EngineOverloadedError,
@@ -47,7 +47,7 @@ def unwrap_remote_error(err: BaseException) -> BaseException:
     return err
 
 
-class ClusterBackend(GenerationBackend):
+class ClusterEngineClient(EngineClient):
     def __init__(self, workers: Any, controller: Any, tokenizer: Tokenizer, model_name: str,
                  max_model_len: int) -> None:
         self.workers = workers

@@ -4,7 +4,7 @@ Weights at the usual std 0.02 give a model whose every prompt continues with the
 tests could not tell a correct engine from a broken one. Here every parameter is drawn so that it
 visibly changes the output: linear maps keep activations at unit scale, norms and residual
 scales sit around 1 with real spread, the QK-norm temperature is positive (transformers inits
-it to zero, which turns attention into a plain average) and the router's skip class wins for a
+it to zero, which turns attention into a plain average) and the MoE gate's skip class wins for a
 minority of tokens.
 
 Each tensor comes from its own generator seeded by (seed, name), so the writer can go shard by
@@ -25,19 +25,20 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from zayaserve.replicas.devtools.tokenizer_train import write_tokenizer_files
 from zayaserve.replicas.model.checkpoint_io import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from zayaserve.replicas.model.config import DEFAULT_ROPE, ZayaConfig
 
 DEFAULT_SCALE = 0.4  # `initializer_range` of the generated configs; deviations scale with it
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
-# The balancing biases are added to router probabilities. The skip class gets a head start that
-# makes roughly a fifth of tokens skip the experts; with the router gains below, the winning
+# The balancing biases are added to gate probabilities. The skip class gets a head start that
+# makes roughly a fifth of tokens skip the experts; with the gate gains below, the winning
 # expert's probability leads the skip class's by ~0.2 at the 20% quantile for 8 to 16 experts.
 _SKIP_BIAS = 0.2
 _BALANCE_STD = 0.01
 # Extra gain where a unit-gain map would leave a path too weak to matter: attention averages its
-# values, an expert's output is multiplied by its router probability, and router logits need a
+# values, an expert's output is multiplied by its gate probability, and gate logits need a
 # real spread for the choice of expert to depend on the token.
 _GAINS = {"self_attn.o_proj.weight": 2.0, "experts.down_proj": 3.0,
           "router_mlp.out_proj.weight": 4.0}
@@ -215,7 +216,7 @@ def init_tensor(name: str, shape: Sequence[int], *, seed: int = 0,
     if name.endswith("router_mlp.out_proj.weight"):
         # Tie the skip-class logit near the mean expert logit: a free row gives it a random
         # per-layer offset, so some layers would never skip and others would skip half the time.
-        # Near the mean, skipping wins where the router is unsure, at a rate _SKIP_BIAS sets.
+        # Near the mean, skipping wins where the gate is unsure, at a rate _SKIP_BIAS sets.
         weight[-1] = weight[:-1].mean(0) + 0.3 * weight[-1]
     return weight
 
@@ -235,9 +236,9 @@ def randomize_hf_model_(model: torch.nn.Module, seed: int = 0,
 
 @torch.no_grad()
 def restore_hf_balancing_biases_(model: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Reload every router's `balancing_biases` from `checkpoint` into a transformers model.
+    """Reload every MoE gate's `balancing_biases` from `checkpoint` into a transformers model.
 
-    transformers 5.23 `ZayaForCausalLM.from_pretrained` re-runs the router's init after loading,
+    transformers 5.23 `ZayaForCausalLM.from_pretrained` re-runs the gate's init after loading,
     which writes -1.0 into the skip class's bias (a plain index assignment the loaded-tensor guard
     does not cover), so a loaded model never skips. Call this after `from_pretrained`.
     """
@@ -260,7 +261,7 @@ def _plan_shards(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
 
 
 def _tensor_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    # The router's balancing biases are a float32 buffer whatever the model dtype.
+    # The gates' balancing biases are a float32 buffer whatever the model dtype.
     return torch.float32 if name.endswith("balancing_biases") else model_dtype
 
 
@@ -299,8 +300,6 @@ def init_checkpoint(out_dir: str | Path, preset: str = "tiny", *, seed: int = 0,
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-    from zayaserve.replicas.model.tokenizer import write_tokenizer_files
 
     eos = cfg["eos_token_id"]
     write_tokenizer_files(out, int(cfg["vocab_size"]), int(cfg["bos_token_id"]),

@@ -1,5 +1,10 @@
-"""The ZAYA router: an MLP over a down-projected state that also mixes in the previous layer's
-router state ("EDA"), choosing one of `num_experts` experts or the extra skip class."""
+"""The MoE gate (ZAYA1 calls it the router): an MLP over a down-projected state that also mixes
+in the previous layer's router state ("EDA"), choosing one of `num_experts` experts or the extra
+skip class.
+
+Only the Python names say "gate"; parameter names (`router_mlp.*`, `router_states_scale`) follow
+the transformers checkpoint, which loads name for name.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.layers import RMSNorm
 
 
-class RouterMLP(nn.Module):
+class GateMLP(nn.Module):
     def __init__(self, size: int, classes: int, eps: float) -> None:
         super().__init__()
         self.norm = RMSNorm(size, eps)
@@ -29,11 +34,11 @@ class RouterMLP(nn.Module):
 
 class Routing(NamedTuple):
     expert_ids: torch.Tensor  # [T] int64; == num_experts means "skip"
-    weights: torch.Tensor  # [T] router probability of the choice (0 for skip)
+    weights: torch.Tensor  # [T] gate probability of the choice (0 for skip)
     state: torch.Tensor  # [T, R] router state handed to the next layer
 
 
-class Router(nn.Module):
+class Gate(nn.Module):
     def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
         super().__init__()
         r, classes = config.router_hidden_size, config.num_experts + 1
@@ -42,7 +47,7 @@ class Router(nn.Module):
         self.use_eda = layer_idx != 0
         self.router_states_scale: nn.Parameter | None = (
             nn.Parameter(torch.ones(r)) if self.use_eda else None)
-        self.router_mlp = RouterMLP(r, classes, config.rms_norm_eps)
+        self.router_mlp = GateMLP(r, classes, config.rms_norm_eps)
         self.balancing_biases: torch.Tensor
         self.register_buffer("balancing_biases", torch.zeros(classes, dtype=torch.float32))
 

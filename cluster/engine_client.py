@@ -1,5 +1,6 @@
-"""What the front ends (REST, gRPC) need from whatever generates: in one process an
-`AsyncLLMEngine`, in the cluster the attention workers behind Serve handles."""
+"""What the front ends (REST, gRPC) talk to: an `EngineClient` over whatever generates, in one
+process an `AsyncLLMEngine` (`LocalEngineClient`), in the cluster the attention workers behind
+Serve handles (`cluster_client.ClusterEngineClient`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 
 
-class GenerationBackend(ABC):
+class EngineClient(ABC):
     """Contract: `generate` yields the request's `StepDelta`s (only what is new), the last one
     with `finished=True`; raises `ValueError` for bad input (the message names the field),
     `EngineOverloadedError` when its bounded queue is full. Closing the iterator early
@@ -38,7 +39,7 @@ class GenerationBackend(ABC):
         """Returns when a live engine can take requests; raises otherwise."""
 
 
-class LocalBackend(GenerationBackend):
+class LocalEngineClient(EngineClient):
     def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
