@@ -27,11 +27,13 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     num_experts = ZayaConfig.from_pretrained(resolve_model(cfg.model)).num_experts
     actor = {"num_cpus": cfg.replica_num_cpus}
     # Serve's decorator turns the classes into Deployments (mypy sees the plain classes).
-    controller = shards = None
+    # The controller places experts on shards and sums every worker's stats (it exists with
+    # experts in-process too, so /metrics counts all workers, not one picked at random).
+    controller = PlacementController.options(  # type: ignore[attr-defined]
+        ray_actor_options=actor,
+    ).bind(num_experts, cfg.expert_shards, cfg.expert_replication)
+    shards = None
     if cfg.expert_shards:
-        controller = PlacementController.options(  # type: ignore[attr-defined]
-            ray_actor_options=actor,
-        ).bind(num_experts, cfg.expert_shards, cfg.expert_replication)
         shards = ExpertShard.options(  # type: ignore[attr-defined]
             num_replicas=cfg.expert_shards, ray_actor_options=actor,
         ).bind(controller, cfg.model, cfg.engine.dtype, cfg.engine.num_threads)
@@ -44,7 +46,7 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
         max_ongoing_requests=cfg.max_pending_requests + 8, request_router_config=router,
         max_queued_requests=cfg.max_queued_requests,
     ).bind(controller, cfg.model, cfg.engine, cfg.max_pending_requests,
-           cfg.dispatch_deadline_s, cfg.wait_for_replica_s)
+           cfg.dispatch_deadline_s, cfg.wait_for_replica_s, bool(cfg.expert_shards))
     return Ingress.options(  # type: ignore[attr-defined]
         ray_actor_options=actor,
     ).bind(workers, controller, shards, cfg.model_dump())

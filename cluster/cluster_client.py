@@ -83,7 +83,7 @@ class ClusterEngineClient(EngineClient):
             raise unwrap_remote_error(err) from err
 
     async def stats(self) -> dict[str, Any]:
-        if self.controller is None:  # experts in-process: ask a worker directly
+        if self.controller is None:  # no controller to sum them: ask one worker
             stats: dict[str, Any] = await self.workers.stats.remote()
         else:
             stats = await self.controller.stats.remote()

@@ -10,6 +10,7 @@ from ray import serve
 
 from zayaserve.cluster.cluster_client import ClusterEngineClient
 from zayaserve.cluster.config import ClusterConfig
+from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.tokenizer import Tokenizer
 
@@ -29,13 +30,15 @@ class Ingress:
         info = await workers.describe.remote()
         self.client = ClusterEngineClient(workers, controller, tokenizer,
                                           self.config.model_name, info["max_model_len"])
+        # One registry for REST and gRPC: /metrics counts the requests of both.
+        self.metrics = MetricsCollector()
         self.grpc_server = None
         if self.config.grpc_port:
             from zayaserve.cluster.grpc_api import start_grpc_server
 
             self.grpc_server = await start_grpc_server(
                 self.client, self.config.grpc_port, host=self.config.http_host,
-                api_key=self.config.api_key,
+                api_key=self.config.api_key, metrics=self.metrics,
                 max_message_bytes=self.config.grpc_max_message_bytes,
                 max_concurrent_rpcs=self.config.grpc_max_concurrent_rpcs)
 
@@ -44,6 +47,7 @@ class Ingress:
 
         return build_openai_app(self.client, api_key=self.config.api_key,
                                 served_model_names=[self.config.model_name],
+                                metrics=self.metrics,
                                 max_prompts=self.config.engine.limits.max_prompts_per_request)
 
     async def __del__(self) -> None:

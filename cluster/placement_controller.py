@@ -34,7 +34,9 @@ class PlacementState:
                  heartbeat_timeout_s: float = 4.0) -> None:
         self.num_experts = num_experts
         self.slots = [f"shard-{i}" for i in range(num_shards)]
-        self.assignment = compute_placement(num_experts, self.slots, replication)
+        # No shards (experts inside the workers): the controller only gathers worker stats.
+        self.assignment = (compute_placement(num_experts, self.slots, replication)
+                           if num_shards else {})
         self.timeout = heartbeat_timeout_s
         self.holders: dict[str, _Holder] = {}
         self.version = 0

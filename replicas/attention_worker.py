@@ -44,7 +44,7 @@ def placement_from_dict(d: dict[str, Any]) -> PlacementMap:
 class AttentionWorker:
     def __init__(self, controller: Any, model: str, engine_settings: EngineSettings,
                  max_pending_requests: int = 256, dispatch_deadline_s: float = 10.0,
-                 wait_for_replica_s: float = 60.0) -> None:
+                 wait_for_replica_s: float = 60.0, remote_experts: bool = True) -> None:
         self.controller = controller
         self.replica = serve.get_replica_context().replica_id.unique_id
         path: Path = resolve_model(model)
@@ -53,8 +53,8 @@ class AttentionWorker:
                                  addresses={})
         self._stop = threading.Event()
         self.token_router: TokenRouter | None = None
-        experts = None  # no controller: experts stay in this process (the baseline mode)
-        if controller is not None:
+        experts = None  # experts stay in this process (the baseline mode)
+        if remote_experts:
             threading.Thread(target=self._poll_placement, daemon=True,
                              name="zayaserve-placement").start()
             self.token_router_loop = BackgroundLoop()
@@ -65,7 +65,7 @@ class AttentionWorker:
         engine = LLMEngine(EngineConfig(model=str(path), **engine_settings.model_dump()),
                            experts=experts)  # type: ignore[arg-type]
         self.engine = AsyncLLMEngine(engine, max_pending_requests)
-        if controller is not None:
+        if controller is not None:  # the controller sums every worker's stats
             threading.Thread(target=self._report_stats, daemon=True,
                              name="zayaserve-stats").start()
 

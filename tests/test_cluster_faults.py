@@ -119,3 +119,50 @@ def test_a_dead_engine_loop_gets_its_replica_replaced(cluster: Cluster, offline:
     assert _worker_replica() != before
     r = _probe(cluster)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == _want(offline)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"{name} {labels} not on /metrics")
+
+
+@pytest.fixture(scope="module")
+def in_process(ray_session: None, cluster: Cluster) -> Iterator[Cluster]:
+    del cluster
+    undeploy()
+    c = deploy(expert_shards=0, attention_workers=2)
+    yield c
+    undeploy()
+
+
+def test_metrics_count_grpc_and_sum_every_worker(in_process: Cluster) -> None:
+    """One registry for REST and gRPC; engine stats summed over both workers (not one)."""
+    import grpc
+
+    from zayaserve.cluster.protos import generation_pb2 as pb
+    from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{in_process.cfg.grpc_port}") as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        for _ in range(3):
+            stub.GenerateUnary(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(
+                max_tokens=2)), timeout=120)
+    text = httpx.get(in_process.base + "/metrics", timeout=30).text
+    assert _metric(text, "zayaserve_requests_total", endpoint="grpc.GenerateUnary",
+                   status="OK") == 3
+
+    def total_blocks() -> float:
+        page = httpx.get(in_process.base + "/metrics", timeout=30).text
+        return _metric(page, "zayaserve_kv_blocks_total")
+
+    from ray import serve
+
+    worker = serve.get_deployment_handle("AttentionWorker", app_name="zayaserve")
+    one = worker.stats.remote().result(timeout_s=60)["kv_blocks_total"]
+    # Workers report every second; the sum covers both once both have reported.
+    _until(lambda: total_blocks() == 2 * one, 30, "the stats of both workers")
