@@ -446,3 +446,49 @@ def test_finish_releases_running_and_waiting_sequences() -> None:
     assert not (sched.waiting or sched.running)
     assert a.block_table == [] and a.state_slot == -1
     assert_all_free(sched)
+
+
+def test_l2_fetch_runs_off_the_schedule_and_admits_when_done() -> None:
+    """A sequence whose prefix L2 may hold waits in a state of its own while the fetch runs on
+    another thread; others keep being scheduled; once the blocks arrive it is admitted with
+    them installed (the scheduler never blocks on Redis)."""
+    import threading
+    from types import SimpleNamespace
+
+    release = threading.Event()
+    installed: list[int] = []
+
+    class SlowRemote:
+        stats = SimpleNamespace(hit_tokens=0)
+
+        def fetch(self, hashes: list[bytes]) -> list[str]:
+            release.wait(10)
+            return [f"payload-{i}" for i in range(len(hashes))]
+
+        def install(self, block: int, payload: str) -> None:
+            installed.append(block)
+
+        def publish(self, block: int, block_hash: bytes) -> None:
+            pass
+
+    sched = Scheduler(SchedulerConfig(8, 64, 4, enable_prefix_caching=True), BlockPool(64),
+                      StateSlots(8))
+    sched.kv.remote = SlowRemote()  # type: ignore[assignment]
+    cached, other = make_seq(13), make_seq(3)  # other: too short for any full block
+    cached.block_hashes = [bytes([i]) * 32 for i in range(3)]
+    sched.add(cached)
+    out = sched.schedule()
+    assert cached.status is Status.FETCHING and not out.chunks
+    sched.add(other)
+    for _ in range(3):  # the fetch hangs, yet the other sequence runs
+        out = sched.schedule()
+        assert [c.seq for c in out.chunks] == [other]
+        complete_step(out)
+    release.set()
+    cached.remote_fetch[1].result(10)  # the fetch is done; the next schedule admits it
+    out = sched.schedule()
+    admitted = [c for c in out.chunks if c.seq is cached]
+    assert admitted and admitted[0].start == 12  # 3 blocks of 4 came from L2
+    assert len(installed) == 3 and cached.request.num_cached_tokens == 12
+    complete_step(out)
+    check_accounting(sched)

@@ -5,6 +5,7 @@ forks of n > 1 requests. The scheduler decides who runs; this decides what they 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
@@ -33,21 +34,31 @@ class KVManager:
         # parent's state moved on. Set by the engine (the cache's copy_state).
         self.copy_state: Callable[[int, int], None] = lambda src, dst: None
         self.prefix_hit_tokens = 0  # L1 only
+        # L2 reads run here, off the engine thread; their blocks are installed on it.
+        self._fetcher = ThreadPoolExecutor(1, "zayaserve-l2-fetch")
 
     # ---- admission ------------------------------------------------------------------------
 
-    def reuse_cached_prefix(self, seq: Sequence) -> list[int]:
+    def reuse_cached_prefix(self, seq: Sequence) -> list[int] | None:
         """Points a fresh (or preempted) sequence at the cached blocks of its longest cached
-        prefix, leaving at least one token to compute (its logits are needed)."""
+        prefix, leaving at least one token to compute (its logits are needed). None: L2 may
+        hold more of the prefix, and a fetch has started; admit the sequence once it is done
+        (`poll_fetches`)."""
         if (not self.enable_prefix_caching or seq.num_computed_tokens or seq.block_table
                 or seq.request.prompt_logprobs is not None):
             return []  # prompt logprobs need every position's logits: no reuse (as vLLM)
         usable = (seq.num_tokens - 1) // self.block_size
         hits = self.blocks.lookup(seq.block_hashes[:usable])
+        if self.remote is not None and len(hits) < usable and seq.remote_blocks is None:
+            wanted = seq.block_hashes[len(hits):usable]
+            seq.remote_fetch = (wanted, self._fetcher.submit(
+                self.remote.fetch, wanted))  # type: ignore[arg-type]
+            return None
         self.blocks.share(hits)
         self.prefix_hit_tokens += len(hits) * self.block_size
-        if self.remote is not None and len(hits) < usable:
-            hits = hits + self._fetch_remote(seq.block_hashes[len(hits):usable])
+        if seq.remote_blocks:
+            hits = hits + self._install_fetched(seq, seq.block_hashes[len(hits):usable])
+        seq.remote_blocks = None
         if hits:
             seq.block_table = list(hits)
             seq.num_computed_tokens = len(hits) * self.block_size
@@ -55,17 +66,34 @@ class KVManager:
                                                 len(hits) * self.block_size)
         return hits
 
+    def poll_fetches(self, fetching: list[Sequence]) -> list[Sequence]:
+        """The sequences whose L2 fetch has finished (a failed fetch is a miss)."""
+        done = [s for s in fetching if s.remote_fetch[1].done()]
+        for seq in done:
+            wanted, future = seq.remote_fetch
+            try:
+                payloads = future.result()  # the longest prefix of `wanted` that L2 had
+            except Exception:
+                payloads = []
+            seq.remote_blocks = dict(zip(wanted, payloads, strict=False))
+            seq.remote_fetch = None
+        return done
+
     def give_back_prefix(self, seq: Sequence) -> None:
         """Undoes `reuse_cached_prefix` for a sequence that could not be admitted after all."""
         self.blocks.free(seq.block_table)
         seq.block_table, seq.num_computed_tokens = [], 0
 
-    def _fetch_remote(self, hashes: list[bytes]) -> list[int]:
-        """Blocks of the longest prefix of `hashes` that L2 has, installed into fresh blocks
-        (sealed into L1 too) — only as many as fit without preempting anyone."""
-        assert self.remote is not None
-        hashes = hashes[:max(0, self.blocks.num_free - 1)]
-        payloads = self.remote.fetch(hashes)  # type: ignore[arg-type]
+    def _install_fetched(self, seq: Sequence, hashes: list[bytes]) -> list[int]:
+        """Blocks of the longest prefix of `hashes` that the fetch brought, installed into fresh
+        blocks (sealed into L1 too) — only as many as fit without preempting anyone."""
+        assert self.remote is not None and seq.remote_blocks is not None
+        payloads = []
+        for h in hashes[:max(0, self.blocks.num_free - 1)]:
+            payload = seq.remote_blocks.get(h)
+            if payload is None:
+                break
+            payloads.append(payload)
         blocks = self.blocks.allocate(len(payloads))
         for block, h, payload in zip(blocks, hashes, payloads, strict=False):
             self.remote.install(block, payload)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +194,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self.last_step_request_ids = {c.seq.request.request_id for c in sched.chunks}
         if not sched.chunks:
+            if self.scheduler.fetching:  # only L2 fetches in flight: wait a moment, not spin
+                wait([s.remote_fetch[1] for s in self.scheduler.fetching], timeout=0.005,
+                     return_when=FIRST_COMPLETED)
             return []
         plan = self._plan_logits(sched)
         logits = self.runner.run(sched, plan.rows)

@@ -59,6 +59,7 @@ class Scheduler:
         self.blocks, self.slots = blocks, slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.fetching: list[Sequence] = []  # waiting for L2 blocks; admitted when they arrive
         self.num_preemptions = 0
         # Makes the child sequence of an n > 1 request (the engine's, which owns generators,
         # detokenizers and hashers): (request, completion index, token ids) -> Sequence.
@@ -73,6 +74,9 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        for seq in reversed(self.kv.poll_fetches(self.fetching)):
+            self.fetching.remove(seq)
+            self.add(seq, front=True)
         budget = self.config.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -97,6 +101,11 @@ class Scheduler:
             if seq.state_slot < 0 and self.slots.num_free == 0:
                 break
             hits = self.kv.reuse_cached_prefix(seq)
+            if hits is None:  # its prefix is being fetched from L2: others go first
+                self.waiting.popleft()
+                seq.status = Status.FETCHING
+                self.fetching.append(seq)
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.reserve(seq, n, out):
                 if hits:  # give the hits back; the sequence waits with nothing held
@@ -126,6 +135,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is Status.FETCHING:
+            self.fetching.remove(seq)
         self._release(seq)
         seq.status = Status.FINISHED
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -15,6 +16,7 @@ from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer
 
 class Status(enum.Enum):
     WAITING = "waiting"
+    FETCHING = "fetching"  # waits for its prefix blocks from L2 (Redis), holding nothing
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -61,6 +63,10 @@ class Sequence:
     sent_chars: int = 0  # characters of `text` already in a StepDelta
     hasher: BlockHasher | None = None  # prefix caching: chain hash of full blocks
     block_hashes: list[bytes] = field(default_factory=list)
+    # L2 prefix fetch: in flight (asked hashes, Future), then its result (hash -> payload)
+    # until the sequence is admitted.
+    remote_fetch: Any = None
+    remote_blocks: dict[bytes, Any] | None = None
 
     @property
     def params(self) -> SamplingParams:
