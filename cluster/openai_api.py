@@ -30,13 +30,14 @@ from zayaserve.cluster.frontend_common import (
 )
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.cluster.openai_chat import create_chat_completion
-from zayaserve.cluster.openai_common import ServingContext, error_response_of
-from zayaserve.cluster.openai_completions import create_completion
-from zayaserve.cluster.openai_protocol import (
-    GENERATION_ERRORS,
+from zayaserve.cluster.openai_chat_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
+)
+from zayaserve.cluster.openai_common import ServingContext, error_response_of
+from zayaserve.cluster.openai_completions import create_completion
+from zayaserve.cluster.openai_protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
@@ -44,6 +45,9 @@ from zayaserve.cluster.openai_protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+)
+from zayaserve.cluster.openapi_schema import (
+    GENERATION_ERRORS,
     openapi_request_body,
     openapi_responses,
 )

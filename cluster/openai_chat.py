@@ -23,6 +23,16 @@ from zayaserve.cluster.frontend_common import (
     resolve_model,
 )
 from zayaserve.cluster.metrics import RequestTracker
+from zayaserve.cluster.openai_chat_protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+)
 from zayaserve.cluster.openai_common import (
     SSE_DONE,
     ClosingStreamingResponse,
@@ -34,16 +44,6 @@ from zayaserve.cluster.openai_common import (
     stream_error_event,
     unless_disconnected,
     usage_of,
-)
-from zayaserve.cluster.openai_protocol import (
-    ChatChoice,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatCompletionStreamResponse,
-    ChatLogprobs,
-    ChatMessage,
-    ChatStreamChoice,
-    DeltaMessage,
 )
 from zayaserve.replicas.engine.outputs import RequestOutput, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams

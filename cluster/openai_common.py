@@ -24,10 +24,12 @@ from zayaserve.cluster.frontend_common import (
     internal_error,
 )
 from zayaserve.cluster.metrics import MetricsCollector, RequestTracker
-from zayaserve.cluster.openai_protocol import (
+from zayaserve.cluster.openai_chat_protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     ChatTopLogprob,
+)
+from zayaserve.cluster.openai_protocol import (
     CompletionLogprobs,
     ErrorDetail,
     ErrorResponse,

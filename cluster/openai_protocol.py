@@ -1,11 +1,11 @@
-"""OpenAI's REST schema (completions, chat completions, models, errors), plus vLLM's sampling
-extras. Requests forbid unknown fields, as OpenAI does: a field we would silently ignore is a
-field the client thinks is honoured."""
+"""OpenAI's REST schema (completions, models, errors, and what chat shares with them), plus
+vLLM's sampling extras; chat's own models are in openai_chat_protocol.py. Requests forbid unknown
+fields, as OpenAI does: a field we would silently ignore is a field the client thinks is
+honoured."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -228,100 +228,6 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-# ---- chat completions ---------------------------------------------------------------------
-
-
-class TextContentPart(_Request):
-    type: Literal["text"] = Field(description="Only text parts are supported.")
-    text: str
-
-
-class ChatMessageParam(_Request):
-    role: str = Field(description="system, user or assistant (the chat template decides).")
-    content: str | list[TextContentPart] = Field(description="Text, or a list of text parts.")
-    name: str | None = Field(default=None, description="Accepted, not used by the template.")
-
-
-class ChatCompletionRequest(_SamplingFields):
-    model_config = ConfigDict(json_schema_extra=_all_of_any(
-        [_NO_STREAM_OPTIONS, _STREAMING], [_NO_TOP_LOGPROBS, _LOGPROBS]))
-
-    messages: list[ChatMessageParam] = Field(
-        min_length=1, description="The conversation, rendered with the model's chat template.")
-    max_tokens: Int | None = Field(
-        default=None, description="Deprecated name of max_completion_tokens.",
-        json_schema_extra={"minimum": 1})
-    max_completion_tokens: Int | None = Field(
-        default=None, description="Most tokens to generate; default: up to the context length.",
-        json_schema_extra={"minimum": 1})
-    logprobs: bool | None = Field(default=False, description="Return each token's logprob.")
-    top_logprobs: Int | None = Field(
-        default=None, description="With logprobs: also this many most likely tokens per position.",
-        json_schema_extra={"minimum": 0, "maximum": MAX_LOGPROBS})
-    add_generation_prompt: bool = Field(
-        default=True, description="vLLM: end the prompt with the assistant turn's opening.")
-
-
-class ChatTopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = Field(default=None, description="The token's UTF-8 bytes.")
-
-
-class ChatTokenLogprob(ChatTopLogprob):
-    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatTokenLogprob] | None = None
-
-
-class ChatMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-    stop_reason: int | str | None = Field(
-        default=None, description="vLLM: the stop string or token id that ended it.")
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str = Field(description="chatcmpl-<uuid>.")
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now, description="Unix time.")
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionStreamResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
-
-
 class CompletionStreamResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -345,89 +251,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-# ---- OpenAPI ------------------------------------------------------------------------------
-# The generation routes read and validate their bodies themselves (to bound the size and to
-# answer in OpenAI's error shape), so FastAPI cannot see the request models: these declare the
-# bodies and every answer, for the route decorators.
-
-# Every error a route can answer with, all as ErrorResponse.
-_ERRORS: dict[int, str] = {
-    400: "Invalid request; the message and `param` name the offending field.",
-    401: "Missing or wrong API key (only when the server has one).",
-    404: "`model` is not served here (code model_not_found).",
-    408: "The engine stopped producing output (code stream_stalled).",
-    413: "The request body is too large (code request_too_large).",
-    429: "Overloaded; retry after Retry-After seconds.",
-    500: "Internal error; the server log has the details.",
-    503: "The engine is unavailable; retry after Retry-After seconds.",
-}
-GENERATION_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503)
-_HEADERS: dict[int, dict[str, Any]] = {
-    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
-    429: {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}},
-    503: {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}},
-}
-
-
-def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
-    if isinstance(node, dict):
-        ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#/$defs/"):
-            rest = {k: v for k, v in node.items() if k != "$ref"}
-            return _inline_refs({**defs[ref.removeprefix("#/$defs/")], **rest}, defs)
-        return {k: _inline_refs(v, defs) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_inline_refs(v, defs) for v in node]
-    return node
-
-
-def _inlined_schema(model: type[BaseModel], mode: Literal["validation", "serialization"]
-                    ) -> dict[str, Any]:
-    schema = model.model_json_schema(mode=mode)
-    defs = schema.pop("$defs", {})
-    result: dict[str, Any] = _inline_refs(schema, defs)
-    return result
-
-
-def _sse_event_schema(chunk: type[BaseModel]) -> dict[str, Any]:
-    """One server-sent event of a stream (OpenAPI < 3.2: `schema` describes each event): a JSON
-    `chunk`, or an ErrorResponse if it fails after the 200 went out; the last is `[DONE]`."""
-    return {
-        "type": "object", "required": ["data"],
-        "description": f"With stream=true: `data: <{chunk.__name__}>` events (or one "
-                       "`data: <ErrorResponse>` if it fails midway), then `data: [DONE]`.",
-        "properties": {"data": {"anyOf": [
-            {"const": "[DONE]"},
-            {"type": "string", "contentMediaType": "application/json", "contentSchema": {
-                "anyOf": [_inlined_schema(chunk, "serialization"),
-                          _inlined_schema(ErrorResponse, "serialization")]}},
-        ]}},
-    }
-
-
-def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` declaring `model` as the route's required JSON body. The schema is
-    inlined: pydantic's `#/$defs/...` references would not resolve inside an OpenAPI document."""
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": _inlined_schema(model, "validation")}}}}
-
-
-def openapi_responses(
-    ok: type[BaseModel] | None, *, ok_description: str = "Success.",
-    stream_chunk: type[BaseModel] | None = None, errors: Iterable[int] = (500,),
-) -> dict[int | str, dict[str, Any]]:
-    """`responses` for a route decorator: 200 with `ok` (or no body when None), also as
-    server-sent events of `stream_chunk` when given, and each of `errors` as ErrorResponse."""
-    success: dict[str, Any] = {"description": ok_description}
-    if ok is not None:
-        success["model"] = ok
-    if stream_chunk is not None:
-        success["content"] = {"text/event-stream": {"schema": _sse_event_schema(stream_chunk)}}
-    responses: dict[int | str, dict[str, Any]] = {200: success}
-    for status in errors:
-        responses[status] = {"model": ErrorResponse, "description": _ERRORS[status]}
-        if status in _HEADERS:
-            responses[status]["headers"] = _HEADERS[status]
-    return responses

@@ -1,0 +1,114 @@
+"""OpenAI's chat completions schema: messages in, a message (or message deltas) out."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from zayaserve.cluster.openai_protocol import (
+    _LOGPROBS,
+    _NO_STREAM_OPTIONS,
+    _NO_TOP_LOGPROBS,
+    _STREAMING,
+    Int,
+    UsageInfo,
+    _all_of_any,
+    _now,
+    _Request,
+    _SamplingFields,
+)
+from zayaserve.replicas.engine.params import MAX_LOGPROBS
+
+
+class TextContentPart(_Request):
+    type: Literal["text"] = Field(description="Only text parts are supported.")
+    text: str
+
+
+class ChatMessageParam(_Request):
+    role: str = Field(description="system, user or assistant (the chat template decides).")
+    content: str | list[TextContentPart] = Field(description="Text, or a list of text parts.")
+    name: str | None = Field(default=None, description="Accepted, not used by the template.")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    model_config = ConfigDict(json_schema_extra=_all_of_any(
+        [_NO_STREAM_OPTIONS, _STREAMING], [_NO_TOP_LOGPROBS, _LOGPROBS]))
+
+    messages: list[ChatMessageParam] = Field(
+        min_length=1, description="The conversation, rendered with the model's chat template.")
+    max_tokens: Int | None = Field(
+        default=None, description="Deprecated name of max_completion_tokens.",
+        json_schema_extra={"minimum": 1})
+    max_completion_tokens: Int | None = Field(
+        default=None, description="Most tokens to generate; default: up to the context length.",
+        json_schema_extra={"minimum": 1})
+    logprobs: bool | None = Field(default=False, description="Return each token's logprob.")
+    top_logprobs: Int | None = Field(
+        default=None, description="With logprobs: also this many most likely tokens per position.",
+        json_schema_extra={"minimum": 0, "maximum": MAX_LOGPROBS})
+    add_generation_prompt: bool = Field(
+        default=True, description="vLLM: end the prompt with the assistant turn's opening.")
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(default=None, description="The token's UTF-8 bytes.")
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = Field(
+        default=None, description="vLLM: the stop string or token id that ended it.")
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(description="chatcmpl-<uuid>.")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now, description="Unix time.")
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
