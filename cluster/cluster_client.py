@@ -83,9 +83,7 @@ class ClusterEngineClient(EngineClient):
             raise unwrap_remote_error(err) from err
 
     async def stats(self) -> dict[str, Any]:
-        if self.controller is None:  # no controller to sum them: ask one worker
-            stats: dict[str, Any] = await self.workers.stats.remote()
-        else:
-            stats = await self.controller.stats.remote()
+        # The placement controller sums the stats every worker reports (shards or not).
+        stats: dict[str, Any] = await self.controller.stats.remote()
         stats["ingress_requests_in_flight"] = self.in_flight
         return stats

@@ -65,9 +65,9 @@ class AttentionWorker:
         engine = LLMEngine(EngineConfig(model=str(path), **engine_settings.model_dump()),
                            experts=experts)  # type: ignore[arg-type]
         self.engine = AsyncLLMEngine(engine, max_pending_requests)
-        if controller is not None:  # the controller sums every worker's stats
-            threading.Thread(target=self._report_stats, daemon=True,
-                             name="zayaserve-stats").start()
+        # The controller sums every worker's stats, with or without expert shards.
+        threading.Thread(target=self._report_stats, daemon=True,
+                         name="zayaserve-stats").start()
 
     def _poll_placement(self) -> None:
         while not self._stop.is_set():

@@ -13,11 +13,17 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from test_openai_api import ENGINE_KW, MODEL, Server, make_engine_client, wait_idle
+from test_grpc_api import GrpcServer
+from test_openai_api import (
+    ENGINE_KW,
+    MODEL,
+    Server,
+    make_engine_client,
+    wait_idle,
+)
 
 from zayaserve import LLM, SamplingParams
 from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.grpc_api import start_grpc_server
 from zayaserve.cluster.openai_api import build_openai_app
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
@@ -45,9 +51,9 @@ def expected(tiny_checkpoint: Any) -> str:
 
 @pytest.fixture(scope="module")
 def engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
-    b = make_engine_client(str(tiny_checkpoint))
-    yield b
-    b.engine.shutdown()
+    client = make_engine_client(str(tiny_checkpoint))
+    yield client
+    client.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -110,31 +116,12 @@ def test_killer_request_gets_4xx_and_replica_lives(name: str, server: Server,
     wait_idle(engine_client)
 
 
-class GrpcServer:
-    """The public gRPC front end on a free port, served from its own event loop thread."""
-
-    def __init__(self, engine_client: LocalEngineClient, **kw: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.port = _free_port()
-        self.server = self._run(start_grpc_server(engine_client, self.port, "127.0.0.1", **kw))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = pb_grpc.GenerationStub(self.channel)
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def stop(self) -> None:
-        self.channel.close()
-        self._run(self.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
 @pytest.fixture(scope="module")
-def grpc_server(engine_client: LocalEngineClient) -> Iterator[GrpcServer]:
-    s = GrpcServer(engine_client, max_message_bytes=2**20)
-    yield s
-    s.stop()
+def grpc_stub(engine_client: LocalEngineClient) -> Iterator[Any]:
+    server = GrpcServer(engine_client, max_message_bytes=2**20)
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GenerationStub(channel)
+    server.stop()
 
 
 def _grpc_text(stub: Any, prompt: str, **sampling: Any) -> str:
@@ -154,34 +141,34 @@ GRPC_KILLERS = {
 
 
 @pytest.mark.parametrize("name", sorted(GRPC_KILLERS))
-def test_grpc_killer_gets_invalid_argument(name: str, grpc_server: GrpcServer, expected: str):
+def test_grpc_killer_gets_invalid_argument(name: str, grpc_stub: Any, expected: str):
     sampling, field = GRPC_KILLERS[name]
     with pytest.raises(grpc.RpcError) as info:
-        _grpc_text(grpc_server.stub, "hi", **sampling)
+        _grpc_text(grpc_stub, "hi", **sampling)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (info.value.details() or "")
-    assert _grpc_text(grpc_server.stub, PROBE, temperature=0, max_tokens=PROBE_TOKENS,
+    assert _grpc_text(grpc_stub, PROBE, temperature=0, max_tokens=PROBE_TOKENS,
                       ignore_eos=True) == expected
 
 
 def test_grpc_oversized_message_and_short_deadlines(
-        grpc_server: GrpcServer, engine_client: LocalEngineClient, expected: str):
+        grpc_stub: Any, engine_client: LocalEngineClient, expected: str):
     with pytest.raises(grpc.RpcError) as info:
-        _grpc_text(grpc_server.stub, "x" * 2**21)
+        _grpc_text(grpc_stub, "x" * 2**21)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     for timeout in (0.001, 0.005, 0.02, 0.05):  # deadlines shorter than a step
         with pytest.raises(grpc.RpcError) as info:
-            grpc_server.stub.GenerateUnary(pb.GenerateRequest(
+            grpc_stub.GenerateUnary(pb.GenerateRequest(
                 prompt=PROBE, sampling=pb.SamplingParams(max_tokens=50)), timeout=timeout)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert not engine_client.engine.is_dead
-    assert _grpc_text(grpc_server.stub, PROBE, temperature=0, max_tokens=PROBE_TOKENS,
+    assert _grpc_text(grpc_stub, PROBE, temperature=0, max_tokens=PROBE_TOKENS,
                       ignore_eos=True) == expected
     wait_idle(engine_client)
 
 
 def test_reused_request_ids_never_cross_streams(
-        tiny_checkpoint: Any, engine_client: LocalEngineClient, grpc_server: GrpcServer):
+        tiny_checkpoint: Any, engine_client: LocalEngineClient, grpc_stub: Any):
     """Two gRPC clients pick the same request_id at once: each gets its own prompt's tokens."""
     prompts = ["Once upon a time", "1 2 3 4"]
     llm = LLM(str(tiny_checkpoint), **ENGINE_KW)
@@ -193,7 +180,7 @@ def test_reused_request_ids_never_cross_streams(
         request = pb.GenerateRequest(prompt=prompt, request_id="same-id", sampling=pb.
                                      SamplingParams(temperature=0, max_tokens=24,
                                                     ignore_eos=True))
-        for message in grpc_server.stub.Generate(request, timeout=60):
+        for message in grpc_stub.Generate(request, timeout=60):
             assert message.request_id == "same-id"  # the client's label comes back
             for c in message.outputs:
                 ids.extend(c.token_ids)
@@ -208,14 +195,6 @@ def test_reused_request_ids_never_cross_streams(
         t.join(90)
     assert results == want
     wait_idle(engine_client)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- the engine loop: cancellation, step failures, stalled readers ------------------------
