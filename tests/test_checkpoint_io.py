@@ -12,13 +12,18 @@ import torch
 from safetensors.torch import save_file
 
 from zayaserve.replicas.devtools import random_checkpoint as ci
-from zayaserve.replicas.model.checkpoint_io import (
+from zayaserve.replicas.devtools.checkpoint_presets import (
+    checkpoint_shapes,
+    count_params,
+    preset_config,
+)
+from zayaserve.replicas.model.checkpoint_errors import (
     CheckpointError,
-    CheckpointReader,
     CorruptCheckpointError,
     MissingTensorError,
     TensorShapeError,
 )
+from zayaserve.replicas.model.checkpoint_io import CheckpointReader
 from zayaserve.replicas.model.config import ConfigError, ZayaConfig
 
 MB = 1024 * 1024
@@ -160,7 +165,7 @@ def test_corrupt_files(tmp_path: Path, case: str) -> None:
 
 
 def test_unknown_model_type_is_a_config_error(tmp_path: Path) -> None:
-    cfg = ci.preset_config("tiny")
+    cfg = preset_config("tiny")
     cfg["model_type"] = "llama"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="model_type"):
@@ -206,9 +211,9 @@ def test_unknown_preset() -> None:
 
 
 def test_param_counts() -> None:
-    assert ci.count_params("tiny") < 1_000_000
-    assert 80e6 <= ci.count_params("small") <= 130e6
-    assert 8.0e9 <= ci.count_params("zaya1-8b") <= 9.5e9
+    assert count_params("tiny") < 1_000_000
+    assert 80e6 <= count_params("small") <= 130e6
+    assert 8.0e9 <= count_params("zaya1-8b") <= 9.5e9
 
 
 def test_tiny_checkpoint_loads_in_transformers(tiny_checkpoint: Path) -> None:
@@ -274,14 +279,14 @@ def test_sharded_writer_matches_single_file(tmp_path: Path) -> None:
     {}, {"attention_bias": True, "lm_head_bias": True, "tie_word_embeddings": False}])
 def test_randomize_hf_model_matches_writer(tmp_path: Path, overrides: dict[str, Any]) -> None:
     import transformers
-    cfg = ci.preset_config("tiny", overrides=overrides)
+    cfg = preset_config("tiny", overrides=overrides)
     hf_cfg = transformers.ZayaConfig(**{k: v for k, v in cfg.items()
                                         if k not in ("architectures", "model_type")})
     model = transformers.ZayaForCausalLM(hf_cfg)
     ci.randomize_hf_model_(model, seed=4)
     model.save_pretrained(tmp_path / "hf")
     ours = ci.init_checkpoint(tmp_path / "ours", "tiny", seed=4, overrides=overrides)
-    shapes = ci.checkpoint_shapes(cfg)
+    shapes = checkpoint_shapes(cfg)
     with CheckpointReader(tmp_path / "hf") as hf, CheckpointReader(ours) as mine:
         assert sorted(shapes) == hf.names() == mine.names()
         for name, shape in shapes.items():

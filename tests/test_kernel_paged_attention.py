@@ -215,9 +215,9 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import zayaserve.kernels.paged_attention_triton as m
+import zayaserve.kernels.paged_attention_kernels_triton as m
 
-fn = m._paged_attn_kernel
+fn = m.paged_attn_kernel
 while not isinstance(fn, triton.runtime.jit.JITFunction):
     fn = fn.fn
 names = fn.arg_names

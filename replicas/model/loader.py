@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from zayaserve.replicas.model.attention_side import AttentionSideModel
-from zayaserve.replicas.model.checkpoint_io import CheckpointReader, MissingTensorError
+from zayaserve.replicas.model.checkpoint_errors import MissingTensorError
+from zayaserve.replicas.model.checkpoint_io import CheckpointReader
 from zayaserve.replicas.model.config import ConfigError, ZayaConfig
 from zayaserve.replicas.model.experts import ExpertWeights
 
