@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch
 
 from zayaserve.bench import legacy_stream_path as legacy
-from zayaserve.replicas.engine.output_processor import step_delta
 from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.engine.scheduler import step_delta
 from zayaserve.replicas.engine.sequence import Request, Sequence
 
 

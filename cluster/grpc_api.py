@@ -16,23 +16,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from zayaserve.cluster.engine_client import EngineClient
-from zayaserve.cluster.frontend_common import (
+from zayaserve.cluster.frontend_errors import (
     AuthenticationError,
     FrontendError,
     InvalidRequestError,
-    aclose_quietly,
     as_frontend_error,
     build_sampling_params,
     check_context_length,
     check_token_ids,
-    collect,
     internal_error,
-    open_stream,
     resolve_model,
 )
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
+from zayaserve.cluster.streams import aclose_quietly, collect, open_stream
 from zayaserve.replicas.engine.outputs import Logprob, RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from ray import serve
 
-from zayaserve.cluster.cluster_client import ClusterEngineClient
 from zayaserve.cluster.config import ClusterConfig
+from zayaserve.cluster.engine_client import ClusterEngineClient
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.tokenizer import Tokenizer

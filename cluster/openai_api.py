@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zayaserve.cluster.engine_client import EngineClient
-from zayaserve.cluster.frontend_common import (
+from zayaserve.cluster.frontend_errors import (
     AuthenticationError,
     BodyTooLargeError,
     FrontendError,
@@ -35,7 +35,6 @@ from zayaserve.cluster.openai_chat_protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
 )
-from zayaserve.cluster.openai_common import ServingContext, error_response_of
 from zayaserve.cluster.openai_completions import create_completion
 from zayaserve.cluster.openai_protocol import (
     CompletionRequest,
@@ -51,6 +50,7 @@ from zayaserve.cluster.openapi_schema import (
     openapi_request_body,
     openapi_responses,
 )
+from zayaserve.cluster.streams import ServingContext, error_response_of
 
 logger = logging.getLogger(__name__)
 

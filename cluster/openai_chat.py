@@ -10,18 +10,15 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from zayaserve.cluster.frontend_common import (
+from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
     as_frontend_error,
     build_sampling_params,
     check_context_length,
-    close_streams,
-    collect,
     internal_error,
-    merge_streams,
-    open_streams,
     resolve_model,
 )
+from zayaserve.cluster.logprob_format import chat_logprobs
 from zayaserve.cluster.metrics import RequestTracker
 from zayaserve.cluster.openai_chat_protocol import (
     ChatChoice,
@@ -33,12 +30,15 @@ from zayaserve.cluster.openai_chat_protocol import (
     ChatStreamChoice,
     DeltaMessage,
 )
-from zayaserve.cluster.openai_common import (
+from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
     ServingContext,
     UsageCounter,
-    chat_logprobs,
+    close_streams,
+    collect,
+    merge_streams,
+    open_streams,
     sse,
     stream_closer,
     stream_error_event,

@@ -10,37 +10,37 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from zayaserve.cluster.frontend_common import (
+from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
     as_frontend_error,
     build_sampling_params,
     check_context_length,
     check_token_ids,
-    close_streams,
-    collect,
     internal_error,
-    merge_streams,
-    open_streams,
     resolve_model,
 )
+from zayaserve.cluster.logprob_format import completion_logprobs
 from zayaserve.cluster.metrics import RequestTracker
-from zayaserve.cluster.openai_common import (
-    SSE_DONE,
-    ClosingStreamingResponse,
-    ServingContext,
-    UsageCounter,
-    completion_logprobs,
-    sse,
-    stream_closer,
-    stream_error_event,
-    unless_disconnected,
-    usage_of,
-)
 from zayaserve.cluster.openai_protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+)
+from zayaserve.cluster.streams import (
+    SSE_DONE,
+    ClosingStreamingResponse,
+    ServingContext,
+    UsageCounter,
+    close_streams,
+    collect,
+    merge_streams,
+    open_streams,
+    sse,
+    stream_closer,
+    stream_error_event,
+    unless_disconnected,
+    usage_of,
 )
 from zayaserve.replicas.engine.outputs import RequestOutput, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams

@@ -1,14 +1,15 @@
 """The AttentionWorker deployment: the engine with the attention side of the model, whose
 experts are reached through the token router over gRPC.
 
-The token router runs on its own asyncio loop thread, a `BackgroundLoop` (the engine thread
-blocks on it, releasing the GIL, so the other micro-batch can compute). A poller keeps the
+The token router runs on its own asyncio loop thread inside `RemoteExpertBackend` (the engine
+thread blocks on it, releasing the GIL, so the other micro-batch can compute). A poller keeps the
 placement map fresh, so new shard addresses (restarts, later migrations) are used without
 restarting this replica.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -25,9 +26,8 @@ from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
+from zayaserve.replicas.model.experts import RemoteExpertBackend
 from zayaserve.router.placement import PlacementMap
-from zayaserve.router.remote_experts import BackgroundLoop, RemoteExpertBackend
-from zayaserve.router.token_router import TokenRouter
 
 log = logging.getLogger("zayaserve.attention_worker")
 POLL_S = 0.5
@@ -52,18 +52,15 @@ class AttentionWorker:
         self._map = PlacementMap(version=-1, num_experts=num_experts, replicas={},
                                  addresses={})
         self._stop = threading.Event()
-        self.token_router: TokenRouter | None = None
-        experts = None  # experts stay in this process (the baseline mode)
+        self.experts: RemoteExpertBackend | None = None  # None: experts in this process
         if remote_experts:
             threading.Thread(target=self._poll_placement, daemon=True,
                              name="zayaserve-placement").start()
-            self.token_router_loop = BackgroundLoop()
-            self.token_router = TokenRouter(lambda: self._map, num_experts,
-                                            deadline_s=dispatch_deadline_s,
-                                            wait_for_replica_s=wait_for_replica_s)
-            experts = RemoteExpertBackend(self.token_router, self.token_router_loop.loop)
+            self.experts = RemoteExpertBackend(lambda: self._map, num_experts,
+                                               deadline_s=dispatch_deadline_s,
+                                               wait_for_replica_s=wait_for_replica_s)
         engine = LLMEngine(EngineConfig(model=str(path), **engine_settings.model_dump()),
-                           experts=experts)  # type: ignore[arg-type]
+                           experts=self.experts)
         self.engine = AsyncLLMEngine(engine, max_pending_requests)
         # The controller sums every worker's stats, with or without expert shards.
         threading.Thread(target=self._report_stats, daemon=True,
@@ -90,8 +87,8 @@ class AttentionWorker:
     def _stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {**self.engine.engine.stats(),
                                  "engine_steps_total": self.engine.steps}
-        if self.token_router is not None:
-            stats.update(self.token_router.stats_dict())
+        if self.experts is not None:
+            stats.update(self.experts.router.stats_dict())
         return stats
 
     def describe(self) -> dict[str, Any]:
@@ -123,3 +120,6 @@ class AttentionWorker:
     def __del__(self) -> None:
         self._stop.set()
         self.engine.shutdown()
+        if self.experts is not None:
+            with contextlib.suppress(Exception):  # the replica is going away regardless
+                self.experts.close()

@@ -16,11 +16,15 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from zayaserve.replicas.model.experts import ExpertWeights, LocalExpertBackend, run_grouped
+from zayaserve.replicas.model.experts import (
+    ExpertWeights,
+    LocalExpertBackend,
+    RemoteExpertBackend,
+    run_grouped,
+)
 from zayaserve.replicas.model.loader import load_expert_side
 from zayaserve.router.placement import PlacementMap, compute_placement
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
-from zayaserve.router.remote_experts import BackgroundLoop, RemoteExpertBackend
 from zayaserve.router.shard_server import SERVICE_NAME, ExpertShardServicer, serve_shard
 from zayaserve.router.tensor_codec import encode
 from zayaserve.router.token_router import ExpertShardError, NoExpertReplicaError, TokenRouter
@@ -301,17 +305,16 @@ def test_router_checks_its_inputs(ckpt: str) -> None:
 
 
 def test_remote_backend_is_a_sync_expert_backend(ckpt: str, local: LocalExpertBackend) -> None:
-    background = BackgroundLoop()
+    maps: list[PlacementMap] = []
+    backend = RemoteExpertBackend(lambda: maps[-1], E, timeout_s=30)
     try:
-        shards, placement = background.run(start_cluster(ckpt, 2), timeout=30)
-        router = TokenRouter(lambda: placement, E)
-        backend = RemoteExpertBackend(router, background.loop, timeout_s=30)
+        shards, placement = backend.run(start_cluster(ckpt, 2), timeout=30)
+        maps.append(placement)
         assert backend.num_experts == E
         for layer in range(L):
             hidden, ids, w = routing(30, 17 + layer)
             assert torch.equal(backend(layer, hidden, ids, w), local(layer, hidden, ids, w))
-        background.run(router.close(), timeout=30)
         for shard in shards.values():
-            background.run(shard.stop(), timeout=30)
+            backend.run(shard.stop(), timeout=30)
     finally:
-        background.stop()
+        backend.close()

@@ -11,13 +11,18 @@ import torch
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.config import EngineConfig
-from zayaserve.replicas.engine.output_processor import SampledStep, banned_tokens
 from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
 from zayaserve.replicas.engine.runner import ModelRunner
 from zayaserve.replicas.engine.sampler import SamplingRow, prompt_logprobs, sample
-from zayaserve.replicas.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from zayaserve.replicas.engine.scheduler import (
+    SampledStep,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    banned_tokens,
+)
 from zayaserve.replicas.engine.sequence import Request, Sequence, Status
 from zayaserve.replicas.kv_tiers.hashing import (
     BlockHasher,
