@@ -35,18 +35,29 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     shards = None
     if cfg.expert_shards:
         shards = ExpertShard.options(  # type: ignore[attr-defined]
-            num_replicas=cfg.expert_shards, ray_actor_options=actor,
-        ).bind(controller, cfg.model, cfg.engine.dtype, cfg.engine.num_threads)
+            num_replicas=cfg.expert_shards,
+            ray_actor_options={**actor, "num_gpus": cfg.expert_num_gpus},
+        ).bind(controller, cfg.model, cfg.engine.dtype, cfg.engine.num_threads,
+               _device_for(cfg.engine.device, cfg.expert_num_gpus))
+    engine = cfg.engine.model_copy(
+        update={"device": _device_for(cfg.engine.device, cfg.attention_num_gpus)})
     router = RequestRouterConfig(
         request_router_class=REQUEST_ROUTER,  # type: ignore
         request_router_kwargs={"block_size": cfg.engine.block_size,
                                "imbalanced_threshold": cfg.routing_imbalance_threshold})
     workers = AttentionWorker.options(  # type: ignore[attr-defined]
-        num_replicas=cfg.attention_workers, ray_actor_options=actor,
+        num_replicas=cfg.attention_workers,
+        ray_actor_options={**actor, "num_gpus": cfg.attention_num_gpus},
         max_ongoing_requests=cfg.max_pending_requests + 8, request_router_config=router,
         max_queued_requests=cfg.max_queued_requests,
-    ).bind(controller, cfg.model, cfg.engine, cfg.max_pending_requests,
+    ).bind(controller, cfg.model, engine, cfg.max_pending_requests,
            cfg.dispatch_deadline_s, cfg.wait_for_replica_s, bool(cfg.expert_shards))
     return Ingress.options(  # type: ignore[attr-defined]
         ray_actor_options=actor,
     ).bind(workers, controller, shards, cfg.model_dump())
+
+
+def _device_for(device: str, num_gpus: float) -> str:
+    """A replica given no GPU runs on the CPU even on a GPU node (`auto` would otherwise find
+    the node's GPUs if Ray left them visible); one given a GPU keeps the setting."""
+    return "cpu" if device == "auto" and num_gpus == 0 else device

@@ -23,7 +23,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, n=args.n, stop=args.stop or None,
         logprobs=args.logprobs)
-    llm = LLM(model=args.model, dtype=args.dtype)
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
     if args.chat:
         outputs = llm.chat([{"role": "user", "content": args.prompt}], params)
     else:
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--model", required=True, help="checkpoint folder, or 'tiny' / 'small'")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

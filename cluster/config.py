@@ -67,6 +67,12 @@ class ClusterConfig(BaseModel):
         60.0, gt=0, description="How long a dispatch waits for a restarted expert shard.")
     replica_num_cpus: float = Field(
         0.1, gt=0, description="CPUs reserved per replica (fractional on small machines).")
+    attention_num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per attention worker (fractional shares one GPU); 0 runs "
+        "the workers on the CPU. Ray sets CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES.")
+    expert_num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per expert shard (fractional allowed); 0: the CPU. With "
+        "attention_num_gpus, attention and experts can use different GPU pools.")
     routing_imbalance_threshold: int = Field(
         8, ge=0, description="Queue-length gap above which load beats prefix affinity.")
     max_queued_requests: int = Field(

@@ -37,6 +37,8 @@ def add_serve_parser(sub: Any) -> None:
                    help="engine.kv_cache_redis_url: shared L2 prefix cache (redis://...)")
     p.add_argument("--kv-cache-encoding", default=None, choices=["none", "int8", "fp8"],
                    help="engine.kv_cache_encoding: how L2 stores K/V")
+    p.add_argument("--device", default=None,
+                   help="engine.device: auto (a GPU when the worker has one), cpu, cuda")
     p.add_argument("--no-overlap", action="store_true",
                    help="engine.micro_batches=1: no overlap of attention and expert calls")
     p.add_argument("--no-dashboard", action="store_true",
@@ -58,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
         api_key=args.api_key,
         engine={"kv_cache_redis_url": args.redis_url,
-                "kv_cache_encoding": args.kv_cache_encoding,
+                "kv_cache_encoding": args.kv_cache_encoding, "device": args.device,
                 "micro_batches": 1 if args.no_overlap else None})
 
 

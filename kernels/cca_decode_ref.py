@@ -15,6 +15,7 @@ Layouts (B decode tokens, C = nq*D + nkv*D conv channels, Dv = nkv*D/2, K = (t0-
 
 from __future__ import annotations
 
+import functools
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -52,6 +53,7 @@ def _check_args(proj: torch.Tensor, conv_state: torch.Tensor, v_state: torch.Ten
 
 
 @lru_cache(maxsize=32)
+@functools.cache
 def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """rope_cos_sin's inverse frequencies, bit for bit: same expression, pow on the CPU.
 
@@ -59,7 +61,7 @@ def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tens
     becomes ~pos * 6e-8 rad of angle: at position 1e5 that is a visible error. Everything after
     (position * inv_freq in fp32, cos, sin) is computed in the kernel.
     """
-    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device="cpu") / rotary_dim
     return 1.0 / (theta ** exponent).to(device)
 
 

@@ -89,6 +89,21 @@ def _load(target: str) -> Callable[..., Any]:
 
 
 def get_op(op: str, backend: Backend | None = None) -> Callable[..., Any]:
+    """The op's implementation. Unforced, Triton serves tensors on a GPU and the torch
+    reference serves CPU tensors, so an engine on `device="cpu"` works on a GPU host too."""
     if op not in OPS:
         raise KeyError(f"unknown kernel op {op!r}; known: {sorted(OPS)}")
+    if backend is None and default_backend() == "triton" and not os.environ.get(ENV_VAR):
+        return _by_device(op)
     return _load(OPS[op][backend or default_backend()])
+
+
+@cache
+def _by_device(op: str) -> Callable[..., Any]:
+    def run(first: Any, *args: Any, **kwargs: Any) -> Any:
+        on_cpu = getattr(first, "device", None) is not None and first.device.type == "cpu"
+        if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            return _load(OPS[op]["torch"])(first, *args, **kwargs)
+        return _load(OPS[op]["triton"])(first, *args, **kwargs)
+
+    return run

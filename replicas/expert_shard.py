@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from zayaserve.replicas.engine.device import default_dtype, resolve_device
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.experts import run_grouped
@@ -30,7 +31,8 @@ HEARTBEAT_S = 1.0
 class ExpertShard:
     # Serve awaits async constructors (mypy insists __init__ returns None).
     async def __init__(  # type: ignore[misc]
-        self, controller: Any, model: str, dtype: str = "auto", num_threads: int | None = None
+        self, controller: Any, model: str, dtype: str = "auto", num_threads: int | None = None,
+        device: str = "cpu",
     ) -> None:
         import ray
 
@@ -41,13 +43,23 @@ class ExpertShard:
         self.slot, self.experts = await controller.claim.remote(self.replica)
         path = resolve_model(model)
         self.config = ZayaConfig.from_pretrained(path)
-        self.weights = load_expert_side(path, self.experts, dtype)
+        self.device = resolve_device(device)
+        if dtype == "auto":
+            dtype = default_dtype(self.device)
+        self.weights = load_expert_side(path, self.experts, dtype, self.device)
         self.expert_bytes = sum(w.nbytes for w in self.weights)
+        on_gpu = self.device.type != "cpu"
 
         def compute(layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
+            # The rows arrive in host memory from gRPC: over to the experts' device and back.
             with torch.inference_mode():
-                return run_grouped(self.weights[layer], hidden, expert_ids, weights)
+                if on_gpu:
+                    hidden, expert_ids, weights = (
+                        t.pin_memory().to(self.device, non_blocking=True)
+                        for t in (hidden, expert_ids, weights))
+                out = run_grouped(self.weights[layer], hidden, expert_ids, weights)
+                return out.cpu() if on_gpu else out
 
         self.servicer = ExpertShardServicer(self.slot, compute, self.experts, self.expert_bytes,
                                             num_layers=len(self.weights))

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from zayaserve.replicas.engine.device import DEVICE_PATTERN
 from zayaserve.replicas.validation_errors import format_validation_error
 
 
@@ -32,7 +33,12 @@ class EngineSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dtype: str = Field("auto", description="float32, bfloat16, float16 or auto (checkpoint's).")
+    device: str = Field(
+        "auto", pattern=DEVICE_PATTERN,
+        description="auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N.")
+    dtype: str = Field(
+        "auto", description="float32, bfloat16, float16, or auto (bfloat16 on a GPU, float32 "
+        "on the CPU).")
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV-cache block.")
     max_num_seqs: int = Field(64, ge=1, description="Most sequences running at once.")
     max_num_batched_tokens: int = Field(

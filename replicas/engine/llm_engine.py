@@ -11,6 +11,7 @@ import torch
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.config import EngineConfig
+from zayaserve.replicas.engine.device import default_dtype, resolve_device
 from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
@@ -52,10 +53,12 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         path = Path(config.model)
-        self.model = load_attention_side(path, config.dtype)
+        self.device = device = resolve_device(config.device)
+        dtype = default_dtype(device) if config.dtype == "auto" else config.dtype
+        self.model = load_attention_side(path, dtype, device)
         self.model_config = mc = self.model.config
         self.experts = experts if experts is not None else LocalExpertBackend(
-            load_expert_side(path, None, self.model.dtype), mc.num_experts)
+            load_expert_side(path, None, self.model.dtype, device), mc.num_experts)
         self.tokenizer = Tokenizer.from_pretrained(path) if (
             path / "tokenizer.json").is_file() else None
         self.eos_ids = (self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
@@ -75,7 +78,7 @@ class LLMEngine:
         # A single sequence must always fit, or preemption could never make progress.
         self.max_model_len = min(max_len, num_blocks * bs)
         self.cache = KVCache(mc, num_blocks, bs, config.max_num_seqs, self.model.dtype,
-                             snapshots=config.enable_prefix_caching)
+                             device=device, snapshots=config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, bs,
                             config.enable_prefix_caching, tuple(self.eos_ids),
@@ -92,13 +95,17 @@ class LLMEngine:
         self.remote = self._remote_tier() if config.kv_cache_redis_url else None
         self.scheduler.kv.remote = self.remote
         self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = self._generator(config.seed)
         self.requests: dict[str, Request] = {}
         # The requests the current/last step scheduled (None while scheduling): if a step
         # fails, these are the ones whose state it may have left half-written.
         self.last_step_request_ids: set[str] | None = set()
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+
+    def _generator(self, seed: int) -> torch.Generator:
+        """Sampling draws on the engine's device (a generator elsewhere would copy rows)."""
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _remote_tier(self) -> RemoteTier:
         if not self.config.enable_prefix_caching:
@@ -167,7 +174,7 @@ class LLMEngine:
     def _new_sequence(self, req: Request, index: int, tokens: list[int]) -> Sequence:
         p = req.params
         seed = p.child_seed(index)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else self.generator
+        gen = self._generator(seed) if seed is not None else self.generator
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
@@ -240,7 +247,8 @@ class LLMEngine:
             k = req.params.prompt_logprobs
             assert k is not None
             prompt.append((req, list(prompt_logprobs(
-                logits[prompt_rows], torch.tensor(next_ids, dtype=torch.int64), k))))
+                logits[prompt_rows],
+                torch.tensor(next_ids, dtype=torch.int64, device=logits.device), k))))
         rows: list[SamplingRow] = []
         targets: list[tuple[Sequence, int]] = []  # (sequence, child index or -1 for itself)
         row_ids: list[int] = []
@@ -253,8 +261,7 @@ class LLMEngine:
                 gen = seq.generator
                 if child > 0:
                     seed = p.child_seed(child)
-                    gen = (torch.Generator().manual_seed(seed) if seed is not None
-                           else self.generator)
+                    gen = self._generator(seed) if seed is not None else self.generator
                 rows.append(SamplingRow(p.temperature, p.top_k, p.top_p, gen, p.logprobs,
                                         banned))
                 targets.append((seq, child))

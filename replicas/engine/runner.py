@@ -56,7 +56,8 @@ class ModelRunner:
              c.seq.state_slot)
             for c in chunks]
         snapshots = self._snapshot_rows(chunks) if self.cache.conv_snap is not None else None
-        batch = StepBatch.build(packed, self.cache.block_size, rows, snapshots=snapshots)
+        batch = StepBatch.build(packed, self.cache.block_size, rows, device=self.cache.device,
+                                snapshots=snapshots)
         return self.model(batch, self.cache, self.experts)
 
     def _snapshot_rows(self, chunks: list[ScheduledChunk]) -> list[tuple[int, int]]:

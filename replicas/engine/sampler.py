@@ -244,14 +244,17 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledTok
     # The chosen token's logprob is needed for every row (cumulative_logprob), but the full
     # [S, V] logprob matrix only for rows that asked for a dict.
     lse = torch.logsumexp(logits, dim=1)
-    token_lps = (logits.gather(1, chosen.unsqueeze(1)).squeeze(1) - lse).tolist()
+    chosen_lps = logits.gather(1, chosen.unsqueeze(1)).squeeze(1) - lse
+    # One device-to-host copy for the ids and their logprobs (float64 holds both exactly).
+    host_ids, token_lps = torch.stack([chosen.double(), chosen_lps.double()]).tolist()
+    token_ids = [int(t) for t in host_ids]
     wants = [i for i, r in enumerate(rows) if r.num_logprobs is not None]
     dicts: list[dict[int, Logprob] | None] = [None] * len(rows)
     ks = [rows[i].num_logprobs or 0 for i in wants]
     for i, d in zip(wants, _logprob_dicts(logits, chosen, ks, wants), strict=True):
         dicts[i] = d
     return [
-        SampledToken(t, lp, d) for t, lp, d in zip(chosen.tolist(), token_lps, dicts, strict=True)
+        SampledToken(t, lp, d) for t, lp, d in zip(token_ids, token_lps, dicts, strict=True)
     ]
 
 

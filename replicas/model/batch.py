@@ -70,23 +70,30 @@ class StepBatch:
             slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
             starts.append(starts[-1] + n)
         width = max((len(c[2]) for c in chunks), default=0)
-        tables = [c[2] + [-1] * (width - len(c[2])) for c in chunks]
-
-        def t(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
-
+        tables = [b for c in chunks for b in c[2] + [-1] * (width - len(c[2]))]
+        snap_rows = [r for r, _ in snapshots or ()]
+        snap_blocks = [b for _, b in snapshots or ()]
+        states = [c[3] for c in chunks]
+        # Every index goes over in one host-to-device copy (from pinned memory on a GPU).
+        parts = [ids, positions, token_seq, starts, slots, tables, states, logits_rows,
+                 snap_rows, snap_blocks]
+        host = torch.tensor([v for part in parts for v in part], dtype=torch.int64,
+                            device="cpu")
+        target = torch.device(device)
+        if target.type != "cpu":
+            host = host.pin_memory().to(target, non_blocking=True)
+        views = torch.split(host, [len(part) for part in parts])
         return StepBatch(
-            input_ids=t(ids),
-            positions=t(positions),
-            token_seq=t(token_seq),
-            query_start=t(starts),
+            input_ids=views[0],
+            positions=views[1],
+            token_seq=views[2],
+            query_start=views[3],
             query_lens=[len(c[0]) for c in chunks],
             context_lens=[c[1] + len(c[0]) for c in chunks],
-            slot_mapping=t(slots),
-            block_tables=torch.tensor(tables, dtype=torch.int64, device=device).reshape(
-                len(chunks), width),
-            state_slots=t([c[3] for c in chunks]),
-            logits_indices=t(logits_rows),
-            snapshot_rows=t([r for r, _ in snapshots]) if snapshots else None,
-            snapshot_blocks=t([b for _, b in snapshots]) if snapshots else None,
+            slot_mapping=views[4],
+            block_tables=views[5].reshape(len(chunks), width),
+            state_slots=views[6],
+            logits_indices=views[7],
+            snapshot_rows=views[8] if snapshots else None,
+            snapshot_blocks=views[9] if snapshots else None,
         )

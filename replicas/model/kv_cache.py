@@ -24,6 +24,7 @@ class KVCache:
         device: torch.device | str = "cpu",
         snapshots: bool = False,
     ) -> None:
+        self.device = torch.device(device)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_state_slots = num_state_slots

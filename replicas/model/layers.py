@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -37,13 +39,19 @@ class ResidualScaling(nn.Module):
         return block_out + residual
 
 
+@functools.cache
+def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """The inverse frequencies, computed once per device: the pow runs on the CPU (the
+    reference's arithmetic, bit for bit), and the result is copied over once, not per step."""
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device="cpu") / rotary_dim
+    return 1.0 / (theta ** exponent).to(device)
+
+
 def rope_cos_sin(
     positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [T, rotary_dim] for absolute positions [T]."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
-    ).to(positions.device)
+    inv_freq = _inv_freq(rotary_dim, theta, positions.device)
     freqs = positions[:, None].float() * inv_freq  # [T, rotary_dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -40,7 +40,8 @@ def expert_tensor_names(layer: int) -> tuple[str, str]:
 
 
 def load_attention_side(
-    path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu"
+    path: str | Path, dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
 ) -> AttentionSideModel:
     config = ZayaConfig.from_pretrained(path)
     torch_dtype = resolve_dtype(dtype, config)
@@ -67,7 +68,7 @@ def load_expert_side(
     path: str | Path,
     experts: Sequence[int] | dict[int, Sequence[int]] | None = None,
     dtype: str | torch.dtype | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
 ) -> list[ExpertWeights]:
     """Experts of every layer: all of them, the same subset for every layer, or a per-layer map."""
     config = ZayaConfig.from_pretrained(path)
