@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from ray import serve
 
-from zayaserve.replicas.engine.device import default_dtype, resolve_device
+from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.experts import run_grouped
@@ -44,9 +44,8 @@ class ExpertShard:
         path = resolve_model(model)
         self.config = ZayaConfig.from_pretrained(path)
         self.device = resolve_device(device)
-        if dtype == "auto":
-            dtype = default_dtype(self.device)
-        self.weights = load_expert_side(path, self.experts, dtype, self.device)
+        self.weights = load_expert_side(path, self.experts, dtype_for(dtype, self.device),
+                                        self.device)
         self.expert_bytes = sum(w.nbytes for w in self.weights)
         on_gpu = self.device.type != "cpu"
 

@@ -18,7 +18,7 @@ import zayaserve
 from zayaserve import LLM, SamplingParams
 from zayaserve.cluster.config import ClusterConfig
 from zayaserve.replicas.engine.config import EngineConfig
-from zayaserve.replicas.engine.device import default_dtype, resolve_device
+from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 
 ROOT = str(Path(zayaserve.__file__).resolve().parent) + "/"
@@ -55,11 +55,15 @@ def engine(tiny_checkpoint: Path) -> Iterator[LLMEngine]:
                                  max_model_len=256))
 
 
-def test_auto_resolves_to_the_cpu_here_with_fp32(engine: LLMEngine) -> None:
-    assert not torch.cuda.is_available()  # this test describes a CPU-only machine
-    assert resolve_device("auto") == torch.device("cpu")
-    assert engine.config.device == "auto" and engine.device == torch.device("cpu")
-    assert default_dtype(engine.device) == "float32" and engine.model.dtype == torch.float32
+def test_auto_resolves_to_what_torch_sees(engine: LLMEngine) -> None:
+    """Here (CI, no GPU): the CPU with float32; on a GPU host: the GPU with bfloat16."""
+    gpu = torch.cuda.is_available()
+    assert resolve_device("auto").type == ("cuda" if gpu else "cpu")
+    assert engine.config.device == "auto" and engine.device == resolve_device("auto")
+    want = torch.bfloat16 if gpu else torch.float32
+    assert dtype_for("auto", engine.device) == str(want).removeprefix("torch.")
+    assert engine.model.dtype == want
+    assert dtype_for("float16", engine.device) == "float16"
 
 
 def _tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -128,6 +132,7 @@ def test_bad_device_names_the_field(tiny_checkpoint: Path, bad: str) -> None:
         ClusterConfig.create(engine={"device": bad})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without a GPU")
 def test_a_missing_gpu_is_a_clear_error(tiny_checkpoint: Path) -> None:
     with pytest.raises(ValueError, match="device: 'cuda' was asked for, but torch sees no GPU"):
         LLM(model=str(tiny_checkpoint), device="cuda")

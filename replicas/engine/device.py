@@ -35,6 +35,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def default_dtype(device: torch.device) -> str:
-    """`dtype="auto"`: bfloat16 on a GPU, float32 on the CPU (where bf16 matmuls are slow)."""
+def dtype_for(dtype: str, device: torch.device) -> str:
+    """`dtype="auto"` is bfloat16 on a GPU and float32 on the CPU (where bf16 matmuls are
+    slow); any other name is kept as given."""
+    if dtype != "auto":
+        return dtype
     return "bfloat16" if device.type == "cuda" else "float32"

@@ -11,7 +11,7 @@ import torch
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.config import EngineConfig
-from zayaserve.replicas.engine.device import default_dtype, resolve_device
+from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
@@ -54,8 +54,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         path = Path(config.model)
         self.device = device = resolve_device(config.device)
-        dtype = default_dtype(device) if config.dtype == "auto" else config.dtype
-        self.model = load_attention_side(path, dtype, device)
+        self.model = load_attention_side(path, dtype_for(config.dtype, device), device)
         self.model_config = mc = self.model.config
         self.experts = experts if experts is not None else LocalExpertBackend(
             load_expert_side(path, None, self.model.dtype, device), mc.num_experts)
