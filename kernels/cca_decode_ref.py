@@ -16,7 +16,6 @@ Layouts (B decode tokens, C = nq*D + nkv*D conv channels, Dv = nkv*D/2, K = (t0-
 from __future__ import annotations
 
 import functools
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -52,7 +51,6 @@ def _check_args(proj: torch.Tensor, conv_state: torch.Tensor, v_state: torch.Ten
     return CCADims(b, c, dv, k, t0, t1)
 
 
-@lru_cache(maxsize=32)
 @functools.cache
 def _inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """rope_cos_sin's inverse frequencies, bit for bit: same expression, pow on the CPU.

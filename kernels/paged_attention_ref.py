@@ -26,11 +26,16 @@ class AttentionPlan:
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (row a, row b, slots, q pos)
     _masks: dict[tuple[str, int | None], Any] = field(default_factory=dict)
     block_size: int = 1
+    static: bool = False  # built from tensors alone (graph capture): no host reads, no memo
 
     def decode_view(self, window: int | None, block_size: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(blocks [B, NB], allowed [B, 1, NB*bs]) for a layer's window: a sliding-window layer
         gathers only the blocks that overlap its window, not the whole context."""
+        if self.static:
+            return self.decode_blocks, _allowed(
+                torch.zeros_like(self.decode_lens), self.decode_lens, window, block_size,
+                self.decode_blocks.shape[1])
         key = ("decode", window)
         if key not in self._masks:
             lens, bs = self.decode_lens, block_size
@@ -40,11 +45,7 @@ class AttentionPlan:
             idx = (first[:, None] + torch.arange(width, device=lens.device)[None]).clamp_max(
                 self.decode_blocks.shape[1] - 1)
             blocks = self.decode_blocks.gather(1, idx)
-            pos = (first[:, None] * bs + torch.arange(width * bs, device=lens.device)[None])
-            allowed = pos < lens[:, None]
-            if window is not None:
-                allowed &= pos > (lens[:, None] - 1 - window)
-            self._masks[key] = (blocks, allowed[:, None, :])
+            self._masks[key] = (blocks, _allowed(first, lens, window, bs, width))
         return self._masks[key]  # type: ignore[no-any-return]
 
     def prefill_mask(self, i: int, window: int | None) -> torch.Tensor:
@@ -57,6 +58,26 @@ class AttentionPlan:
                 allowed &= k_pos > q_pos[:, None] - window
             self._masks[key] = allowed[None]  # [1, n, ctx]
         return self._masks[key]
+
+
+def _allowed(first: torch.Tensor, lens: torch.Tensor, window: int | None, block_size: int,
+             width: int) -> torch.Tensor:
+    """[B, 1, width*bs]: which gathered key positions (from block `first` on) a query sees."""
+    pos = first[:, None] * block_size + torch.arange(width * block_size, device=lens.device)[None]
+    allowed = pos < lens[:, None]
+    if window is not None:
+        allowed &= pos > (lens[:, None] - 1 - window)
+    return allowed[:, None, :]
+
+
+def static_decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor,
+                       block_size: int) -> AttentionPlan:
+    """A plan for a decode-only step made of tensor ops alone, so a CUDA graph can capture it:
+    every row gathers every block of its table (the full width) and masks what it may not see.
+    """
+    rows = torch.arange(block_tables.shape[0], device=block_tables.device)
+    return AttentionPlan(rows, block_tables.clamp_min(0), context_lens.long(), [],
+                         block_size=block_size, static=True)
 
 
 def plan_attention(

@@ -1,5 +1,6 @@
 """The whole engine on the Triton kernels (Triton's CPU interpreter) reproduces transformers'
-ZayaForCausalLM: fused MoE, paged attention and the CCA decode step all run as Triton."""
+ZayaForCausalLM: fused MoE, paged attention and the CCA decode step all run as Triton, eagerly
+and from decode graphs."""
 
 from __future__ import annotations
 
@@ -20,3 +21,4 @@ def test_engine_on_triton_kernels_matches_transformers(tmp_path: Path) -> None:
     assert result["backend"] == "triton"
     assert result["max_logprob_err"] < 1e-4
     assert result["greedy_equal"]
+    assert result["graphs_greedy_equal"] and result["graph_buckets"]

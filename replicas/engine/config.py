@@ -62,6 +62,10 @@ class EngineSettings(BaseModel):
         1, ge=1, le=2, description="2 overlaps one micro-batch's attention with the other's "
         "expert round trip (useful with remote experts).")
 
+    enforce_eager: bool = Field(
+        False, description="Run decode steps eagerly instead of replaying captured CUDA/HIP "
+        "graphs (graphs are used on a GPU only).")
+
     limits: RequestLimits = Field(
         default_factory=lambda: RequestLimits.model_validate({}), description="Per-request limits.")
 

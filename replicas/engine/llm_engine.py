@@ -11,6 +11,11 @@ import torch
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.config import EngineConfig
+from zayaserve.replicas.engine.decode_graphs import (
+    CudaGraphBackend,
+    DecodeGraphs,
+    GraphBackend,
+)
 from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
@@ -93,7 +98,8 @@ class LLMEngine:
         self.cache_namespace = cache_namespace(self.fingerprint, bs, config.kv_cache_encoding)
         self.remote = self._remote_tier() if config.kv_cache_redis_url else None
         self.scheduler.kv.remote = self.remote
-        self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches)
+        self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches,
+                                  self._decode_graphs())
         self.generator = self._generator(config.seed)
         self.requests: dict[str, Request] = {}
         # The requests the current/last step scheduled (None while scheduling): if a step
@@ -101,6 +107,16 @@ class LLMEngine:
         self.last_step_request_ids: set[str] | None = set()
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+
+    def _decode_graphs(self, backend: GraphBackend | None = None) -> DecodeGraphs | None:
+        """Graphs for decode steps: on a GPU unless enforce_eager (or with a given backend)."""
+        if backend is None:
+            if self.config.enforce_eager or self.device.type != "cuda":
+                return None
+            backend = CudaGraphBackend(self.device)
+        width = -(-self.max_model_len // self.config.block_size)
+        return DecodeGraphs(self.model, self.experts, self.cache,
+                            min(self.config.max_num_seqs, 512), width, backend)
 
     def _generator(self, seed: int) -> torch.Generator:
         """Sampling draws on the engine's device (a generator elsewhere would copy rows)."""

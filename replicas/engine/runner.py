@@ -4,6 +4,8 @@ pending cache copies and state resets, and returns the logits that were asked fo
 With `micro_batches=2` the step is split into two micro-batches run on two threads: while one
 waits on its experts (a remote round trip that releases the GIL), the other computes attention.
 They touch disjoint cache slots and state slots, so they need no locking.
+
+Decode-only steps replay captured graphs when `graphs` is set (see `decode_graphs`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from zayaserve.replicas.engine.decode_graphs import DecodeGraphs
 from zayaserve.replicas.engine.scheduler import ScheduledChunk, SchedulerOutput
 from zayaserve.replicas.model.attention_side import AttentionSideModel
 from zayaserve.replicas.model.batch import StepBatch
@@ -21,8 +24,9 @@ from zayaserve.replicas.model.kv_cache import KVCache
 
 class ModelRunner:
     def __init__(self, model: AttentionSideModel, experts: ExpertBackend, cache: KVCache,
-                 micro_batches: int = 1) -> None:
+                 micro_batches: int = 1, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
+        self.graphs = graphs if micro_batches == 1 else None
         self.experts = experts
         self.cache = cache
         self.micro_batches = micro_batches
@@ -56,6 +60,10 @@ class ModelRunner:
              c.seq.state_slot)
             for c in chunks]
         snapshots = self._snapshot_rows(chunks) if self.cache.conv_snap is not None else None
+        graphs = self.graphs
+        if (graphs is not None and graphs.bucket_for(len(chunks)) is not None
+                and all(c.num_tokens == 1 for c in chunks)):
+            return graphs.run(packed, rows, snapshots)
         batch = StepBatch.build(packed, self.cache.block_size, rows, device=self.cache.device,
                                 snapshots=snapshots)
         return self.model(batch, self.cache, self.experts)

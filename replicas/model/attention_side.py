@@ -15,7 +15,7 @@ from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.cca import CCAProjection, qk_l2_norm
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.experts import ExpertBackend
-from zayaserve.replicas.model.gate import Gate
+from zayaserve.replicas.model.gate import Gate, Routing
 from zayaserve.replicas.model.kv_cache import KVCache
 from zayaserve.replicas.model.layers import (
     ResidualScaling,
@@ -71,6 +71,19 @@ class AttentionLayer(nn.Module):
         cache: KVCache,
         experts: ExpertBackend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        residual, x, routing = self.attend(residual, router_state, rope, batch, cache)
+        y = experts(self.layer_idx, x, routing.expert_ids, routing.weights)
+        return self.finish(y, residual), routing.state
+
+    def attend(
+        self,
+        residual: torch.Tensor,
+        router_state: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: StepBatch,
+        cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor, Routing]:
+        """Everything of the layer before its experts: (residual, expert input, routing)."""
         i, attn = self.layer_idx, self.self_attn
         dtype = self.input_layernorm.weight.dtype
         x = self.input_layernorm(residual.to(dtype))
@@ -94,13 +107,12 @@ class AttentionLayer(nn.Module):
         o = self._attention(q, batch, cache, attn)
         o = attn.o_proj(o.reshape(o.shape[0], -1))
         residual = self.post_attention_residual_scale(o, residual)
-
         x = self.post_attention_layernorm(residual.to(dtype))
-        routing = self.mlp.gate(x, router_state)
-        y = experts(i, x, routing.expert_ids, routing.weights)
-        residual = self.post_mlp_residual_scale(y, residual)
-        return residual, routing.state
+        return residual, x, self.mlp.gate(x, router_state)
 
+    def finish(self, expert_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The experts' output joins the residual stream."""
+        return self.post_mlp_residual_scale(expert_out, residual)
 
     def _attention(self, q: torch.Tensor, batch: StepBatch, cache: KVCache,
                    attn: SelfAttention) -> torch.Tensor:
@@ -165,25 +177,38 @@ class AttentionSideModel(nn.Module):
     def layers(self) -> list[AttentionLayer]:
         return list(self.model.layers)  # type: ignore[arg-type]
 
+    def embed(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor,
+                                                                           torch.Tensor]]]:
+        """The fp32 residual stream of the new tokens and the RoPE tables of each layer kind."""
+        cfg, body = self.config, self.model
+        emb = body.embed_tokens(batch.input_ids)
+        ropes = {}
+        for kind in self.ropes_kinds():
+            theta = cfg.rope_parameters[kind].rope_theta
+            ropes[kind] = rope_cos_sin(batch.positions, cfg.rotary_dim(kind), theta, emb.dtype)
+        # The residual stream stays fp32 (the reference's residual_in_fp32).
+        residual = ((emb + body.input_hidden_states_bias) * body.input_hidden_states_scale).to(
+            torch.float32)
+        return residual, ropes
+
+    def ropes_kinds(self) -> list[str]:
+        """The layer kinds, each with its own RoPE table."""
+        return sorted(set(self.config.layer_types))
+
+    def head(self, residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [L, V] of the given rows of the residual stream."""
+        h = self.model.norm(residual[rows].to(self.dtype))
+        return self.lm_head(h).float()
+
     @torch.inference_mode()
     def forward(
         self, batch: StepBatch, cache: KVCache, experts: ExpertBackend
     ) -> torch.Tensor:
         """Runs the new tokens of every sequence through the model, writing their K/V and CCA
         states; returns fp32 logits [L, V] for the rows in `batch.logits_indices`."""
-        cfg, body = self.config, self.model
-        emb = body.embed_tokens(batch.input_ids)
-        ropes = {}
-        for kind in set(cfg.layer_types):
-            theta = cfg.rope_parameters[kind].rope_theta
-            ropes[kind] = rope_cos_sin(batch.positions, cfg.rotary_dim(kind), theta, emb.dtype)
-        # The residual stream stays fp32 (the reference's residual_in_fp32).
-        residual = ((emb + body.input_hidden_states_bias) * body.input_hidden_states_scale).to(
-            torch.float32)
+        residual, ropes = self.embed(batch)
         router_state: torch.Tensor | None = None
         for layer in self.layers:
             residual, router_state = layer(
                 residual, router_state, ropes[layer.layer_type], batch, cache, experts)
-        h = residual[batch.logits_indices]
-        h = body.norm(h.to(self.dtype))
-        return self.lm_head(h).float()
+        return self.head(residual, batch.logits_indices)

@@ -28,6 +28,12 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_state_slots = num_state_slots
+        # One block and one state slot past the end that no sequence owns: padding rows of a
+        # graph-replayed decode step write there.
+        self.scratch_block = num_blocks
+        self.scratch_state_slot = num_state_slots
+        num_blocks += 1
+        num_state_slots += 1
         num_layers = config.num_hidden_layers
         slots = num_blocks * block_size
         kv_shape = (slots, config.num_key_value_heads, config.head_dim)
