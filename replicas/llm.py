@@ -20,7 +20,10 @@ class LLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
         from zayaserve.replicas.model.checkpoint_paths import resolve_model
 
-        self.engine_config = EngineConfig.create(model=str(resolve_model(model)), **kwargs)
+        name = str(model)
+        if not name.startswith("random:"):  # random:<preset> weights are made on the device
+            name = str(resolve_model(model))
+        self.engine_config = EngineConfig.create(model=name, **kwargs)
         self.engine = LLMEngine(self.engine_config)
         self._ids = itertools.count()
 

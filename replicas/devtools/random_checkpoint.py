@@ -47,20 +47,24 @@ _GAINS = {"self_attn.o_proj.weight": 2.0, "experts.down_proj": 3.0,
           "router_mlp.out_proj.weight": 4.0}
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
     digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.Generator(device=device).manual_seed(
+        int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def init_tensor(name: str, shape: Sequence[int], *, seed: int = 0,
-                scale: float = DEFAULT_SCALE) -> torch.Tensor:
+                scale: float = DEFAULT_SCALE, device: str | torch.device = "cpu") -> torch.Tensor:
     """The random float32 value of checkpoint tensor `name` (same for writer and HF model).
 
     `scale` is the embedding std; every other spread is proportional to scale / 0.4, so smaller
-    scales move all parameters toward the identity-like transformers defaults.
+    scales move all parameters toward the identity-like transformers defaults. On another
+    device the values come from that device's generator: same rules, other draws.
     """
     shape = tuple(int(d) for d in shape)
-    noise = torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32)
+    dev = torch.device(device)
+    noise = torch.randn(shape, generator=_generator(seed, name, dev), dtype=torch.float32,
+                        device=dev)
     rel = scale / DEFAULT_SCALE
     leaf = name.rsplit(".", 1)[-1]
     if name.endswith("embed_tokens.weight") or name == "lm_head.weight":

@@ -59,10 +59,10 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         path = Path(config.model)
         self.device = device = resolve_device(config.device)
-        self.model = load_attention_side(path, dtype_for(config.dtype, device), device)
+        self.model = load_attention_side(config.model, dtype_for(config.dtype, device), device)
         self.model_config = mc = self.model.config
         self.experts = experts if experts is not None else LocalExpertBackend(
-            load_expert_side(path, None, self.model.dtype, device), mc.num_experts)
+            load_expert_side(config.model, None, self.model.dtype, device), mc.num_experts)
         self.tokenizer = Tokenizer.from_pretrained(path) if (
             path / "tokenizer.json").is_file() else None
         self.eos_ids = (self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
@@ -94,7 +94,7 @@ class LLMEngine:
         # encoding, so no two models or layouts can ever share an entry.
         self.fingerprint = model_fingerprint(
             {**mc.model_dump(mode="json"), "cache_dtype": str(self.model.dtype)},
-            weights_identity(path))
+            self._weights_identity())
         self.cache_namespace = cache_namespace(self.fingerprint, bs, config.kv_cache_encoding)
         self.remote = self._remote_tier() if config.kv_cache_redis_url else None
         self.scheduler.kv.remote = self.remote
@@ -107,6 +107,14 @@ class LLMEngine:
         self.last_step_request_ids: set[str] | None = set()
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+
+    def _weights_identity(self) -> str:
+        model = self.config.model
+        if model.startswith("random:"):
+            from zayaserve.replicas.devtools.random_weights import RandomWeights
+
+            return RandomWeights(model, self.device).identity()
+        return weights_identity(Path(model))
 
     def _decode_graphs(self, backend: GraphBackend | None = None) -> DecodeGraphs | None:
         """Graphs for decode steps: on a GPU unless enforce_eager (or with a given backend)."""

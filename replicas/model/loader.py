@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +35,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: ZayaConfig) -> torch.
     return DTYPES[name]
 
 
+def open_weights(model: str | Path, device: str | torch.device = "cpu"
+                 ) -> tuple[ZayaConfig, Any]:
+    """The config and a reader of a checkpoint folder, or of `random:<preset>[@seed]` weights
+    generated on `device` (devtools' RandomWeights, with CheckpointReader's read methods)."""
+    if isinstance(model, str) and model.startswith("random:"):
+        from zayaserve.replicas.devtools.random_weights import RandomWeights
+
+        weights = RandomWeights(model, device)
+        return weights.config, weights
+    return ZayaConfig.from_pretrained(model), CheckpointReader(model)
+
+
 def expert_tensor_names(layer: int) -> tuple[str, str]:
     prefix = f"model.layers.{layer}.mlp.experts"
     return f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
@@ -43,13 +56,13 @@ def load_attention_side(
     path: str | Path, dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> AttentionSideModel:
-    config = ZayaConfig.from_pretrained(path)
+    config, reader = open_weights(path, device)
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = AttentionSideModel(config)
     model = model.to_empty(device=device)
     tied = config.tie_word_embeddings
-    with CheckpointReader(path) as reader:
+    with reader:
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tied and name == "lm_head.weight":
                 continue
@@ -71,11 +84,11 @@ def load_expert_side(
     device: str | torch.device = "cpu",
 ) -> list[ExpertWeights]:
     """Experts of every layer: all of them, the same subset for every layer, or a per-layer map."""
-    config = ZayaConfig.from_pretrained(path)
+    config, reader = open_weights(path, device)
     torch_dtype = resolve_dtype(dtype, config)
     E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
     layers = []
-    with CheckpointReader(path) as reader:
+    with reader:
         for layer in range(config.num_hidden_layers):
             if experts is None:
                 chosen = list(range(E))
