@@ -117,7 +117,14 @@ class TokenRouter:
     ) -> torch.Tensor:  # [T, H]
         self._check_inputs(hidden, expert_ids, weights)
         start = time.monotonic()
-        out = torch.zeros_like(hidden)
+        device = hidden.device
+        if device.type != "cpu":
+            # One device-to-host copy each, into pinned memory (torch's caching host allocator
+            # reuses it); the calls below then slice host tensors, and the combined result
+            # goes back in one host-to-device copy.
+            hidden, weights = _pinned_copy(hidden), _pinned_copy(weights)
+        out = torch.zeros(hidden.shape, dtype=hidden.dtype, device="cpu",
+                          pin_memory=device.type != "cpu")
         # Plan on the CPU: a handful of small index ops that would each sync a GPU anyway.
         expert_ids = expert_ids.to("cpu")
         pending = (expert_ids != self.num_experts).nonzero().squeeze(1)  # token rows to send
@@ -133,7 +140,7 @@ class TokenRouter:
             retry = [unplaced]
             for rows, result in zip(plan.values(), results, strict=True):
                 if isinstance(result, torch.Tensor):
-                    out.index_copy_(0, rows.to(out.device), result.to(out.device))
+                    out.index_copy_(0, rows, result)
                 else:
                     self._on_failure(layer, result, rows, expert_ids, attempt)
                     retry.append(rows)
@@ -146,7 +153,7 @@ class TokenRouter:
                     self.stats.wait_s += pause
                     await asyncio.sleep(pause)
         self.stats.layer_latency.setdefault(layer, LayerLatency()).add(time.monotonic() - start)
-        return out
+        return out if device.type == "cpu" else out.to(device, non_blocking=True)
 
     def _check_inputs(
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
@@ -210,11 +217,9 @@ class TokenRouter:
         self, address: str, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
         weights: torch.Tensor, rows: torch.Tensor, version: int,
     ) -> torch.Tensor | _Failure:
-        on_device = rows.to(hidden.device)
         request = expert_pb2.DispatchRequest(
-            layer=layer, hidden=encode(hidden[on_device], "hidden"),
-            expert_ids=expert_ids[rows].tolist(),
-            weights=encode(weights[on_device.to(weights.device)], "weights"),
+            layer=layer, hidden=encode(hidden[rows], "hidden"),
+            expert_ids=expert_ids[rows].tolist(), weights=encode(weights[rows], "weights"),
             placement_version=version)
         n = rows.numel()
         self.stats.calls += 1
@@ -282,3 +287,8 @@ class TokenRouter:
 
 
 __all__ = ["ExpertDispatchError", "ExpertShardError", "NoExpertReplicaError", "TokenRouter"]
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    return host.copy_(t)

@@ -33,9 +33,10 @@ def _same(a: list[tuple], b: list[tuple]) -> bool:
         for x, y in zip(la, lb, strict=True))
 
 
-def _llm(checkpoint: Path, graphs: bool) -> tuple[LLM, RerunBackend | None]:
+def _llm(checkpoint: Path, graphs: bool, **settings: object
+         ) -> tuple[LLM, RerunBackend | None]:
     llm = LLM(model=str(checkpoint), device="cpu", num_kv_blocks=96, max_model_len=256,
-              max_num_seqs=8)
+              max_num_seqs=8, **settings)
     if not graphs:
         return llm, None
     backend = RerunBackend()
@@ -129,3 +130,20 @@ def test_graph_steps_create_no_tensor_without_a_device(tiny_checkpoint: Path) ->
                                               logprobs=0))
     assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs._graphs
     assert not guard.violations, sorted(set(guard.violations))
+
+
+def test_longer_contexts_than_captured_run_eager(pair: tuple[LLM, LLM, RerunBackend],
+                                                  tiny_checkpoint: Path) -> None:
+    """max_seq_len_to_capture=32: the graphs hold 2 blocks of table; a step with a longer
+    sequence runs eagerly, and results still match (tables also shrink and grow between steps
+    of one bucket, so stale columns must never be read)."""
+    eager, _, _ = pair
+    short, backend = _llm(tiny_checkpoint, True, max_seq_len_to_capture=32)
+    assert backend is not None and short.engine.runner.graphs is not None
+    assert short.engine.runner.graphs.width == 2
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)
+    prompts = [list(range(60, 64)), list(range(70, 75))]
+    assert _same(_run(short, prompts, params), _run(eager, prompts, params))
+    layers = short.engine.model_config.num_hidden_layers
+    # 4-5 prompt tokens + 30: graphs until a context passes 32, eager after
+    assert 0 < backend.replays < 30 * (layers + 1)

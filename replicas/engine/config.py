@@ -65,6 +65,9 @@ class EngineSettings(BaseModel):
     enforce_eager: bool = Field(
         False, description="Run decode steps eagerly instead of replaying captured CUDA/HIP "
         "graphs (graphs are used on a GPU only).")
+    max_seq_len_to_capture: int = Field(
+        8192, ge=1, description="Longest context a graph-replayed decode step may hold; a "
+        "step with a longer sequence runs eagerly.")
 
     limits: RequestLimits = Field(
         default_factory=lambda: RequestLimits.model_validate({}), description="Per-request limits.")

@@ -109,19 +109,27 @@ class _Inputs:
         self.query_start = torch.arange(size + 1, dtype=torch.int64, device=device)
 
     def fill(self, chunks: list[tuple[list[int], int, list[int], int]], cache: KVCache) -> None:
-        """This step, padded with rows that decode token 0 into the cache's scratch space."""
-        bs, w, scratch = cache.block_size, self.width, cache.scratch_block
-        pad = self.size - len(chunks)
+        """This step, padded with rows that decode token 0 into the cache's scratch space.
+
+        Only the block-table columns this step uses are copied: columns past a sequence's
+        context are never read (the Triton kernel stops at the context, the torch plan masks
+        them), so what earlier steps left there is harmless."""
+        bs, scratch, size = cache.block_size, cache.scratch_block, self.size
+        pad = size - len(chunks)
+        used = max([len(c[2]) for c in chunks] + [1])
         values = [c[0][0] for c in chunks] + [0] * pad
         values += [c[1] for c in chunks] + [0] * pad
         values += [c[2][c[1] // bs] * bs + c[1] % bs for c in chunks] + [scratch * bs] * pad
         values += [c[3] for c in chunks] + [cache.scratch_state_slot] * pad
         values += [c[1] + 1 for c in chunks] + [1] * pad
         for c in chunks:
-            values += c[2] + [-1] * (w - len(c[2]))
-        values += ([scratch] + [-1] * (w - 1)) * pad
-        self.host.copy_(torch.tensor(values, dtype=torch.int64, device="cpu"))
-        self.device.copy_(self.host, non_blocking=True)
+            values += c[2] + [-1] * (used - len(c[2]))
+        values += ([scratch] + [-1] * (used - 1)) * pad
+        n = len(values)
+        self.host[:n] = torch.tensor(values, dtype=torch.int64, device="cpu")
+        head = self.PARTS * size
+        self.device[:head].copy_(self.host[:head], non_blocking=True)
+        self.block_tables[:, :used].copy_(self.host[head:n].view(size, used), non_blocking=True)
 
     def batch(self) -> StepBatch:
         size = self.size
@@ -156,13 +164,18 @@ class DecodeGraphs:
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
+    def can_run(self, chunks: list[tuple[list[int], int, list[int], int]]) -> bool:
+        """A decode-only step whose batch has a bucket and whose tables fit the graphs."""
+        return (self.bucket_for(len(chunks)) is not None
+                and all(len(c[0]) == 1 and len(c[2]) <= self.width for c in chunks))
+
     @torch.inference_mode()
     def run(self, chunks: list[tuple[list[int], int, list[int], int]], rows: list[int],
             snapshots: list[tuple[int, int]] | None) -> torch.Tensor:
         """A decode-only step (every chunk one token); returns logits [len(rows), V]."""
         n = len(chunks)
         size = self.bucket_for(n)
-        assert size is not None and all(len(c[0]) == 1 for c in chunks), "not a graph step"
+        assert size is not None and self.can_run(chunks), "not a graph step"
         bucket = self._graphs.get(size) or self._capture(size)
         bucket.inputs.fill(chunks, self.cache)
         for layer, replay in enumerate(bucket.segments):

@@ -122,7 +122,8 @@ class LLMEngine:
             if self.config.enforce_eager or self.device.type != "cuda":
                 return None
             backend = CudaGraphBackend(self.device)
-        width = -(-self.max_model_len // self.config.block_size)
+        longest = min(self.max_model_len, self.config.max_seq_len_to_capture)
+        width = -(-longest // self.config.block_size)
         return DecodeGraphs(self.model, self.experts, self.cache,
                             min(self.config.max_num_seqs, 512), width, backend)
 

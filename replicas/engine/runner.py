@@ -61,8 +61,7 @@ class ModelRunner:
             for c in chunks]
         snapshots = self._snapshot_rows(chunks) if self.cache.conv_snap is not None else None
         graphs = self.graphs
-        if (graphs is not None and graphs.bucket_for(len(chunks)) is not None
-                and all(c.num_tokens == 1 for c in chunks)):
+        if graphs is not None and graphs.can_run(packed):
             return graphs.run(packed, rows, snapshots)
         batch = StepBatch.build(packed, self.cache.block_size, rows, device=self.cache.device,
                                 snapshots=snapshots)
