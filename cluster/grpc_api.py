@@ -6,18 +6,18 @@ model NOT_FOUND. A client that cancels its call cancels the request (its blocks 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from zayaserve.cluster.api_keys import ApiKeys, cache_salt
 from zayaserve.cluster.engine_client import EngineClient
 from zayaserve.cluster.frontend_errors import (
-    AuthenticationError,
     FrontendError,
     InvalidRequestError,
     as_frontend_error,
@@ -51,7 +51,9 @@ _OPTIONAL_SAMPLING_FIELDS = (
 _RENAMES = {name: f"sampling.{name}" for name in SamplingParams.__dataclass_fields__}
 
 
-def _sampling_params(request: pb.GenerateRequest) -> SamplingParams:
+def _sampling_params(request: pb.GenerateRequest, tenant: str | None) -> SamplingParams:
+    if request.HasField("cache_salt") and not 0 < len(request.cache_salt) <= 256:
+        raise InvalidRequestError("cache_salt: must be 1 to 256 characters", "cache_salt")
     s = request.sampling
     fields: dict[str, Any] = {name: getattr(s, name) for name in _OPTIONAL_SAMPLING_FIELDS
                               if s.HasField(name)}
@@ -59,6 +61,8 @@ def _sampling_params(request: pb.GenerateRequest) -> SamplingParams:
         fields["stop"] = list(s.stop)
     if s.stop_token_ids:
         fields["stop_token_ids"] = list(s.stop_token_ids)
+    fields["cache_salt"] = cache_salt(
+        tenant, request.cache_salt if request.HasField("cache_salt") else None)
     return build_sampling_params(fields, _RENAMES)
 
 
@@ -98,22 +102,20 @@ def _delta_pb(client: EngineClient, params: SamplingParams, index: int, text: st
 
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, client: EngineClient, *, api_key: str | None = None,
+                 api_keys: list[str] | None = None,
                  served_model_names: list[str] | None = None,
                  metrics: MetricsCollector | None = None) -> None:
         self.client = client
         self.served_model_names = list(served_model_names or [client.model_name])
         self.metrics = metrics or MetricsCollector()  # a private registry when not shared
-        self._expected_auth = f"Bearer {api_key}".encode() if api_key else None
+        self._keys = ApiKeys(api_keys if api_keys is not None else ([api_key] if api_key else []))
 
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if self._expected_auth is None:
-            return
+    def _authorize(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The caller's tenant (None without keys), or AuthenticationError."""
         given = dict(context.invocation_metadata() or ()).get("authorization", "")
-        given_bytes = given.encode() if isinstance(given, str) else bytes(given)
-        if not hmac.compare_digest(given_bytes, self._expected_auth):
-            raise AuthenticationError("missing or wrong `authorization: Bearer <key>` metadata")
+        return self._keys.tenant(given)
 
-    def _prepare(self, request: pb.GenerateRequest
+    def _prepare(self, request: pb.GenerateRequest, tenant: str | None
                  ) -> tuple[str, str, str | None, list[int], SamplingParams]:
         """(model, request id, prompt text, prompt ids, params), or a FrontendError."""
         model = resolve_model(request.model or None, self.served_model_names)
@@ -138,7 +140,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         else:
             raise InvalidRequestError("input: set one of prompt, prompt_token_ids or chat",
                                       "input")
-        params = _sampling_params(request)
+        params = _sampling_params(request, tenant)
         check_context_length(self.client, len(ids), params.max_tokens, field,
                              "sampling.max_tokens")
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
@@ -167,8 +169,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         iterator = None
         served = False
         try:
-            self._authorize(context)
-            model, request_id, text, ids, params = self._prepare(request)
+            tenant = self._authorize(context)
+            model, request_id, text, ids, params = self._prepare(request, tenant)
             delta, iterator = await open_stream(self.client, request_id, ids, params, text)
             tracker.on_prompt(len(ids))
             usage = pb.Usage(prompt_tokens=len(ids))
@@ -207,8 +209,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         endpoint = "grpc.GenerateUnary"
         tracker = self.metrics.track(endpoint)
         try:
-            self._authorize(context)
-            model, request_id, text, ids, params = self._prepare(request)
+            tenant = self._authorize(context)
+            model, request_id, text, ids, params = self._prepare(request, tenant)
             [out] = await collect(self.client, [(request_id, ids, text)], params,
                                   tracker.on_delta)
         except BaseException as err:
@@ -248,25 +250,31 @@ async def _watch_health(client: EngineClient, servicer: Any, period_s: float) ->
 async def start_grpc_server(
     client: EngineClient, port: int, host: str = "0.0.0.0", *,
     api_key: str | None = None, served_model_names: list[str] | None = None,
+    api_keys: list[str] | None = None,
     metrics: MetricsCollector | None = None, max_message_bytes: int = 4 * 2**20,
     max_concurrent_rpcs: int = 1024, health_period_s: float = 1.0,
+    tls_cert_file: str | None = None, tls_key_file: str | None = None,
 ) -> grpc.aio.Server:
     """Starts (and returns) a grpc.aio server with Generation, grpc.health.v1 (SERVING for ""
     and the Generation service while the engine is healthy, NOT_SERVING otherwise) and
     reflection. Messages over `max_message_bytes` are refused, and calls beyond
-    `max_concurrent_rpcs` get RESOURCE_EXHAUSTED. Call from the event loop that will serve
-    it; stop with `await server.stop(grace)`."""
+    `max_concurrent_rpcs` get RESOURCE_EXHAUSTED. With `tls_cert_file` and `tls_key_file`
+    (PEM) it serves TLS only. Call from the event loop that will serve it; stop with
+    `await server.stop(grace)`."""
+    credentials = _tls_credentials(tls_cert_file, tls_key_file)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", max_message_bytes)],
         maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(client, api_key=api_key, served_model_names=served_model_names,
-                           metrics=metrics), server)
+        GenerationServicer(client, api_key=api_key, api_keys=api_keys,
+                           served_model_names=served_model_names, metrics=metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, credentials) if credentials is not None
+             else server.add_insecure_port(address))
     if bound == 0:
         raise OSError(f"port: cannot bind the gRPC server to {host}:{port}")
     await server.start()
@@ -274,3 +282,17 @@ async def start_grpc_server(
     _HEALTH_WATCHERS.add(watcher)
     watcher.add_done_callback(_HEALTH_WATCHERS.discard)
     return server
+
+
+def _tls_credentials(cert_file: str | None, key_file: str | None
+                     ) -> grpc.ServerCredentials | None:
+    if not cert_file and not key_file:
+        return None
+    if not (cert_file and key_file):
+        raise ValueError("grpc_tls_cert_file and grpc_tls_key_file: give both or neither")
+    try:
+        cert, key = Path(cert_file).read_bytes(), Path(key_file).read_bytes()
+    except OSError as err:
+        raise ValueError(f"grpc_tls_cert_file/grpc_tls_key_file: cannot read "
+                         f"({err.strerror or type(err).__name__}: {err.filename})") from None
+    return grpc.ssl_server_credentials([(key, cert)])

@@ -8,7 +8,6 @@ set), GET /health, GET /metrics. Every error, whoever raises it, leaves as OpenA
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from typing import Any, TypeVar
 
@@ -19,9 +18,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from zayaserve.cluster.api_keys import ApiKeys
 from zayaserve.cluster.engine_client import EngineClient
 from zayaserve.cluster.frontend_errors import (
-    AuthenticationError,
     BodyTooLargeError,
     FrontendError,
     InvalidRequestError,
@@ -156,6 +155,8 @@ def build_openai_app(
     client: EngineClient,
     *,
     api_key: str | None = None,
+    api_keys: list[str] | None = None,
+    metrics_need_key: bool = False,
     max_body_bytes: int = 1_000_000,
     served_model_names: list[str] | None = None,
     metrics: MetricsCollector | None = None,
@@ -170,14 +171,11 @@ def build_openai_app(
     app = FastAPI(title="zayaserve", description="OpenAI-compatible API for ZAYA1 models")
     app.state.serving = ctx
     app.add_middleware(_CountRequests, metrics=metrics)
-    expected = f"Bearer {api_key}".encode() if api_key else None
+    keys = ApiKeys(api_keys if api_keys is not None else ([api_key] if api_key else []))
 
-    def authorize(request: Request) -> None:
-        if expected is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):  # constant time: no key guessing by timing
-            raise AuthenticationError("Incorrect API key provided (Authorization: Bearer ...)")
+    def authorize(request: Request) -> str | None:
+        """The caller's tenant (None without keys); 401 for a missing or wrong key."""
+        return keys.tenant(request.headers.get("authorization"))
 
     @app.exception_handler(FrontendError)
     async def on_frontend_error(_: Request, err: FrontendError) -> JSONResponse:
@@ -199,17 +197,17 @@ def build_openai_app(
               responses=openapi_responses(CompletionResponse, errors=GENERATION_ERRORS,
                                           stream_chunk=CompletionStreamResponse))
     async def completions(request: Request) -> Response:
-        authorize(request)
+        tenant = authorize(request)
         body = await _read_body(request, max_body_bytes, CompletionRequest)
-        return await create_completion(body, ctx, request)
+        return await create_completion(body, ctx, request, tenant)
 
     @app.post("/v1/chat/completions", openapi_extra=openapi_request_body(ChatCompletionRequest),
               responses=openapi_responses(ChatCompletionResponse, errors=GENERATION_ERRORS,
                                           stream_chunk=ChatCompletionStreamResponse))
     async def chat_completions(request: Request) -> Response:
-        authorize(request)
+        tenant = authorize(request)
         body = await _read_body(request, max_body_bytes, ChatCompletionRequest)
-        return await create_chat_completion(body, ctx, request)
+        return await create_chat_completion(body, ctx, request, tenant)
 
     @app.get("/v1/models", responses=openapi_responses(ModelList, errors=(401, 500)))
     async def models(request: Request) -> JSONResponse:
@@ -228,8 +226,11 @@ def build_openai_app(
         return Response(status_code=200)
 
     @app.get("/metrics", response_class=PlainTextResponse,
-             responses=openapi_responses(None, ok_description="Prometheus text format."))
-    async def metrics_text() -> Response:
+             responses=openapi_responses(None, ok_description="Prometheus text format.",
+                                         errors=(401, 500)))
+    async def metrics_text(request: Request) -> Response:
+        if metrics_need_key:  # the counters say how busy the service is: keep them private
+            authorize(request)
         try:
             stats = await asyncio.wait_for(client.stats(), _STATS_TIMEOUT_S)
         except Exception:

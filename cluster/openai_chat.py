@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from zayaserve.cluster.api_keys import cache_salt
 from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
     as_frontend_error,
@@ -55,7 +56,7 @@ def _max_tokens_field(body: ChatCompletionRequest) -> str:
     return "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
 
 
-def _params(body: ChatCompletionRequest, room: int) -> SamplingParams:
+def _params(body: ChatCompletionRequest, room: int, salt: str | None) -> SamplingParams:
     """room: tokens left in the context after the prompt, the default max_tokens (vLLM's)."""
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("stream_options: only allowed with stream=true",
@@ -71,7 +72,7 @@ def _params(body: ChatCompletionRequest, room: int) -> SamplingParams:
         max_tokens=max_tokens if max_tokens is not None else room,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output),
+        include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt),
         renames={"logprobs": "top_logprobs", "max_tokens": _max_tokens_field(body)})
 
 
@@ -88,11 +89,12 @@ def _prompt(body: ChatCompletionRequest, ctx: ServingContext) -> tuple[str, list
 
 
 async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContext,
-                                 request: Request) -> Response:
+                                 request: Request, tenant: str | None = None) -> Response:
     model = resolve_model(body.model, ctx.served_model_names)
     text, ids = _prompt(body, ctx)
     check_context_length(ctx.client, len(ids), None, "messages")
-    params = _params(body, ctx.client.max_model_len - len(ids))
+    params = _params(body, ctx.client.max_model_len - len(ids),
+                     cache_salt(tenant, body.cache_salt))
     check_context_length(ctx.client, len(ids), params.max_tokens, "messages",
                          _max_tokens_field(body))
     chat_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from zayaserve.cluster.api_keys import cache_salt
 from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
     as_frontend_error,
@@ -75,7 +76,7 @@ def _prompts(body: CompletionRequest, ctx: ServingContext) -> list[Prompt]:
     return prompts
 
 
-def _params(body: CompletionRequest) -> SamplingParams:
+def _params(body: CompletionRequest, salt: str | None) -> SamplingParams:
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("stream_options: only allowed with stream=true",
                                   "stream_options")
@@ -86,13 +87,13 @@ def _params(body: CompletionRequest) -> SamplingParams:
         seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos, max_tokens=body.max_tokens, min_tokens=body.min_tokens,
         logprobs=body.logprobs, skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output))
+        include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt))
 
 
 async def create_completion(body: CompletionRequest, ctx: ServingContext,
-                            request: Request) -> Response:
+                            request: Request, tenant: str | None = None) -> Response:
     model = resolve_model(body.model, ctx.served_model_names)
-    params = _params(body)
+    params = _params(body, cache_salt(tenant, body.cache_salt))
     prompts = _prompts(body, ctx)
     for i, (_, ids) in enumerate(prompts):
         check_context_length(ctx.client, len(ids), params.max_tokens,

@@ -91,6 +91,10 @@ class _SamplingFields(_Request):
         default=None, description="Strings that end a completion (not included in its text).")
     seed: Int | None = Field(default=None, description="Seed for reproducible sampling.",
                              json_schema_extra=_SEED_RANGE)
+    cache_salt: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="Prefix-cache salt (vLLM's): cached prefixes are shared only among "
+        "requests with the same salt (and, when API keys are set, the same key).")
     stream: bool = Field(default=False, description="Answer with server-sent events.")
     stream_options: StreamOptions | None = Field(
         default=None, description="Streaming options; only with stream=true.")

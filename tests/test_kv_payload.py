@@ -1,5 +1,6 @@
 """Wire format of a cached block: exact round trips, quantisation bounds, size per token, and
-every kind of corruption turned into a counted miss instead of a crash or a wrong answer."""
+every kind of corruption or forgery (a bad tag, another secret, a blob moved to another block's
+key, NaN values) turned into a counted miss instead of a crash or a wrong answer."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import torch
 
 from zayaserve.replicas.kv_tiers import payload
 from zayaserve.replicas.kv_tiers.payload import (
+    TAG_LEN,
     BlockPayload,
+    _tag,
     block_nbytes,
     decode_block,
-    encode_block,
 )
+from zayaserve.replicas.kv_tiers.payload import encode_block as _encode_block
 
 FP = "model-fingerprint-0123"
+HASH = bytes(range(32))  # the block hash the blob is published and read under
+SECRET = b"cache-secret-0123456789"
 # Small ZAYA-like layout: L, bs, nkv, D; conv K = (2-1)+(2-1), C = (nq+nkv)*D; Dv = nkv*D/2.
 L, BS, NKV, D, NQ = 3, 4, 2, 8, 4
 CONV = (2, (NQ + NKV) * D)
@@ -35,9 +40,20 @@ def make_block(dtype: torch.dtype, seed: int = 0, layers: int = L, bs: int = BS,
     return BlockPayload(*(t.to(dtype) for t in (k, v, conv_state, v_state)))
 
 
+def encode_block(*tensors: torch.Tensor, **kwargs) -> bytes:
+    return _encode_block(*tensors, **{"block_hash": HASH, "secret": SECRET, **kwargs})
+
+
+def resign(data: bytes) -> bytes:
+    """A tampered blob re-tagged with the right secret: what only a secret holder can make."""
+    body = data[:-TAG_LEN]
+    return body + _tag(SECRET, body)
+
+
 def decode(data: bytes, **overrides) -> BlockPayload | None:
     kwargs = dict(fingerprint=FP, num_layers=L, block_size=BS, num_kv_heads=NKV, head_dim=D,
-                  conv_shape=CONV, v_state_size=DV, dtype=torch.float32)
+                  conv_shape=CONV, v_state_size=DV, dtype=torch.float32, block_hash=HASH,
+                  secret=SECRET)
     kwargs.update(overrides)
     return decode_block(data, **kwargs)
 
@@ -107,7 +123,7 @@ def test_bytes_per_token_per_encoding(capsys: pytest.CaptureFixture[str]) -> Non
                 + "  ".join(f"{enc} {n / bs:>8.0f}" for enc, n in sizes.items())
                 + f"  (exact CCA states {state_bytes / bs:.0f} of it)")
             kv_bytes = 2 * 40 * bs * 2 * 128 * elem
-            assert sizes["none"] - state_bytes - kv_bytes < 100  # the header is small
+            assert sizes["none"] - state_bytes - kv_bytes < 200  # header, block hash, tag
             # 1-byte codes + fp32 scales; the exact states are the same in every encoding.
             assert sizes["int8"] == sizes["fp8"] < sizes["none"]
     with capsys.disabled():
@@ -127,18 +143,27 @@ def test_every_single_byte_corruption_is_rejected() -> None:
 
 def test_each_mismatch_is_counted_under_its_reason() -> None:
     data = encode_block(*make_block(torch.float32), fingerprint=FP, encoding="int8")
-    header_len = 10 + len(FP) + struct.calcsize("<7IBBQQ")
+    header_len = 10 + len(FP) + 32 + struct.calcsize("<7IBBQ")
+    # Without the secret nothing can be changed: any edit, another secret, a cut -> the tag.
     body = bytearray(data)
     body[header_len + 17] ^= 1
-    assert rejected_as("checksum", bytes(body))
-    assert rejected_as("truncated", data[:-1])
-    assert rejected_as("truncated", data[:header_len])
+    assert rejected_as("tag", bytes(body))
+    assert rejected_as("tag", data, secret=b"another-deployment-secret")
+    assert rejected_as("tag", data[:-1])
+    assert rejected_as("tag", data + b"\0")
+    assert rejected_as("tag", b"ZAYAKW" + data[6:])
+    assert rejected_as("tag", bytes(range(200)))
     assert rejected_as("truncated", data[:5])
     assert rejected_as("truncated", b"")
-    assert rejected_as("length", data + b"\0")
-    assert rejected_as("magic", b"ZAYAKW" + data[6:])
-    assert rejected_as("magic", bytes(range(200)))
-    assert rejected_as("version", data[:6] + struct.pack("<H", 2) + data[8:])
+    # A valid blob read under another block's key (moved in Redis) is refused.
+    assert rejected_as("block_hash", data, block_hash=bytes(32))
+    # Validly tagged but unusable here: each reason is its own.
+    inner = data[:-TAG_LEN]
+    assert rejected_as("truncated", resign(inner[:-1] + bytes(TAG_LEN)))
+    assert rejected_as("truncated", resign(inner[:header_len] + bytes(TAG_LEN)))
+    assert rejected_as("length", resign(inner + b"\0" + bytes(TAG_LEN)))
+    assert rejected_as("magic", resign(b"ZAYAKW" + data[6:]))
+    assert rejected_as("version", resign(data[:6] + struct.pack("<H", 1) + data[8:]))
     assert rejected_as("fingerprint", data, fingerprint="model-fingerprint-0124")
     assert rejected_as("fingerprint", data, fingerprint="other")
     for field, value in [("num_layers", L + 1), ("block_size", BS * 2), ("num_kv_heads", 1),
@@ -147,14 +172,32 @@ def test_each_mismatch_is_counted_under_its_reason() -> None:
     assert rejected_as("dtype", data, dtype=torch.bfloat16)
     assert rejected_as("dtype", data, dtype=torch.int32)
     assert rejected_as("encoding", data, encoding="fp8")
-    codes_at = 10 + len(FP) + 7 * 4  # dtype code, then encoding code
+    codes_at = 10 + len(FP) + 32 + 7 * 4  # dtype code, then encoding code
     unknown = bytearray(data)
     unknown[codes_at + 1] = 9
-    assert rejected_as("encoding", bytes(unknown))
+    assert rejected_as("encoding", resign(bytes(unknown)))
     bad_len = bytearray(data)
     bad_len[codes_at + 2] ^= 1  # body_len
-    assert rejected_as("length", bytes(bad_len))
+    assert rejected_as("length", resign(bytes(bad_len)))
     assert decode(data, encoding="int8") is not None  # the untouched blob still decodes
+
+
+@pytest.mark.parametrize("encoding", ["none", "int8", "fp8"])
+def test_non_finite_values_are_refused(encoding: str) -> None:
+    """Even from a secret holder: NaN in K/V or the states would make greedy emit token 0."""
+    block = make_block(torch.float32)
+    for i, name in enumerate(("k", "v", "conv_state", "v_state")):
+        if encoding != "none" and name in ("k", "v"):
+            continue  # the quantisers refuse NaN (tested below); the codes are forged next
+        bad = [t.clone() for t in block]
+        bad[i].view(-1)[3] = float("nan") if i % 2 else float("inf")
+        assert rejected_as("nonfinite", encode_block(*bad, fingerprint=FP, encoding=encoding)), \
+            name
+    if encoding == "fp8":  # a NaN byte among the e4m3 codes of k
+        data = bytearray(encode_block(*block, fingerprint=FP, encoding=encoding))
+        k_codes_at = len(data) - TAG_LEN - 2 * L * BS * NKV * D
+        data[k_codes_at] = 0x7F
+        assert rejected_as("nonfinite", resign(bytes(data)))
 
 
 def test_states_without_conv_history_and_input_validation() -> None:

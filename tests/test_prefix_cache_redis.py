@@ -1,5 +1,6 @@
 """L2 prefix cache through a real redis-server: a fresh engine (empty L1) resumes from blocks
-another engine published, with identical answers; bad entries and outages are only misses."""
+another engine published, with identical answers; bad, forged, moved and foreign entries and
+outages are only misses; cache salts keep prefixes apart."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from zayaserve import LLM, SamplingParams
 pytestmark = [pytest.mark.redis, needs_redis]
 SHARED = list(range(20, 61))  # 41 tokens: 10 full blocks of 4 + 1
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+SECRET = "l2-test-secret-0123456789"  # what the cluster hands every worker of a deployment
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,7 @@ def redis_server(tmp_path: Path):
 
 
 def _llm(ckpt: Path, url: str | None, **kw: Any) -> LLM:
+    kw.setdefault("kv_cache_secret", SECRET)
     return LLM(model=str(ckpt), block_size=4, kv_cache_redis_url=url, **kw)
 
 
@@ -63,7 +66,8 @@ def test_fresh_process_hits_l2_with_identical_tokens(ckpt: Path, redis_server: R
     code = f"""
 import json, sys
 from zayaserve import LLM, SamplingParams
-llm = LLM(model={str(ckpt)!r}, block_size=4, kv_cache_redis_url={url!r})
+llm = LLM(model={str(ckpt)!r}, block_size=4, kv_cache_redis_url={url!r},
+          kv_cache_secret={SECRET!r})
 out = llm.generate([{{"prompt_token_ids": {SHARED + [9, 9]}}}],
                    SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
 print(json.dumps({{"tokens": out.outputs[0].token_ids, "cached": out.num_cached_tokens,

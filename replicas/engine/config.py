@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from zayaserve.replicas.engine.device import DEVICE_PATTERN
 from zayaserve.replicas.validation_errors import format_validation_error
@@ -57,6 +57,10 @@ class EngineSettings(BaseModel):
     kv_cache_encoding: str = Field(
         "none", pattern="^(none|int8|fp8)$",
         description="How K/V are stored in L2: none (exact), int8 or fp8 (per block and head).")
+    kv_cache_secret: SecretStr | None = Field(
+        None, min_length=16, description="Key of the HMAC that authenticates every L2 entry "
+        "(default: env ZAYASERVE_KV_CACHE_SECRET; else one generated per deployment, so "
+        "entries do not outlive it). Never logged.")
     kv_cache_ttl_s: int | None = Field(3600, ge=1, description="Lifetime of an L2 entry.")
     micro_batches: int = Field(
         1, ge=1, le=2, description="2 overlaps one micro-batch's attention with the other's "

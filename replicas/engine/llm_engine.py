@@ -36,7 +36,7 @@ from zayaserve.replicas.kv_tiers.hashing import (
     model_fingerprint,
     weights_identity,
 )
-from zayaserve.replicas.kv_tiers.remote_tier import RemoteTier
+from zayaserve.replicas.kv_tiers.remote_tier import RemoteTier, cache_secret
 from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
 from zayaserve.replicas.model.kv_cache import KVCache
 from zayaserve.replicas.model.loader import load_attention_side, load_expert_side
@@ -138,7 +138,9 @@ class LLMEngine:
 
         store = RedisBlockStore(self.config.kv_cache_redis_url or "",
                                 ttl_s=self.config.kv_cache_ttl_s)
+        secret = self.config.kv_cache_secret
         return RemoteTier(store, self.cache, self.model_config, self.fingerprint,
+                          cache_secret(secret.get_secret_value() if secret else None),
                           self.config.kv_cache_encoding)
 
     def stats(self) -> dict[str, float]:
@@ -206,7 +208,10 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), req, index, tokens, gen, detok,
                        logprobs=[] if p.logprobs is not None else None)
         if self.config.enable_prefix_caching:
-            seq.start_hashing(BlockHasher(self.cache_namespace, self.config.block_size))
+            namespace = self.cache_namespace if p.cache_salt is None else cache_namespace(
+                self.fingerprint, self.config.block_size, self.config.kv_cache_encoding,
+                p.cache_salt)  # salted prefixes are shared only within the salt
+            seq.start_hashing(BlockHasher(namespace, self.config.block_size))
         req.seqs.append(seq)
         return seq
 

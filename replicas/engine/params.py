@@ -79,6 +79,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Prefix-cache salt (vLLM's `cache_salt`): cached blocks are shared only among requests
+    # with the same salt. The front ends combine it with the caller's API-key salt.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         self.n = _as_int("n", self.n)
@@ -107,6 +110,10 @@ class SamplingParams:
         self._check_lengths()
         self._check_logprobs()
         self._normalise_stops()
+
+        if self.cache_salt is not None and (
+                not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt) <= 256):
+            raise ParamError("cache_salt", "cache_salt must be a string of 1 to 256 characters")
 
         for flag in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             value = getattr(self, flag)

@@ -7,42 +7,48 @@ Layout, little-endian:
     version      u16  FORMAT_VERSION
     fp_len       u16  length of the fingerprint
     fingerprint  fp_len bytes, UTF-8 model fingerprint
+    block hash   32 bytes: the key the block was published under
     num_layers, block_size, num_kv_heads, head_dim, conv_k, conv_c, v_state_size   7 x u32
     dtype code   u8   (1 fp32, 2 bf16, 3 fp16: the cache dtype)
     encoding     u8   (0 none, 1 int8, 2 fp8)
     body_len     u64
-    checksum     u64  xxh3_64 of the body
     body         quantised: k_scales, v_scales (fp32 [L, nkv]) first; then for every encoding
                  conv_state [L, K, C], v_state [L, Dv] (cache dtype), k, v [L, bs, nkv, D]
                  (cache dtype for "none", 1-byte codes for int8/fp8)
+    tag          32 bytes: HMAC-SHA256 under the cache secret of everything before it
 
 Sections are ordered widest element first so each starts aligned for its dtype.
 
-`decode_block` never raises: any mismatch with what the reader expects (magic, version,
-fingerprint, shapes, dtype, encoding, length, checksum) or a truncated blob returns None and
-counts the reason in `rejects`, so a stale or corrupt entry is a cache miss, never a crash.
-Every header byte is compared with an expectation, so the checksum only needs the body.
+Anyone who can write to Redis can write any bytes under any key, so a blob is trusted only when
+its tag verifies under this deployment's secret, it names the block hash it is read for (a
+valid blob copied under another prefix's key is refused), and every value it carries is finite.
+`decode_block` never raises: any mismatch (tag, magic, version, fingerprint, block hash,
+shapes, dtype, encoding, length, non-finite values) or a truncated blob returns None and counts
+the reason in `rejects`, so a stale, corrupt or forged entry is a cache miss, never a crash.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 import threading
 from collections import Counter
 from typing import NamedTuple
 
 import torch
-import xxhash
 
 from zayaserve.kernels.cache_encoding_ref import QDTYPE as _QDTYPE
 from zayaserve.kernels.registry import get_op
 
 MAGIC = b"ZAYAKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ENCODINGS = {"none": 0, "int8": 1, "fp8": 2}
 DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _PRELUDE = struct.Struct("<6sHH")
-_SHAPE = struct.Struct("<7IBBQQ")
+_SHAPE = struct.Struct("<7IBBQ")
+HASH_LEN = 32  # the block hash carried in the header
+TAG_LEN = 32  # HMAC-SHA256
 
 rejects: Counter[str] = Counter()  # reason -> count of blobs `decode_block` turned away
 _rejects_lock = threading.Lock()
@@ -70,11 +76,11 @@ def block_nbytes(
     """Size of an encoded block, known before fetching it (for the transfer cost model)."""
     return _header_len(fingerprint) + _body_len(
         num_layers, block_size, num_kv_heads, head_dim, conv_shape, v_state_size,
-        torch.tensor([], dtype=dtype).element_size(), encoding)
+        torch.tensor([], dtype=dtype).element_size(), encoding) + TAG_LEN
 
 
 def _header_len(fingerprint: str) -> int:
-    return _PRELUDE.size + len(fingerprint.encode()) + _SHAPE.size
+    return _PRELUDE.size + len(fingerprint.encode()) + HASH_LEN + _SHAPE.size
 
 
 def _body_len(
@@ -88,11 +94,19 @@ def _body_len(
     return 2 * num_layers * nkv * 4 + states + kv_elems  # fp32 scales + 1-byte codes
 
 
+def _tag(secret: bytes, *parts: bytes) -> bytes:
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for part in parts:
+        mac.update(part)
+    return mac.digest()
+
+
 def encode_block(
     k: torch.Tensor, v: torch.Tensor, conv_state: torch.Tensor, v_state: torch.Tensor,
-    *, fingerprint: str, encoding: str,
+    *, fingerprint: str, encoding: str, block_hash: bytes, secret: bytes,
 ) -> bytes:
-    """Serialise one block. k, v [L, bs, nkv, D]; conv_state [L, K_conv, C]; v_state [L, Dv].
+    """Serialise one block, published under `block_hash` and tagged with `secret`.
+    k, v [L, bs, nkv, D]; conv_state [L, K_conv, C]; v_state [L, Dv].
 
     int8/fp8 quantise K and V per (layer, head) with the registry's `kv_quantize` (each layer's
     block is one of its N blocks). The CCA states are ALWAYS stored exactly: they are the inputs
@@ -119,6 +133,8 @@ def encode_block(
     fp = fingerprint.encode()
     if len(fp) > 0xFFFF:
         raise ValueError("fingerprint longer than 65535 bytes")
+    if len(block_hash) != HASH_LEN or not secret:
+        raise ValueError(f"block_hash must be {HASH_LEN} bytes and secret non-empty")
 
     if encoding == "none":
         parts = [_raw(conv_state), _raw(v_state), _raw(k), _raw(v)]
@@ -132,11 +148,10 @@ def encode_block(
         parts = [_raw(k_scales.float()), _raw(v_scales.float()), _raw(conv_state),
                  _raw(v_state), _raw(kq), _raw(vq)]
     body = b"".join(parts)
-    header = _PRELUDE.pack(MAGIC, FORMAT_VERSION, len(fp)) + fp + _SHAPE.pack(
+    header = _PRELUDE.pack(MAGIC, FORMAT_VERSION, len(fp)) + fp + bytes(block_hash) + _SHAPE.pack(
         num_layers, block_size, nkv, head_dim, conv_state.shape[1], conv_state.shape[2],
-        v_state.shape[1], DTYPES[k.dtype], ENCODINGS[encoding], len(body),
-        xxhash.xxh3_64_intdigest(body))
-    return header + body
+        v_state.shape[1], DTYPES[k.dtype], ENCODINGS[encoding], len(body))
+    return header + body + _tag(secret, header, body)
 
 
 def _reject(reason: str) -> None:
@@ -145,17 +160,18 @@ def _reject(reason: str) -> None:
 
 
 def decode_block(
-    data: bytes | bytearray | memoryview, *, fingerprint: str, num_layers: int, block_size: int,
-    num_kv_heads: int, head_dim: int, conv_shape: tuple[int, int], v_state_size: int,
-    dtype: torch.dtype, encoding: str | None = None, device: torch.device | str = "cpu",
+    data: bytes | bytearray | memoryview, *, block_hash: bytes, secret: bytes, fingerprint: str,
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+    conv_shape: tuple[int, int], v_state_size: int, dtype: torch.dtype,
+    encoding: str | None = None, device: torch.device | str = "cpu",
 ) -> BlockPayload | None:
-    """Parse and check a blob from `encode_block`; None (reason counted in `rejects`) on any
-    mismatch. `encoding=None` accepts any known encoding; `device` is where dequantisation
+    """Parse and check a blob read under `block_hash`; None (reason counted in `rejects`) on
+    any mismatch. `encoding=None` accepts any known encoding; `device` is where dequantisation
     runs and the tensors land (1-byte codes cross PCIe, not the widened values)."""
     try:
-        result = _decode(bytes(data), fingerprint, num_layers, block_size, num_kv_heads,
-                         head_dim, tuple(conv_shape), v_state_size, dtype, encoding,
-                         torch.device(device))
+        result = _decode(bytes(data), bytes(block_hash), secret, fingerprint, num_layers,
+                         block_size, num_kv_heads, head_dim, tuple(conv_shape), v_state_size,
+                         dtype, encoding, torch.device(device))
     except Exception:  # a blob we cannot parse is a miss; the engine step must go on
         result = "malformed"
     if isinstance(result, str):
@@ -165,25 +181,31 @@ def decode_block(
 
 
 def _decode(
-    data: bytes, fingerprint: str, num_layers: int, block_size: int, nkv: int, head_dim: int,
-    conv_shape: tuple[int, ...], v_state_size: int, dtype: torch.dtype, encoding: str | None,
-    device: torch.device,
+    data: bytes, block_hash: bytes, secret: bytes, fingerprint: str, num_layers: int,
+    block_size: int, nkv: int, head_dim: int, conv_shape: tuple[int, ...], v_state_size: int,
+    dtype: torch.dtype, encoding: str | None, device: torch.device,
 ) -> BlockPayload | str:
     """The payload, or the reason it is unusable."""
-    if len(data) < _PRELUDE.size:
+    if len(data) < _PRELUDE.size + TAG_LEN:
         return "truncated"
+    # Nothing in an unauthenticated blob is looked at: the tag comes first.
+    if not hmac.compare_digest(_tag(secret, data[:-TAG_LEN]), data[-TAG_LEN:]):
+        return "tag"
+    data = data[:-TAG_LEN]
     magic, version, fp_len = _PRELUDE.unpack_from(data)
     if magic != MAGIC:
         return "magic"
     if version != FORMAT_VERSION:
         return "version"
-    header_len = _PRELUDE.size + fp_len + _SHAPE.size
+    header_len = _PRELUDE.size + fp_len + HASH_LEN + _SHAPE.size
     if len(data) < header_len:
         return "truncated"
     if data[_PRELUDE.size:_PRELUDE.size + fp_len] != fingerprint.encode():
         return "fingerprint"
-    *shape, dtype_code, enc_code, body_len, checksum = _SHAPE.unpack_from(
-        data, _PRELUDE.size + fp_len)
+    at = _PRELUDE.size + fp_len
+    if data[at:at + HASH_LEN] != block_hash:
+        return "block_hash"  # a valid blob moved under another prefix's key
+    *shape, dtype_code, enc_code, body_len = _SHAPE.unpack_from(data, at + HASH_LEN)
     if tuple(shape) != (num_layers, block_size, nkv, head_dim, *conv_shape, v_state_size):
         return "shape"
     if DTYPES.get(dtype) != dtype_code:
@@ -201,8 +223,6 @@ def _decode(
     if len(data) - header_len > body_len:
         return "length"
     body = bytearray(data[header_len:])  # writable (torch.frombuffer), aligned by malloc
-    if xxhash.xxh3_64_intdigest(body) != checksum:
-        return "checksum"
 
     offset = 0
 
@@ -223,7 +243,7 @@ def _decode(
         conv = take((num_layers, conv_k, conv_c), dtype)
         v_state = take((num_layers, v_state_size), dtype)
         k, v = take(kv_shape, dtype), take(kv_shape, dtype)
-        return BlockPayload(*(t.to(device) for t in (k, v, conv, v_state)))
+        return _finite(BlockPayload(*(t.to(device) for t in (k, v, conv, v_state))))
     k_scales = take((num_layers, nkv), torch.float32)
     v_scales = take((num_layers, nkv), torch.float32)
     conv = take((num_layers, conv_k, conv_c), dtype)
@@ -232,4 +252,10 @@ def _decode(
     dequantize = get_op("kv_dequantize", "torch" if device.type == "cpu" else None)
     k = dequantize(kq.to(device), k_scales.to(device), enc_name, dtype)
     v = dequantize(vq.to(device), v_scales.to(device), enc_name, dtype)
-    return BlockPayload(k, v, conv.to(device), v_state.to(device))
+    return _finite(BlockPayload(k, v, conv.to(device), v_state.to(device)))
+
+
+def _finite(payload: BlockPayload) -> BlockPayload | str:
+    """NaN or inf anywhere would turn into wrong tokens (greedy emits id 0): refused."""
+    ok = torch.stack([t.isfinite().all() for t in payload]).all()
+    return payload if bool(ok) else "nonfinite"

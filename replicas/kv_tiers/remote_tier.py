@@ -3,11 +3,16 @@ to the Redis store and installs fetched ones into the engine's paged cache.
 
 Writes are fire-and-forget (the store queues them and drops under pressure); reads are one
 pipelined round trip, taken only when the transfer is estimated to beat recomputing the tokens.
-A corrupt, stale or foreign entry decodes to None: it is counted and treated as a miss.
+Every entry is tagged with an HMAC under the deployment's cache secret and names the block
+hash it was published under: a corrupt, stale, forged, moved or non-finite entry decodes to
+None, is counted, and is treated as a miss.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +29,22 @@ from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.kv_cache import KVCache
 
 ENCODINGS = ("none", "int8", "fp8")
+SECRET_ENV = "ZAYASERVE_KV_CACHE_SECRET"
+log = logging.getLogger("zayaserve.kv_cache")
+
+
+def cache_secret(configured: str | None) -> bytes:
+    """The L2 entries' HMAC key: the configured secret, else $ZAYASERVE_KV_CACHE_SECRET, else a
+    fresh random one (said once in the log: entries then die with this deployment). The cluster
+    generates one per deployment and passes it to every worker, so they share entries."""
+    value = configured or os.environ.get(SECRET_ENV)
+    if value:
+        if len(value) < 16:
+            raise ValueError(f"kv_cache_secret: must be at least 16 characters ({SECRET_ENV})")
+        return value.encode()
+    log.warning("no kv_cache_secret (or %s) given: generated one, so L2 prefix-cache entries "
+                "are readable only by this process and will not survive a restart", SECRET_ENV)
+    return secrets.token_bytes(32)
 
 
 @dataclass
@@ -36,13 +57,15 @@ class RemoteTierStats:
 
 class RemoteTier:
     def __init__(self, store: RedisBlockStore, cache: KVCache, config: ZayaConfig,
-                 fingerprint: str, encoding: str = "none",
+                 fingerprint: str, secret: bytes, encoding: str = "none",
                  recompute_tokens_per_s: float = 2000.0) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"kv_cache_encoding: must be one of {ENCODINGS}, got {encoding!r}")
         assert cache.conv_snap is not None, "the L2 tier needs prefix caching's snapshots"
         self.store, self.cache, self.config = store, cache, config
-        self.fingerprint, self.encoding = fingerprint, encoding
+        if len(secret) < 16:
+            raise ValueError("kv_cache_secret: must be at least 16 bytes")
+        self.fingerprint, self.encoding, self._secret = fingerprint, encoding, secret
         self.recompute_tokens_per_s = recompute_tokens_per_s
         self.stats = RemoteTierStats()
         dtype = cache.k[0].dtype
@@ -65,7 +88,8 @@ class RemoteTier:
             self.stats.unpublishable_blocks += 1  # the block stays local; never fail a step
             return
         payload = encode_block(k, v, c.conv_snap[:, block], c.v_snap[:, block],
-                               fingerprint=self.fingerprint, encoding=self.encoding)
+                               fingerprint=self.fingerprint, encoding=self.encoding,
+                               block_hash=block_hash, secret=self._secret)
         self.store.put_async(block_hash, payload)
 
     def fetch(self, hashes: list[BlockHash]) -> list[BlockPayload]:
@@ -78,11 +102,12 @@ class RemoteTier:
             self.stats.skipped_by_cost += 1
             return []
         found = []
-        for data in self.store.get_many(hashes):
+        for block_hash, data in zip(hashes, self.store.get_many(hashes), strict=False):
             if data is None:
                 break
-            payload = decode_block(data, encoding=self.encoding,
-                                   device=self.cache.k[0].device, **self._shape)  # type: ignore
+            payload = decode_block(data, block_hash=block_hash, secret=self._secret,
+                                   encoding=self.encoding, device=self.cache.k[0].device,
+                                   **self._shape)  # type: ignore[arg-type]
             if payload is None:
                 self.stats.rejected_blocks += 1
                 break
