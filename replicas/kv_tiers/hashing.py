@@ -11,28 +11,49 @@ states, i.e. a wrong answer. xxh3 is fast but not collision resistant against ch
 and token ids are chosen by clients; SHA-256 is. It costs about 3 us per block on a CPU, well
 under 0.1% of the prefill it replaces. Never Python's `hash()`: it is salted per process.
 
-The namespace folds in everything that changes what a block's bytes mean: the model (config and
-weights), the block size and the cache encoding, plus an optional per-tenant salt.
+The namespace folds in everything that changes what a block's bytes mean: the model (its
+config, its weights and NUMERICS_VERSION, the model code's numerics), the block size and the
+cache encoding, plus an optional per-tenant salt.
+
+The weights count through `weights_identity`: a SHA-256 of every byte of every safetensors
+file, so any change to any value (one row of one tensor) gives a new identity, and copies of
+one checkpoint anywhere share one. Reading every byte costs about a second per GB (measured in
+bench/RESULTS.md), so each file's digest is remembered in a small JSON file under the cache
+root, keyed by the file's path, size, mtime, ctime and inode: an unchanged checkpoint is hashed
+once, and an edited or replaced file is hashed again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import struct
+import tempfile
+import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NewType
+
+from zayaserve.replicas.model.checkpoint_paths import cache_root
 
 BlockHash = NewType("BlockHash", bytes)
 
 DEFAULT_SEED = b"zayaserve-v1"
 HASH_BYTES = 32  # SHA-256 digest size; also the namespace size
 _INT32 = (-(2**31), 2**31 - 1)
-# Bytes `weights_identity` reads at the start, middle and end of every tensor: enough to tell
-# apart two fine-tunes of one architecture (same header, same size), a few MB in all.
-_WINDOW_BYTES = 1024
+# The model code's numerics version, part of every model fingerprint. Bump it with any change to
+# kernels or model code that changes the K/V or the CCA states that get cached (a new reduction
+# order, a new state layout or dtype...): blocks that older code computed then stop matching.
+NUMERICS_VERSION = 1
+_CHUNK_BYTES = 16 << 20  # weights_identity reads files in 16 MiB chunks
+_MAX_RESULTS = 512  # file digests remembered, least recently used dropped first
+# A file changed this recently is hashed but not remembered: a second write within the same
+# filesystem clock tick could leave size, mtime and ctime all unchanged (git's "racy clean").
+_RACY_NS = 2_000_000_000
 
 
 def _sha256(*parts: bytes) -> bytes:
@@ -117,52 +138,136 @@ def block_hashes(
 
 
 def model_fingerprint(config_json: dict[str, Any], weights_identity: str) -> str:
-    """Hex SHA-256 of the canonical config JSON and a weights identity.
+    """Hex SHA-256 of the canonical config JSON, a weights identity and NUMERICS_VERSION.
 
     The whole config is hashed: a field that does not change the computation (say
     `transformers_version`) only costs cache misses, whereas a forgotten field that does would
-    cost wrong answers.
+    cost wrong answers. NUMERICS_VERSION is folded in here rather than in `weights_identity`
+    so that it also covers models whose weights identity comes from elsewhere (`random:`).
     """
     return hashlib.sha256(
-        _canonical_json(config_json) + b"\0" + weights_identity.encode()).hexdigest()
+        _canonical_json(config_json) + b"\0" + weights_identity.encode()
+        + b"\0numerics=%d" % NUMERICS_VERSION).hexdigest()
 
 
 def weights_identity(checkpoint_dir: str | Path) -> str:
-    """Hex SHA-256 over each `*.safetensors` file: name, size, header, and sampled data.
+    """Hex SHA-256 over each `*.safetensors` file's name, size and SHA-256 of ALL its bytes.
 
-    Fast: a few KB per tensor, not the gigabytes of data. The header pins names, dtypes, shapes
-    and offsets; three 1 KiB windows of EVERY tensor tell apart two fine-tunes of one
-    architecture, even one that changed only a few tensors (a fine-tune moves nearly every
-    value of a tensor it touches). Windows per file would miss such partial fine-tunes. mtimes
-    are left out on purpose: copies of one checkpoint on different machines must share a cache.
+    Every byte counts: a fine-tune that changed a single row of one tensor (say `lm_head`) gets
+    a new identity. mtimes and paths are left out on purpose: copies of one checkpoint on
+    different machines must share a cache. Hashing runs at disk/SHA-256 speed (one thread per
+    file), and each file's digest is remembered under the cache root keyed by its path, size,
+    mtime, ctime and inode, so an unchanged checkpoint is hashed once, not on every start.
     """
     folder = Path(checkpoint_dir)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors files")
-    h = hashlib.sha256()
     for path in files:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ValueError(f"{path}: not a safetensors file (too short)")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if 8 + header_len > size:
-                raise ValueError(f"{path}: safetensors header runs past the end of the file")
-            header = f.read(header_len)
-            try:
-                tensors = json.loads(header)
-                spans = sorted(tuple(t["data_offsets"]) for name, t in tensors.items()
-                               if name != "__metadata__")
-            except (ValueError, TypeError, KeyError, AttributeError):
-                raise ValueError(f"{path}: unreadable safetensors header") from None
-            h.update(_canonical_json({"name": path.name, "size": size}))
-            h.update(raw_len + header)
-            data_start = 8 + header_len
-            for begin, end in spans:
-                middle = (begin + end) // 2
-                for offset in sorted({begin, middle, max(begin, end - _WINDOW_BYTES)}):
-                    f.seek(data_start + offset)
-                    h.update(f.read(min(_WINDOW_BYTES, end - offset)))
+        _check_header(path)
+    digests = _file_digests(files)
+    listing = [[path.name, path.stat().st_size, digests[path]] for path in files]
+    return _sha256(b"zayaserve-weights-v2\0", _canonical_json(listing)).hex()
+
+
+def _check_header(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if 8 + header_len > size:
+            raise ValueError(f"{path}: safetensors header runs past the end of the file")
+        try:
+            tensors = json.loads(f.read(header_len))
+            spans = [t["data_offsets"] for name, t in tensors.items() if name != "__metadata__"]
+            if not all(isinstance(s, list) and len(s) == 2 for s in spans):
+                raise ValueError("bad data_offsets")
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise ValueError(f"{path}: unreadable safetensors header") from None
+
+
+def _stat_key(path: Path) -> tuple[str, int]:
+    """The result cache's key, and the file's mtime. A file edited in place or replaced changes
+    size, mtime or ctime (which no tool can set back); one moved or copied, path or inode."""
+    resolved = path.resolve()
+    st = resolved.stat()
+    key = json.dumps([str(resolved), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                      st.st_dev])
+    return key, st.st_mtime_ns
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a whole file, read in large chunks into one reused buffer."""
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK_BYTES)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])  # hashlib drops the GIL for large updates
     return h.hexdigest()
+
+
+def _file_digests(files: Sequence[Path]) -> dict[Path, str]:
+    """SHA-256 of each file, from the result cache when its stat key is unchanged."""
+    cached = _load_results()
+    stats = {path: _stat_key(path) for path in files}
+    digests = {path: cached.get(stats[path][0], {}).get("sha256") for path in files}
+    todo = [path for path in files if not _is_digest(digests[path])]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        digests.update(zip(todo, pool.map(file_sha256, todo), strict=True))
+    now_ns = time.time_ns()
+    updates = {}
+    for path in files:
+        key, mtime_ns = stats[path]
+        if path in todo and (_stat_key(path)[0] != key or now_ns - mtime_ns < _RACY_NS):
+            continue  # changed while read, or may still change within its mtime's clock tick
+        updates[key] = {"sha256": digests[path], "used": now_ns}
+    if updates:
+        _save_results(updates)
+    return {path: str(digests[path]) for path in files}
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64
+
+
+def results_file() -> Path:
+    """Where weights_identity remembers file digests (JSON, written atomically)."""
+    return cache_root() / "weights-sha256.json"
+
+
+def _load_results() -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(results_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        return {}
+    return {k: v for k, v in entries.items() if isinstance(v, dict)}
+
+
+def _last_used(entry: dict[str, Any]) -> int:
+    used = entry.get("used")
+    return used if isinstance(used, int) else 0
+
+
+def _save_results(updates: dict[str, dict[str, Any]]) -> None:
+    """Merge `updates` into the results file (re-read first: other processes write it too)."""
+    entries = {**_load_results(), **updates}
+    keep = sorted(entries, key=lambda k: _last_used(entries[k]))[-_MAX_RESULTS:]
+    target = results_file()
+    tmp: str | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=".weights-sha256.",
+                                         suffix=".tmp", delete=False, encoding="utf-8") as f:
+            tmp = f.name
+            json.dump({"entries": {k: entries[k] for k in keep}}, f)
+        os.replace(tmp, target)  # readers see the old file or the new one, never half of one
+    except OSError:  # a read-only cache root only costs hashing again next time
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
