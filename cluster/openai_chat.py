@@ -79,13 +79,11 @@ def _params(body: ChatCompletionRequest, room: int, salt: str | None) -> Samplin
 def _prompt(body: ChatCompletionRequest, ctx: ServingContext) -> tuple[str, list[int]]:
     tokenizer = ctx.client.tokenizer
     conversation = [m.model_dump(exclude_none=True) for m in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=body.add_generation_prompt)
+    try:  # as LLM.chat: special-token strings in the messages stay plain text
+        return tokenizer.render_chat(conversation,
+                                     add_generation_prompt=body.add_generation_prompt)
     except ValueError as err:
         raise as_frontend_error(err, default_param="messages") from None
-    # As LLM.chat: the rendered template already starts with bos.
-    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
 async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContext,

@@ -110,9 +110,9 @@ class LLM:
             else messages)  # type: ignore[assignment]
         prompts: list[PromptInput] = []
         for conv in conversations:
-            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(
-                text, add_special_tokens=False)})
+            # The messages' text is data: special-token strings in it stay plain text.
+            text, ids = tok.render_chat(conv, add_generation_prompt=add_generation_prompt)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params)
 
     def stats(self) -> dict[str, float]:

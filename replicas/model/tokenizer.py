@@ -1,7 +1,8 @@
 """Tokenizer for transformers-layout checkpoints: encode/decode, chat template, streaming text.
 
 Wraps a `tokenizers.Tokenizer` and reads the special-token and chat-template settings that
-transformers keeps beside it, without depending on transformers itself.
+transformers keeps beside it, without depending on transformers itself. Rendering the chat
+template lives in `chat_template`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ import json
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import tokenizers
-from jinja2 import Template, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from zayaserve.replicas.validation_errors import ParamError
+from zayaserve.replicas.model.chat_template import ChatRenderer
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer"]
 
@@ -48,40 +47,6 @@ def _config_chat_template(config: Mapping[str, Any]) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
         template = named.get("default")
     return template if isinstance(template, str) else None
-
-
-def _raise_exception(message: str) -> NoReturn:
-    raise ValueError(f"chat template error: {message}")
-
-
-def _normalize_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
-    """Check roles and contents, flattening text-part lists into plain strings."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str):
-        raise ValueError("messages must be a list of {'role': ..., 'content': ...} objects")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ParamError(f"messages[{i}]", f"messages[{i}] must be an object, got "
-                                               f"{type(message).__name__}")
-        if not isinstance(message.get("role"), str):
-            raise ParamError(f"messages[{i}].role", f"messages[{i}].role must be a string")
-        content = message.get("content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, Mapping) or part.get("type") != "text":
-                    raise ParamError(f"messages[{i}].content[{j}].type",
-                                     f"messages[{i}].content[{j}].type must be 'text'")
-                if not isinstance(part.get("text"), str):
-                    raise ParamError(f"messages[{i}].content[{j}].text",
-                                     f"messages[{i}].content[{j}].text must be a string")
-                texts.append(part["text"])
-            content = "\n".join(texts)
-        elif not isinstance(content, str):
-            raise ParamError(f"messages[{i}].content",
-                             f"messages[{i}].content must be a string or a list of text parts")
-        out.append({**message, "content": content})
-    return out
 
 
 class Tokenizer:
@@ -175,33 +140,38 @@ class Tokenizer:
         return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
     @cached_property
-    def _compiled_template(self) -> Template:
-        if self.chat_template is None:
-            raise ValueError("this checkpoint has no chat template (tokenizer_config.json)")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        try:
-            return env.from_string(self.chat_template)
-        except TemplateError as e:
-            raise ValueError(f"the checkpoint's chat template does not parse: {e}") from e
+    def _chat(self) -> ChatRenderer:
+        return ChatRenderer(self)
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
     ) -> str:
-        """Render the conversation as prompt text (encode it with add_special_tokens=False)."""
-        template = self._compiled_template
-        context = {
-            **extra,
-            "messages": _normalize_messages(messages),
-            "add_generation_prompt": add_generation_prompt,
-            "bos_token": self.bos_token or "",
-            "eos_token": self.eos_token or "",
-        }
-        try:
-            return template.render(context)
-        except TemplateError as e:
-            # SecurityError lands here too: a template poking at internals is a template bug.
-            raise ValueError(f"chat template failed to render: {e}") from e
+        """Render the conversation as prompt text.
+
+        Encoding this text parses special-token text written INSIDE a message as control
+        tokens (a user could forge another role's turn): to get token ids, use `render_chat`
+        or `encode_chat`, which keep message text as text.
+        """
+        return self._chat.text(messages, add_generation_prompt, extra)
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> list[int]:
+        """The token ids of the rendered conversation; see `render_chat`."""
+        return self.render_chat(messages, add_generation_prompt, **extra)[1]
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> tuple[str, list[int]]:
+        """The prompt text and its token ids, with the messages' text kept as data.
+
+        Special tokens come only from the template (and its bos/eos variables): special-token
+        text in any string of a message (content, name, tool calls...) is tokenized as plain
+        text, as transformers' `split_special_tokens=True` would, content only. A conversation
+        without such text gets exactly `encode(apply_chat_template(...), False)`. `extra`
+        template variables are trusted: they are not escaped.
+        """
+        return self._chat.render(messages, add_generation_prompt, extra)
 
 
 class IncrementalDetokenizer:
