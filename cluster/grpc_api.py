@@ -132,11 +132,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             field = "chat"
             messages = [{"role": m.role, "content": m.content}
                         for m in request.chat.messages]
-            try:
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            try:  # as LLM.chat: special-token strings in the messages stay plain text
+                text, ids = tokenizer.render_chat(messages, add_generation_prompt=True)
             except ValueError as err:
                 raise as_frontend_error(err, {"messages": "chat.messages"}, "chat") from None
-            ids = tokenizer.encode(text, add_special_tokens=False)  # as LLM.chat
         else:
             raise InvalidRequestError("input: set one of prompt, prompt_token_ids or chat",
                                       "input")
