@@ -1,12 +1,20 @@
 """The Serve application: `build_app(args)` for `serve run zayaserve.cluster.app:build_app
 model=tiny expert_shards=2 engine.block_size=8`, `serve deploy` and a KubeRay `serveConfigV2`
 (args become ClusterConfig fields, engine settings nested as `engine: {...}` in YAML or dotted
-on the command line; errors name the field)."""
+on the command line; errors name the field).
+
+The expert shards' gRPC port is guarded by an RPC token made here, once per build, and handed
+to the shards and the attention workers in their bind arguments only (never a CLI argument or a
+config field, never logged)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import secrets
 from typing import Any
 
+from pydantic import SecretStr
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
@@ -17,6 +25,7 @@ from zayaserve.replicas.attention_worker import AttentionWorker
 from zayaserve.replicas.expert_shard import ExpertShard
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
+from zayaserve.router.shard_server import dispatch_message_limit
 
 # Serve imports the request router class by its dotted path.
 REQUEST_ROUTER = "zayaserve.router.request_router.PrefixAwareRequestRouter"
@@ -24,7 +33,14 @@ REQUEST_ROUTER = "zayaserve.router.request_router.PrefixAwareRequestRouter"
 
 def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     cfg = args if isinstance(args, ClusterConfig) else ClusterConfig.create(**args)
-    num_experts = ZayaConfig.from_pretrained(resolve_model(cfg.model)).num_experts
+    model = ZayaConfig.from_pretrained(resolve_model(cfg.model))
+    num_experts = model.num_experts
+    # Stable across rollouts when the operator sets it; else new per build (a rolling update
+    # then refuses old-new pairs until it completes).
+    rpc_token = os.environ.get("ZAYASERVE_RPC_TOKEN") or secrets.token_urlsafe(32)
+    # One engine step sends at most max_num_batched_tokens rows to a shard in one call.
+    message_bytes = cfg.shard_max_message_bytes or dispatch_message_limit(
+        cfg.engine.max_num_batched_tokens, model.hidden_size)
     actor = {"num_cpus": cfg.replica_num_cpus}
     # Serve's decorator turns the classes into Deployments (mypy sees the plain classes).
     # The controller places experts on shards and sums every worker's stats (it exists with
@@ -38,9 +54,12 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
             num_replicas=cfg.expert_shards,
             ray_actor_options={**actor, "num_gpus": cfg.expert_num_gpus},
         ).bind(controller, cfg.model, cfg.engine.dtype, cfg.engine.num_threads,
-               _device_for(cfg.engine.device, cfg.expert_num_gpus))
-    engine = cfg.engine.model_copy(
-        update={"device": _device_for(cfg.engine.device, cfg.attention_num_gpus)})
+               _device_for(cfg.engine.device, cfg.expert_num_gpus), rpc_token=rpc_token,
+               max_message_bytes=message_bytes,
+               max_concurrent_calls=cfg.shard_max_concurrent_calls)
+    engine = cfg.engine.model_copy(update={
+        "device": _device_for(cfg.engine.device, cfg.attention_num_gpus),
+        "kv_cache_secret": _cache_secret(cfg)})
     router = RequestRouterConfig(
         request_router_class=REQUEST_ROUTER,  # type: ignore
         request_router_kwargs={"block_size": cfg.engine.block_size,
@@ -51,10 +70,26 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
         max_ongoing_requests=cfg.max_pending_requests + 8, request_router_config=router,
         max_queued_requests=cfg.max_queued_requests,
     ).bind(controller, cfg.model, engine, cfg.max_pending_requests,
-           cfg.dispatch_deadline_s, cfg.wait_for_replica_s, bool(cfg.expert_shards))
+           cfg.dispatch_deadline_s, cfg.wait_for_replica_s, bool(cfg.expert_shards),
+           rpc_token=rpc_token, shard_max_message_bytes=message_bytes)
     return Ingress.options(  # type: ignore[attr-defined]
         ray_actor_options=actor,
     ).bind(workers, controller, shards, cfg.model_dump())
+
+
+def _cache_secret(cfg: ClusterConfig) -> SecretStr | None:
+    """One L2 cache secret for every worker of this deployment: the configured one, else
+    $ZAYASERVE_KV_CACHE_SECRET, else one generated here (entries then end with it)."""
+    if not cfg.engine.kv_cache_redis_url:
+        return cfg.engine.kv_cache_secret
+    if cfg.engine.kv_cache_secret is not None:
+        return cfg.engine.kv_cache_secret
+    if os.environ.get("ZAYASERVE_KV_CACHE_SECRET"):
+        return None  # each worker reads the same variable
+    logging.getLogger("zayaserve.app").warning(
+        "no kv_cache_secret or ZAYASERVE_KV_CACHE_SECRET: generated one for this deployment; "
+        "L2 prefix-cache entries will not survive a redeploy")
+    return SecretStr(secrets.token_hex(32))
 
 
 def _device_for(device: str, num_gpus: float) -> str:

@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -52,7 +53,17 @@ class ClusterConfig(BaseModel):
     http_host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=0, le=65535, description="Public gRPC port (0: off).")
-    api_key: str | None = Field(None, description="Bearer key required by REST and gRPC.")
+    api_key: SecretStr | None = Field(
+        None, description="A Bearer key REST and gRPC require (prefer api_key_file or the "
+        "ZAYASERVE_API_KEY environment variable: a config may be shown).")
+    api_key_file: str | None = Field(
+        None, description="File of API keys, one per line (e.g. a mounted Kubernetes Secret); "
+        "each key is a tenant with its own prefix-cache salt.")
+    metrics_require_api_key: bool = Field(
+        False, description="/metrics answers only requests with a valid API key.")
+    grpc_tls_cert_file: str | None = Field(
+        None, description="PEM certificate: the public gRPC port serves TLS only.")
+    grpc_tls_key_file: str | None = Field(None, description="PEM key of grpc_tls_cert_file.")
     engine: EngineSettings = Field(
         default_factory=lambda: EngineSettings(**CLUSTER_ENGINE_DEFAULTS),
         description="How every attention worker's engine runs: EngineSettings, the keyword "
@@ -83,6 +94,15 @@ class ClusterConfig(BaseModel):
     grpc_max_concurrent_rpcs: int = Field(
         1024, ge=1, description="Public gRPC calls served at once; more are refused "
         "(RESOURCE_EXHAUSTED).")
+    shard_max_concurrent_calls: int = Field(
+        64, ge=1, description="Calls one expert shard's gRPC port serves at once; more get "
+        "RESOURCE_EXHAUSTED (the token router retries them within wait_for_replica_s). At "
+        "least attention_workers x engine.micro_batches, the most calls the workers make to "
+        "one shard at a time.")
+    shard_max_message_bytes: int | None = Field(
+        None, ge=1024, description="Largest message between attention workers and expert "
+        "shards, either way. Default: what engine.max_num_batched_tokens rows of the model's "
+        "hidden size need (float32 rows and weights, int64 ids), plus 25% and 1 MiB.")
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -98,6 +118,11 @@ class ClusterConfig(BaseModel):
                              f"({self.expert_shards}), got {self.expert_replication}")
         if self.grpc_port and self.grpc_port == self.http_port:
             raise ValueError(f"grpc_port: must differ from http_port ({self.http_port})")
+        calls = self.attention_workers * self.engine.micro_batches
+        if self.expert_shards and self.shard_max_concurrent_calls < calls:
+            raise ValueError(f"shard_max_concurrent_calls: must be >= attention_workers x "
+                             f"engine.micro_batches ({calls}), got "
+                             f"{self.shard_max_concurrent_calls}")
         return self
 
     @property

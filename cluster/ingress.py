@@ -8,6 +8,7 @@ from typing import Any
 
 from ray import serve
 
+from zayaserve.cluster.api_keys import load_api_keys
 from zayaserve.cluster.config import ClusterConfig
 from zayaserve.cluster.engine_client import ClusterEngineClient
 from zayaserve.cluster.metrics import MetricsCollector
@@ -25,6 +26,11 @@ class Ingress:
         self, workers: Any, controller: Any, shards: Any, config: dict[str, Any]
     ) -> None:
         self.config = ClusterConfig.create(**config)
+        key = self.config.api_key
+        # Keys from the config, the key file and $ZAYASERVE_API_KEY, read here (in the pod
+        # that serves), never passed around.
+        self.api_keys = load_api_keys(key.get_secret_value() if key else None,
+                                      self.config.api_key_file)
         self.shards = shards
         tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model))
         info = await workers.describe.remote()
@@ -38,14 +44,17 @@ class Ingress:
 
             self.grpc_server = await start_grpc_server(
                 self.client, self.config.grpc_port, host=self.config.http_host,
-                api_key=self.config.api_key, metrics=self.metrics,
+                api_keys=self.api_keys, metrics=self.metrics,
                 max_message_bytes=self.config.grpc_max_message_bytes,
-                max_concurrent_rpcs=self.config.grpc_max_concurrent_rpcs)
+                max_concurrent_rpcs=self.config.grpc_max_concurrent_rpcs,
+                tls_cert_file=self.config.grpc_tls_cert_file,
+                tls_key_file=self.config.grpc_tls_key_file)
 
     def __serve_build_asgi_app__(self) -> Any:
         from zayaserve.cluster.openai_api import build_openai_app
 
-        return build_openai_app(self.client, api_key=self.config.api_key,
+        return build_openai_app(self.client, api_keys=self.api_keys,
+                                metrics_need_key=self.config.metrics_require_api_key,
                                 served_model_names=[self.config.model_name],
                                 metrics=self.metrics,
                                 max_prompts=self.config.engine.limits.max_prompts_per_request)

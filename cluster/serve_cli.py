@@ -32,7 +32,9 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--http-host", default=None)
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None)
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key-file", default=None,
+                   help="file of API keys, one per line (or set ZAYASERVE_API_KEY); keys are "
+                        "never taken on the command line, where `ps` would show them")
     p.add_argument("--redis-url", default=None,
                    help="engine.kv_cache_redis_url: shared L2 prefix cache (redis://...)")
     p.add_argument("--kv-cache-encoding", default=None, choices=["none", "int8", "fp8"],
@@ -58,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         args.config, model=args.model, attention_workers=args.attention_workers,
         expert_shards=args.expert_shards, expert_replication=args.expert_replication,
         http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
-        api_key=args.api_key,
+        api_key_file=args.api_key_file,
         engine={"kv_cache_redis_url": args.redis_url,
                 "kv_cache_encoding": args.kv_cache_encoding, "device": args.device,
                 "micro_batches": 1 if args.no_overlap else None})
@@ -98,7 +100,7 @@ def _start_ray(args: argparse.Namespace, level: int) -> str | None:
         return None
     dashboard = not args.no_dashboard
     # address="local": always a cluster of our own, never one a `ray start` left running.
-    ctx = ray.init(address="local", include_dashboard=dashboard,
+    ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                    dashboard_port=args.dashboard_port if dashboard else None,
                    logging_level=level)
     url = getattr(ctx, "dashboard_url", None) if dashboard else None

@@ -4,7 +4,8 @@ experts are reached through the token router over gRPC.
 The token router runs on its own asyncio loop thread inside `RemoteExpertBackend` (the engine
 thread blocks on it, releasing the GIL, so the other micro-batch can compute). A poller keeps the
 placement map fresh, so new shard addresses (restarts, later migrations) are used without
-restarting this replica.
+restarting this replica. Every call to a shard carries the deployment's RPC token (`rpc_token`,
+from `build_app`'s bind arguments) and stays within the shards' message cap.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.experts import RemoteExpertBackend
 from zayaserve.router.placement import PlacementMap
+from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("zayaserve.attention_worker")
 POLL_S = 0.5
@@ -44,7 +46,9 @@ def placement_from_dict(d: dict[str, Any]) -> PlacementMap:
 class AttentionWorker:
     def __init__(self, controller: Any, model: str, engine_settings: EngineSettings,
                  max_pending_requests: int = 256, dispatch_deadline_s: float = 10.0,
-                 wait_for_replica_s: float = 60.0, remote_experts: bool = True) -> None:
+                 wait_for_replica_s: float = 60.0, remote_experts: bool = True, *,
+                 rpc_token: str | None = None,
+                 shard_max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.controller = controller
         self.replica = serve.get_replica_context().replica_id.unique_id
         path: Path = resolve_model(model)
@@ -58,7 +62,9 @@ class AttentionWorker:
                              name="zayaserve-placement").start()
             self.experts = RemoteExpertBackend(lambda: self._map, num_experts,
                                                deadline_s=dispatch_deadline_s,
-                                               wait_for_replica_s=wait_for_replica_s)
+                                               wait_for_replica_s=wait_for_replica_s,
+                                               token=rpc_token,
+                                               max_message_bytes=shard_max_message_bytes)
         engine = LLMEngine(EngineConfig(model=str(path), **engine_settings.model_dump()),
                            experts=self.experts)
         self.engine = AsyncLLMEngine(engine, max_pending_requests)

@@ -2,8 +2,12 @@
 
 At start-up a replica claims a slot from the placement controller (a restarted replica takes
 the slot its predecessor vacated), reads only its experts' slices of the stacked expert tensors,
-opens a gRPC server on a free port, and registers the address. It then heartbeats, carrying its
-per-expert token counts for the metrics.
+opens a gRPC server on a free port of its node's address, and registers the address. It then
+heartbeats, carrying its per-expert token counts for the metrics.
+
+The port accepts ExpertShard calls only with the deployment's RPC token (made by `build_app`,
+handed over in the bind arguments, never logged), at most `max_concurrent_calls` at once and
+messages of at most `max_message_bytes` (the cap derived from the engine's step budget).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.experts import run_grouped
 from zayaserve.replicas.model.loader import load_expert_side
 from zayaserve.router.shard_server import ExpertShardServicer, serve_shard
+from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("zayaserve.expert_shard")
 HEARTBEAT_S = 1.0
@@ -32,7 +37,8 @@ class ExpertShard:
     # Serve awaits async constructors (mypy insists __init__ returns None).
     async def __init__(  # type: ignore[misc]
         self, controller: Any, model: str, dtype: str = "auto", num_threads: int | None = None,
-        device: str = "cpu",
+        device: str = "cpu", *, rpc_token: str | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES, max_concurrent_calls: int | None = None,
     ) -> None:
         import ray
 
@@ -62,10 +68,13 @@ class ExpertShard:
 
         self.servicer = ExpertShardServicer(self.slot, compute, self.experts, self.expert_bytes,
                                             num_layers=len(self.weights))
+        # The node's address, not 0.0.0.0: the shard is reachable where Ray's peers are only.
         node_ip = ray.util.get_node_ip_address()
-        self.server, port = await serve_shard(self.servicer, host="0.0.0.0", port=0,
-                                              advertise_host=node_ip)
-        self.address = f"{node_ip}:{port}"
+        self._rpc_token = rpc_token  # kept for tests that must call Info; never logged
+        self.server, port = await serve_shard(
+            self.servicer, host=node_ip, port=0, token=rpc_token,
+            max_message_bytes=max_message_bytes, max_concurrent_rpcs=max_concurrent_calls)
+        self.address = self.servicer.address
         await controller.register.remote(self.replica, self.slot, self.address)
         self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
         log.info("expert shard %s holds experts %s at %s", self.slot, self.experts, self.address)

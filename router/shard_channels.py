@@ -1,5 +1,6 @@
 """The token router's connections to expert shards: one channel per address, reused, with the
-rows in flight and a back-off per address that recently failed."""
+rows in flight and a back-off per address that recently failed, and the deployment's RPC token
+sent on every call (`call_metadata`)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ from typing import Any
 
 import grpc
 
-from zayaserve.router.protos import expert_pb2_grpc
+from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # gRPC's default reconnect backoff grows to 120 s; a shard restarted on the same port must
-    # be found within the router's wait, not minutes later.
+AUTH_HEADER = "authorization"  # what router.shard_server checks
+# gRPC's default reconnect backoff grows to 120 s; a shard restarted on the same port must be
+# found within the router's wait, not minutes later.
+_RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -36,12 +36,31 @@ class _Cooldown:
     retry_at: float  # time.monotonic() after which the address may be probed again
 
 
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Options of a channel to a shard: the shards' message cap both ways, quick reconnects."""
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes), *_RECONNECT_OPTIONS]
+
+
+CHANNEL_OPTIONS = channel_options()
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The metadata that authenticates a call to a shard (None: no token, nothing to send)."""
+    return None if token is None else ((AUTH_HEADER, f"Bearer {token}"),)
+
+
 class ShardChannels:
     """Channels and per-address state, owned by one asyncio loop (grpc.aio channels are bound to
-    the loop that made them)."""
+    the loop that made them). `metadata` goes with every call; calls and answers are capped at
+    `max_message_bytes`, as the shards cap them."""
 
-    def __init__(self, close_grace_s: float) -> None:
+    def __init__(self, close_grace_s: float, *, token: str | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.close_grace_s = close_grace_s
+        self.max_message_bytes = max_message_bytes
+        self.metadata = call_metadata(token)
+        self._options = channel_options(max_message_bytes)
         self._stubs: dict[str, tuple[grpc.aio.Channel, Any]] = {}
         self._in_flight: defaultdict[str, int] = defaultdict(int)  # address -> rows
         self._cooling: dict[str, _Cooldown] = {}
@@ -50,9 +69,16 @@ class ShardChannels:
     def stub(self, address: str) -> Any:
         """The ExpertShard stub for an address; the channel connects lazily, on first call."""
         if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=self._options)
             self._stubs[address] = (channel, expert_pb2_grpc.ExpertShardStub(channel))
         return self._stubs[address][1]
+
+    async def dispatch(self, address: str, request: expert_pb2.DispatchRequest,
+                       timeout: float) -> expert_pb2.DispatchResponse:
+        """One Dispatch to `address`, with the token; raises what the stub raises."""
+        reply: expert_pb2.DispatchResponse = await self.stub(address).Dispatch(
+            request, timeout=timeout, metadata=self.metadata)
+        return reply
 
     def usable(self, address: str, now: float) -> bool:
         cooldown = self._cooling.get(address)
@@ -94,4 +120,5 @@ class ShardChannels:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-__all__ = ["CHANNEL_OPTIONS", "ShardChannels"]
+__all__ = ["AUTH_HEADER", "CHANNEL_OPTIONS", "ShardChannels", "call_metadata",
+           "channel_options"]

@@ -3,16 +3,22 @@
 The tensor math is not here: the servicer takes a `compute(layer, hidden, expert_ids, weights)`
 callable (the ExpertShard deployment passes `run_grouped` over its loaded `ExpertWeights`), so
 router/ stays free of the model code.
+
+In the cluster the port is guarded: every ExpertShard call must carry the deployment's RPC token
+(`authorization: Bearer <token>`, checked by `TokenAuthInterceptor`; grpc.health.v1's Check
+stays open for probes), calls beyond a concurrency cap get RESOURCE_EXHAUSTED, and messages are
+capped at what one engine step can need (`dispatch_message_limit`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from typing import NoReturn
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, NoReturn
 
 import grpc
 import torch
@@ -20,9 +26,15 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
+from zayaserve.router.shard_channels import AUTH_HEADER
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES, TensorCodecError, decode, encode
 
 SERVICE_NAME = "zayaserve.expert.v1.ExpertShard"
+_OPEN_METHOD = f"/{grpc_health.SERVICE_NAME}/Check"  # probes need no token (Watch does)
+UNAUTHENTICATED_DETAILS = "missing or invalid shard RPC token"
+# Per routed row: a hidden row and its weight as float32 (the widest float on the wire) and its
+# expert id as a protobuf varint (at most 10 bytes). The response's out rows are no larger.
+_FLOAT_BYTES, _ID_BYTES = 4, 10
 
 # compute(layer, hidden [n, H], expert_ids [n] int64, weights [n]) -> [n, H]. It runs on a worker
 # thread, may be called concurrently, must not write into its inputs (they alias request bytes),
@@ -136,6 +148,64 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
         return info
 
 
+def dispatch_message_limit(max_rows: int, hidden_size: int) -> int:
+    """The largest Dispatch request or response carrying `max_rows` rows of width `hidden_size`
+    (float32 at most), plus 25% and 1 MiB of headroom (framing, the other fields, Info)."""
+    if min(max_rows, hidden_size) < 1:
+        raise ValueError("max_rows/hidden_size: must be >= 1")
+    payload = max_rows * (hidden_size * _FLOAT_BYTES + _FLOAT_BYTES + _ID_BYTES)
+    return payload + payload // 4 + 2**20
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a call whose metadata lacks `authorization: Bearer <token>` with UNAUTHENTICATED,
+    before its request is read (a stream-unary handler runs before any message arrives), so a
+    stalled or huge request holds no slot of the concurrency cap. The token is compared in
+    constant time and never echoed.
+
+    grpc.health.v1's Check stays open for probes, answered the same way, unread: SERVING, as
+    every service here is while the server answers (the token gets the full health service)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("token: must not be empty")
+        self._expected = f"Bearer {token}".encode()
+        self._deny = grpc.stream_unary_rpc_method_handler(_deny_unauthenticated)
+        self._open_check = grpc.stream_unary_rpc_method_handler(
+            _serving, response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        details = handler_call_details
+        if self.allows(details.invocation_metadata):
+            return await continuation(details)
+        if details.method == _OPEN_METHOD:
+            return self._open_check
+        return self._deny
+
+    def allows(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        given = [v for k, v in metadata or () if k == AUTH_HEADER]
+        if len(given) != 1:
+            return False
+        value = given[0]
+        try:
+            raw = value if isinstance(value, bytes) else value.encode()
+        except UnicodeEncodeError:
+            return False
+        return hmac.compare_digest(raw, self._expected)
+
+
+async def _deny_unauthenticated(requests: Any, context: grpc.aio.ServicerContext) -> NoReturn:
+    await _abort(context, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
+
+
+async def _serving(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
 async def _abort(
     context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str
 ) -> NoReturn:
@@ -149,22 +219,31 @@ def _host_port(host: str, port: int) -> str:
 
 async def serve_shard(
     servicer: ExpertShardServicer,
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
     port: int = 0,
     *,
     advertise_host: str | None = None,
+    token: str | None = None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    max_concurrent_rpcs: int | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a gRPC server with the shard and grpc.health.v1 on it; returns (server, bound port).
 
-    Port 0 binds a free port. The servicer's `address` (reported by Info) becomes
-    `advertise_host:port`, by default the bind host or, for a wildcard bind, this machine's name.
-    Stop it with `await server.stop(grace)`.
+    Port 0 binds a free port; the cluster binds the node's address, never a wildcard. The
+    servicer's `address` (reported by Info) becomes `advertise_host:port`, by default the bind
+    host or, for a wildcard bind, this machine's name. With a `token`, every call but a health
+    Check needs it (UNAUTHENTICATED); without one (in-process tests) nothing is checked. Over
+    `max_message_bytes` messages and calls beyond `max_concurrent_rpcs` (None: no cap) get
+    RESOURCE_EXHAUSTED. Stop it with `await server.stop(grace)`.
     """
-    server = grpc.aio.server(options=[
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),  # port 0 must give a port nobody else holds
-    ])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),  # port 0 must give a port nobody else holds
+        ],
+        interceptors=None if token is None else [TokenAuthInterceptor(token)],
+        maximum_concurrent_rpcs=max_concurrent_rpcs)
     expert_pb2_grpc.add_ExpertShardServicer_to_server(servicer, server)
     health = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -181,4 +260,6 @@ async def serve_shard(
     return server, bound
 
 
-__all__ = ["SERVICE_NAME", "ComputeFn", "ExpertShardServicer", "serve_shard"]
+__all__ = ["AUTH_HEADER", "SERVICE_NAME", "UNAUTHENTICATED_DETAILS",
+           "ComputeFn", "ExpertShardServicer", "TokenAuthInterceptor", "dispatch_message_limit",
+           "serve_shard"]

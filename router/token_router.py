@@ -23,12 +23,15 @@ from zayaserve.router.placement import PlacementMap
 from zayaserve.router.protos import expert_pb2
 from zayaserve.router.router_stats import LayerLatency, RouterStats
 from zayaserve.router.shard_channels import ShardChannels
-from zayaserve.router.tensor_codec import WIRE_DTYPES, decode, encode
+from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES, WIRE_DTYPES, decode, encode
 
-# Codes that say "this replica is not there (now)": waiting for a replica is bounded by time.
-_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-# Codes that retrying cannot fix: our request is wrong. Everything else (deadline, overload,
-# a stale map's FAILED_PRECONDITION, INTERNAL) is retried, at most max_retries times.
+# Codes that say "this replica is not there (now)", or "busy now" (its call cap, which foreign
+# calls may fill; our calls are checked against the size cap before they go): waiting for a
+# replica is bounded by time.
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.RESOURCE_EXHAUSTED}
+# Codes that retrying cannot fix: our request (or our token) is wrong. Everything else
+# (deadline, a stale map's FAILED_PRECONDITION, INTERNAL) is retried, at most max_retries times.
 _FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
           grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
@@ -80,7 +83,9 @@ class TokenRouter:
     rows, which are never sent), or raises `ExpertDispatchError`; it never hangs: waiting for a
     replica is bounded by `wait_for_replica_s`, failures other than "unreachable" by
     `max_retries`, each call by `deadline_s`. Use from one asyncio loop (channels belong to it).
-    `placement_source()` must be cheap and non-blocking: it is read at every dispatch.
+    `placement_source()` must be cheap and non-blocking: it is read at every dispatch. Every call
+    carries `token` (the deployment's shard RPC token; None: none is sent); one larger than
+    `max_message_bytes` (the shards' cap) fails at once instead of being sent.
     """
 
     def __init__(
@@ -92,6 +97,8 @@ class TokenRouter:
         wait_for_replica_s: float = 30.0,
         max_retries: int = 3,
         poll_interval_s: float = 0.05,
+        token: str | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         if min(deadline_s, poll_interval_s, num_experts) <= 0:
             raise ValueError("deadline_s/poll_interval_s/num_experts: must be > 0")
@@ -105,7 +112,8 @@ class TokenRouter:
         self.poll_interval_s = poll_interval_s
         self.stats = RouterStats()
         self._placement: PlacementMap | None = None
-        self._channels = ShardChannels(close_grace_s=deadline_s)
+        self._channels = ShardChannels(close_grace_s=deadline_s, token=token,
+                                       max_message_bytes=max_message_bytes)
         self._turn = 0
 
     async def dispatch(
@@ -221,13 +229,16 @@ class TokenRouter:
             layer=layer, hidden=encode(hidden[rows], "hidden"),
             expert_ids=expert_ids[rows].tolist(), weights=encode(weights[rows], "weights"),
             placement_version=version)
-        n = rows.numel()
+        n, size = rows.numel(), request.ByteSize()
+        if size > self._channels.max_message_bytes:  # the shard would refuse it: a config error
+            return _Failure(address, grpc.StatusCode.INVALID_ARGUMENT, f"{n} rows: {size} bytes, "
+                            f"over shard_max_message_bytes={self._channels.max_message_bytes}")
         self.stats.calls += 1
         self.stats.rows_sent += n
-        self.stats.bytes_sent += request.ByteSize()
+        self.stats.bytes_sent += size
         self._channels.add_in_flight(address, n)
         try:
-            reply = await self._channels.stub(address).Dispatch(request, timeout=self.deadline_s)
+            reply = await self._channels.dispatch(address, request, self.deadline_s)
         except grpc.aio.AioRpcError as e:
             return _Failure(address, e.code(), e.details() or "")
         except grpc.aio.UsageError as e:  # the channel was closed under us by a map change

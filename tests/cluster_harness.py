@@ -12,6 +12,7 @@ import openai
 
 from zayaserve.cluster.config import ClusterConfig
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
+from zayaserve.router.shard_channels import call_metadata
 
 # Serve runs one HTTP proxy per Ray session: every app deployed in it shares this port.
 HTTP_PORT = 0
@@ -37,12 +38,32 @@ class Cluster:
         handle = serve.get_deployment_handle("PlacementController", app_name="zayaserve")
         return handle.placement.remote().result()  # type: ignore[no-any-return]
 
+    def shard_token(self) -> str:
+        """The shards' RPC token, read out of a live shard replica. The app hands it to nobody
+        else, so this goes through Serve's private replica wrapper (test-only)."""
+        import ray
+        from ray.util import list_named_actors
+
+        def _token(replica: Any) -> str:
+            return str(replica._replica_impl._user_callable_wrapper._callable._rpc_token)
+
+        shards = [a for a in list_named_actors(all_namespaces=True)
+                  if "ExpertShard" in a["name"]]
+        for actor in shards:
+            try:
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                return str(ray.get(handle.__ray_call__.remote(_token), timeout=30))
+            except Exception:  # a replica being replaced; another one knows it too
+                continue
+        raise RuntimeError(f"no live ExpertShard replica answered ({len(shards)} listed)")
+
     def shard_infos(self) -> list[Any]:
+        metadata = call_metadata(self.shard_token())
         infos = []
         for address in self.placement()["addresses"].values():
             with grpc.insecure_channel(address) as ch:
                 infos.append(expert_pb2_grpc.ExpertShardStub(ch).Info(
-                    expert_pb2.InfoRequest(), timeout=10))
+                    expert_pb2.InfoRequest(), timeout=10, metadata=metadata))
         return infos
 
     def wait_all_shards(self, timeout: float = 120) -> None:

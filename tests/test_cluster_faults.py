@@ -1,9 +1,12 @@
-"""Faults in a real local Ray Serve cluster: expert shards held down past the token router's
-wait fail the in-flight requests with 503 while the attention worker lives on, and an engine
-whose loop dies makes its replica unhealthy, so Serve replaces it; /health says so throughout."""
+"""Faults in a real local Ray Serve cluster: strangers calling the expert shards' port are
+refused and a flood of their calls changes no request's tokens, expert shards held down past the
+token router's wait fail the in-flight requests with 503 while the attention worker lives on,
+and an engine whose loop dies makes its replica unhealthy, so Serve replaces it; /health says so
+throughout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,11 +14,19 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
+import openai
 import pytest
+import torch
 from cluster_harness import MAX_TOKENS, PROMPTS, Cluster, deploy, undeploy
 
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
+from zayaserve.replicas.model.config import ZayaConfig
+from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
+from zayaserve.router.shard_channels import call_metadata
+from zayaserve.router.shard_server import dispatch_message_limit
+from zayaserve.router.tensor_codec import encode
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +66,107 @@ def _until(check: Any, timeout: float, what: str) -> Any:
             return result
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _dispatch(rows: int, hidden: int, expert: int) -> expert_pb2.DispatchRequest:
+    return expert_pb2.DispatchRequest(layer=0, hidden=encode(torch.randn(rows, hidden)),
+                                      expert_ids=[expert] * rows, weights=encode(torch.ones(rows)))
+
+
+def _flood_while(addresses: list[str], forged: list[Any], hidden: int, holds: list[int],
+                 legit: Any) -> tuple[Any, dict[str, int], int]:
+    """Waves of 200 concurrent foreign calls (Dispatch of experts the shard holds, and Info)
+    to every shard, from before `legit()` starts until it ends; its result, the codes, waves."""
+    async def run() -> tuple[Any, dict[str, int], int]:
+        channels = [grpc.aio.insecure_channel(a) for a in addresses for _ in range(2)]
+        stubs = [expert_pb2_grpc.ExpertShardStub(c) for c in channels]
+        codes: dict[str, int] = {}
+        done = asyncio.Event()
+
+        async def stranger(i: int) -> None:
+            k = i % len(stubs)
+            stub, meta = stubs[k], forged[i % len(forged)]
+            call = (stub.Info(expert_pb2.InfoRequest(), timeout=10, metadata=meta) if i % 5 == 0
+                    else stub.Dispatch(_dispatch(8, hidden, holds[k // 2]), timeout=10,
+                                       metadata=meta))
+            try:
+                await call
+                name = "OK"
+            except grpc.aio.AioRpcError as e:
+                name = e.code().name
+            codes[name] = codes.get(name, 0) + 1
+
+        async def flood() -> int:
+            waves = 0
+            while not done.is_set():
+                await asyncio.gather(*(stranger(i) for i in range(200)))
+                waves += 1
+            return waves
+
+        flooding = asyncio.ensure_future(flood())
+        await asyncio.sleep(0.3)  # the flood is on before the first legitimate call
+        result = await legit()
+        done.set()
+        waves = await flooding
+        for channel in channels:
+            await channel.close()
+        return result, codes, waves
+
+    return asyncio.run(run())
+
+
+def test_strangers_are_refused_and_their_flood_changes_no_token(
+        cluster: Cluster, offline: dict) -> None:
+    """The shards listen on the node's address only and refuse calls without the deployment's
+    token (UNAUTHENTICATED) or over the size cap (RESOURCE_EXHAUSTED); hundreds of foreign calls
+    at once while REST requests run leave every request exact, within a 1 s dispatch deadline."""
+    import ray
+
+    from zayaserve.replicas.model.tokenizer import Tokenizer
+
+    addresses = list(cluster.placement()["addresses"].values())
+    node_ip, token = ray.util.get_node_ip_address(), cluster.shard_token()
+    assert {a.rsplit(":", 1)[0].strip("[]") for a in addresses} == {node_ip}
+    hidden = ZayaConfig.from_pretrained(resolve_model("tiny")).hidden_size
+    holds = [int(info.experts[0]) for info in cluster.shard_infos()]  # by placement order
+    cap = dispatch_message_limit(cluster.cfg.engine.max_num_batched_tokens, hidden)
+    with grpc.insecure_channel(addresses[0]) as channel:
+        stub = expert_pb2_grpc.ExpertShardStub(channel)
+        for call, code in [
+                (lambda: stub.Dispatch(_dispatch(4, hidden, holds[0]), timeout=10),
+                 grpc.StatusCode.UNAUTHENTICATED),
+                (lambda: stub.Info(expert_pb2.InfoRequest(), timeout=10),
+                 grpc.StatusCode.UNAUTHENTICATED),
+                (lambda: stub.Dispatch(_dispatch(cap // (4 * hidden) + 1, hidden, holds[0]),
+                                       timeout=10, metadata=call_metadata(token)),
+                 grpc.StatusCode.RESOURCE_EXHAUSTED)]:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == code and token not in (err.value.details() or "")
+        assert stub.Dispatch(_dispatch(4, hidden, holds[0]), timeout=10,
+                             metadata=call_metadata(token)).out.data
+    if node_ip != "127.0.0.1":  # bound to the node's address, not every interface
+        port = addresses[0].rsplit(":", 1)[1]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, \
+                pytest.raises(grpc.RpcError) as err:
+            expert_pb2_grpc.ExpertShardStub(channel).Info(expert_pb2.InfoRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    async def legit() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=cluster.base + "/v1", api_key="x", max_retries=0)
+        replies = await asyncio.gather(*(client.completions.create(
+            model="tiny", prompt=p, max_tokens=MAX_TOKENS, temperature=0,
+            extra_body={"ignore_eos": True}) for p in PROMPTS))
+        return [r.choices[0].text for r in replies]
+
+    forged = [None, call_metadata("x" * len(token)), (("authorization", token),)]
+    begin = time.monotonic()
+    texts, codes, waves = _flood_while(addresses, forged, hidden, holds, legit)
+    tokenizer = Tokenizer.from_pretrained(resolve_model("tiny"))
+    assert texts == [tokenizer.decode(offline[p]) for p in PROMPTS]
+    assert waves >= 1 and codes.get("UNAUTHENTICATED", 0) >= 200
+    assert set(codes) <= {"UNAUTHENTICATED", "RESOURCE_EXHAUSTED"}, codes  # none served
+    assert time.monotonic() - begin < 60
 
 
 def test_shards_held_down_fail_requests_with_503_and_the_worker_lives(

@@ -47,7 +47,8 @@ CONTROL = [
 RAY_SIDE = ["router/request_router.py", "replicas/attention_worker.py", "replicas/expert_shard.py"]
 # Data, validation, model maths and kernels: called on the path, deciding nothing about it.
 SUPPORT = {
-    "cluster/frontend_errors.py", "cluster/logprob_format.py", "cluster/metrics.py",
+    "cluster/api_keys.py", "cluster/frontend_errors.py", "cluster/logprob_format.py",
+    "cluster/metrics.py", "replicas/model/chat_template.py",
     "cluster/openai_protocol.py", "cluster/openai_chat_protocol.py",
     "replicas/engine/params.py", "replicas/engine/request_limits.py",
     "replicas/engine/sequence.py", "replicas/engine/block_pool.py",

@@ -101,7 +101,8 @@ class RemoteExpertBackend(ExpertBackend):
 
     The router is asyncio code; it runs on a loop of its own, on a daemon thread. The engine
     thread blocks on each dispatch there, which releases the GIL, so the other micro-batch can
-    compute meanwhile. `router_options` go to `TokenRouter` (deadline, waits, retries).
+    compute meanwhile. `router_options` go to `TokenRouter` (deadline, waits, retries, the
+    shards' RPC `token` and `max_message_bytes`).
     """
 
     def __init__(self, placement_source: Callable[[], PlacementMap], num_experts: int, *,
