@@ -50,6 +50,7 @@ from zayaserve.cluster.openapi_schema import (
     openapi_responses,
 )
 from zayaserve.cluster.streams import ServingContext, error_response_of
+from zayaserve.cluster.utility_api import add_utility_routes
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +209,9 @@ def build_openai_app(
         tenant = authorize(request)
         body = await _read_body(request, max_body_bytes, ChatCompletionRequest)
         return await create_chat_completion(body, ctx, request, tenant)
+
+    add_utility_routes(app, ctx, authorize,
+                       lambda request, model: _read_body(request, max_body_bytes, model))
 
     @app.get("/v1/models", responses=openapi_responses(ModelList, errors=(401, 500)))
     async def models(request: Request) -> JSONResponse:

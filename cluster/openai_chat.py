@@ -103,8 +103,10 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
         if body.stream:
             opened = await open_streams(ctx.client, requests, params)
             tracker.on_prompt(len(ids))
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _events(opened, params, ctx, chat_id, model, tracker, include_usage)
+            options = body.stream_options
+            events = _events(opened, params, ctx, chat_id, model, tracker,
+                             bool(options and options.include_usage),
+                             bool(options and options.usage_in_every_chunk()))
             return ClosingStreamingResponse(
                 events, cleanup=stream_closer(opened, tracker), media_type="text/event-stream")
         final = await unless_disconnected(
@@ -153,12 +155,14 @@ def _stream_choices(delta: StepDelta, params: SamplingParams, ctx: ServingContex
 async def _events(
     opened: list[tuple[StepDelta, AsyncIterator[StepDelta]]], params: SamplingParams,
     ctx: ServingContext, chat_id: str, model: str, tracker: RequestTracker, include_usage: bool,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
 
     def chunk(choices: list[ChatStreamChoice]) -> bytes:
-        return sse(ChatCompletionStreamResponse(id=chat_id, created=created, model=model,
-                                                choices=choices))
+        return sse(ChatCompletionStreamResponse(
+            id=chat_id, created=created, model=model, choices=choices,
+            usage=usage.usage() if continuous_usage else None))
 
     usage = UsageCounter()
     outputs = merge_streams(opened)

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from zayaserve.cluster.api_keys import cache_salt
+from zayaserve.cluster.completion_echo import Echo, join, prompt_logprobs_layout, prompt_text
 from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
     as_frontend_error,
@@ -24,9 +25,11 @@ from zayaserve.cluster.logprob_format import completion_logprobs
 from zayaserve.cluster.metrics import RequestTracker
 from zayaserve.cluster.openai_protocol import (
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+    UsageInfo,
 )
 from zayaserve.cluster.streams import (
     SSE_DONE,
@@ -76,24 +79,26 @@ def _prompts(body: CompletionRequest, ctx: ServingContext) -> list[Prompt]:
     return prompts
 
 
-def _params(body: CompletionRequest, salt: str | None) -> SamplingParams:
+def _params(body: CompletionRequest, salt: str | None, echo: Echo) -> SamplingParams:
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("stream_options: only allowed with stream=true",
                                   "stream_options")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise InvalidRequestError("best_of: only best_of == n is supported", "best_of")
-    return build_sampling_params(dict(
+    fields = dict(
         n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos, max_tokens=body.max_tokens, min_tokens=body.min_tokens,
         logprobs=body.logprobs, skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt))
+        include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt)
+    return build_sampling_params({**fields, **echo.engine_fields(body)})
 
 
 async def create_completion(body: CompletionRequest, ctx: ServingContext,
                             request: Request, tenant: str | None = None) -> Response:
     model = resolve_model(body.model, ctx.served_model_names)
-    params = _params(body, cache_salt(tenant, body.cache_salt))
+    echo = Echo.of(body)
+    params = _params(body, cache_salt(tenant, body.cache_salt), echo)
     prompts = _prompts(body, ctx)
     for i, (_, ids) in enumerate(prompts):
         check_context_length(ctx.client, len(ids), params.max_tokens,
@@ -105,8 +110,10 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
         if body.stream:
             opened = await open_streams(ctx.client, requests, params)
             tracker.on_prompt(sum(len(ids) for _, ids in prompts))
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _events(opened, params, ctx, completion_id, model, tracker, include_usage)
+            options = body.stream_options
+            events = _events(opened, params, ctx, completion_id, model, tracker,
+                             bool(options and options.include_usage), echo, prompts,
+                             bool(options and options.usage_in_every_chunk()))
             return ClosingStreamingResponse(
                 events, cleanup=stream_closer(opened, tracker), media_type="text/event-stream")
         final = await unless_disconnected(
@@ -118,48 +125,80 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
     if final is None:
         return Response(status_code=499)  # the client left; nobody reads this
     tracker.on_prompt(sum(len(ids) for _, ids in prompts))
-    return JSONResponse(_response(final, params, ctx, completion_id, model).model_dump())
+    return JSONResponse(_response(final, params, ctx, completion_id, model, echo,
+                                  prompts).model_dump())
 
 
 def _response(final: list[RequestOutput], params: SamplingParams, ctx: ServingContext,
-              completion_id: str, model: str) -> CompletionResponse:
+              completion_id: str, model: str, echo: Echo, prompts: list[Prompt]
+              ) -> CompletionResponse:
     tokenizer = ctx.client.tokenizer
     choices = []
     for i, out in enumerate(final):
+        head_text, head_lp, offset = "", None, 0
+        if echo.enabled:
+            head_text = prompt_text(tokenizer, prompts[i][0], out.prompt_token_ids)
+            if params.logprobs is not None:
+                head_lp, offset = prompt_logprobs_layout(tokenizer, out.prompt_token_ids,
+                                                         out.prompt_logprobs)
         for c in out.outputs:
-            logprobs = None
-            if params.logprobs is not None and c.logprobs is not None:
-                logprobs, _ = completion_logprobs(tokenizer, c.token_ids, c.logprobs, 0)
+            logprobs = head_lp
+            if params.logprobs is not None and c.logprobs is not None and not echo.scoring_only:
+                tail, _ = completion_logprobs(tokenizer, c.token_ids, c.logprobs, offset)
+                logprobs = join(head_lp, tail)
+            text = head_text + ("" if echo.scoring_only else c.text)
             choices.append(CompletionChoice(
-                index=i * params.n + c.index, text=c.text, logprobs=logprobs,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason))  # type: ignore[arg-type]
-    return CompletionResponse(id=completion_id, model=model, choices=choices,
-                              usage=usage_of(final))
+                index=i * params.n + c.index, text=text, logprobs=logprobs,
+                finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                stop_reason=None if echo.scoring_only else c.stop_reason))
+    usage = usage_of(final)
+    if echo.scoring_only:
+        usage = UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=0,
+                          total_tokens=usage.prompt_tokens)
+    return CompletionResponse(id=completion_id, model=model, choices=choices, usage=usage)
 
 
 def _stream_choices(i: int, delta: StepDelta, text_offsets: dict[tuple[int, int], int],
-                    params: SamplingParams, tokenizer: Tokenizer) -> list[CompletionChoice]:
-    """What prompt i's delta adds for the client, one entry per choice with news."""
+                    params: SamplingParams, tokenizer: Tokenizer, echo: Echo,
+                    prompt: Prompt) -> list[CompletionChoice]:
+    """What prompt i's delta adds for the client, one entry per choice with news (the echoed
+    prompt first, on the request's first delta)."""
     choices = []
+    head: dict[int, tuple[str, CompletionLogprobs | None]] = {}
+    if echo.enabled and delta.prompt_token_ids is not None:
+        ids = list(delta.prompt_token_ids)
+        lp = None
+        if params.logprobs is not None:
+            lp, end = prompt_logprobs_layout(tokenizer, ids, delta.prompt_logprobs)
+            for k in range(params.n):
+                text_offsets[(i, k)] = end
+        head = dict.fromkeys(range(params.n), (prompt_text(tokenizer, prompt[0], ids), lp))
     for c in delta.completions:
-        if not (c.text or c.token_ids or c.finish_reason):
-            continue
-        logprobs = None
-        if params.logprobs is not None and c.logprobs is not None:
+        text, token_ids, lps = c.text, list(c.token_ids), c.logprobs
+        if echo.scoring_only:
+            text, token_ids, lps = "", [], None
+        echoed, logprobs = head.pop(c.index, ("", None))
+        if params.logprobs is not None and lps is not None and token_ids:
             key = (i, c.index)
-            logprobs, text_offsets[key] = completion_logprobs(
-                tokenizer, list(c.token_ids), list(c.logprobs), text_offsets.get(key, 0))
+            tail, text_offsets[key] = completion_logprobs(
+                tokenizer, token_ids, list(lps), text_offsets.get(key, 0))
+            logprobs = join(logprobs, tail)
+        if not (echoed or text or token_ids or c.finish_reason):
+            continue
         choices.append(CompletionChoice(
-            index=i * params.n + c.index, text=c.text, logprobs=logprobs,
+            index=i * params.n + c.index, text=echoed + text, logprobs=logprobs,
             finish_reason=c.finish_reason,  # type: ignore[arg-type]
-            stop_reason=c.stop_reason))
+            stop_reason=None if echo.scoring_only else c.stop_reason))
+    for k, (echoed, logprobs) in head.items():  # completions with no news in this delta
+        choices.append(CompletionChoice(index=i * params.n + k, text=echoed,
+                                        logprobs=logprobs))
     return choices
 
 
 async def _events(
     opened: list[tuple[StepDelta, AsyncIterator[StepDelta]]], params: SamplingParams,
     ctx: ServingContext, completion_id: str, model: str, tracker: RequestTracker,
-    include_usage: bool,
+    include_usage: bool, echo: Echo, prompts: list[Prompt], continuous_usage: bool = False,
 ) -> AsyncIterator[bytes]:
     tokenizer = ctx.client.tokenizer
     created = int(time.time())
@@ -169,14 +208,16 @@ async def _events(
     try:
         async for i, delta in outputs:
             tracker.on_delta(i, delta)
-            usage.add(delta)
+            usage.add(delta, count_completion=not echo.scoring_only)
             try:
-                choices = _stream_choices(i, delta, text_offsets, params, tokenizer)
+                choices = _stream_choices(i, delta, text_offsets, params, tokenizer, echo,
+                                          prompts[i])
             except Exception as err:  # a bug here is the server's, whatever its type
                 raise internal_error(err, ENDPOINT) from err
             if choices:
                 yield sse(CompletionStreamResponse(
-                    id=completion_id, created=created, model=model, choices=choices))
+                    id=completion_id, created=created, model=model, choices=choices,
+                    usage=usage.usage() if continuous_usage else None))
         if include_usage:
             yield sse(CompletionStreamResponse(id=completion_id, created=created, model=model,
                                                choices=[], usage=usage.usage()))

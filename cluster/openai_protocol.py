@@ -54,6 +54,12 @@ class _Request(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool = Field(
         default=False, description="Send one last chunk, with empty choices, carrying the usage.")
+    continuous_usage_stats: bool = Field(
+        default=False, description="vLLM: with include_usage, every chunk also carries the "
+        "usage so far.")
+
+    def usage_in_every_chunk(self) -> bool:
+        return self.include_usage and self.continuous_usage_stats
 
 
 # Cross-field rules (checked by each endpoint), for the schema: each an anyOf of the ways to
@@ -166,13 +172,14 @@ class CompletionRequest(_SamplingFields):
                       WithJsonSchema(_PROMPT_SCHEMA)] = Field(
         description="Text, a list of texts, token ids, or a list of token id lists.")
     max_tokens: Int | None = Field(
-        default=16, description="Most tokens to generate per completion.",
-        json_schema_extra={"minimum": 1})
+        default=16, description="Most tokens to generate per completion (0 with echo: score "
+        "the prompt, generate nothing).", json_schema_extra={"minimum": 0})
     logprobs: Int | None = Field(
         default=None, description="Also return the logprobs of this many most likely tokens.",
         json_schema_extra={"minimum": 0, "maximum": MAX_LOGPROBS})
-    echo: bool | None = Field(default=False, description="Unsupported: must be false.",
-                              json_schema_extra={"enum": [False, None]})
+    echo: bool | None = Field(
+        default=False, description="Return the prompt before the completion (and, with "
+        "logprobs, the prompt tokens' logprobs).")
     suffix: str | None = Field(default=None, description="Unsupported: must be unset.",
                                json_schema_extra={"maxLength": 0})
     best_of: Int | None = Field(default=None, description="Unsupported unless equal to n.",
@@ -183,13 +190,6 @@ class CompletionRequest(_SamplingFields):
     def _not_empty(cls, value: object) -> object:
         if isinstance(value, list) and (not value or any(v == [] for v in value)):
             raise ValueError("must not be empty")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("echo is not supported; leave it unset or false")
         return value
 
     @field_validator("suffix")

@@ -197,10 +197,11 @@ class UsageCounter:
     def __init__(self) -> None:
         self.prompt = self.completion = 0
 
-    def add(self, delta: StepDelta) -> None:
+    def add(self, delta: StepDelta, count_completion: bool = True) -> None:
         if delta.prompt_token_ids is not None:
             self.prompt += len(delta.prompt_token_ids)
-        self.completion += sum(len(c.token_ids) for c in delta.completions)
+        if count_completion:  # not when scoring a prompt (the one token is dropped)
+            self.completion += sum(len(c.token_ids) for c in delta.completions)
 
     def usage(self) -> UsageInfo:
         return UsageInfo(prompt_tokens=self.prompt, completion_tokens=self.completion,

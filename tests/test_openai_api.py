@@ -400,7 +400,7 @@ COMPLETION_ERRORS = [
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x", "top_k": -5}, "top_k"),
     ({"prompt": "x", "min_tokens": 9, "max_tokens": 2}, "min_tokens"),
-    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
     ({"prompt": "x", "no_such_field": 1}, "no_such_field"),

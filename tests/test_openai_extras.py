@@ -1,0 +1,78 @@
+"""vLLM's utility endpoints and streaming usage, over the real `openai` client and raw HTTP:
+/tokenize (prompt or chat messages), /detokenize, /version, and `stream_options`
+`continuous_usage_stats` (every chunk carries the usage so far)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from test_openai_api import MODEL, Server, make_engine_client
+
+import zayaserve
+from zayaserve.cluster.engine_client import LocalEngineClient
+from zayaserve.cluster.openai_api import build_openai_app
+
+
+@pytest.fixture(scope="module")
+def engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
+    b = make_engine_client(str(tiny_checkpoint))
+    yield b
+    b.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine_client: LocalEngineClient) -> Iterator[Server]:
+    s = Server(build_openai_app(engine_client))
+    yield s
+    s.stop()
+
+
+def test_tokenize_detokenize_version(server: Server, engine_client: LocalEngineClient) -> None:
+    tok = engine_client.tokenizer
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": "hello world",
+                                                    "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode("hello world") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == engine_client.max_model_len
+    assert "".join(body["token_strs"]) == tok.decode(body["tokens"], skip_special_tokens=False)
+    chat = [{"role": "user", "content": "hi <bos> there"}]
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": chat})
+    assert r.json()["tokens"] == tok.render_chat(chat)[1]  # content stays data here too
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": body["tokens"]})
+    assert r.status_code == 200 and r.json()["prompt"] == tok.decode(
+        body["tokens"], skip_special_tokens=False)
+    assert httpx.get(f"{server.url}/version").json() == {"version": zayaserve.__version__}
+    for path, bad, param in (("/tokenize", {}, "prompt"),
+                             ("/tokenize", {"prompt": "x", "messages": chat}, "prompt"),
+                             ("/detokenize", {"tokens": [10**9]}, "tokens"),
+                             ("/detokenize", {"tokens": "x"}, "tokens"),
+                             ("/tokenize", {"prompt": "x", "model": "other"}, "model")):
+        r = httpx.post(f"{server.url}{path}", json=bad)
+        assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats(server: Server, chat: bool) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    options: Any = {"include_usage": True, "continuous_usage_stats": True}
+    if chat:
+        stream: Any = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": [{"type": "text",
+                                                                  "text": "count"}]}],
+            max_completion_tokens=8, stream=True, stream_options=options,
+            extra_body={"ignore_eos": True})
+    else:
+        stream = client.completions.create(model=MODEL, prompt="count", max_tokens=8,
+                                           stream=True, stream_options=options,
+                                           extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert all(c.usage is not None for c in chunks)
+    completion = [c.usage.completion_tokens for c in chunks]
+    assert completion == sorted(completion) and completion[-1] == 8
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == (
+        chunks[-1].usage.prompt_tokens + 8)
