@@ -59,6 +59,9 @@ class ClusterConfig(BaseModel):
     api_key_file: str | None = Field(
         None, description="File of API keys, one per line (e.g. a mounted Kubernetes Secret); "
         "each key is a tenant with its own prefix-cache salt.")
+    strict_request_fields: bool = Field(
+        False, description="Refuse REST requests carrying fields the server does not know "
+        "(400 naming the field) instead of ignoring them with a logged warning (vLLM's way).")
     metrics_require_api_key: bool = Field(
         False, description="/metrics answers only requests with a valid API key.")
     grpc_tls_cert_file: str | None = Field(

@@ -1,7 +1,8 @@
 """The OpenAI-compatible REST front end over any `EngineClient`.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (bearer key when one is
-set), GET /health, GET /metrics. Every error, whoever raises it, leaves as OpenAI's error body
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
+POST /detokenize (bearer key when keys are set), GET /version, GET /health, GET /metrics.
+Every error, whoever raises it, leaves as OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -36,6 +37,7 @@ from zayaserve.cluster.openai_chat_protocol import (
 )
 from zayaserve.cluster.openai_completions import create_completion
 from zayaserve.cluster.openai_protocol import (
+    NOT_SUPPORTED,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
@@ -43,6 +45,7 @@ from zayaserve.cluster.openai_protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    unknown_fields,
 )
 from zayaserve.cluster.openapi_schema import (
     GENERATION_ERRORS,
@@ -104,8 +107,25 @@ def _validation_error(err: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"{param}: {message}" if param else message, param)
 
 
-async def _read_body(request: Request, limit: int, model: type[M]) -> M:
-    """The body as `model`, refusing anything over `limit` bytes before it is all read."""
+async def _read_body(request: Request, limit: int, model: type[M], strict: bool = False) -> M:
+    """The body as `model`, refusing anything over `limit` bytes before it is all read; fields
+    the model does not know are refused in strict mode, else logged and ignored."""
+    body = await _parse_body(request, limit, model)
+    extra = unknown_fields(body)
+    refused = [name for name in extra if name in NOT_SUPPORTED]
+    if refused:
+        raise InvalidRequestError(f"{refused[0]}: not supported by this server yet",
+                                  refused[0])
+    if extra and strict:
+        raise InvalidRequestError(f"{extra[0]}: unrecognized request argument", extra[0])
+    if extra:
+        names = ", ".join(name[:64] for name in extra[:10])
+        logger.warning("%s: ignored unknown request fields: %s%s", request.url.path, names,
+                       " ..." if len(extra) > 10 else "")
+    return body
+
+
+async def _parse_body(request: Request, limit: int, model: type[M]) -> M:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLargeError(f"request body of {declared} bytes exceeds {limit} bytes")
@@ -162,6 +182,7 @@ def build_openai_app(
     served_model_names: list[str] | None = None,
     metrics: MetricsCollector | None = None,
     max_prompts: int = 64,
+    strict_fields: bool = False,
 ) -> FastAPI:
     """The REST app. `served_model_names` are the ids clients may pass as `model` (default: the
     engine client's model name); `metrics` lets several front ends share one registry;
@@ -199,7 +220,7 @@ def build_openai_app(
                                           stream_chunk=CompletionStreamResponse))
     async def completions(request: Request) -> Response:
         tenant = authorize(request)
-        body = await _read_body(request, max_body_bytes, CompletionRequest)
+        body = await _read_body(request, max_body_bytes, CompletionRequest, strict_fields)
         return await create_completion(body, ctx, request, tenant)
 
     @app.post("/v1/chat/completions", openapi_extra=openapi_request_body(ChatCompletionRequest),
@@ -207,11 +228,12 @@ def build_openai_app(
                                           stream_chunk=ChatCompletionStreamResponse))
     async def chat_completions(request: Request) -> Response:
         tenant = authorize(request)
-        body = await _read_body(request, max_body_bytes, ChatCompletionRequest)
+        body = await _read_body(request, max_body_bytes, ChatCompletionRequest, strict_fields)
         return await create_chat_completion(body, ctx, request, tenant)
 
     add_utility_routes(app, ctx, authorize,
-                       lambda request, model: _read_body(request, max_body_bytes, model))
+                       lambda request, model: _read_body(request, max_body_bytes, model,
+                                                         strict_fields))
 
     @app.get("/v1/models", responses=openapi_responses(ModelList, errors=(401, 500)))
     async def models(request: Request) -> JSONResponse:

@@ -1,7 +1,7 @@
 """OpenAI's REST schema (completions, models, errors, and what chat shares with them), plus
-vLLM's sampling extras; chat's own models are in openai_chat_protocol.py. Requests forbid unknown
-fields, as OpenAI does: a field we would silently ignore is a field the client thinks is
-honoured."""
+vLLM's sampling extras; chat's own models are in openai_chat_protocol.py. Unknown request
+fields are ignored with a logged warning, as vLLM does (clients of the vLLM ecosystem send
+extras), or refused by name when the server runs with strict_request_fields."""
 
 from __future__ import annotations
 
@@ -47,8 +47,31 @@ _PROMPT_SCHEMA = {"anyOf": [
 
 class _Request(BaseModel):
     # Strict: a value of the wrong JSON type is refused, not coerced ("2" is no `n`, 0 is no
-    # `echo`), as the schema says and OpenAI does.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # `echo`), as the schema says and OpenAI does. Unknown fields are kept aside so the server
+    # can warn about them and ignore them (vLLM's behaviour), or refuse them in strict mode.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+# OpenAI/vLLM fields this server knows of and does not (yet) honour: ignoring one would give an
+# answer the client did not ask for, so each is a 400 naming it, strict mode or not.
+NOT_SUPPORTED = frozenset({
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+    "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+    "guided_grammar", "guided_decoding_backend", "audio", "modalities", "prediction",
+    "logits_processors", "lora_request"})
+
+
+def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Paths of the fields a request carried that no model declares, nested ones included."""
+    found = [f"{prefix}{name}" for name in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                where = f"{prefix}{name}[{i}]." if isinstance(value, list) else f"{prefix}{name}."
+                found += unknown_fields(item, where)
+    return found
 
 
 class StreamOptions(_Request):

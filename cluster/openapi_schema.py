@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from zayaserve.cluster.openai_protocol import ErrorResponse
+from zayaserve.cluster.openai_protocol import NOT_SUPPORTED, ErrorResponse
 
 # Every error a route can answer with, all as ErrorResponse.
 _ERRORS: dict[int, str] = {
@@ -66,11 +66,24 @@ def _sse_event_schema(chunk: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+def _refuse_unsupported(node: Any) -> Any:
+    """Objects that take extra properties (ignored by the server) still refuse the names of
+    features it does not honour: the schema says what a 400 is for."""
+    if isinstance(node, dict):
+        node = {k: _refuse_unsupported(v) for k, v in node.items()}
+        if node.get("additionalProperties") is True:
+            node["propertyNames"] = {"not": {"enum": sorted(NOT_SUPPORTED)}}
+        return node
+    if isinstance(node, list):
+        return [_refuse_unsupported(v) for v in node]
+    return node
+
+
 def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` declaring `model` as the route's required JSON body. The schema is
     inlined: pydantic's `#/$defs/...` references would not resolve inside an OpenAPI document."""
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": _inlined_schema(model, "validation")}}}}
+    schema = _refuse_unsupported(_inlined_schema(model, "validation"))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def openapi_responses(

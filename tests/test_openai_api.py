@@ -403,7 +403,6 @@ COMPLETION_ERRORS = [
     ({"prompt": "x", "echo": "yes"}, "echo"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
-    ({"prompt": "x", "no_such_field": 1}, "no_such_field"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": []}, "prompt"),

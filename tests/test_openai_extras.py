@@ -76,3 +76,28 @@ def test_continuous_usage_stats(server: Server, chat: bool) -> None:
     assert completion == sorted(completion) and completion[-1] == 8
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == (
         chunks[-1].usage.prompt_tokens + 8)
+
+
+def test_unknown_fields_are_ignored_with_a_warning_or_refused_when_strict(
+        server: Server, engine_client: LocalEngineClient,
+        caplog: pytest.LogCaptureFixture) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi", "x_note": 1}],
+            "max_completion_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True, "made_up_option": True},
+            "some_vendor_field": {"a": 1}}
+    with caplog.at_level("WARNING"):
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    warned = " ".join(rec.getMessage() for rec in caplog.records)
+    for name in ("some_vendor_field", "stream_options.made_up_option", "messages[0].x_note"):
+        assert name in warned
+    strict = Server(build_openai_app(engine_client, strict_fields=True))
+    try:
+        r = httpx.post(f"{strict.url}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "some_vendor_field"
+        r = httpx.post(f"{strict.url}/v1/completions",
+                       json={"prompt": "x", "stream": True,
+                             "stream_options": {"include_usage": True, "nope": 1}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.nope"
+    finally:
+        strict.stop()
