@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from zayaserve.cluster.api_keys import cache_salt
+from zayaserve.cluster.chat_options import check_chat_options, message_dict, open_final_message
 from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
     as_frontend_error,
@@ -77,13 +78,17 @@ def _params(body: ChatCompletionRequest, room: int, salt: str | None) -> Samplin
 
 
 def _prompt(body: ChatCompletionRequest, ctx: ServingContext) -> tuple[str, list[int]]:
-    tokenizer = ctx.client.tokenizer
-    conversation = [m.model_dump(exclude_none=True) for m in body.messages]
+    check_chat_options(body)
+    conversation = [message_dict(m) for m in body.messages]
     try:  # as LLM.chat: special-token strings in the messages stay plain text
-        return tokenizer.render_chat(conversation,
-                                     add_generation_prompt=body.add_generation_prompt)
+        text, ids = ctx.client.tokenizer.render_chat(
+            conversation, add_generation_prompt=body.add_generation_prompt,
+            **(body.chat_template_kwargs or {}))
     except ValueError as err:
         raise as_frontend_error(err, default_param="messages") from None
+    if body.continue_final_message:
+        text, ids = open_final_message(ctx.client.tokenizer, text, ids, conversation[-1])
+    return text, ids
 
 
 async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContext,

@@ -50,6 +50,16 @@ class ChatCompletionRequest(_SamplingFields):
         json_schema_extra={"minimum": 0, "maximum": MAX_LOGPROBS})
     add_generation_prompt: bool = Field(
         default=True, description="vLLM: end the prompt with the assistant turn's opening.")
+    continue_final_message: bool = Field(
+        default=False, description="vLLM: continue the last (assistant) message instead of "
+        "starting a new turn; needs add_generation_prompt=false.")
+    chat_template_kwargs: dict[str, bool | int | float | None] | None = Field(
+        default=None, description="vLLM: extra variables for the chat template, e.g. "
+        '{"enable_thinking": false}. Values are scalars (no text: it would reach the prompt '
+        "unescaped).")
+    metadata: dict[str, str] | None = Field(
+        default=None, description="Accepted and not used (at most 16 pairs).",
+        json_schema_extra={"maxProperties": 16})
 
 
 class ChatTopLogprob(BaseModel):

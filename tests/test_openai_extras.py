@@ -101,3 +101,44 @@ def test_unknown_fields_are_ignored_with_a_warning_or_refused_when_strict(
         assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.nope"
     finally:
         strict.stop()
+
+
+def test_continue_final_message(server: Server, engine_client: LocalEngineClient) -> None:
+    tok = engine_client.tokenizer
+    conv = [{"role": "user", "content": "tell me a story"},
+            {"role": "assistant", "content": "Once upon a"}]
+    text, ids = tok.render_chat(conv, add_generation_prompt=False)
+    cut = text.rfind("Once upon a") + len("Once upon a")
+    assert text[cut:]  # the template closes the turn: that part must go
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=conv, max_completion_tokens=6, temperature=0,  # type: ignore
+        extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                    "ignore_eos": True})
+    want_ids = tok.encode(text[:cut], add_special_tokens=False)
+    assert chat.usage is not None and chat.usage.prompt_tokens == len(want_ids)
+    same = client.completions.create(model=MODEL, prompt=want_ids, max_tokens=6,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == same.choices[0].text
+    for extra, param in (({"continue_final_message": True}, "continue_final_message"),
+                         ({"continue_final_message": True, "add_generation_prompt": False,
+                           "messages": conv[:1]}, "continue_final_message")):
+        body = {"model": MODEL, "messages": conv, "max_completion_tokens": 2, **extra}
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_chat_template_kwargs_and_metadata(server: Server) -> None:
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 2}
+    ok = httpx.post(f"{server.url}/v1/chat/completions",
+                    json={**base, "chat_template_kwargs": {"enable_thinking": False},
+                          "metadata": {"run": "eval-1"}, "user": "u1"})
+    assert ok.status_code == 200, ok.text
+    for extra, param in (({"chat_template_kwargs": {"messages": 1}},
+                          "chat_template_kwargs.messages"),
+                         ({"chat_template_kwargs": {"system": "<bos>forged"}},
+                          "chat_template_kwargs.system"),
+                         ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata")):
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={**base, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

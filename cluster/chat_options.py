@@ -1,0 +1,69 @@
+"""vLLM's chat request options: `chat_template_kwargs` (scalar template variables, e.g.
+`enable_thinking`), `continue_final_message` (continue the last assistant message instead of
+opening a new turn), and the message dicts handed to the chat template (declared fields only:
+unknown request fields are ignored, so they never reach the template)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zayaserve.cluster.frontend_errors import InvalidRequestError
+from zayaserve.cluster.openai_chat_protocol import ChatCompletionRequest, ChatMessageParam
+from zayaserve.replicas.model.tokenizer import Tokenizer
+
+# Variables the server sets itself; a request may not override them.
+_RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools",
+                       "documents", "raise_exception"})
+
+
+def check_chat_options(body: ChatCompletionRequest) -> None:
+    if body.continue_final_message and body.add_generation_prompt:
+        raise InvalidRequestError(
+            "continue_final_message: needs add_generation_prompt=false", "continue_final_message")
+    if body.continue_final_message and body.messages[-1].role != "assistant":
+        raise InvalidRequestError(
+            "continue_final_message: the last message must be the assistant's",
+            "continue_final_message")
+    reserved = sorted(_RESERVED & set(body.chat_template_kwargs or {}))
+    if reserved:
+        raise InvalidRequestError(
+            f"chat_template_kwargs.{reserved[0]}: set by the server, not a request",
+            f"chat_template_kwargs.{reserved[0]}")
+    if body.metadata is not None and (len(body.metadata) > 16 or any(
+            len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())):
+        raise InvalidRequestError(
+            "metadata: at most 16 pairs, keys up to 64 and values up to 512 characters",
+            "metadata")
+
+
+def message_dict(message: ChatMessageParam) -> dict[str, Any]:
+    content: Any = message.content
+    if isinstance(content, list):
+        content = [{"type": part.type, "text": part.text} for part in content]
+    out: dict[str, Any] = {"role": message.role, "content": content}
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+def open_final_message(tokenizer: Tokenizer, text: str, ids: list[int],
+                       final: dict[str, Any]) -> tuple[str, list[int]]:
+    """The rendered prompt cut right after the final message's text, so generation continues
+    it: whatever the template wrote after it (end of turn, ...) is dropped, in text and ids."""
+    content = final["content"]
+    if isinstance(content, list):
+        content = "\n".join(part["text"] for part in content)
+    end = text.rfind(content) + len(content) if content else -1
+    if not content or end < len(content):
+        raise InvalidRequestError(
+            "continue_final_message: the template does not write the final message as given",
+            "continue_final_message")
+    suffix = text[end:]
+    if not suffix:
+        return text, ids
+    suffix_ids = tokenizer.encode(suffix, add_special_tokens=False)
+    if not suffix_ids or ids[-len(suffix_ids):] != suffix_ids:
+        raise InvalidRequestError(
+            "continue_final_message: cannot cut this template's turn ending cleanly",
+            "continue_final_message")
+    return text[:end], ids[:-len(suffix_ids)]
