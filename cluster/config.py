@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -59,6 +59,9 @@ class ClusterConfig(BaseModel):
     api_key_file: str | None = Field(
         None, description="File of API keys, one per line (e.g. a mounted Kubernetes Secret); "
         "each key is a tenant with its own prefix-cache salt.")
+    reasoning_parser: Literal["think"] | None = Field(
+        None, description="think: chat answers move <think>...</think> to reasoning_content "
+        "(ZAYA1 and Qwen3-style templates).")
     strict_request_fields: bool = Field(
         False, description="Refuse REST requests carrying fields the server does not know "
         "(400 naming the field) instead of ignoring them with a logged warning (vLLM's way).")

@@ -56,6 +56,7 @@ class Ingress:
         return build_openai_app(self.client, api_keys=self.api_keys,
                                 metrics_need_key=self.config.metrics_require_api_key,
                                 strict_fields=self.config.strict_request_fields,
+                                reasoning_parser=self.config.reasoning_parser,
                                 served_model_names=[self.config.model_name],
                                 metrics=self.metrics,
                                 max_prompts=self.config.engine.limits.max_prompts_per_request)

@@ -183,13 +183,14 @@ def build_openai_app(
     metrics: MetricsCollector | None = None,
     max_prompts: int = 64,
     strict_fields: bool = False,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """The REST app. `served_model_names` are the ids clients may pass as `model` (default: the
     engine client's model name); `metrics` lets several front ends share one registry;
     `max_prompts` bounds the prompts of one completions request."""
     names = list(served_model_names or [client.model_name])
     metrics = metrics or MetricsCollector()
-    ctx = ServingContext(client, names, metrics, max_prompts)
+    ctx = ServingContext(client, names, metrics, max_prompts, reasoning_parser)
     app = FastAPI(title="zayaserve", description="OpenAI-compatible API for ZAYA1 models")
     app.state.serving = ctx
     app.add_middleware(_CountRequests, metrics=metrics)

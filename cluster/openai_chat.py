@@ -32,6 +32,7 @@ from zayaserve.cluster.openai_chat_protocol import (
     ChatStreamChoice,
     DeltaMessage,
 )
+from zayaserve.cluster.reasoning import ReasoningMode, ThinkParser
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
@@ -101,6 +102,7 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
     check_context_length(ctx.client, len(ids), params.max_tokens, "messages",
                          _max_tokens_field(body))
     chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+    mode = ReasoningMode.of(ctx.reasoning_parser, body.include_reasoning, text)
     requests = [(chat_id, ids, text)]
     tracker = ctx.metrics.track(ENDPOINT)
     renames = {"prompt": "messages", "prompt_token_ids": "messages"}
@@ -111,7 +113,7 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
             options = body.stream_options
             events = _events(opened, params, ctx, chat_id, model, tracker,
                              bool(options and options.include_usage),
-                             bool(options and options.usage_in_every_chunk()))
+                             bool(options and options.usage_in_every_chunk()), mode)
             return ClosingStreamingResponse(
                 events, cleanup=stream_closer(opened, tracker), media_type="text/event-stream")
         final = await unless_disconnected(
@@ -123,7 +125,7 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
     if final is None:
         return Response(status_code=499)  # the client left; nobody reads this
     tracker.on_prompt(len(ids))
-    return JSONResponse(_response(final[0], params, ctx, chat_id, model).model_dump())
+    return JSONResponse(_response(final[0], params, ctx, chat_id, model, mode).model_dump())
 
 
 def _logprobs(params: SamplingParams, ctx: ServingContext, token_ids: list[int],
@@ -134,35 +136,50 @@ def _logprobs(params: SamplingParams, ctx: ServingContext, token_ids: list[int],
 
 
 def _response(out: RequestOutput, params: SamplingParams, ctx: ServingContext, chat_id: str,
-              model: str) -> ChatCompletionResponse:
-    choices = [
-        ChatChoice(index=c.index, message=ChatMessage(content=c.text),
-                   logprobs=_logprobs(params, ctx, c.token_ids, c.logprobs),
-                   finish_reason=c.finish_reason,  # type: ignore[arg-type]
-                   stop_reason=c.stop_reason)
-        for c in out.outputs]
+              model: str, mode: ReasoningMode) -> ChatCompletionResponse:
+    choices = []
+    for c in out.outputs:
+        reasoning, content = mode.split(c.text)
+        choices.append(ChatChoice(
+            index=c.index, message=ChatMessage(content=content, reasoning_content=reasoning),
+            logprobs=_logprobs(params, ctx, c.token_ids, c.logprobs),
+            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+            stop_reason=c.stop_reason))
     return ChatCompletionResponse(id=chat_id, model=model, choices=choices,
                                   usage=usage_of([out]))
 
 
-def _stream_choices(delta: StepDelta, params: SamplingParams, ctx: ServingContext
+def _stream_choices(delta: StepDelta, params: SamplingParams, ctx: ServingContext,
+                    mode: ReasoningMode, parsers: dict[int, ThinkParser]
                     ) -> list[ChatStreamChoice]:
     """One entry per choice with news in this delta."""
-    return [ChatStreamChoice(
-        index=c.index, delta=DeltaMessage(content=c.text),
-        logprobs=_logprobs(params, ctx, list(c.token_ids),
-                           list(c.logprobs) if c.logprobs is not None else None),
-        finish_reason=c.finish_reason,  # type: ignore[arg-type]
-        stop_reason=c.stop_reason)
-        for c in delta.completions if c.text or c.token_ids or c.finish_reason]
+    choices = []
+    for c in delta.completions:
+        if not (c.text or c.token_ids or c.finish_reason):
+            continue
+        reasoning, content = None, c.text
+        if mode.enabled:
+            parser = parsers.setdefault(c.index, mode.stream())
+            thought, said = parser.feed(c.text, final=c.finish_reason is not None)
+            reasoning = (thought or None) if mode.include else None
+            content = said
+        choices.append(ChatStreamChoice(
+            index=c.index, delta=DeltaMessage(content=content, reasoning_content=reasoning),
+            logprobs=_logprobs(params, ctx, list(c.token_ids),
+                               list(c.logprobs) if c.logprobs is not None else None),
+            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+            stop_reason=c.stop_reason))
+    return choices
 
 
 async def _events(
     opened: list[tuple[StepDelta, AsyncIterator[StepDelta]]], params: SamplingParams,
     ctx: ServingContext, chat_id: str, model: str, tracker: RequestTracker, include_usage: bool,
-    continuous_usage: bool = False,
+    continuous_usage: bool = False, mode: ReasoningMode | None = None,
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
+    mode = mode or ReasoningMode()
+    parsers: dict[int, ThinkParser] = {}
 
     def chunk(choices: list[ChatStreamChoice]) -> bytes:
         return sse(ChatCompletionStreamResponse(
@@ -179,7 +196,7 @@ async def _events(
             tracker.on_delta(0, delta)
             usage.add(delta)
             try:
-                choices = _stream_choices(delta, params, ctx)
+                choices = _stream_choices(delta, params, ctx, mode, parsers)
             except Exception as err:  # a bug here is the server's, whatever its type
                 raise internal_error(err, ENDPOINT) from err
             if choices:

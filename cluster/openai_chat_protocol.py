@@ -57,6 +57,9 @@ class ChatCompletionRequest(_SamplingFields):
         default=None, description="vLLM: extra variables for the chat template, e.g. "
         '{"enable_thinking": false}. Values are scalars (no text: it would reach the prompt '
         "unescaped).")
+    include_reasoning: bool = Field(
+        default=True, description="vLLM: with a reasoning parser, return the thinking as "
+        "reasoning_content (false: drop it).")
     metadata: dict[str, str] | None = Field(
         default=None, description="Accepted and not used (at most 16 pairs).",
         json_schema_extra={"maxProperties": 16})
@@ -79,6 +82,8 @@ class ChatLogprobs(BaseModel):
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = Field(
+        default=None, description="The model's thinking (server run with a reasoning parser).")
 
 
 class ChatChoice(BaseModel):
@@ -103,6 +108,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatStreamChoice(BaseModel):

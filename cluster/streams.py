@@ -43,6 +43,7 @@ class ServingContext:
     served_model_names: list[str]
     metrics: MetricsCollector
     max_prompts: int = 64  # prompts in one completions request
+    reasoning_parser: str | None = None  # "think": <think>...</think> -> reasoning_content
 
 
 # ---- engine streams ------------------------------------------------------------------------
