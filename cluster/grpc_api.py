@@ -46,7 +46,8 @@ _STATUS_OF_HTTP = {
 }
 _OPTIONAL_SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "seed", "ignore_eos", "max_tokens", "min_tokens",
-    "logprobs", "skip_special_tokens", "include_stop_str_in_output")
+    "logprobs", "skip_special_tokens", "include_stop_str_in_output", "min_p",
+    "repetition_penalty", "presence_penalty", "frequency_penalty")
 # SamplingParams names its fields bare; here they live under `sampling`.
 _RENAMES = {name: f"sampling.{name}" for name in SamplingParams.__dataclass_fields__}
 

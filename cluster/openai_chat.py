@@ -74,7 +74,10 @@ def _params(body: ChatCompletionRequest, room: int, salt: str | None) -> Samplin
         max_tokens=max_tokens if max_tokens is not None else room,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt),
+        include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty),
         renames={"logprobs": "top_logprobs", "max_tokens": _max_tokens_field(body)})
 
 

@@ -90,7 +90,10 @@ def _params(body: CompletionRequest, salt: str | None, echo: Echo) -> SamplingPa
         seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos, max_tokens=body.max_tokens, min_tokens=body.min_tokens,
         logprobs=body.logprobs, skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt)
+        include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty)
     return build_sampling_params({**fields, **echo.engine_fields(body)})
 
 

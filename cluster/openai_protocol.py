@@ -128,10 +128,12 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = Field(
         default=None, description="Streaming options; only with stream=true.")
     user: str | None = Field(default=None, description="End-user id (accepted, not used).")
-    frequency_penalty: float | None = Field(default=None, description="Unsupported unless 0.",
-                                            json_schema_extra={"minimum": 0, "maximum": 0})
-    presence_penalty: float | None = Field(default=None, description="Unsupported unless 0.",
-                                           json_schema_extra={"minimum": 0, "maximum": 0})
+    frequency_penalty: float | None = Field(
+        default=None, description="Lower the logit of each generated token by this times its "
+        "count so far.", json_schema_extra={"minimum": -2, "maximum": 2})
+    presence_penalty: float | None = Field(
+        default=None, description="Lower the logit of every token generated so far by this.",
+        json_schema_extra={"minimum": -2, "maximum": 2})
     logit_bias: dict[str, float] | None = Field(
         default=None, description="Unsupported unless empty.",
         json_schema_extra={"maxProperties": 0})
@@ -142,6 +144,12 @@ class _SamplingFields(_Request):
     min_tokens: Int | None = Field(
         default=None, description="vLLM: tokens to generate before EOS or stop tokens may end it.",
         json_schema_extra={"minimum": 0})
+    min_p: float | None = Field(
+        default=None, description="vLLM: drop tokens below min_p x the most likely one's "
+        "probability.", json_schema_extra={"minimum": 0, "maximum": 1})
+    repetition_penalty: float | None = Field(
+        default=None, description="vLLM: > 1 discourages tokens of the prompt and the output.",
+        json_schema_extra={"exclusiveMinimum": 0})
     ignore_eos: bool | None = Field(default=None, description="vLLM: keep going past EOS.")
     stop_token_ids: list[TokenId] | None = Field(
         default=None, description="vLLM: token ids that end a completion.")
@@ -149,13 +157,6 @@ class _SamplingFields(_Request):
         default=None, description="vLLM: leave special tokens out of the text (default true).")
     include_stop_str_in_output: bool | None = Field(
         default=None, description="vLLM: keep the matched stop string in the text.")
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("penalties are not supported; leave it unset or 0")
-        return value
 
     @field_validator("logit_bias")
     @classmethod

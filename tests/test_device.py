@@ -93,12 +93,16 @@ def test_everything_the_engine_holds_is_on_its_device(tiny_checkpoint: Path) -> 
 
 def test_a_step_creates_no_tensor_without_a_device(engine: LLMEngine) -> None:
     """Prefill, decode, n > 1 forks, prefix-cache hits, seeds, logprobs, prompt logprobs,
-    penalties of min_tokens, stop strings: every factory call in them names its device."""
+    penalties of min_tokens, stop strings, min_p and the repetition/presence/frequency
+    penalties: every factory call in them names its device."""
     params = [
         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
         SamplingParams(temperature=0.8, top_p=0.9, top_k=5, seed=3, n=3, max_tokens=5,
                        logprobs=2, prompt_logprobs=1),
         SamplingParams(temperature=1.0, min_tokens=3, max_tokens=4, stop=["zz"], seed=1),
+        SamplingParams(temperature=0.9, min_p=0.1, repetition_penalty=1.3, seed=2, n=2,
+                       presence_penalty=0.5, frequency_penalty=0.5, max_tokens=5),
+        SamplingParams(temperature=0, frequency_penalty=1.0, min_tokens=2, max_tokens=4),
     ]
     prompt = list(range(5, 45))  # long enough to fill and reuse prefix blocks
     guard = FactoryGuard()

@@ -142,3 +142,24 @@ def test_chat_template_kwargs_and_metadata(server: Server) -> None:
                          ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata")):
         r = httpx.post(f"{server.url}/v1/chat/completions", json={**base, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_penalties_and_min_p_reach_the_engine(server: Server, tiny_checkpoint: Any) -> None:
+    from test_openai_api import ENGINE_KW
+
+    from zayaserve import LLM, SamplingParams
+
+    fields = {"repetition_penalty": 2.0, "frequency_penalty": 0.5, "presence_penalty": 0.3,
+              "min_p": 0.05}
+    prompt = [5, 60, 7, 300, 9, 60, 7]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    served = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                       temperature=0, extra_body={**fields, "ignore_eos": True})
+    llm = LLM(str(tiny_checkpoint), **ENGINE_KW)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, **fields)
+    offline = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0]
+    plain = llm.generate([{"prompt_token_ids": prompt}],
+                         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert served.choices[0].text == offline.text
+    assert offline.token_ids != plain[0].outputs[0].token_ids  # the penalties did something
+    assert len(set(offline.token_ids)) == len(offline.token_ids)  # nothing repeats

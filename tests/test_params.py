@@ -6,6 +6,7 @@ import pytest
 
 from zayaserve.replicas.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from zayaserve.replicas.engine.params import MAX_LOGPROBS, SamplingParams
+from zayaserve.replicas.validation_errors import ParamError
 
 
 def test_defaults_match_vllm() -> None:
@@ -16,6 +17,9 @@ def test_defaults_match_vllm() -> None:
     assert p.logprobs is None and p.prompt_logprobs is None
     assert not p.ignore_eos and p.skip_special_tokens and not p.include_stop_str_in_output
     assert not p.greedy
+    assert p.min_p == 0.0 and p.repetition_penalty == 1.0
+    assert p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+    assert not p.has_penalties
 
 
 @pytest.mark.parametrize(
@@ -63,6 +67,30 @@ def test_defaults_match_vllm() -> None:
         ("ignore_eos", "yes"),
         ("skip_special_tokens", 1),
         ("include_stop_str_in_output", None),
+        ("min_p", -0.01),
+        ("min_p", 1.01),
+        ("min_p", float("nan")),
+        ("min_p", float("inf")),
+        ("min_p", "0.1"),
+        ("min_p", None),
+        ("min_p", True),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("repetition_penalty", float("nan")),
+        ("repetition_penalty", float("inf")),
+        ("repetition_penalty", "1.2"),
+        ("repetition_penalty", None),
+        ("presence_penalty", 2.01),
+        ("presence_penalty", -2.01),
+        ("presence_penalty", float("nan")),
+        ("presence_penalty", float("-inf")),
+        ("presence_penalty", "0.5"),
+        ("presence_penalty", [0.5]),
+        ("frequency_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("frequency_penalty", float("nan")),
+        ("frequency_penalty", False),
+        ("frequency_penalty", None),
     ],
 )
 def test_validation_error_names_field(field: str, value: Any) -> None:
@@ -75,6 +103,28 @@ def test_error_message_shows_bad_value() -> None:
         SamplingParams(temperature=-1.0)
     with pytest.raises(ValueError, match=rf"logprobs must be <= {MAX_LOGPROBS}, got 21"):
         SamplingParams(logprobs=21)
+
+
+def test_sampling_extras_ranges_and_normalisation() -> None:
+    p = SamplingParams(min_p=1, repetition_penalty=2, presence_penalty=-2, frequency_penalty=2)
+    assert (p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (
+        1.0, 2.0, -2.0, 2.0)
+    assert all(isinstance(v, float) for v in (p.min_p, p.repetition_penalty,
+                                              p.presence_penalty, p.frequency_penalty))
+    assert p.has_penalties
+    assert SamplingParams(repetition_penalty=1e-3).has_penalties
+    assert SamplingParams(presence_penalty=0.1).has_penalties
+    assert not SamplingParams(min_p=0.5).has_penalties  # min_p is a filter, not a penalty
+    with pytest.raises(ValueError, match=r"min_p must be in \[0, 1\], got 1.5"):
+        SamplingParams(min_p=1.5)
+    with pytest.raises(ValueError, match=r"frequency_penalty must be in \[-2, 2\], got 2.5"):
+        SamplingParams(frequency_penalty=2.5)
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        SamplingParams(repetition_penalty=0)
+    for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        with pytest.raises(ParamError) as err:
+            SamplingParams(**{name: float("nan")})
+        assert err.value.param == name
 
 
 def test_min_tokens_bounded_by_max_tokens() -> None:

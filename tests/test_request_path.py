@@ -48,11 +48,13 @@ RAY_SIDE = ["router/request_router.py", "replicas/attention_worker.py", "replica
 # Data, validation, model maths and kernels: called on the path, deciding nothing about it.
 SUPPORT = {
     "cluster/api_keys.py", "cluster/frontend_errors.py", "cluster/logprob_format.py",
-    "cluster/metrics.py", "replicas/model/chat_template.py",
+    "cluster/metrics.py", "cluster/chat_options.py", "cluster/reasoning.py",
+    "replicas/model/chat_template.py",
     "cluster/openai_protocol.py", "cluster/openai_chat_protocol.py",
     "replicas/engine/params.py", "replicas/engine/request_limits.py",
     "replicas/engine/sequence.py", "replicas/engine/block_pool.py",
-    "replicas/engine/outputs.py", "replicas/kv_tiers/hashing.py", "replicas/model/batch.py",
+    "replicas/engine/outputs.py", "replicas/engine/penalties.py",
+    "replicas/kv_tiers/hashing.py", "replicas/model/batch.py",
     "replicas/model/cca.py", "replicas/model/config.py", "replicas/model/gate.py",
     "replicas/model/kv_cache.py", "replicas/model/layers.py", "replicas/model/tokenizer.py",
     "router/placement.py", "router/router_stats.py", "router/shard_channels.py",

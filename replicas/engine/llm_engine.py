@@ -284,6 +284,9 @@ class LLMEngine:
         for seq, row in plan.samples:
             p = seq.params
             banned = banned_tokens(seq, self.eos_ids)
+            # Token ids only for the penalties that read them (a reference, then a slice).
+            prompt_ids = seq.request.prompt_token_ids if p.repetition_penalty != 1.0 else ()
+            output_ids = seq.output_token_ids if p.has_penalties else ()
             for child in range(-1, seq.forks_pending + 1):
                 if child == 0:
                     continue  # index 0 is the sequence itself (child -1)
@@ -291,8 +294,11 @@ class LLMEngine:
                 if child > 0:
                     seed = p.child_seed(child)
                     gen = self._generator(seed) if seed is not None else self.generator
-                rows.append(SamplingRow(p.temperature, p.top_k, p.top_p, gen, p.logprobs,
-                                        banned))
+                rows.append(SamplingRow(
+                    p.temperature, p.top_k, p.top_p, gen, p.logprobs, banned, min_p=p.min_p,
+                    repetition_penalty=p.repetition_penalty,
+                    presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                    prompt_token_ids=prompt_ids, output_token_ids=output_ids))
                 targets.append((seq, child))
                 row_ids.append(row)
         sampled = sample(logits[row_ids], rows) if rows else []

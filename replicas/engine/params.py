@@ -82,6 +82,15 @@ class SamplingParams:
     # Prefix-cache salt (vLLM's `cache_salt`): cached blocks are shared only among requests
     # with the same salt. The front ends combine it with the caller's API-key salt.
     cache_salt: str | None = None
+    # vLLM's sampling extras, last so that positional construction keeps its meaning.
+    # min_p (0 = off): drop tokens less likely than min_p times the most likely one.
+    min_p: float = 0.0
+    # Penalties as vLLM applies them, to the raw logits: repetition_penalty (HF/CTRL style,
+    # 1.0 = off) covers every token of the prompt and of the output so far; presence and
+    # frequency (OpenAI style, 0 = off) only the generated tokens.
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         self.n = _as_int("n", self.n)
@@ -103,6 +112,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
 
+        self._check_extras()
+
         self.seed = _as_optional_int("seed", self.seed)
         if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
             raise ParamError("seed", f"seed must fit in 64 bits, got {self.seed}")
@@ -119,6 +130,20 @@ class SamplingParams:
             value = getattr(self, flag)
             if not isinstance(value, bool):
                 raise ParamError(flag, f"{flag} must be a bool, got {value!r}")
+
+    def _check_extras(self) -> None:
+        self.min_p = _as_float("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ParamError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        self.repetition_penalty = _as_float("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0.0:
+            raise ParamError("repetition_penalty",
+                             f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _as_float(name, getattr(self, name))
+            if not -2.0 <= value <= 2.0:
+                raise ParamError(name, f"{name} must be in [-2, 2], got {value}")
+            setattr(self, name, value)
 
     def _check_lengths(self) -> None:
         self.max_tokens = _as_optional_int("max_tokens", self.max_tokens)
@@ -159,6 +184,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when sampling reduces to argmax (temperature ~0 or top_k == 1)."""
         return self.temperature < SAMPLING_EPS or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when any of the repetition/presence/frequency penalties is on."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
     def child_seed(self, index: int) -> int | None:
         """Seed for the ``index``-th of the ``n`` completions, or None when unseeded.

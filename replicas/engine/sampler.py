@@ -1,8 +1,10 @@
 """Batched next-token sampling for one engine step.
 
-Each row of the logits matrix is an independent sequence with its own parameters. Logprobs
-follow vLLM v1's default "raw" mode: they are the log-softmax of the model's logits before
-temperature, banning and top-k/top-p, so they describe the model rather than the sampler.
+Each row of the logits matrix is an independent sequence with its own parameters, applied in
+vLLM v1's order: bans, then penalties (on the raw logits; greedy rows take the argmax here),
+then temperature, min-p, top-k and top-p. Logprobs follow vLLM v1's default "raw" mode: they are
+the log-softmax of the model's logits before temperature, banning, penalties, min-p and
+top-k/top-p, so they describe the model rather than the sampler.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.engine.params import SAMPLING_EPS
+from zayaserve.replicas.engine.penalties import apply_min_p, apply_penalties
 
 # Rows per chunk are chosen so that one [rows, V] float32 temporary stays around 64 MiB; a few
 # hundred rows times a 262k vocabulary would otherwise need several GiB of scratch (sorting for
@@ -32,6 +35,10 @@ class SamplingRow:
     ``generator`` should live on the same device as the logits (a mismatch works but copies
     the row to the generator's device). Seeded requests pass their own generator so their
     draws do not depend on which other rows share the batch.
+
+    The token ids are read only by the penalties: ``prompt_token_ids`` by a repetition
+    penalty, ``output_token_ids`` (generated so far) by all three; rows without penalties may
+    leave them empty.
     """
 
     temperature: float
@@ -40,12 +47,22 @@ class SamplingRow:
     generator: torch.Generator
     num_logprobs: int | None  # None: no logprobs for this row
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS/stop ids while below min_tokens
+    min_p: float = 0.0  # 0.0 means off
+    repetition_penalty: float = 1.0  # 1.0 means off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
 
     def __post_init__(self) -> None:
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_logprobs is not None and self.num_logprobs < 0:
             raise ValueError(f"num_logprobs must be >= 0 or None, got {self.num_logprobs}")
 
@@ -116,11 +133,14 @@ def _nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Temperature, then top-k, then top-p; returns unnormalised probs with cut tokens at 0."""
+    """Temperature, then min-p and top-k, then top-p; returns unnormalised probs with cut
+    tokens at 0. (min-p and top-k are both cuts of the tempered logits, so they commute;
+    top-p then works on what they leave, renormalised, as in vLLM v1.)"""
     device = logits.device
     temps = torch.tensor([r.temperature for r in rows], dtype=logits.dtype, device=device)
     scaled = logits / temps.unsqueeze(1)
     vocab = scaled.shape[1]
+    apply_min_p(scaled, [r.min_p for r in rows])
 
     ks = [min(r.top_k, vocab) if r.top_k > 0 else 0 for r in rows]
     if any(ks):
@@ -226,6 +246,8 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledTok
         return []
     logits = logits.float()
     work = _apply_bans(logits, rows)
+    # Penalise in place only when banning already made a copy: `logits` stays raw for logprobs.
+    work = apply_penalties(work, rows, inplace=work is not logits)
     chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
 
     greedy = [i for i, r in enumerate(rows) if r.is_greedy]
