@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from cluster_harness import MAX_TOKENS as CLUSTER_MAX_TOKENS
@@ -18,6 +19,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     from zayaserve.replicas.devtools.random_checkpoint import init_checkpoint
 
     return init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine_client(tiny_checkpoint: Any) -> Iterator[Any]:
+    """A LocalEngineClient on the tiny checkpoint (the front ends' tests), one per module."""
+    from test_openai_api import make_engine_client
+
+    client = make_engine_client(str(tiny_checkpoint))
+    yield client
+    client.engine.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from test_openai_api import MODEL, Server, free_port, make_engine_client, wait_idle
+from test_openai_api import MODEL, Server, free_port, wait_idle
 
 from zayaserve.cluster.api_keys import ApiKeys, cache_salt, load_api_keys
 from zayaserve.cluster.engine_client import LocalEngineClient
@@ -56,13 +56,6 @@ def test_tenants_and_salts() -> None:
     salts = {cache_salt(a, None), cache_salt(b, None), cache_salt(a, "x"), cache_salt(None, "x")}
     assert len(salts) == 4  # a tenant cannot choose a salt that lands in another's space
     assert cache_salt(a, "x") == cache_salt(a, "x")
-
-
-@pytest.fixture(scope="module")
-def engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
-    b = make_engine_client(str(tiny_checkpoint))
-    yield b
-    b.engine.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from test_openai_api import free_port, make_engine_client
+from test_openai_api import free_port
 
 from zayaserve.cluster.engine_client import LocalEngineClient
 from zayaserve.cluster.grpc_api import start_grpc_server
@@ -44,13 +42,6 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_file, key_file
-
-
-@pytest.fixture(scope="module")
-def engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
-    b = make_engine_client(str(tiny_checkpoint))
-    yield b
-    b.engine.shutdown()
 
 
 def test_tls_only(engine_client: LocalEngineClient, tmp_path: Path) -> None:

@@ -87,13 +87,6 @@ def llm(tiny_checkpoint: Any) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
-    b = make_engine_client(str(tiny_checkpoint))
-    yield b
-    b.engine.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server(engine_client: LocalEngineClient) -> Iterator[Server]:
     s = Server(build_openai_app(engine_client))
     yield s

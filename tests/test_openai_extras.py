@@ -10,18 +10,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from test_openai_api import MODEL, Server, make_engine_client
+from test_openai_api import MODEL, Server
 
 import zayaserve
 from zayaserve.cluster.engine_client import LocalEngineClient
 from zayaserve.cluster.openai_api import build_openai_app
-
-
-@pytest.fixture(scope="module")
-def engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
-    b = make_engine_client(str(tiny_checkpoint))
-    yield b
-    b.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
