@@ -34,7 +34,7 @@ from zayaserve.replicas.kv_tiers.hashing import (
     BlockHasher,
     cache_namespace,
     model_fingerprint,
-    weights_identity,
+    weights_identity_of,
 )
 from zayaserve.replicas.kv_tiers.remote_tier import RemoteTier, cache_secret
 from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
@@ -94,7 +94,7 @@ class LLMEngine:
         # encoding, so no two models or layouts can ever share an entry.
         self.fingerprint = model_fingerprint(
             {**mc.model_dump(mode="json"), "cache_dtype": str(self.model.dtype)},
-            self._weights_identity())
+            weights_identity_of(config.model, device))
         self.cache_namespace = cache_namespace(self.fingerprint, bs, config.kv_cache_encoding)
         self.remote = self._remote_tier() if config.kv_cache_redis_url else None
         self.scheduler.kv.remote = self.remote
@@ -107,14 +107,6 @@ class LLMEngine:
         self.last_step_request_ids: set[str] | None = set()
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
-
-    def _weights_identity(self) -> str:
-        model = self.config.model
-        if model.startswith("random:"):
-            from zayaserve.replicas.devtools.random_weights import RandomWeights
-
-            return RandomWeights(model, self.device).identity()
-        return weights_identity(Path(model))
 
     def _decode_graphs(self, backend: GraphBackend | None = None) -> DecodeGraphs | None:
         """Graphs for decode steps: on a GPU unless enforce_eager (or with a given backend)."""

@@ -271,3 +271,12 @@ def _save_results(updates: dict[str, dict[str, Any]]) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def weights_identity_of(model: str, device: Any) -> str:
+    """`weights_identity` of a checkpoint folder, or of `random:` weights made on `device`."""
+    if model.startswith("random:"):
+        from zayaserve.replicas.devtools.random_weights import RandomWeights
+
+        return RandomWeights(model, device).identity()
+    return weights_identity(Path(model))
