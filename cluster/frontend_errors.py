@@ -174,3 +174,10 @@ def check_token_ids(client: EngineClient, ids: Sequence[int], field: str) -> Non
     if bad:
         raise InvalidRequestError(
             f"{field}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})", field)
+
+
+def check_prompt_logprobs(body: Any) -> None:
+    """vLLM's prompt_logprobs comes back whole, in the final answer only."""
+    if body.prompt_logprobs is not None and body.stream:
+        raise InvalidRequestError("prompt_logprobs: not supported with stream=true",
+                                  "prompt_logprobs")

@@ -11,7 +11,11 @@ from zayaserve.cluster.openai_chat_protocol import (
     ChatTokenLogprob,
     ChatTopLogprob,
 )
-from zayaserve.cluster.openai_protocol import CompletionLogprobs
+from zayaserve.cluster.openai_protocol import (
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobsOut,
+)
 from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.model.tokenizer import Tokenizer
 
@@ -86,3 +90,14 @@ def chat_logprobs(
             logprob=sampled.logprob if sampled is not None else float("-inf"),
             bytes=token_bytes(tokenizer, token_id), top_logprobs=top))
     return ChatLogprobs(content=content)
+
+
+def prompt_logprobs_out(tokenizer: Tokenizer, logprobs: Sequence[dict[int, Logprob] | None] | None
+                        ) -> PromptLogprobsOut | None:
+    """vLLM's `prompt_logprobs` answer: per position, token id -> logprob, rank, text."""
+    if logprobs is None:
+        return None
+    return [None if entries is None else {
+        str(t): PromptLogprob(logprob=lp.logprob, rank=lp.rank,
+                              decoded_token=token_text(tokenizer, t))
+        for t, lp in _ranked(entries)} for entries in logprobs]

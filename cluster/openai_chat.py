@@ -17,10 +17,11 @@ from zayaserve.cluster.frontend_errors import (
     as_frontend_error,
     build_sampling_params,
     check_context_length,
+    check_prompt_logprobs,
     internal_error,
     resolve_model,
 )
-from zayaserve.cluster.logprob_format import chat_logprobs
+from zayaserve.cluster.logprob_format import chat_logprobs, prompt_logprobs_out
 from zayaserve.cluster.metrics import RequestTracker
 from zayaserve.cluster.openai_chat_protocol import (
     ChatChoice,
@@ -63,6 +64,7 @@ def _params(body: ChatCompletionRequest, room: int, salt: str | None) -> Samplin
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("stream_options: only allowed with stream=true",
                                   "stream_options")
+    check_prompt_logprobs(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs: requires logprobs=true", "top_logprobs")
     max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
@@ -75,7 +77,7 @@ def _params(body: ChatCompletionRequest, room: int, salt: str | None) -> Samplin
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt,
-        min_p=body.min_p,
+        prompt_logprobs=body.prompt_logprobs, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty),
         renames={"logprobs": "top_logprobs", "max_tokens": _max_tokens_field(body)})
@@ -148,8 +150,10 @@ def _response(out: RequestOutput, params: SamplingParams, ctx: ServingContext, c
             logprobs=_logprobs(params, ctx, c.token_ids, c.logprobs),
             finish_reason=c.finish_reason,  # type: ignore[arg-type]
             stop_reason=c.stop_reason))
-    return ChatCompletionResponse(id=chat_id, model=model, choices=choices,
-                                  usage=usage_of([out]))
+    return ChatCompletionResponse(
+        id=chat_id, model=model, choices=choices, usage=usage_of([out]),
+        prompt_logprobs=prompt_logprobs_out(ctx.client.tokenizer, out.prompt_logprobs)
+        if params.prompt_logprobs is not None else None)
 
 
 def _stream_choices(delta: StepDelta, params: SamplingParams, ctx: ServingContext,

@@ -12,6 +12,7 @@ from zayaserve.cluster.openai_protocol import (
     _NO_TOP_LOGPROBS,
     _STREAMING,
     Int,
+    PromptLogprobsOut,
     UsageInfo,
     _all_of_any,
     _now,
@@ -103,6 +104,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobsOut | None = Field(
+        default=None, description="vLLM: with prompt_logprobs, the rendered prompt's logprobs.")
 
 
 class DeltaMessage(BaseModel):

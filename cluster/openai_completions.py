@@ -17,11 +17,12 @@ from zayaserve.cluster.frontend_errors import (
     as_frontend_error,
     build_sampling_params,
     check_context_length,
+    check_prompt_logprobs,
     check_token_ids,
     internal_error,
     resolve_model,
 )
-from zayaserve.cluster.logprob_format import completion_logprobs
+from zayaserve.cluster.logprob_format import completion_logprobs, prompt_logprobs_out
 from zayaserve.cluster.metrics import RequestTracker
 from zayaserve.cluster.openai_protocol import (
     CompletionChoice,
@@ -83,6 +84,11 @@ def _params(body: CompletionRequest, salt: str | None, echo: Echo) -> SamplingPa
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("stream_options: only allowed with stream=true",
                                   "stream_options")
+    check_prompt_logprobs(body)
+    if body.echo and body.logprobs is not None and body.prompt_logprobs not in (
+            None, body.logprobs):
+        raise InvalidRequestError("prompt_logprobs: with echo it must equal logprobs",
+                                  "prompt_logprobs")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise InvalidRequestError("best_of: only best_of == n is supported", "best_of")
     fields = dict(
@@ -91,7 +97,7 @@ def _params(body: CompletionRequest, salt: str | None, echo: Echo) -> SamplingPa
         ignore_eos=body.ignore_eos, max_tokens=body.max_tokens, min_tokens=body.min_tokens,
         logprobs=body.logprobs, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt,
-        min_p=body.min_p,
+        prompt_logprobs=body.prompt_logprobs, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty)
     return build_sampling_params({**fields, **echo.engine_fields(body)})
@@ -128,13 +134,13 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
     if final is None:
         return Response(status_code=499)  # the client left; nobody reads this
     tracker.on_prompt(sum(len(ids) for _, ids in prompts))
-    return JSONResponse(_response(final, params, ctx, completion_id, model, echo,
-                                  prompts).model_dump())
+    return JSONResponse(_response(final, params, ctx, completion_id, model, echo, prompts,
+                                  body.prompt_logprobs is not None).model_dump())
 
 
 def _response(final: list[RequestOutput], params: SamplingParams, ctx: ServingContext,
-              completion_id: str, model: str, echo: Echo, prompts: list[Prompt]
-              ) -> CompletionResponse:
+              completion_id: str, model: str, echo: Echo, prompts: list[Prompt],
+              want_prompt_logprobs: bool = False) -> CompletionResponse:
     tokenizer = ctx.client.tokenizer
     choices = []
     for i, out in enumerate(final):
@@ -144,6 +150,8 @@ def _response(final: list[RequestOutput], params: SamplingParams, ctx: ServingCo
             if params.logprobs is not None:
                 head_lp, offset = prompt_logprobs_layout(tokenizer, out.prompt_token_ids,
                                                          out.prompt_logprobs)
+        prompt_lp = (prompt_logprobs_out(tokenizer, out.prompt_logprobs)
+                     if want_prompt_logprobs else None)
         for c in out.outputs:
             logprobs = head_lp
             if params.logprobs is not None and c.logprobs is not None and not echo.scoring_only:
@@ -153,7 +161,8 @@ def _response(final: list[RequestOutput], params: SamplingParams, ctx: ServingCo
             choices.append(CompletionChoice(
                 index=i * params.n + c.index, text=text, logprobs=logprobs,
                 finish_reason=c.finish_reason,  # type: ignore[arg-type]
-                stop_reason=None if echo.scoring_only else c.stop_reason))
+                stop_reason=None if echo.scoring_only else c.stop_reason,
+                prompt_logprobs=prompt_lp))
     usage = usage_of(final)
     if echo.scoring_only:
         usage = UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=0,

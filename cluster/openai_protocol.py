@@ -144,6 +144,10 @@ class _SamplingFields(_Request):
     min_tokens: Int | None = Field(
         default=None, description="vLLM: tokens to generate before EOS or stop tokens may end it.",
         json_schema_extra={"minimum": 0})
+    prompt_logprobs: Int | None = Field(
+        default=None, description="vLLM: return each prompt token's logprob and this many "
+        "most likely tokens at each prompt position (not with stream=true).",
+        json_schema_extra={"minimum": 0, "maximum": MAX_LOGPROBS})
     min_p: float | None = Field(
         default=None, description="vLLM: drop tokens below min_p x the most likely one's "
         "probability.", json_schema_extra={"minimum": 0, "maximum": 1})
@@ -236,6 +240,16 @@ class CompletionLogprobs(BaseModel):
                                    description="Where each token starts in the choice's text.")
 
 
+class PromptLogprob(BaseModel):
+    logprob: float = Field(description="Log probability of this token at this position.")
+    rank: int | None = Field(default=None, description="1 for the most likely token.")
+    decoded_token: str = Field(description="The token's text.")
+
+
+# vLLM's prompt_logprobs: per prompt position, token id -> its logprob (None for the first).
+PromptLogprobsOut = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int = Field(description="prompt index * n + completion index.")
     text: str = Field(description="Generated text (the delta, when streaming).")
@@ -244,6 +258,8 @@ class CompletionChoice(BaseModel):
         default=None, description="Why it ended; null while streaming.")
     stop_reason: int | str | None = Field(
         default=None, description="vLLM: the stop string or token id that ended it.")
+    prompt_logprobs: PromptLogprobsOut | None = Field(
+        default=None, description="vLLM: with prompt_logprobs, the prompt's logprobs.")
 
 
 class CompletionResponse(BaseModel):

@@ -156,3 +156,39 @@ def test_penalties_and_min_p_reach_the_engine(server: Server, tiny_checkpoint: A
     assert served.choices[0].text == offline.text
     assert offline.token_ids != plain[0].outputs[0].token_ids  # the penalties did something
     assert len(set(offline.token_ids)) == len(offline.token_ids)  # nothing repeats
+
+
+def test_prompt_logprobs_on_both_endpoints(server: Server, tiny_checkpoint: Any,
+                                           engine_client: LocalEngineClient) -> None:
+    from test_openai_api import ENGINE_KW
+
+    from zayaserve import LLM, SamplingParams
+
+    prompt = [5, 60, 7, 300, 9]
+    llm = LLM(str(tiny_checkpoint), **ENGINE_KW)
+    want = llm.generate([{"prompt_token_ids": prompt}],
+                        SamplingParams(max_tokens=1, prompt_logprobs=2))[0].prompt_logprobs
+    assert want is not None
+    r = httpx.post(f"{server.url}/v1/completions", json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2})
+    got = r.json()["choices"][0]["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(prompt)
+    for position, entries in enumerate(want[1:], start=1):
+        assert entries is not None
+        assert {int(k): v["logprob"] for k, v in got[position].items()} == {
+            t: lp.logprob for t, lp in entries.items()}
+        actual = got[position][str(prompt[position])]
+        assert actual["decoded_token"] == engine_client.tokenizer.decode(
+            [prompt[position]], skip_special_tokens=False)
+    chat = httpx.post(f"{server.url}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 1, "prompt_logprobs": 0}).json()
+    ids = engine_client.tokenizer.render_chat([{"role": "user", "content": "hi"}])[1]
+    assert len(chat["prompt_logprobs"]) == len(ids) and chat["prompt_logprobs"][0] is None
+    assert all(str(t) in e for t, e in zip(ids[1:], chat["prompt_logprobs"][1:], strict=True))
+    for path, body in (("/v1/completions", {"prompt": "x", "stream": True}),
+                       ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                 "stream": True})):
+        r = httpx.post(f"{server.url}{path}", json={**body, "prompt_logprobs": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
