@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = llm.engine
     graphs = engine.runner.graphs
     if engine.device.type != "cuda":  # the CPU stand-in for graphs: same path, no driver
-        graphs = engine._decode_graphs(RerunBackend())
+        graphs = engine.decode_graphs(RerunBackend())
     if "on" in a.graphs and graphs is None:
         ap.error("--graphs on: the engine built no decode graphs")
     a.copy_gbs = copy_bandwidth_gbs(engine.device, a.copy_mib)

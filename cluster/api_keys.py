@@ -44,6 +44,11 @@ class ApiKeys:
     def __init__(self, keys: Iterable[str]) -> None:
         self._expected = [(f"Bearer {k}".encode(), _tenant(k)) for k in keys]
 
+    @classmethod
+    def of(cls, api_key: str | None, api_keys: list[str] | None) -> ApiKeys:
+        """The front ends' arguments: a list of keys, else one key, else none (open)."""
+        return cls(api_keys if api_keys is not None else [api_key] if api_key else [])
+
     @property
     def enabled(self) -> bool:
         return bool(self._expected)

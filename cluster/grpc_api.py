@@ -109,7 +109,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.client = client
         self.served_model_names = list(served_model_names or [client.model_name])
         self.metrics = metrics or MetricsCollector()  # a private registry when not shared
-        self._keys = ApiKeys(api_keys if api_keys is not None else ([api_key] if api_key else []))
+        self._keys = ApiKeys.of(api_key, api_keys)
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> str | None:
         """The caller's tenant (None without keys), or AuthenticationError."""

@@ -194,7 +194,7 @@ def build_openai_app(
     app = FastAPI(title="zayaserve", description="OpenAI-compatible API for ZAYA1 models")
     app.state.serving = ctx
     app.add_middleware(_CountRequests, metrics=metrics)
-    keys = ApiKeys(api_keys if api_keys is not None else ([api_key] if api_key else []))
+    keys = ApiKeys.of(api_key, api_keys)
 
     def authorize(request: Request) -> str | None:
         """The caller's tenant (None without keys); 401 for a missing or wrong key."""

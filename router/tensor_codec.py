@@ -92,3 +92,10 @@ def decode(
 
 
 __all__ = ["MAX_MESSAGE_BYTES", "WIRE_DTYPES", "TensorCodecError", "decode", "encode"]
+
+
+def pinned_host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A device tensor in pinned host memory (torch's caching host allocator reuses it): the
+    one device-to-host copy before its rows go on the wire."""
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    return host.copy_(t)

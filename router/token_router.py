@@ -23,7 +23,13 @@ from zayaserve.router.placement import PlacementMap
 from zayaserve.router.protos import expert_pb2
 from zayaserve.router.router_stats import LayerLatency, RouterStats
 from zayaserve.router.shard_channels import ShardChannels
-from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES, WIRE_DTYPES, decode, encode
+from zayaserve.router.tensor_codec import (
+    MAX_MESSAGE_BYTES,
+    WIRE_DTYPES,
+    decode,
+    encode,
+    pinned_host_copy,
+)
 
 # Codes that say "this replica is not there (now)", or "busy now" (its call cap, which foreign
 # calls may fill; our calls are checked against the size cap before they go): waiting for a
@@ -130,7 +136,7 @@ class TokenRouter:
             # One device-to-host copy each, into pinned memory (torch's caching host allocator
             # reuses it); the calls below then slice host tensors, and the combined result
             # goes back in one host-to-device copy.
-            hidden, weights = _pinned_copy(hidden), _pinned_copy(weights)
+            hidden, weights = pinned_host_copy(hidden), pinned_host_copy(weights)
         out = torch.zeros(hidden.shape, dtype=hidden.dtype, device="cpu",
                           pin_memory=device.type != "cpu")
         # Plan on the CPU: a handful of small index ops that would each sync a GPU anyway.
@@ -298,8 +304,3 @@ class TokenRouter:
 
 
 __all__ = ["ExpertDispatchError", "ExpertShardError", "NoExpertReplicaError", "TokenRouter"]
-
-
-def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-    return host.copy_(t)

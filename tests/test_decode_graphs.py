@@ -40,7 +40,7 @@ def _llm(checkpoint: Path, graphs: bool, **settings: object
     if not graphs:
         return llm, None
     backend = RerunBackend()
-    llm.engine.runner.graphs = llm.engine._decode_graphs(backend)
+    llm.engine.runner.graphs = llm.engine.decode_graphs(backend)
     return llm, backend
 
 
@@ -98,7 +98,7 @@ def test_graphs_are_off_on_the_cpu_and_with_enforce_eager(tiny_checkpoint: Path)
     with pytest.raises(ValueError, match="enforce_eager"):
         EngineConfig.create(model="x", enforce_eager="sometimes")
     two = LLM(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=16, micro_batches=2)
-    graphs = two.engine._decode_graphs(RerunBackend())
+    graphs = two.engine.decode_graphs(RerunBackend())
     assert isinstance(graphs, DecodeGraphs)
     two.engine.runner.__init__(two.engine.model, two.engine.experts,  # type: ignore[misc]
                                two.engine.cache, 2, graphs)

@@ -100,7 +100,7 @@ def test_graphs_on_and_off_give_identical_greedy_tokens(case: Any) -> None:
         if not GPU and not eager:
             from zayaserve.replicas.engine.decode_graphs import RerunBackend
 
-            llm.engine.runner.graphs = llm.engine._decode_graphs(RerunBackend())
+            llm.engine.runner.graphs = llm.engine.decode_graphs(RerunBackend())
         assert (llm.engine.runner.graphs is None) == eager
         results.append([[o.outputs[0].token_ids for o in llm.generate(
             [{"prompt_token_ids": p} for p in batch], params)]  # type: ignore[misc]

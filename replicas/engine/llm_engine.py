@@ -99,7 +99,7 @@ class LLMEngine:
         self.remote = self._remote_tier() if config.kv_cache_redis_url else None
         self.scheduler.kv.remote = self.remote
         self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches,
-                                  self._decode_graphs())
+                                  self.decode_graphs())
         self.generator = self._generator(config.seed)
         self.requests: dict[str, Request] = {}
         # The requests the current/last step scheduled (None while scheduling): if a step
@@ -108,7 +108,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
 
-    def _decode_graphs(self, backend: GraphBackend | None = None) -> DecodeGraphs | None:
+    def decode_graphs(self, backend: GraphBackend | None = None) -> DecodeGraphs | None:
         """Graphs for decode steps: on a GPU unless enforce_eager (or with a given backend)."""
         if backend is None:
             if self.config.enforce_eager or self.device.type != "cuda":
