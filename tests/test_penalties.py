@@ -304,8 +304,9 @@ def test_engine_rows_carry_the_sequence_history(llm: LLM,
     reference-penalised logits; rows without penalties carry no ids."""
     seen: list[tuple[torch.Tensor, list[SamplingRow], list[SampledToken]]] = []
 
-    def spy(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
-        out = sample(logits, rows)
+    def spy(logits: torch.Tensor, rows: Sequence[SamplingRow],
+            mask: Any = None) -> list[SampledToken]:
+        out = sample(logits, rows, mask)
         seen.append((logits.clone(), list(rows), out))
         return out
 

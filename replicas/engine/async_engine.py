@@ -239,6 +239,9 @@ class AsyncLLMEngine:
             self._streams[rid] = stream
         finished = False
         try:
+            if params.structured_outputs is not None:  # compile off the step loop (cached)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.engine.grammars.check, params.structured_outputs)
             await asyncio.wrap_future(self._call(
                 lambda: self.engine.add_request(rid, prompt_token_ids, params, prompt)))
             while not finished:

@@ -17,6 +17,7 @@ from zayaserve.replicas.engine.decode_graphs import (
     GraphBackend,
 )
 from zayaserve.replicas.engine.device import dtype_for, resolve_device
+from zayaserve.replicas.engine.grammar import Grammars
 from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
@@ -36,6 +37,7 @@ from zayaserve.replicas.kv_tiers.hashing import (
     model_fingerprint,
     weights_identity_of,
 )
+from zayaserve.replicas.kv_tiers.redis_store import RedisBlockStore
 from zayaserve.replicas.kv_tiers.remote_tier import RemoteTier, cache_secret
 from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
 from zayaserve.replicas.model.kv_cache import KVCache
@@ -66,6 +68,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_pretrained(path) if (
             path / "tokenizer.json").is_file() else None
         self.eos_ids = (self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, mc.vocab_size, self.eos_ids)
 
         bs = config.block_size
         max_len = config.max_model_len or mc.max_position_embeddings
@@ -124,16 +127,13 @@ class LLMEngine:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _remote_tier(self) -> RemoteTier:
-        if not self.config.enable_prefix_caching:
+        c = self.config
+        if not c.enable_prefix_caching:
             raise ValueError("kv_cache_redis_url: needs enable_prefix_caching=True")
-        from zayaserve.replicas.kv_tiers.redis_store import RedisBlockStore
-
-        store = RedisBlockStore(self.config.kv_cache_redis_url or "",
-                                ttl_s=self.config.kv_cache_ttl_s)
-        secret = self.config.kv_cache_secret
-        return RemoteTier(store, self.cache, self.model_config, self.fingerprint,
-                          cache_secret(secret.get_secret_value() if secret else None),
-                          self.config.kv_cache_encoding)
+        secret = cache_secret(c.kv_cache_secret.get_secret_value() if c.kv_cache_secret else None)
+        return RemoteTier(RedisBlockStore(c.kv_cache_redis_url or "", ttl_s=c.kv_cache_ttl_s),
+                          self.cache, self.model_config, self.fingerprint, secret,
+                          c.kv_cache_encoding)
 
     def stats(self) -> dict[str, float]:
         """Flat numeric stats: the offline `LLM.stats()`, and gauges on /metrics in serving."""
@@ -179,6 +179,7 @@ class LLMEngine:
             raise ParamError(
                 "stop", "stop: stop strings need a tokenizer and this checkpoint has none; "
                              "use stop_token_ids")
+        self.grammars.check(params.structured_outputs)
         if len(prompt_token_ids) >= self.max_model_len:
             raise ParamError("prompt", f"prompt: {len(prompt_token_ids)} tokens leave no room to "
                              f"generate within max_model_len {self.max_model_len}")
@@ -199,6 +200,7 @@ class LLMEngine:
                                            skip_special_tokens=p.skip_special_tokens)
         seq = Sequence(next(self._seq_ids), req, index, tokens, gen, detok,
                        logprobs=[] if p.logprobs is not None else None)
+        seq.grammar = self.grammars.matcher(p.structured_outputs, tokens[seq.prompt_len:])
         if self.config.enable_prefix_caching:
             namespace = self.cache_namespace if p.cache_salt is None else cache_namespace(
                 self.fingerprint, self.config.block_size, self.config.kv_cache_encoding,
@@ -293,6 +295,8 @@ class LLMEngine:
                     prompt_token_ids=prompt_ids, output_token_ids=output_ids))
                 targets.append((seq, child))
                 row_ids.append(row)
-        sampled = sample(logits[row_ids], rows) if rows else []
+        # A child (n > 1) samples its first token from its parent's grammar state.
+        mask = self.grammars.step_mask([seq.grammar for seq, _ in targets])
+        sampled = sample(logits[row_ids], rows, mask) if rows else []
         return SampledStep([(seq, child, row.generator, tok) for (seq, child), row, tok
                             in zip(targets, rows, sampled, strict=True)], prompt)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from zayaserve.replicas.engine.structured import StructuredOutputsParams
 from zayaserve.replicas.validation_errors import ParamError
 
 # Temperatures below this are treated as greedy decoding (same threshold vLLM uses); dividing
@@ -91,6 +92,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Structured outputs (vLLM's name): a JSON schema, regex, choice or grammar the text must
+    # follow; a mapping of StructuredOutputsParams' fields is accepted too.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self.n = _as_int("n", self.n)
@@ -113,6 +117,8 @@ class SamplingParams:
             self.top_k = 0
 
         self._check_extras()
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
 
         self.seed = _as_optional_int("seed", self.seed)
         if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:

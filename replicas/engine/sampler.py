@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -77,12 +77,24 @@ class SampledToken(NamedTuple):
     logprobs: dict[int, Logprob] | None  # present when the row asked for num_logprobs
 
 
+class LogitsMask(Protocol):
+    """A constraint on some rows' tokens (structured outputs): `apply` sets the tokens those
+    rows may not take to -inf, in place."""
+
+    rows: list[int]
+
+    def apply(self, logits: torch.Tensor) -> None: ...
+
+
 def _chunk_rows(vocab: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def _apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Return logits with banned ids at -inf; copies only when some row bans something."""
+def _apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow], inplace: bool,
+                constrained: frozenset[int] = frozenset()) -> torch.Tensor:
+    """Return logits with banned ids at -inf; copies (unless `inplace`) only when some row
+    bans something. A `constrained` row (structured output) whose grammar allows nothing but
+    banned tokens keeps its grammar's choice: min_tokens cannot make valid output invalid."""
     vocab = logits.shape[1]
     row_idx: list[int] = []
     tok_idx: list[int] = []
@@ -93,13 +105,20 @@ def _apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
         tok_idx.extend(ids)
     if not tok_idx:
         return logits
-    banned = logits.clone()
+    banned = logits if inplace else logits.clone()
     r = torch.tensor(row_idx, dtype=torch.long, device=logits.device)
     t = torch.tensor(tok_idx, dtype=torch.long, device=logits.device)
-    banned[r, t] = float("-inf")
     touched = torch.unique(r)
-    if bool(torch.isneginf(banned[touched].amax(dim=1)).any()):
-        raise ValueError("a row has every token banned or at -inf; nothing can be sampled")
+    before = banned[touched]  # advanced indexing: a copy
+    banned[r, t] = float("-inf")
+    dead = torch.isneginf(banned[touched].amax(dim=1))
+    if bool(dead.any()):
+        for j in dead.nonzero().flatten().tolist():
+            i = int(touched[j])
+            if i not in constrained or bool(torch.isneginf(before[j].amax())):
+                raise ValueError("a row has every token banned or at -inf; nothing can be "
+                                 "sampled")
+            banned[i] = before[j]
     return banned
 
 
@@ -236,8 +255,11 @@ def _logprob_dicts(
     return dicts
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
-    """Pick one next token per row of ``logits`` ([S, V]) using that row's settings."""
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
+           mask: LogitsMask | None = None) -> list[SampledToken]:
+    """Pick one next token per row of ``logits`` ([S, V]) using that row's settings; a
+    ``mask`` (structured outputs) first limits its rows to the tokens their grammar allows.
+    Like bans, the mask shapes the draw, not the reported (raw) logprobs."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [S, V], got shape {tuple(logits.shape)}")
     if logits.shape[0] != len(rows):
@@ -245,7 +267,13 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledTok
     if not rows:
         return []
     logits = logits.float()
-    work = _apply_bans(logits, rows)
+    work = logits
+    constrained: frozenset[int] = frozenset()
+    if mask is not None and mask.rows:
+        work = logits.clone()
+        mask.apply(work)
+        constrained = frozenset(mask.rows)
+    work = _apply_bans(work, rows, inplace=work is not logits, constrained=constrained)
     # Penalise in place only when banning already made a copy: `logits` stays raw for logprobs.
     work = apply_penalties(work, rows, inplace=work is not logits)
     chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)

@@ -10,6 +10,7 @@ each sequence holds in the cache is the `KVManager`'s business."""
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Sequence_
@@ -24,6 +25,8 @@ from zayaserve.replicas.engine.outputs import CompletionStep, Logprob, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.engine.sampler import SampledToken
 from zayaserve.replicas.engine.sequence import Request, Sequence, Status
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +220,14 @@ def update_text_and_check_stop(
                     seq.text = seq.text[:end]
                     seq.finish_reason, seq.stop_reason = "stop", stop
                     return
+    if seq.finish_reason is None and seq.grammar is not None and (
+            seq.grammar_broken or seq.grammar.is_terminated()):
+        # The grammar is complete (it accepted its stop token), even with ignore_eos. A token
+        # it refused cannot pass the sampler's mask; should one, stop there and say so.
+        if seq.grammar_broken:
+            logger.error("request %s: a token outside its grammar was sampled",
+                         seq.request.request_id)
+        seq.finish_reason = "stop"
     out_of_room = (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
         seq.num_tokens >= max_model_len)
     if seq.finish_reason is None and out_of_room:

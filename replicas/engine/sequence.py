@@ -67,6 +67,10 @@ class Sequence:
     # until the sequence is admitted.
     remote_fetch: Any = None
     remote_blocks: dict[bytes, Any] | None = None
+    # Structured outputs: the grammar matcher (xgrammar) that every output token advances;
+    # `grammar_broken` is set if a token it refused got through (a bug, never valid output).
+    grammar: Any = None
+    grammar_broken: bool = False
 
     @property
     def params(self) -> SamplingParams:
@@ -94,6 +98,8 @@ class Sequence:
 
     def append(self, token: int, logprob: float, top: dict[int, Logprob] | None) -> None:
         self.token_ids.append(token)
+        if self.grammar is not None and not self.grammar.accept_token(token):
+            self.grammar_broken = True
         if self.hasher is not None:
             self.block_hashes.extend(self.hasher.extend([token]))
         self.cumulative_logprob += logprob

@@ -1,0 +1,168 @@
+"""Structured outputs with xgrammar: compiled grammars, one matcher per sequence, and the
+token bitmask the sampler applies.
+
+xgrammar (with transformers) is an optional dependency, `pip install 'zayaserve[structured]'`:
+it is imported on the first constrained request, so a plain install serves everything else
+and answers constrained requests with an error that says what to install. Compiled grammars
+are cached by the compiler (keyed by the constraint), so a schema sent again is not
+recompiled; `compile` is thread-safe and the async engine calls it off the step loop.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from zayaserve.replicas.engine.structured import StructuredOutputsParams
+from zayaserve.replicas.validation_errors import ParamError
+
+if TYPE_CHECKING:
+    from zayaserve.replicas.model.tokenizer import Tokenizer
+
+__all__ = ["GrammarBackend", "GrammarMask", "INSTALL_HINT"]
+
+INSTALL_HINT = "pip install 'zayaserve[structured]'"
+_CACHE_BYTES = 256 * 2**20
+# Optional whitespace in JSON comes in runs of at most this many characters: enough to indent
+# seven levels deep, while an unbounded run lets a model loop on newlines until max_tokens.
+MAX_JSON_WHITESPACE = 16
+
+
+def _import_xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise ParamError("structured_outputs", "structured outputs need the xgrammar package, "
+                         f"which this server does not have ({INSTALL_HINT})") from e
+    return xgrammar
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """An EBNF grammar whose language is exactly the given strings."""
+    return "root ::= " + " | ".join(_ebnf_literal(c) for c in choices)
+
+
+def _ebnf_literal(text: str) -> str:
+    # JSON string escapes (\" \\ \n \uXXXX) are also xgrammar's EBNF string escapes.
+    return json.dumps(text, ensure_ascii=True)
+
+
+class GrammarBackend:
+    """Compiles constraints for one tokenizer and vocabulary (the model's logits width)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Sequence[int],
+                 max_threads: int = 2) -> None:
+        self.xgr = _import_xgrammar()
+        from transformers import PreTrainedTokenizerFast
+
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf)
+        info = self.xgr.TokenizerInfo.from_huggingface(
+            fast, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
+        self.vocab_size = vocab_size
+        self.compiler = self.xgr.GrammarCompiler(
+            info, max_threads=max_threads, cache_enabled=True, cache_limit_bytes=_CACHE_BYTES)
+        self._lock = threading.Lock()
+
+    def compile(self, spec: StructuredOutputsParams) -> Any:
+        """The compiled grammar (cached); a constraint xgrammar refuses is a ParamError."""
+        try:
+            return self._compile(spec)
+        except ParamError:
+            raise
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError with its reason
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ParamError(f"structured_outputs.{spec.kind}",
+                             f"structured_outputs.{spec.kind}: cannot compile ({reason})") from e
+
+    def _compile(self, spec: StructuredOutputsParams) -> Any:
+        c = self.compiler
+        if spec.json is not None or spec.json_object:
+            schema = spec.json if spec.json is not None else '{"type": "object"}'
+            if spec.disable_any_whitespace:
+                return c.compile_json_schema(schema, any_whitespace=False)
+            return c.compile_json_schema(schema, max_whitespace_cnt=MAX_JSON_WHITESPACE)
+        if spec.regex is not None:
+            return c.compile_regex(spec.regex)
+        if spec.choice is not None:
+            return c.compile_grammar(choice_grammar(spec.choice))
+        assert spec.grammar is not None
+        return c.compile_grammar(spec.grammar)
+
+    def matcher(self, spec: StructuredOutputsParams) -> Any:
+        return self.xgr.GrammarMatcher(self.compile(spec))
+
+    def mask(self, rows: int) -> GrammarMask:
+        return GrammarMask(self.xgr, rows, self.vocab_size)
+
+
+class GrammarMask:
+    """The step's token bitmask: rows with a matcher get its allowed tokens, others all."""
+
+    def __init__(self, xgr: Any, rows: int, vocab_size: int) -> None:
+        self.xgr = xgr
+        self.vocab_size = vocab_size
+        self.bitmask = xgr.allocate_token_bitmask(rows, vocab_size)
+        self.rows: list[int] = []
+
+    def fill(self, row: int, matcher: Any) -> None:
+        matcher.fill_next_token_bitmask(self.bitmask, row)
+        self.rows.append(row)
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the disallowed tokens of the constrained rows to -inf, in place."""
+        if not self.rows:
+            return
+        bitmask = self.bitmask.to(logits.device, non_blocking=True)
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
+                                             indices=self.rows)
+
+
+class Grammars:
+    """An engine's structured outputs: the backend (made on first use), validation when a
+    request arrives, a matcher per sequence and the mask of each step."""
+
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int,
+                 stop_token_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = list(stop_token_ids)
+        self._backend: GrammarBackend | None = None
+        self._lock = threading.Lock()
+
+    def backend(self) -> GrammarBackend:
+        with self._lock:
+            if self._backend is None:
+                if self.tokenizer is None:
+                    raise ParamError("structured_outputs", "structured outputs need a "
+                                     "tokenizer and this model has none")
+                self._backend = GrammarBackend(self.tokenizer, self.vocab_size,
+                                               self.stop_token_ids)
+            return self._backend
+
+    def check(self, spec: StructuredOutputsParams | None) -> None:
+        """Compile (or find cached) the request's grammar: a bad one is refused here."""
+        if spec is not None:
+            self.backend().compile(spec)
+
+    def matcher(self, spec: StructuredOutputsParams | None, output_ids: Sequence[int]) -> Any:
+        """A new sequence's matcher, advanced over the output tokens it already has."""
+        if spec is None:
+            return None
+        matcher = self.backend().matcher(spec)
+        for token in output_ids:
+            matcher.accept_token(token)
+        return matcher
+
+    def step_mask(self, matchers: Sequence[Any]) -> GrammarMask | None:
+        """The mask for a step's sampling rows (None where no row is constrained)."""
+        if all(m is None for m in matchers):
+            return None
+        mask = self.backend().mask(len(matchers))
+        for row, matcher in enumerate(matchers):
+            if matcher is not None:
+                mask.fill(row, matcher)
+        return mask
