@@ -5,6 +5,7 @@ unknown request fields are ignored, so they never reach the template)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from zayaserve.cluster.frontend_errors import InvalidRequestError
@@ -36,14 +37,38 @@ def check_chat_options(body: ChatCompletionRequest) -> None:
             "metadata")
 
 
-def message_dict(message: ChatMessageParam) -> dict[str, Any]:
+def message_dict(message: ChatMessageParam, index: int) -> dict[str, Any]:
+    """The message as the template sees it. Earlier calls' arguments become objects, as
+    templates expect (they write them with `tojson`)."""
     content: Any = message.content
     if isinstance(content, list):
         content = [{"type": part.type, "text": part.text} for part in content]
+    if content is None and not (message.role == "assistant" and message.tool_calls):
+        raise InvalidRequestError(
+            f"messages[{index}].content: required (null only for an assistant message with "
+            "tool_calls)", f"messages[{index}].content")
     out: dict[str, Any] = {"role": message.role, "content": content}
     if message.name is not None:
         out["name"] = message.name
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+            "name": c.function.name, "arguments": _arguments(c.function.arguments,
+                                                             f"messages[{index}].tool_calls[{j}]")}}
+            for j, c in enumerate(message.tool_calls)]
     return out
+
+
+def _arguments(text: str, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{where}.function.arguments: must be JSON text of an object",
+                                  f"{where}.function.arguments")
+    return value
 
 
 def open_final_message(tokenizer: Tokenizer, text: str, ids: list[int],

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from zayaserve.cluster.frontend_errors import InvalidRequestError
 from zayaserve.cluster.logprob_format import completion_logprobs, token_text
-from zayaserve.cluster.openai_protocol import CompletionLogprobs, CompletionRequest
+from zayaserve.cluster.openai_completions_protocol import CompletionLogprobs, CompletionRequest
 from zayaserve.replicas.engine.outputs import PromptLogprobs
 from zayaserve.replicas.model.tokenizer import Tokenizer
 

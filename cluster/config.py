@@ -62,6 +62,9 @@ class ClusterConfig(BaseModel):
     reasoning_parser: Literal["think"] | None = Field(
         None, description="think: chat answers move <think>...</think> to reasoning_content "
         "(ZAYA1 and Qwen3-style templates).")
+    tool_call_parser: Literal["hermes"] | None = Field(
+        "hermes", description="How chat replies with tool_choice auto are parsed for calls: "
+        "hermes (<tool_call>{...}</tool_call>, Qwen3-style templates); null: auto is refused.")
     strict_request_fields: bool = Field(
         False, description="Refuse REST requests carrying fields the server does not know "
         "(400 naming the field) instead of ignoring them with a logged warning (vLLM's way).")

@@ -57,6 +57,7 @@ class Ingress:
                                 metrics_need_key=self.config.metrics_require_api_key,
                                 strict_fields=self.config.strict_request_fields,
                                 reasoning_parser=self.config.reasoning_parser,
+                                tool_call_parser=self.config.tool_call_parser,
                                 served_model_names=[self.config.model_name],
                                 metrics=self.metrics,
                                 max_prompts=self.config.engine.limits.max_prompts_per_request)

@@ -11,11 +11,8 @@ from zayaserve.cluster.openai_chat_protocol import (
     ChatTokenLogprob,
     ChatTopLogprob,
 )
-from zayaserve.cluster.openai_protocol import (
-    CompletionLogprobs,
-    PromptLogprob,
-    PromptLogprobsOut,
-)
+from zayaserve.cluster.openai_completions_protocol import CompletionLogprobs
+from zayaserve.cluster.openai_protocol import PromptLogprob, PromptLogprobsOut
 from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.model.tokenizer import Tokenizer
 

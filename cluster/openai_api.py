@@ -36,11 +36,13 @@ from zayaserve.cluster.openai_chat_protocol import (
     ChatCompletionStreamResponse,
 )
 from zayaserve.cluster.openai_completions import create_completion
-from zayaserve.cluster.openai_protocol import (
-    NOT_SUPPORTED,
+from zayaserve.cluster.openai_completions_protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+)
+from zayaserve.cluster.openai_protocol import (
+    NOT_SUPPORTED,
     ErrorDetail,
     ErrorResponse,
     ModelCard,
@@ -112,7 +114,8 @@ async def _read_body(request: Request, limit: int, model: type[M], strict: bool 
     the model does not know are refused in strict mode, else logged and ignored."""
     body = await _parse_body(request, limit, model)
     extra = unknown_fields(body)
-    refused = [name for name in extra if name in NOT_SUPPORTED]
+    # At any depth, as the schema says (e.g. `audio` in a message).
+    refused = [name for name in extra if name.rsplit(".", 1)[-1] in NOT_SUPPORTED]
     if refused:
         raise InvalidRequestError(f"{refused[0]}: not supported by this server yet",
                                   refused[0])
@@ -184,13 +187,15 @@ def build_openai_app(
     max_prompts: int = 64,
     strict_fields: bool = False,
     reasoning_parser: str | None = None,
+    tool_call_parser: str | None = "hermes",
 ) -> FastAPI:
     """The REST app. `served_model_names` are the ids clients may pass as `model` (default: the
     engine client's model name); `metrics` lets several front ends share one registry;
     `max_prompts` bounds the prompts of one completions request."""
     names = list(served_model_names or [client.model_name])
     metrics = metrics or MetricsCollector()
-    ctx = ServingContext(client, names, metrics, max_prompts, reasoning_parser)
+    ctx = ServingContext(client, names, metrics, max_prompts, reasoning_parser,
+                         tool_call_parser)
     app = FastAPI(title="zayaserve", description="OpenAI-compatible API for ZAYA1 models")
     app.state.serving = ctx
     app.add_middleware(_CountRequests, metrics=metrics)

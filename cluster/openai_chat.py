@@ -49,6 +49,9 @@ from zayaserve.cluster.streams import (
     unless_disconnected,
     usage_of,
 )
+from zayaserve.cluster.structured_request import structured_spec
+from zayaserve.cluster.tool_calls import ToolPlan, ToolStream
+from zayaserve.cluster.tool_protocol import ToolCall
 from zayaserve.replicas.engine.outputs import RequestOutput, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 
@@ -59,7 +62,8 @@ def _max_tokens_field(body: ChatCompletionRequest) -> str:
     return "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
 
 
-def _params(body: ChatCompletionRequest, room: int, salt: str | None) -> SamplingParams:
+def _params(body: ChatCompletionRequest, room: int, salt: str | None, plan: ToolPlan,
+            skip_special: bool | None) -> SamplingParams:
     """room: tokens left in the context after the prompt, the default max_tokens (vLLM's)."""
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("stream_options: only allowed with stream=true",
@@ -69,13 +73,17 @@ def _params(body: ChatCompletionRequest, room: int, salt: str | None) -> Samplin
         raise InvalidRequestError("top_logprobs: requires logprobs=true", "top_logprobs")
     max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
                   else body.max_tokens)
+    spec = structured_spec(body)
+    if spec is not None and plan.constrains:
+        raise InvalidRequestError("tool_choice: required or a named function cannot be combined "
+                                  "with another output constraint", "tool_choice")
     return build_sampling_params(dict(
         n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
         ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
         max_tokens=max_tokens if max_tokens is not None else room,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-        skip_special_tokens=body.skip_special_tokens,
+        skip_special_tokens=skip_special, structured_outputs=spec or plan.constraint(),
         include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt,
         prompt_logprobs=body.prompt_logprobs, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
@@ -83,13 +91,14 @@ def _params(body: ChatCompletionRequest, room: int, salt: str | None) -> Samplin
         renames={"logprobs": "top_logprobs", "max_tokens": _max_tokens_field(body)})
 
 
-def _prompt(body: ChatCompletionRequest, ctx: ServingContext) -> tuple[str, list[int]]:
+def _prompt(body: ChatCompletionRequest, ctx: ServingContext,
+            plan: ToolPlan) -> tuple[str, list[int]]:
     check_chat_options(body)
-    conversation = [message_dict(m) for m in body.messages]
-    try:  # as LLM.chat: special-token strings in the messages stay plain text
+    conversation = [message_dict(m, i) for i, m in enumerate(body.messages)]
+    try:  # as LLM.chat: special-token strings in the messages (and tools) stay plain text
         text, ids = ctx.client.tokenizer.render_chat(
             conversation, add_generation_prompt=body.add_generation_prompt,
-            **(body.chat_template_kwargs or {}))
+            tools=plan.template_tools, **(body.chat_template_kwargs or {}))
     except ValueError as err:
         raise as_frontend_error(err, default_param="messages") from None
     if body.continue_final_message:
@@ -100,14 +109,18 @@ def _prompt(body: ChatCompletionRequest, ctx: ServingContext) -> tuple[str, list
 async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContext,
                                  request: Request, tenant: str | None = None) -> Response:
     model = resolve_model(body.model, ctx.served_model_names)
-    text, ids = _prompt(body, ctx)
+    plan = ToolPlan.of(body, ctx.tool_call_parser)
+    text, ids = _prompt(body, ctx, plan)
     check_context_length(ctx.client, len(ids), None, "messages")
     params = _params(body, ctx.client.max_model_len - len(ids),
-                     cache_salt(tenant, body.cache_salt))
+                     cache_salt(tenant, body.cache_salt), plan, _skip_special(body, plan, ctx))
     check_context_length(ctx.client, len(ids), params.max_tokens, "messages",
                          _max_tokens_field(body))
     chat_id = f"chatcmpl-{uuid.uuid4().hex}"
-    mode = ReasoningMode.of(ctx.reasoning_parser, body.include_reasoning, text)
+    # A constrained reply (schema, required or named tool) is all answer: no thinking in it.
+    constrained = params.structured_outputs is not None
+    mode = ReasoningMode.of(None if constrained else ctx.reasoning_parser,
+                            body.include_reasoning, text)
     requests = [(chat_id, ids, text)]
     tracker = ctx.metrics.track(ENDPOINT)
     renames = {"prompt": "messages", "prompt_token_ids": "messages"}
@@ -118,7 +131,7 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
             options = body.stream_options
             events = _events(opened, params, ctx, chat_id, model, tracker,
                              bool(options and options.include_usage),
-                             bool(options and options.usage_in_every_chunk()), mode)
+                             bool(options and options.usage_in_every_chunk()), mode, plan)
             return ClosingStreamingResponse(
                 events, cleanup=stream_closer(opened, tracker), media_type="text/event-stream")
         final = await unless_disconnected(
@@ -130,7 +143,20 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
     if final is None:
         return Response(status_code=499)  # the client left; nobody reads this
     tracker.on_prompt(len(ids))
-    return JSONResponse(_response(final[0], params, ctx, chat_id, model, mode).model_dump())
+    return JSONResponse(
+        _response(final[0], params, ctx, chat_id, model, mode, plan).model_dump())
+
+
+def _skip_special(body: ChatCompletionRequest, plan: ToolPlan,
+                  ctx: ServingContext) -> bool | None:
+    """vLLM's rule: when the tool-call tags are special tokens, parsing needs them in the text."""
+    if plan.mode == "auto" and ctx.client.tokenizer.token_to_id("<tool_call>") is not None:
+        return False
+    return body.skip_special_tokens
+
+
+def _finish(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def _logprobs(params: SamplingParams, ctx: ServingContext, token_ids: list[int],
@@ -141,14 +167,18 @@ def _logprobs(params: SamplingParams, ctx: ServingContext, token_ids: list[int],
 
 
 def _response(out: RequestOutput, params: SamplingParams, ctx: ServingContext, chat_id: str,
-              model: str, mode: ReasoningMode) -> ChatCompletionResponse:
+              model: str, mode: ReasoningMode, plan: ToolPlan) -> ChatCompletionResponse:
     choices = []
     for c in out.outputs:
         reasoning, content = mode.split(c.text)
+        calls: list[ToolCall] = []
+        if content is not None:
+            content, calls = plan.message(content, c.finish_reason == "stop")
         choices.append(ChatChoice(
-            index=c.index, message=ChatMessage(content=content, reasoning_content=reasoning),
+            index=c.index, message=ChatMessage(content=content, reasoning_content=reasoning,
+                                               tool_calls=calls),
             logprobs=_logprobs(params, ctx, c.token_ids, c.logprobs),
-            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+            finish_reason=_finish(c.finish_reason, bool(calls)),  # type: ignore[arg-type]
             stop_reason=c.stop_reason))
     return ChatCompletionResponse(
         id=chat_id, model=model, choices=choices, usage=usage_of([out]),
@@ -157,24 +187,29 @@ def _response(out: RequestOutput, params: SamplingParams, ctx: ServingContext, c
 
 
 def _stream_choices(delta: StepDelta, params: SamplingParams, ctx: ServingContext,
-                    mode: ReasoningMode, parsers: dict[int, ThinkParser]
-                    ) -> list[ChatStreamChoice]:
+                    mode: ReasoningMode, parsers: dict[int, ThinkParser],
+                    tools: dict[int, ToolStream], plan: ToolPlan) -> list[ChatStreamChoice]:
     """One entry per choice with news in this delta."""
     choices = []
     for c in delta.completions:
         if not (c.text or c.token_ids or c.finish_reason):
             continue
+        final = c.finish_reason is not None
         reasoning, content = None, c.text
         if mode.enabled:
             parser = parsers.setdefault(c.index, mode.stream())
-            thought, said = parser.feed(c.text, final=c.finish_reason is not None)
+            thought, said = parser.feed(c.text, final=final)
             reasoning = (thought or None) if mode.include else None
             content = said
+        tool = tools.setdefault(c.index, plan.stream())
+        said_text, calls = tool.feed(content or "", final)
         choices.append(ChatStreamChoice(
-            index=c.index, delta=DeltaMessage(content=content, reasoning_content=reasoning),
+            index=c.index, delta=DeltaMessage(content=said_text if said_text or not calls
+                                              else None, reasoning_content=reasoning,
+                                              tool_calls=calls),
             logprobs=_logprobs(params, ctx, list(c.token_ids),
                                list(c.logprobs) if c.logprobs is not None else None),
-            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+            finish_reason=_finish(c.finish_reason, tool.called),  # type: ignore[arg-type]
             stop_reason=c.stop_reason))
     return choices
 
@@ -183,10 +218,13 @@ async def _events(
     opened: list[tuple[StepDelta, AsyncIterator[StepDelta]]], params: SamplingParams,
     ctx: ServingContext, chat_id: str, model: str, tracker: RequestTracker, include_usage: bool,
     continuous_usage: bool = False, mode: ReasoningMode | None = None,
+    plan: ToolPlan | None = None,
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
     mode = mode or ReasoningMode()
+    plan = plan or ToolPlan()
     parsers: dict[int, ThinkParser] = {}
+    tools: dict[int, ToolStream] = {}
 
     def chunk(choices: list[ChatStreamChoice]) -> bytes:
         return sse(ChatCompletionStreamResponse(
@@ -203,7 +241,7 @@ async def _events(
             tracker.on_delta(0, delta)
             usage.add(delta)
             try:
-                choices = _stream_choices(delta, params, ctx, mode, parsers)
+                choices = _stream_choices(delta, params, ctx, mode, parsers, tools, plan)
             except Exception as err:  # a bug here is the server's, whatever its type
                 raise internal_error(err, ENDPOINT) from err
             if choices:

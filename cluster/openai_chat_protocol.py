@@ -19,6 +19,8 @@ from zayaserve.cluster.openai_protocol import (
     _Request,
     _SamplingFields,
 )
+from zayaserve.cluster.structured_protocol import StructuredFields
+from zayaserve.cluster.tool_protocol import DeltaToolCall, ToolCall, ToolCallParam, ToolFields
 from zayaserve.replicas.engine.params import MAX_LOGPROBS
 
 
@@ -28,12 +30,19 @@ class TextContentPart(_Request):
 
 
 class ChatMessageParam(_Request):
-    role: str = Field(description="system, user or assistant (the chat template decides).")
-    content: str | list[TextContentPart] = Field(description="Text, or a list of text parts.")
-    name: str | None = Field(default=None, description="Accepted, not used by the template.")
+    role: str = Field(description="system, user, assistant or tool (the chat template "
+                      "decides).")
+    content: str | list[TextContentPart] | None = Field(
+        description="Text, or a list of text parts; null only for an assistant message with "
+        "tool_calls.")
+    name: str | None = Field(default=None, description="Passed to the chat template.")
+    tool_calls: list[ToolCallParam] | None = Field(
+        default=None, description="An assistant message's calls.")
+    tool_call_id: str | None = Field(
+        default=None, description="A tool message: the call it answers.")
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, StructuredFields, ToolFields):
     model_config = ConfigDict(json_schema_extra=_all_of_any(
         [_NO_STREAM_OPTIONS, _STREAMING], [_NO_TOP_LOGPROBS, _LOGPROBS]))
 
@@ -85,13 +94,14 @@ class ChatMessage(BaseModel):
     content: str | None = None
     reasoning_content: str | None = Field(
         default=None, description="The model's thinking (server run with a reasoning parser).")
+    tool_calls: list[ToolCall] = Field(default_factory=list, description="Calls it made.")
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = Field(
         default=None, description="vLLM: the stop string or token id that ended it.")
 
@@ -112,13 +122,14 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
 
 
 class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 

@@ -24,14 +24,14 @@ from zayaserve.cluster.frontend_errors import (
 )
 from zayaserve.cluster.logprob_format import completion_logprobs, prompt_logprobs_out
 from zayaserve.cluster.metrics import RequestTracker
-from zayaserve.cluster.openai_protocol import (
+from zayaserve.cluster.openai_completions_protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
-    UsageInfo,
 )
+from zayaserve.cluster.openai_protocol import UsageInfo
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
@@ -47,6 +47,7 @@ from zayaserve.cluster.streams import (
     unless_disconnected,
     usage_of,
 )
+from zayaserve.cluster.structured_request import structured_spec
 from zayaserve.replicas.engine.outputs import RequestOutput, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
@@ -99,7 +100,7 @@ def _params(body: CompletionRequest, salt: str | None, echo: Echo) -> SamplingPa
         include_stop_str_in_output=body.include_stop_str_in_output, cache_salt=salt,
         prompt_logprobs=body.prompt_logprobs, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty)
+        frequency_penalty=body.frequency_penalty, structured_outputs=structured_spec(body))
     return build_sampling_params({**fields, **echo.engine_fields(body)})
 
 

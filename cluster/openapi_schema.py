@@ -67,11 +67,12 @@ def _sse_event_schema(chunk: type[BaseModel]) -> dict[str, Any]:
 
 
 def _refuse_unsupported(node: Any) -> Any:
-    """Objects that take extra properties (ignored by the server) still refuse the names of
-    features it does not honour: the schema says what a 400 is for."""
+    """Request objects that take extra properties (ignored by the server) still refuse the
+    names of features it does not honour: the schema says what a 400 is for. Free-form
+    objects (a tool's JSON schema, say: no declared properties) take any name."""
     if isinstance(node, dict):
         node = {k: _refuse_unsupported(v) for k, v in node.items()}
-        if node.get("additionalProperties") is True:
+        if node.get("additionalProperties") is True and "properties" in node:
             node["propertyNames"] = {"not": {"enum": sorted(NOT_SUPPORTED)}}
         return node
     if isinstance(node, list):

@@ -43,7 +43,7 @@ class ThinkParser:
             if not self.thinking and at != -1 and (text[:at].strip() or self.started):
                 at = -1  # <think> only opens thinking at the start of the completion
             if at == -1:
-                keep = 0 if final else _partial_tag(text, tag)
+                keep = 0 if final else partial_tag(text, tag)
                 if not self.thinking and self.started:
                     keep = 0  # content mid-answer: a later <think> is plain text
                 body, self._held = text[:len(text) - keep], text[len(text) - keep:]
@@ -61,7 +61,7 @@ class ThinkParser:
         return "".join(reasoning), "".join(content)
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):

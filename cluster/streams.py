@@ -44,6 +44,7 @@ class ServingContext:
     metrics: MetricsCollector
     max_prompts: int = 64  # prompts in one completions request
     reasoning_parser: str | None = None  # "think": <think>...</think> -> reasoning_content
+    tool_call_parser: str | None = "hermes"  # tool_choice auto: <tool_call>{...}</tool_call>
 
 
 # ---- engine streams ------------------------------------------------------------------------

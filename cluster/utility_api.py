@@ -12,11 +12,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from zayaserve import __version__
+from zayaserve.cluster.chat_options import message_dict
 from zayaserve.cluster.frontend_errors import as_frontend_error, check_token_ids, resolve_model
 from zayaserve.cluster.openai_chat_protocol import ChatMessageParam
 from zayaserve.cluster.openai_protocol import TokenId, _Request
 from zayaserve.cluster.openapi_schema import openapi_request_body, openapi_responses
 from zayaserve.cluster.streams import ServingContext
+from zayaserve.cluster.tool_protocol import ChatTool
 
 
 class TokenizeRequest(_Request):
@@ -28,6 +30,8 @@ class TokenizeRequest(_Request):
         default=True, description="For a prompt: add the tokenizer's special tokens (bos).")
     add_generation_prompt: bool = Field(
         default=True, description="For messages: end with the assistant turn's opening.")
+    tools: list[ChatTool] | None = Field(
+        default=None, min_length=1, description="For messages: tools the template shows.")
     return_token_strs: bool = Field(default=False, description="Also return each token's text.")
 
 
@@ -69,8 +73,9 @@ def add_utility_routes(app: FastAPI, ctx: ServingContext, authorize: Callable[[R
                                     default_param="prompt")
         try:
             if body.messages is not None:
-                conversation = [m.model_dump(exclude_none=True) for m in body.messages]
-                _, ids = tokenizer.render_chat(conversation, body.add_generation_prompt)
+                conversation = [message_dict(m, i) for i, m in enumerate(body.messages)]
+                tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
+                _, ids = tokenizer.render_chat(conversation, body.add_generation_prompt, tools)
             else:
                 ids = tokenizer.encode(body.prompt or "", body.add_special_tokens)
         except ValueError as err:

@@ -648,7 +648,7 @@ def test_chat_renders_the_template_and_generates(llm: LLM) -> None:
     (r"messages\[0\]\.role", [{"role": 5, "content": "x"}]),
     (r"messages\[1\]\.content", [{"role": "user", "content": "x"}, {"role": "user"}]),
     (r"messages\[0\]\.content\[0\]\.type", [{"role": "user", "content": [{"type": "image"}]}]),
-    ("unsupported role", [{"role": "tool", "content": "x"}]),
+    ("unsupported role", [{"role": "robot", "content": "x"}]),
 ])
 def test_chat_rejects_bad_messages(llm: LLM, match: str, conv: list[dict[str, Any]]) -> None:
     with pytest.raises(ValueError, match=match):

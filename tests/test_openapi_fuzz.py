@@ -83,7 +83,7 @@ def test_schema_declares_bodies_and_answers(fuzz_server: Server) -> None:
         body = op["requestBody"]["content"]["application/json"]["schema"]
         # Unknown fields are ignored (vLLM's way), except features not honoured here.
         assert body["additionalProperties"] is True and body["required"], path
-        assert "tools" in body["propertyNames"]["not"]["enum"], path
+        assert "functions" in body["propertyNames"]["not"]["enum"], path
         assert {"200", "400", "404", "500"} <= set(op["responses"]), path
         assert set(op["responses"]["200"]["content"]) == {"application/json",
                                                           "text/event-stream"}, path

@@ -49,6 +49,7 @@ RAY_SIDE = ["router/request_router.py", "replicas/attention_worker.py", "replica
 SUPPORT = {
     "cluster/api_keys.py", "cluster/frontend_errors.py", "cluster/logprob_format.py",
     "cluster/metrics.py", "cluster/chat_options.py", "cluster/reasoning.py",
+    "cluster/structured_request.py", "cluster/tool_calls.py", "replicas/engine/grammar.py",
     "replicas/model/chat_template.py",
     "cluster/openai_protocol.py", "cluster/openai_chat_protocol.py",
     "replicas/engine/params.py", "replicas/engine/request_limits.py",

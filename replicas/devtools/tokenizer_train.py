@@ -19,14 +19,28 @@ START_OF_TURN = "<start_of_turn>"
 # The eos id names the end-of-turn token, so a chat reply stops generation where the turn ends.
 EOS_TOKEN = END_OF_TURN = "<end_of_turn>"
 
-# Gemma-style turns, as ZAYA1 uses; the assistant speaks as "model".
+# Gemma-style turns, as ZAYA1 uses; the assistant speaks as "model". Tools, tool calls and
+# tool results use the Hermes format (<tools>, <tool_call>, <tool_response>) of Qwen3-family
+# templates; without tools the prompt is plain Gemma turns.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<start_of_turn>system\\nYou may call these functions. To call one, "
+    "write <tool_call>\\n{\"name\": <name>, \"arguments\": <arguments>}\\n</tool_call>\\n"
+    "<tools>\\n' }}{% for tool in tools %}{{ tool | tojson ~ '\\n' }}{% endfor %}"
+    "{{ '</tools><end_of_turn>\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
     "{% elif message['role'] in ['system', 'user'] %}{% set role = message['role'] %}"
+    "{% elif message['role'] == 'tool' %}{% set role = 'user' %}"
     "{% else %}{{ raise_exception('unsupported role: ' ~ message['role']) }}{% endif %}"
-    "{{ '<start_of_turn>' ~ role ~ '\\n' ~ message['content'] | trim ~ '<end_of_turn>\\n' }}"
+    "{{ '<start_of_turn>' ~ role ~ '\\n' }}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '<tool_response>\\n' ~ message['content'] | trim ~ '\\n</tool_response>' }}"
+    "{% else %}{{ message['content'] | trim }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}{{ '<tool_call>\\n' ~ {'name': "
+    "call['function']['name'], 'arguments': call['function']['arguments']} | tojson ~ "
+    "'\\n</tool_call>' }}{% endfor %}"
+    "{{ '<end_of_turn>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )

@@ -70,6 +70,8 @@ def _normalize_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
                                      f"messages[{i}].content[{j}].text must be a string")
                 texts.append(part["text"])
             content = "\n".join(texts)
+        elif content is None and message.get("tool_calls"):
+            content = ""  # an assistant turn that only calls tools
         elif not isinstance(content, str):
             raise ParamError(f"messages[{i}].content",
                              f"messages[{i}].content must be a string or a list of text parts")
@@ -78,11 +80,13 @@ def _normalize_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def _strings(value: Any) -> Iterator[str]:
-    """Every string inside a message (values of nested objects and lists; not the keys)."""
+    """Every string inside a message or tool: values and keys of nested objects (a tool's
+    JSON schema names its properties with keys), items of lists."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, Mapping):
-        for item in value.values():
+        for key, item in value.items():
+            yield from _strings(key)
             yield from _strings(item)
     elif isinstance(value, list | tuple):
         for item in value:
@@ -93,7 +97,7 @@ def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
     if isinstance(value, str):
         return fn(value)
     if isinstance(value, Mapping):
-        return {k: _map_strings(v, fn) for k, v in value.items()}
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_map_strings(v, fn) for v in value]
     return value
@@ -149,9 +153,10 @@ class ChatRenderer:
             raise ValueError(f"the checkpoint's chat template does not parse: {e}") from e
 
     def _render(self, conversation: list[dict[str, Any]], add_generation_prompt: bool,
-                extra: Mapping[str, Any]) -> str:
+                extra: Mapping[str, Any], tools: list[Any] | None = None) -> str:
         context = {
             **extra,
+            **({"tools": tools} if tools is not None else {}),
             "messages": conversation,
             "add_generation_prompt": add_generation_prompt,
             "bos_token": self.tokenizer.bos_token or "",
@@ -164,29 +169,33 @@ class ChatRenderer:
             raise ValueError(f"chat template failed to render: {e}") from e
 
     def text(self, messages: Sequence[Any], add_generation_prompt: bool,
-             extra: Mapping[str, Any]) -> str:
+             extra: Mapping[str, Any], tools: list[Any] | None = None) -> str:
         """The prompt text (see `Tokenizer.apply_chat_template`)."""
-        return self._render(_normalize_messages(messages), add_generation_prompt, extra)
+        return self._render(_normalize_messages(messages), add_generation_prompt, extra, tools)
 
     def render(self, messages: Sequence[Any], add_generation_prompt: bool,
-               extra: Mapping[str, Any]) -> tuple[str, list[int]]:
-        """The prompt text and its ids, message text kept as data (see `Tokenizer.render_chat`)."""
+               extra: Mapping[str, Any], tools: list[Any] | None = None
+               ) -> tuple[str, list[int]]:
+        """The prompt text and its ids, message text kept as data (see `Tokenizer.render_chat`).
+        `tools` (function definitions) are data too: they come from the request."""
         conversation = _normalize_messages(messages)
-        text = self._render(conversation, add_generation_prompt, extra)
-        found = {t for s in _strings(conversation) for t in self._special_texts(s)}
+        text = self._render(conversation, add_generation_prompt, extra, tools)
+        data = [conversation, tools or []]
+        found = {t for s in _strings(data) for t in self._special_texts(s)}
         if not found:
             return text, self.tokenizer.encode(text, add_special_tokens=False)
         # Render again with each special-token text in the messages replaced by a private-use
         # character (transforms such as `| trim` still apply), then tokenize the template's
         # special tokens as such and everything between them, marks restored, as plain text.
         texts = sorted(found)
-        marks = _marks(len(texts), text + "".join(_strings(conversation)))
+        marks = _marks(len(texts), text + "".join(_strings(data)))
         to_mark = dict(zip(texts, marks, strict=True))
         escape = _trie_pattern(texts)
         assert escape is not None
-        escaped = _map_strings(conversation,
-                               lambda s: escape.sub(lambda m: to_mark[m.group()], s))
-        rendered = self._render(escaped, add_generation_prompt, extra)
+        escaped, escaped_tools = _map_strings(
+            data, lambda s: escape.sub(lambda m: to_mark[m.group()], s))
+        rendered = self._render(escaped, add_generation_prompt, extra,
+                                escaped_tools if tools is not None else None)
         back = dict(zip(marks, texts, strict=True))
         # `| tojson` writes a mark as a \u escape pair; give back what it writes for the text.
         back.update({json.dumps(m)[1:-1]: str(htmlsafe_json_dumps(t))[1:-1]

@@ -161,17 +161,19 @@ class Tokenizer:
         return self.render_chat(messages, add_generation_prompt, **extra)[1]
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None, **extra: Any
     ) -> tuple[str, list[int]]:
         """The prompt text and its token ids, with the messages' text kept as data.
 
         Special tokens come only from the template (and its bos/eos variables): special-token
         text in any string of a message (content, name, tool calls...) is tokenized as plain
         text, as transformers' `split_special_tokens=True` would, content only. A conversation
-        without such text gets exactly `encode(apply_chat_template(...), False)`. `extra`
-        template variables are trusted: they are not escaped.
+        without such text gets exactly `encode(apply_chat_template(...), False)`. `tools`
+        (function definitions) are data in the same way; `extra` template variables are
+        trusted: they are not escaped.
         """
-        return self._chat.render(messages, add_generation_prompt, extra)
+        return self._chat.render(messages, add_generation_prompt, extra, tools)
 
 
 class IncrementalDetokenizer:

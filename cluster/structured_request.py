@@ -1,0 +1,67 @@
+"""Structured outputs as the OpenAI API asks for them: OpenAI's `response_format` (JSON mode,
+JSON schema), vLLM's `structured_outputs` (json, regex, choice, grammar) and its older
+`guided_*` fields, all turned into one `StructuredOutputsParams` for the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zayaserve.cluster.frontend_errors import InvalidRequestError
+from zayaserve.cluster.structured_protocol import (
+    GUIDED_FIELDS,
+    ResponseFormat,
+    StructuredOutputsField,
+)
+from zayaserve.replicas.engine.structured import StructuredOutputsParams
+from zayaserve.replicas.validation_errors import ParamError
+
+__all__ = ["structured_spec"]
+
+
+def _from_response_format(fmt: ResponseFormat) -> StructuredOutputsParams | None:
+    if fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise InvalidRequestError(
+            "response_format.json_schema.schema: required with type json_schema",
+            "response_format.json_schema.schema")
+    return StructuredOutputsParams(json=fmt.json_schema.schema_)  # type: ignore[arg-type]
+
+
+def _from_field(field: StructuredOutputsField) -> StructuredOutputsParams:
+    given = {name: getattr(field, attr) for name, attr in (
+        ("json", "json_"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar"),
+        ("json_object", "json_object"), ("disable_any_whitespace", "disable_any_whitespace"))}
+    return StructuredOutputsParams.of({k: v for k, v in given.items() if v is not None})
+
+
+def structured_spec(body: Any) -> StructuredOutputsParams | None:
+    """The request's constraint, from whichever one field sets it (two are a 400)."""
+    sources: list[tuple[str, Any]] = []
+    fmt: ResponseFormat | None = getattr(body, "response_format", None)
+    if fmt is not None and fmt.type != "text":
+        sources.append(("response_format", lambda: _from_response_format(fmt)))
+    field: StructuredOutputsField | None = getattr(body, "structured_outputs", None)
+    if field is not None:
+        sources.append(("structured_outputs", lambda: _from_field(field)))
+    for name, kind in GUIDED_FIELDS.items():
+        value = getattr(body, name, None)
+        if value is not None:
+            sources.append((name, lambda kind=kind, value=value:
+                            StructuredOutputsParams.of({kind: value})))
+    if not sources:
+        return None
+    if len(sources) > 1:
+        names = ", ".join(n for n, _ in sources)
+        raise InvalidRequestError(f"{sources[1][0]}: only one of {names} may be set",
+                                  sources[1][0])
+    name, build = sources[0]
+    try:
+        spec: StructuredOutputsParams | None = build()
+    except ParamError as err:
+        param = err.param.replace("structured_outputs", name, 1)
+        message = str(err).replace("structured_outputs", name, 1)
+        raise InvalidRequestError(message, param) from None
+    return spec

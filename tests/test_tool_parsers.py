@@ -1,0 +1,272 @@
+"""The Hermes tool-call parser: whole messages give (content, calls) or, if any block is
+invalid, the text unchanged; streams give the same calls and content however the text is cut
+into deltas (one character at a time, random chunks, tags split over deltas), hold back a
+possible partial tag until they know, and flush it at the end."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from zayaserve.cluster.tool_parsers import (
+    TOOL_PARSERS,
+    HermesToolParser,
+    ParsedToolCall,
+    ToolCallDelta,
+    get_tool_parser,
+    register_tool_parser,
+)
+
+ID = re.compile(r"chatcmpl-tool-[0-9a-f]{32}")
+SAMPLE = ('some optional content text\n<tool_call>\n'
+          '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+          '<tool_call>\n{"name": "other", "arguments": {}}\n</tool_call>\n')
+SAMPLES = [
+    SAMPLE,
+    '<tool_call>{"name":"a","arguments":"{\\"k\\": [1, 2]}"}</tool_call>'
+    '<tool_call>{"name":"b"}</tool_call>',
+    'compare a<b and <tool maybe\n<tool_call>{"name": "g", "arguments": '
+    '{"s": "</tool <tool_call", "n": {"m": [1.5, null, true]}}}</tool_call>',
+    '<tool_call>{"name": "a", "arguments": {}}</tool_call>\nDone.',
+    'x<tool_call>{"name": "a"}</tool_call> then <tool_call>'
+    '{"name": "b", "arguments": {"s": "naïve ☃"}}</tool_call>  \n',
+    '<tool_call>{"name": "a"}</tool_call>\n<tool',
+    "plain answer < with <tool but no call",
+    'oops <tool_call>{"name": 3}</tool_call> end',
+    "stopped <tool_call>",
+]
+
+
+def parse(text: str) -> tuple[str | None, list[ParsedToolCall]]:
+    return HermesToolParser().parse(text)
+
+
+def named(calls: list[ParsedToolCall]) -> list[tuple[str, object]]:
+    """The calls' names and decoded arguments, in order."""
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_single_call() -> None:
+    content, calls = parse('<tool_call>\n{"name": "f", "arguments": {"city": "Zürich"}}\n'
+                           '</tool_call>')
+    assert content is None
+    assert named(calls) == [("f", {"city": "Zürich"})]
+    assert calls[0].arguments == '{"city": "Zürich"}'  # ensure_ascii=False
+    assert ID.fullmatch(calls[0].id)
+
+
+def test_multiple_calls_with_content_before() -> None:
+    content, calls = parse(SAMPLE)
+    assert content == "some optional content text"
+    assert named(calls) == [("get_weather", {"city": "Paris"}), ("other", {})]
+    assert all(ID.fullmatch(c.id) for c in calls)
+    assert calls[0].id != calls[1].id
+
+
+def test_ids_are_random() -> None:
+    ids = {c.id for _ in range(20) for c in parse(SAMPLE)[1]}
+    assert len(ids) == 40
+
+
+def test_arguments_as_json_string() -> None:
+    _, calls = parse('<tool_call>{"name": "f", "arguments": "{\\"a\\": [1, {\\"b\\": null}]}"}'
+                     '</tool_call>')
+    assert named(calls) == [("f", {"a": [1, {"b": None}]})]
+
+
+def test_missing_arguments_means_empty_object() -> None:
+    _, calls = parse('<tool_call>{"name": "f"}</tool_call>')
+    assert [(c.name, c.arguments) for c in calls] == [("f", "{}")]
+
+
+def test_arguments_round_trip() -> None:
+    args = {"q": "é \"quoted\" \\ \n ☃", "n": [1, 2.5, -3e-7, True, None], "o": {"": {}}}
+    _, calls = parse(f'<tool_call>{json.dumps({"name": "f", "arguments": args})}</tool_call>')
+    assert json.loads(calls[0].arguments) == args
+
+
+def test_text_after_calls() -> None:
+    assert parse('<tool_call>{"name": "f"}</tool_call> \n\t')[0] is None
+    assert parse('pre <tool_call>{"name": "f"}</tool_call>\nDone.')[0] == "pre \nDone."
+
+
+def test_no_tags_is_unchanged() -> None:
+    assert parse("  just text </tool_call>\n") == ("  just text </tool_call>\n", [])
+    assert parse("") == (None, [])
+
+
+@pytest.mark.parametrize("block", [
+    '{"name": "f", "arguments": {"a": 1}',  # bad JSON
+    '{"name": "f"} trailing',
+    '["f", {}]',  # not an object
+    '{"arguments": {}}',  # no name
+    '{"name": 3, "arguments": {}}',
+    '{"name": "", "arguments": {}}',
+    '{"name": "f", "arguments": [1]}',
+    '{"name": "f", "arguments": null}',
+    '{"name": "f", "arguments": "[1]"}',  # a string, but not of an object
+    '{"name": "f", "arguments": "{bad"}',
+    '{"name": "f", "arguments": {"x": NaN}}',  # would not round-trip
+])
+def test_invalid_block_gives_whole_text(block: str) -> None:
+    text = f'hi <tool_call>{{"name": "ok"}}</tool_call>\n<tool_call>{block}</tool_call>'
+    assert parse(text) == (text, [])
+
+
+@pytest.mark.parametrize("text", [
+    'a <tool_call>{"name": "f", "arguments": {}}',
+    '<tool_call>{"name": "f"}</tool_call><tool_call>{"name": "g"}',
+    "a <tool_call>",
+])
+def test_unclosed_block_in_parse_gives_whole_text(text: str) -> None:
+    assert parse(text) == (text, [])
+
+
+def run_stream(pieces: list[str], last_final: bool = False) -> tuple[str, list[ToolCallDelta]]:
+    """Feed the pieces (the last one with final=True, or then an empty final feed)."""
+    parser = HermesToolParser().stream()
+    content: list[str] = []
+    deltas: list[ToolCallDelta] = []
+    for i, piece in enumerate(pieces):
+        out, new = parser.feed(piece, final=last_final and i == len(pieces) - 1)
+        content.append(out)
+        deltas.extend(new)
+    if not last_final:
+        out, new = parser.feed("", final=True)
+        content.append(out)
+        deltas.extend(new)
+    assert parser.called == bool(deltas)
+    return "".join(content), deltas
+
+
+def assemble(deltas: list[ToolCallDelta]) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) per call index, as an OpenAI client would rebuild them."""
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        if d.index not in calls:
+            assert d.id is not None and d.name is not None
+            calls[d.index] = [d.id, d.name, ""]
+        else:
+            assert d.id is None and d.name is None
+        calls[d.index][2] += d.arguments
+    assert sorted(calls) == list(range(len(calls)))
+    return [(calls[k][0], calls[k][1], calls[k][2]) for k in sorted(calls)]
+
+
+def check_stream(text: str, pieces: list[str], last_final: bool = False) -> None:
+    assert "".join(pieces) == text
+    content, deltas = run_stream(pieces, last_final)
+    whole_content, whole_calls = parse(text)
+    calls = assemble(deltas)
+    assert [(n, json.loads(a)) for _, n, a in calls] == named(whole_calls)
+    assert [a for _, _, a in calls] == [c.arguments for c in whole_calls]
+    assert all(ID.fullmatch(i) for i, _, _ in calls)
+    assert len({i for i, _, _ in calls}) == len(calls)
+    if whole_calls:
+        assert (content.strip() or None) == whole_content
+    else:
+        assert content == text
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+@pytest.mark.parametrize("last_final", [False, True])
+def test_stream_one_char_at_a_time(text: str, last_final: bool) -> None:
+    check_stream(text, list(text), last_final)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_stream_random_chunks(text: str) -> None:
+    rng = random.Random(f"chunks {text}")
+    for trial in range(40):
+        n_cuts = rng.randint(0, min(len(text) - 1, 8))
+        cuts = sorted(rng.sample(range(1, len(text)), n_cuts))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        check_stream(text, pieces, last_final=trial % 2 == 1)
+
+
+def test_samples_cover_calls_and_no_calls() -> None:
+    with_calls = [t for t in SAMPLES if parse(t)[1]]
+    assert 0 < len(with_calls) < len(SAMPLES)
+
+
+def test_tag_split_across_feeds() -> None:
+    parser = HermesToolParser().stream()
+    assert parser.feed("a <tool_") == ("a ", [])
+    assert parser.feed('call>{"name": "f", "arguments": {"x": 1}}</tool') == ("", [])
+    assert not parser.called
+    content, deltas = parser.feed("_call>\n")
+    assert content == ""
+    assert [(d.index, d.name, d.arguments) for d in deltas] == [(0, "f", '{"x": 1}')]
+    assert parser.called
+    content, deltas = parser.feed('<tool_call>{"name": "g"}</tool_call>', final=True)
+    assert (content, [(d.index, d.name, d.arguments) for d in deltas]) == ("", [(1, "g", "{}")])
+
+
+def test_partial_tag_that_is_not_one_flows_on() -> None:
+    parser = HermesToolParser().stream()
+    assert parser.feed("x <tool") == ("x ", [])
+    assert parser.feed("box") == ("<toolbox", [])
+
+
+def test_final_flushes_held_partial_tag() -> None:
+    parser = HermesToolParser().stream()
+    assert parser.feed("a <tool", final=True) == ("a <tool", [])
+    parser = HermesToolParser().stream()
+    assert parser.feed("a <tool") == ("a ", [])
+    assert parser.feed("", final=True) == ("<tool", [])
+    assert not parser.called
+
+
+@pytest.mark.parametrize("tail", ["", "\n", "\n</tool_c"])
+def test_unclosed_final_block_with_valid_json_is_a_call(tail: str) -> None:
+    parser = HermesToolParser().stream()
+    assert parser.feed('ok <tool_call>\n{"name": "f", "arguments": {"a": [1]}}' + tail) == (
+        "ok ", [])
+    content, deltas = parser.feed("", final=True)
+    assert content == ""
+    assert [(d.index, d.name, json.loads(d.arguments)) for d in deltas] == [(0, "f", {"a": [1]})]
+    assert parser.called
+
+
+def test_unclosed_final_block_with_bad_json_is_content() -> None:
+    parser = HermesToolParser().stream()
+    assert parser.feed('<tool_call>{"name": "f", "argu', final=True) == (
+        '<tool_call>{"name": "f", "argu', [])
+    parser = HermesToolParser().stream()
+    assert parser.feed("x <tool_call>") == ("x ", [])
+    assert parser.feed("", final=True) == ("<tool_call>", [])
+
+
+def test_invalid_block_in_stream_is_content() -> None:
+    parser = HermesToolParser().stream()
+    content, deltas = parser.feed('<tool_call>{"name": "f"}</tool_call>\n'
+                                  '<tool_call>[1]</tool_call> tail', final=True)
+    assert content == "<tool_call>[1]</tool_call> tail"
+    assert [d.name for d in deltas] == ["f"]
+
+
+def test_whitespace_after_a_call_is_held_then_dropped_or_sent() -> None:
+    parser = HermesToolParser().stream()
+    assert parser.feed('<tool_call>{"name": "f"}</tool_call>\n\n')[0] == ""
+    assert parser.feed("Done")[0] == "\n\nDone"
+    parser = HermesToolParser().stream()
+    assert parser.feed('<tool_call>{"name": "f"}</tool_call>\n\n')[0] == ""
+    assert parser.feed("", final=True) == ("", [])
+
+
+def test_registry() -> None:
+    assert isinstance(get_tool_parser("hermes"), HermesToolParser)
+    assert TOOL_PARSERS["hermes"] is HermesToolParser
+    with pytest.raises(ValueError, match="nope") as err:
+        get_tool_parser("nope")
+    assert "hermes" in str(err.value)
+    register_tool_parser("custom", HermesToolParser)
+    try:
+        assert isinstance(get_tool_parser("custom"), HermesToolParser)
+    finally:
+        del TOOL_PARSERS["custom"]
+    with pytest.raises(ValueError, match="custom"):
+        get_tool_parser("custom")
