@@ -17,6 +17,7 @@ NOT_FOUND (unknown model), UNAUTHENTICATED (API key).
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,11 +116,28 @@ def build_request(
             request.sampling.stop.extend([value] if isinstance(value, str) else value)
         elif name == "stop_token_ids":
             request.sampling.stop_token_ids.extend(value)
+        elif name == "structured_outputs":
+            request.sampling.structured_outputs.CopyFrom(_structured_pb(value))
         elif name in _SCALAR_FIELDS:
             setattr(request.sampling, name, value)
         else:
             raise TypeError(f"{name}: not a sampling parameter")
     return request
+
+
+def _structured_pb(spec: Mapping[str, Any]) -> pb.StructuredOutputs:
+    """vLLM's structured_outputs dict, e.g. {"json": schema} or {"choice": ["a", "b"]}."""
+    out = pb.StructuredOutputs()
+    for kind, value in spec.items():
+        if kind == "json":
+            out.json = value if isinstance(value, str) else json.dumps(value)
+        elif kind == "choice":
+            out.choice.choices.extend(value)
+        elif kind in ("regex", "grammar", "json_object", "disable_any_whitespace"):
+            setattr(out, kind, value)
+        else:
+            raise TypeError(f"structured_outputs.{kind}: not a structured-outputs field")
+    return out
 
 
 def _logprobs(delta: pb.CompletionDelta) -> list[PositionLogprobs] | None:

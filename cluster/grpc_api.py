@@ -15,18 +15,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from zayaserve.cluster.api_keys import ApiKeys, cache_salt
+from zayaserve.cluster.api_keys import ApiKeys
 from zayaserve.cluster.engine_client import EngineClient
 from zayaserve.cluster.frontend_errors import (
     FrontendError,
     InvalidRequestError,
     as_frontend_error,
-    build_sampling_params,
     check_context_length,
     check_token_ids,
     internal_error,
     resolve_model,
 )
+from zayaserve.cluster.grpc_params import RENAMES, sampling_params
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
@@ -44,29 +44,6 @@ _STATUS_OF_HTTP = {
     413: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
 }
-_OPTIONAL_SAMPLING_FIELDS = (
-    "n", "temperature", "top_p", "top_k", "seed", "ignore_eos", "max_tokens", "min_tokens",
-    "logprobs", "skip_special_tokens", "include_stop_str_in_output", "min_p",
-    "repetition_penalty", "presence_penalty", "frequency_penalty")
-# SamplingParams names its fields bare; here they live under `sampling`.
-_RENAMES = {name: f"sampling.{name}" for name in SamplingParams.__dataclass_fields__}
-
-
-def _sampling_params(request: pb.GenerateRequest, tenant: str | None) -> SamplingParams:
-    if request.HasField("cache_salt") and not 0 < len(request.cache_salt) <= 256:
-        raise InvalidRequestError("cache_salt: must be 1 to 256 characters", "cache_salt")
-    s = request.sampling
-    fields: dict[str, Any] = {name: getattr(s, name) for name in _OPTIONAL_SAMPLING_FIELDS
-                              if s.HasField(name)}
-    if s.stop:
-        fields["stop"] = list(s.stop)
-    if s.stop_token_ids:
-        fields["stop_token_ids"] = list(s.stop_token_ids)
-    fields["cache_salt"] = cache_salt(
-        tenant, request.cache_salt if request.HasField("cache_salt") else None)
-    return build_sampling_params(fields, _RENAMES)
-
-
 def _logprobs_pb(client: EngineClient, token_id: int, entries: dict[int, Logprob],
                  k: int) -> pb.PositionLogprobs:
     def one(tid: int, lp: Logprob) -> pb.TokenLogprob:
@@ -140,7 +117,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         else:
             raise InvalidRequestError("input: set one of prompt, prompt_token_ids or chat",
                                       "input")
-        params = _sampling_params(request, tenant)
+        params = sampling_params(request, tenant)
         check_context_length(self.client, len(ids), params.max_tokens, field,
                              "sampling.max_tokens")
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
@@ -149,7 +126,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def _fail(self, context: grpc.aio.ServicerContext, err: BaseException,
                     endpoint: str) -> None:
         try:
-            frontend_err: FrontendError = as_frontend_error(err, _RENAMES)
+            frontend_err: FrontendError = as_frontend_error(err, RENAMES)
         except Exception:  # not the request's fault
             frontend_err = internal_error(err, endpoint)
         status = _STATUS_OF_HTTP.get(frontend_err.status, grpc.StatusCode.INTERNAL)

@@ -117,17 +117,21 @@ class HermesToolParser:
     def parse(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
         """Content is the text before the first block plus any text between or after blocks
         that is not only whitespace, stripped (None if empty). A message without blocks is
-        returned unchanged; one with any invalid or unclosed block, too, with no calls."""
+        returned unchanged; one with any invalid block, too, with no calls. The last block may
+        be unclosed (a model often stops right after the JSON), as in a stream."""
         at = text.find(OPEN)
         if at == -1:
             return text or None, []
         pieces, calls = [text[:at]], []
         while at != -1:
             end = text.find(CLOSE, at + len(OPEN))
-            parsed = _parse_block(text[at + len(OPEN):end]) if end != -1 else None
+            body = text[at + len(OPEN):] if end == -1 else text[at + len(OPEN):end]
+            parsed = _parse_block(body)
             if parsed is None:
                 return text, []
             calls.append(ParsedToolCall(new_call_id(), *parsed))
+            if end == -1:
+                break
             after = end + len(CLOSE)
             at = text.find(OPEN, after)
             between = text[after:] if at == -1 else text[after:at]

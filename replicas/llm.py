@@ -101,7 +101,9 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         use_tqdm: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`; `tools` (OpenAI function definitions) go to the template."""
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("messages: this checkpoint has no tokenizer/chat template")
@@ -111,7 +113,8 @@ class LLM:
         prompts: list[PromptInput] = []
         for conv in conversations:
             # The messages' text is data: special-token strings in it stay plain text.
-            text, ids = tok.render_chat(conv, add_generation_prompt=add_generation_prompt)
+            text, ids = tok.render_chat(conv, add_generation_prompt=add_generation_prompt,
+                                        tools=tools)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params)
 

@@ -6,6 +6,7 @@ INVALID_ARGUMENT naming them; overload is RESOURCE_EXHAUSTED; a cancelled call f
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -278,3 +279,17 @@ def test_api_key(engine_client: LocalEngineClient) -> None:
             assert keyed.generate("abc", max_tokens=2).usage.completion_tokens == 2
     finally:
         server.stop()
+
+
+def test_structured_outputs(client: ZayaClient) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    result = client.generate("abc", max_tokens=40, seed=1, structured_outputs={
+        "json": schema, "disable_any_whitespace": True})
+    assert json.loads(result.completions[0].text) in ({"ok": True}, {"ok": False})
+    streamed = client.stream("abc", max_tokens=20, structured_outputs={"choice": ["yes", "no"]})
+    assert "".join(d.text for d in streamed) in ("yes", "no")
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate("abc", max_tokens=4, structured_outputs={"regex": "(unclosed"})
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "structured_outputs.regex" in info.value.details()  # type: ignore[attr-defined]

@@ -214,6 +214,12 @@ def test_demo_serves_quietly_and_stops(plain: PlainVenv) -> None:
         assert r.status_code == 200, r.text
         choices = r.json()["choices"]
         assert choices and choices[0]["text"] is not None, r.json()
+        # Structured outputs need the `structured` extra: a plain install says what to install
+        # (400), and goes on serving.
+        r = httpx.post(base + "/v1/completions", timeout=120, json={
+            **BODY, "structured_outputs": {"choice": ["yes", "no"]}})
+        assert r.status_code == 400 and "zayaserve[structured]" in r.json()["error"]["message"], (
+            r.text)
 
         # gRPC: the standard health service says SERVING.
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:

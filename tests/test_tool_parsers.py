@@ -116,12 +116,19 @@ def test_invalid_block_gives_whole_text(block: str) -> None:
     assert parse(text) == (text, [])
 
 
-@pytest.mark.parametrize("text", [
-    'a <tool_call>{"name": "f", "arguments": {}}',
-    '<tool_call>{"name": "f"}</tool_call><tool_call>{"name": "g"}',
-    "a <tool_call>",
+@pytest.mark.parametrize(("text", "content", "names"), [
+    ('a <tool_call>{"name": "f", "arguments": {}}', "a", ["f"]),
+    ('<tool_call>{"name": "f"}</tool_call><tool_call>{"name": "g"}', None, ["f", "g"]),
 ])
-def test_unclosed_block_in_parse_gives_whole_text(text: str) -> None:
+def test_an_unclosed_last_block_is_a_call_when_its_json_is(
+        text: str, content: str | None, names: list[str]) -> None:
+    """Models often stop right after the JSON; a stream takes such a block too."""
+    got_content, calls = parse(text)
+    assert got_content == content and [c.name for c in calls] == names
+
+
+@pytest.mark.parametrize("text", ["a <tool_call>", 'a <tool_call>{"name": "f", "argu'])
+def test_an_unclosed_block_without_a_call_gives_whole_text(text: str) -> None:
     assert parse(text) == (text, [])
 
 
