@@ -323,8 +323,8 @@ def test_bad_messages(tiny: Tokenizer, messages: list, field: str) -> None:
 
 
 def test_unknown_role_raises_from_template(tiny: Tokenizer) -> None:
-    with pytest.raises(ValueError, match="unsupported role: tool"):
-        tiny.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="unsupported role: robot"):
+        tiny.apply_chat_template([{"role": "robot", "content": "x"}])
 
 
 def test_extra_template_variables(tiny: Tokenizer) -> None:
