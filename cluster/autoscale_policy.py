@@ -1,0 +1,249 @@
+"""What the application-level autoscaler decides: how many attention workers and expert shards.
+
+`decide` is the pure half of a Ray Serve custom `autoscaling_policy`: the caller gathers each
+replica's metrics, calls it with one `PolicyState` kept between calls and applies the counts it
+returns. Nothing here imports Ray, so a metric trace can be replayed in a test.
+
+- Attention workers want ceil(total waiting / target_waiting_per_worker); a mean KV usage above
+  max_kv_usage, or a mean TTFT above max_ttft_s, wants at least one more. A worker without a
+  sample counts as idle (it just started): it dilutes the means.
+- Expert shards want ceil(total queued rows / target_queue_per_shard) and, with
+  max_rows_per_s_per_shard set, at least ceil(total rows/s / it).
+- Down needs headroom: the load moved onto one replica fewer must stay within HEADROOM (70%) of
+  every target (waiting or queued rows, rows/s, KV usage, TTFT), unless the pool is idle (nothing
+  waiting, running or queued: the only way to zero). With fewer samples than replicas, never down.
+- Hysteresis (`PoolMemory`): a change happens once its direction has been proposed at every call
+  for upscale_delay_s or downscale_delay_s; another direction, a call that keeps the count, or a
+  current count other than the clock's restarts the clock. Up jumps to the smallest count
+  proposed in the window (the demand that lasted it: a ramp is not postponed by its own growth, a
+  spike in it does not overshoot); down removes one replica per window (a shard's experts must
+  move first). Each change starts the next window.
+- Bounds are not load signals and apply at once: a count outside [min, max] is clamped; with
+  attention_workers_per_shard set, the shards' floor is ceil(attention workers decided / ratio).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+HEADROOM = 0.7  # scale down only when one replica fewer would run at most 70% of each target
+
+
+class PoolLimits(BaseModel):
+    """One deployment's bounds and how long pressure must last before it changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: int = Field(default=1, ge=0, description="Fewest replicas.")
+    max: int = Field(default=4, ge=0, description="Most replicas.")
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="Pressure held to scale up.")
+    downscale_delay_s: float = Field(default=60.0, ge=0, description="Slack held per step down.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Self:
+        if self.max < self.min:
+            raise ValueError(f"max: must be >= min ({self.min}), got {self.max}")
+        return self
+
+
+class AttentionTargets(PoolLimits):
+    """Attention workers: their bounds and the load one worker should carry."""
+
+    target_waiting_per_worker: float = Field(default=4.0, gt=0, description="Waiting per worker.")
+    max_kv_usage: float = Field(default=0.85, gt=0, le=1, description="Mean KV cache usage (0..1).")
+    max_ttft_s: float | None = Field(default=None, gt=0, description="Mean time to first token.")
+
+
+class ShardTargets(PoolLimits):
+    """Expert shards: their bounds and the load one shard should carry."""
+
+    target_queue_per_shard: float = Field(default=64.0, gt=0, description="Rows queued/shard.")
+    max_rows_per_s_per_shard: float | None = Field(default=None, gt=0, description="Rows/s/shard.")
+
+
+class AutoscalingConfig(BaseModel):
+    """Both pools' limits; off unless `enabled`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    attention_workers: AttentionTargets = AttentionTargets()  # frozen: sharing one is safe
+    expert_shards: ShardTargets = ShardTargets()
+    attention_workers_per_shard: float | None = Field(
+        default=None, gt=0, description="At least one expert shard per this many attention "
+        "workers: shards >= ceil(attention workers / this).")
+
+    @model_validator(mode="after")
+    def _check_ratio(self) -> Self:
+        ratio, top = self.attention_workers_per_shard, self.attention_workers.max
+        if ratio is not None and (need := math.ceil(top / ratio)) > self.expert_shards.max:
+            raise ValueError(f"attention_workers_per_shard: {ratio:g} needs {need} shards at "
+                             f"attention_workers.max ({top}), above expert_shards.max "
+                             f"({self.expert_shards.max})")
+        return self
+
+
+@dataclass(frozen=True)
+class WorkerSample:
+    """One attention worker's metrics: requests waiting and running, KV cache usage (0..1) and
+    recent mean time to first token (None: no prefill finished lately)."""
+
+    waiting: int
+    running: int
+    kv_usage: float
+    ttft_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    """One expert shard's metrics: token rows queued and rows computed per second."""
+
+    queue_rows: float
+    rows_per_s: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The counts to apply and, per pool, the signal and what hysteresis made of it."""
+
+    attention_workers: int
+    expert_shards: int
+    reasons: tuple[str, ...]
+
+
+@dataclass
+class PoolMemory:
+    """One pool's hysteresis clock: the direction proposed (+1, -1, 0: none) at every call since
+    `since`, from `count` replicas; for up, the smallest count proposed in that window."""
+
+    direction: int = 0
+    since: float = 0.0
+    count: int = -1
+    smallest_up: int | None = None
+
+    def begin(self, direction: int, now: float, count: int) -> None:
+        self.direction, self.since, self.count, self.smallest_up = direction, now, count, None
+
+
+@dataclass
+class PolicyState:
+    """What the policy remembers between calls: one clock per pool."""
+
+    attention_workers: PoolMemory = field(default_factory=PoolMemory)
+    expert_shards: PoolMemory = field(default_factory=PoolMemory)
+
+
+Proposal = tuple[int, str]  # the count a pool's signals want, and why
+
+
+def _up_or_down(name: str, n: int, reported: int, up: Proposal, fits_fewer: bool,
+                load: str) -> Proposal:
+    """`up` when it wants more; one fewer when the load fits it and every replica reported;
+    else the current count."""
+    if up[0] > n:
+        return up
+    if fits_fewer and n > 0:
+        if reported < n:
+            return n, f"{name}: {reported} of {n} replicas reported, not scaling down ({load})"
+        return n - 1, f"{name}: load fits {n - 1} with headroom ({load})"
+    return n, f"{name}: steady at {n} ({load})"
+
+
+def _attention_proposal(t: AttentionTargets, n: int, samples: Sequence[WorkerSample]) -> Proposal:
+    """Attention workers wanted by the waiting queue, KV usage and TTFT (module docstring)."""
+    name = "attention_workers"
+    waiting = sum(s.waiting for s in samples)
+    running = sum(s.running for s in samples)
+    kv_total = sum(s.kv_usage for s in samples)
+    kv = kv_total / max(n, len(samples), 1)  # a worker without a sample is idle
+    ttfts = [s.ttft_s for s in samples if s.ttft_s is not None]
+    ttft = sum(ttfts) / len(ttfts) if ttfts else None
+    need = math.ceil(waiting / t.target_waiting_per_worker)
+    up = (need, f"{name}: waiting {waiting} > {t.target_waiting_per_worker:g} per worker x {n}")
+    if kv > t.max_kv_usage:
+        up = (max(need, n + 1), f"{name}: kv usage {kv:.2f} > {t.max_kv_usage:g}")
+    elif t.max_ttft_s is not None and ttft is not None and ttft > t.max_ttft_s:
+        up = (max(need, n + 1), f"{name}: ttft {ttft:.2f}s > {t.max_ttft_s:g}s")
+    fewer = n - 1  # an idle pool fits one fewer (zero included); a busy one needs headroom
+    ttft_ok = t.max_ttft_s is None or ttft is None or ttft <= HEADROOM * t.max_ttft_s
+    fits = waiting + running == 0 or (fewer > 0 and ttft_ok
+                                      and waiting <= HEADROOM * t.target_waiting_per_worker * fewer
+                                      and kv_total / fewer <= HEADROOM * t.max_kv_usage)
+    load = f"waiting {waiting}, running {running}, kv {kv:.2f}"
+    return _up_or_down(name, n, len(samples), up, fits, load)
+
+
+def _shard_proposal(t: ShardTargets, n: int, samples: Sequence[ShardSample]) -> Proposal:
+    """Expert shards wanted by the queued rows and the rows/s computed (module docstring)."""
+    name = "expert_shards"
+    rows = sum(s.queue_rows for s in samples)
+    rate = sum(s.rows_per_s for s in samples)
+    cap = t.max_rows_per_s_per_shard
+    up: Proposal = (math.ceil(rows / t.target_queue_per_shard),
+                    f"{name}: queue {rows:g} rows > {t.target_queue_per_shard:g} per shard x {n}")
+    if cap is not None and math.ceil(rate / cap) > up[0]:
+        up = (math.ceil(rate / cap), f"{name}: {rate:g} rows/s > {cap:g} per shard x {n}")
+    fewer = n - 1  # an idle pool fits one fewer (zero included); a busy one needs headroom
+    fits = rows == rate == 0 or (fewer > 0 and rows <= HEADROOM * t.target_queue_per_shard * fewer
+                                 and (cap is None or rate <= HEADROOM * cap * fewer))
+    load = f"queue {rows:g} rows, {rate:g} rows/s"
+    return _up_or_down(name, n, len(samples), up, fits, load)
+
+
+def _settle(name: str, limits: PoolLimits, n: int, proposal: Proposal, floor: int,
+            memory: PoolMemory, now: float) -> tuple[int, list[str]]:
+    """The count to apply now: bounds at once, load changes after their delay (module
+    docstring). `floor` is the pool's lower bound (min, or more)."""
+    (wanted, why), lo, hi = proposal, floor, limits.max
+    if not lo <= n <= hi:
+        to = min(max(n, lo), hi)
+        memory.begin(0, now, to)
+        return to, [why, f"{name}: {n} outside [{lo}, {hi}], set to {to}"]
+    desired = min(max(wanted, lo), hi)
+    reasons = [why] if desired == wanted else [why, f"{name}: limited to [{lo}, {hi}]"]
+    if desired == n:
+        memory.begin(0, now, n)
+        return n, reasons
+    direction = 1 if desired > n else -1
+    if memory.direction != direction or memory.count != n:
+        memory.begin(direction, now, n)
+    if direction > 0:
+        memory.smallest_up = min(memory.smallest_up or desired, desired)
+    delay = limits.upscale_delay_s if direction > 0 else limits.downscale_delay_s
+    waited = now - memory.since
+    if waited < delay:
+        return n, [*reasons, f"{name}: held at {n} until {delay:g}s of pressure ({waited:g}s)"]
+    to = n - 1 if direction < 0 else memory.smallest_up or desired
+    memory.begin(direction, now, to)
+    return to, [*reasons, f"{name}: {n} -> {to} after {waited:g}s"]
+
+
+def decide(config: AutoscalingConfig, current_workers: int, current_shards: int,
+           workers: Sequence[WorkerSample], shards: Sequence[ShardSample], state: PolicyState,
+           now: float) -> Decision:
+    """The attention workers and expert shards to run, from one sample per reporting replica.
+
+    The current counts are the deployments' targets (what was last decided), not the replicas
+    already running; `state` carries the hysteresis between calls; `now`: monotonic seconds."""
+    if not config.enabled:
+        state.attention_workers.begin(0, now, current_workers)
+        state.expert_shards.begin(0, now, current_shards)
+        return Decision(current_workers, current_shards, ("autoscaling disabled",))
+    aw, es = config.attention_workers, config.expert_shards
+    attention = _attention_proposal(aw, current_workers, workers)
+    n_workers, reasons = _settle("attention_workers", aw, current_workers, attention, aw.min,
+                                 state.attention_workers, now)
+    proposal, floor = _shard_proposal(es, current_shards, shards), es.min
+    if (ratio := config.attention_workers_per_shard) is not None:
+        floor = max(floor, min(math.ceil(n_workers / ratio), es.max))
+        if floor > max(es.min, proposal[0]):
+            reasons.append(f"expert_shards: at least {floor} for {n_workers} attention workers "
+                           f"({ratio:g} per shard)")
+    n_shards, shard_reasons = _settle("expert_shards", es, current_shards, proposal, floor,
+                                      state.expert_shards, now)
+    return Decision(n_workers, n_shards, (*reasons, *shard_reasons))
