@@ -4,15 +4,15 @@ A token goes to one of E experts or to the skip class (id E, free for the expert
 layer shares one placement (`placement.py`), so an expert's load is summed over layers. A
 controller tracks load (`LoadTracker`), plans (`plan_placement`: a primary per expert, redundant
 replicas for the hottest, greedy LPT layout, sticky to the current one, capacity-bounded), and
-switches only when the gain pays for the moves (`should_rebalance`); routers spread tokens over
-replicas (`ReplicaPicker`). Bad arguments raise `PlacementError` (a `ValueError`) naming them.
+switches only when the gain pays for the moves (`should_rebalance`). Spreading tokens over an
+expert's replicas is the token router's (`_plan`: fewest rows in flight). Bad arguments raise
+`PlacementError` (a `ValueError`) naming them.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -230,51 +230,5 @@ def should_rebalance(load: Sequence[float], current: Replicas, proposed: Replica
     return gain >= min_gain and gain > moves(current, proposed) * move_cost_per_expert
 
 
-class ReplicaPicker:
-    """Sends work to the replica with the fewest outstanding tokens; safe across threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._outstanding: dict[str, int] = {}
-
-    def pick(self, replicas: Sequence[str]) -> str:
-        """The replica with the fewest outstanding tokens (ties: the first listed)."""
-        with self._lock:
-            return self._least(replicas)
-
-    def take(self, replicas: Sequence[str], tokens: int) -> str:
-        """`pick` then `start` under one lock, so concurrent callers see each other's picks."""
-        with self._lock:
-            return self._add(self._least(replicas), tokens, +1)
-
-    def start(self, shard: str, tokens: int) -> None:
-        """`tokens` more are in flight to `shard`."""
-        with self._lock:
-            self._add(shard, tokens, +1)
-
-    def done(self, shard: str, tokens: int) -> None:
-        """`tokens` in flight to `shard` came back."""
-        with self._lock:
-            self._add(shard, tokens, -1)
-
-    def outstanding(self, shard: str) -> int:
-        """Tokens in flight to `shard` now."""
-        with self._lock:
-            return self._outstanding.get(shard, 0)
-
-    def _least(self, replicas: Sequence[str]) -> str:
-        if not replicas:
-            raise PlacementError("replicas: need at least one replica")
-        return min(replicas, key=lambda s: self._outstanding.get(s, 0))
-
-    def _add(self, shard: str, tokens: int, sign: int) -> str:
-        left = self._outstanding.get(shard, 0) + sign * tokens
-        if tokens < 0 or left < 0:
-            raise PlacementError(f"tokens: must be >= 0 and at most those outstanding on "
-                                 f"{shard!r} ({self._outstanding.get(shard, 0)}), got {tokens}")
-        self._outstanding[shard] = left
-        return shard
-
-
-__all__ = ["LoadTracker", "ReplicaPicker", "balancedness", "moves", "plan_placement",
+__all__ = ["LoadTracker", "balancedness", "moves", "plan_placement",
            "shard_loads", "should_rebalance"]
