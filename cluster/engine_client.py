@@ -49,6 +49,11 @@ class EngineClient(ABC):
     async def check_health(self) -> None:
         """Returns when a live engine can take requests; raises otherwise."""
 
+    async def placement(self) -> dict[str, Any]:
+        """GET /v1/cluster/placement: one process holds every expert (no shards, no map)."""
+        return {"epoch": 0, "num_experts": None, "experts_in_workers": True, "shards": [],
+                "balancedness": None, "expert_load": None}
+
 
 class LocalEngineClient(EngineClient):
     def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
@@ -133,6 +138,10 @@ class ClusterEngineClient(EngineClient):
             await self.workers.health.remote()
         except Exception as err:
             raise unwrap_remote_error(err) from err
+
+    async def placement(self) -> dict[str, Any]:
+        view: dict[str, Any] = await self.controller.view.remote()
+        return view
 
     async def stats(self) -> dict[str, Any]:
         # The placement controller sums the stats every worker reports (shards or not).

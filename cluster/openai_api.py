@@ -1,7 +1,8 @@
 """The OpenAI-compatible REST front end over any `EngineClient`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
-POST /detokenize (bearer key when keys are set), GET /version, GET /health, GET /metrics.
+POST /detokenize, GET /v1/cluster/placement (bearer key when keys are set), GET /version,
+GET /health, GET /metrics.
 Every error, whoever raises it, leaves as OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -20,6 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zayaserve.cluster.api_keys import ApiKeys
+from zayaserve.cluster.cluster_api import add_cluster_routes
 from zayaserve.cluster.engine_client import EngineClient
 from zayaserve.cluster.frontend_errors import (
     BodyTooLargeError,
@@ -240,6 +242,7 @@ def build_openai_app(
     add_utility_routes(app, ctx, authorize,
                        lambda request, model: _read_body(request, max_body_bytes, model,
                                                          strict_fields))
+    add_cluster_routes(app, ctx, authorize)
 
     @app.get("/v1/models", responses=openapi_responses(ModelList, errors=(401, 500)))
     async def models(request: Request) -> JSONResponse:

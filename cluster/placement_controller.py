@@ -17,6 +17,7 @@ from typing import Any
 
 from ray import serve
 
+from zayaserve.cluster.expert_load import ExpertLoad
 from zayaserve.router.placement import compute_placement
 
 
@@ -42,12 +43,14 @@ class PlacementState:
         self.version = 0
         self.worker_stats: dict[str, tuple[float, dict[str, Any]]] = {}
         self.shard_stats: dict[str, dict[str, Any]] = {}
+        self.load = ExpertLoad(num_experts)
 
     def _expire(self, now: float) -> None:
         dead = [s for s, h in self.holders.items() if now - h.last_seen > self.timeout]
         for slot in dead:
             del self.holders[slot]
             self.shard_stats.pop(slot, None)
+            self.load.forget(slot)
         if dead:
             self.version += 1
 
@@ -80,6 +83,9 @@ class PlacementState:
         holder.last_seen = now
         if stats is not None:
             self.shard_stats[slot] = stats
+            tokens = stats.get("tokens")
+            if isinstance(tokens, dict):
+                self.load.add(slot, replica, tokens, now)
         return True
 
     def placement(self, now: float | None = None) -> dict[str, Any]:
@@ -90,6 +96,23 @@ class PlacementState:
         return {"version": self.version, "num_experts": self.num_experts,
                 "replicas": replicas, "addresses": live,
                 "assignment": dict(self.assignment)}
+
+    def view(self, now: float | None = None) -> dict[str, Any]:
+        """What GET /v1/cluster/placement shows: the map's version (epoch), each shard slot
+        (serving, starting: claimed and loading, or vacant), per-expert load, balancedness."""
+        now = time.monotonic() if now is None else now
+        current = self.placement(now)
+        shards = []
+        for slot in self.slots:
+            holder = self.holders.get(slot)
+            state = "vacant" if holder is None else "serving" if holder.address else "starting"
+            shards.append({"id": slot, "state": state, "experts": self.assignment[slot],
+                           "address": holder.address if holder else None})
+        return {"epoch": current["version"], "num_experts": self.num_experts,
+                "experts_in_workers": not self.slots, "shards": shards,
+                "balancedness": self.load.balancedness(current["replicas"],
+                                                       list(current["addresses"])),
+                **self.load.view()}
 
     def report_worker(self, replica: str, stats: dict[str, Any]) -> None:
         self.worker_stats[replica] = (time.monotonic(), stats)
@@ -130,6 +153,9 @@ class PlacementController:
 
     def placement(self) -> dict[str, Any]:
         return self.state.placement()
+
+    def view(self) -> dict[str, Any]:
+        return self.state.view()
 
     def report_worker(self, replica: str, stats: dict[str, Any]) -> None:
         self.state.report_worker(replica, stats)

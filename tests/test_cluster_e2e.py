@@ -81,6 +81,29 @@ def test_grpc_equals_offline(replicated: Cluster, offline: dict) -> None:
         assert streamed == offline[prompt]
 
 
+def test_placement_view_shows_shards_and_their_load(replicated: Cluster) -> None:
+    from zayaserve.replicas.model.config import ZayaConfig
+
+    num_experts = ZayaConfig.from_pretrained(resolve_model("tiny")).num_experts
+    deadline = time.monotonic() + 60
+    while True:  # traffic between two heartbeats of a shard shows as load
+        r = httpx.post(replicated.base + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": PROMPTS[0], "max_tokens": 8, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        view = httpx.get(replicated.base + "/v1/cluster/placement", timeout=30).json()
+        if sum(view["expert_load"]) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert view["epoch"] == replicated.placement()["version"]
+    assert not view["experts_in_workers"] and view["num_experts"] == num_experts
+    shards = view["shards"]
+    assert [s["state"] for s in shards] == ["serving", "serving"], shards
+    held = sorted(e for s in shards for e in s["experts"])
+    assert held == sorted(list(range(num_experts)) * 2)  # replication 2
+    assert len(view["expert_load"]) == num_experts and sum(view["expert_load"]) > 0
+    assert 0 < view["balancedness"] <= 1
+
+
 def test_killing_a_replicated_shard_loses_nothing(replicated: Cluster, offline: dict) -> None:
     want = _texts(offline)
     victim = replicated.shard_infos()[0].pid

@@ -192,3 +192,17 @@ def test_prompt_logprobs_on_both_endpoints(server: Server, tiny_checkpoint: Any,
                                                  "stream": True})):
         r = httpx.post(f"{server.url}{path}", json={**body, "prompt_logprobs": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+
+
+def test_cluster_placement_view(server: Server, engine_client: LocalEngineClient) -> None:
+    r = httpx.get(f"{server.url}/v1/cluster/placement")
+    assert r.status_code == 200, r.text
+    assert r.json()["experts_in_workers"] is True and r.json()["shards"] == []
+    keyed = Server(build_openai_app(engine_client, api_key="sesame"))
+    try:
+        assert httpx.get(f"{keyed.url}/v1/cluster/placement").status_code == 401
+        r = httpx.get(f"{keyed.url}/v1/cluster/placement",
+                      headers={"Authorization": "Bearer sesame"})
+        assert r.status_code == 200, r.text
+    finally:
+        keyed.stop()
