@@ -49,7 +49,7 @@ from zayaserve.cluster.streams import (
     unless_disconnected,
     usage_of,
 )
-from zayaserve.cluster.structured_request import structured_spec
+from zayaserve.cluster.structured_request import constraint_renames, structured_spec
 from zayaserve.cluster.tool_calls import ToolPlan, ToolStream
 from zayaserve.cluster.tool_protocol import ToolCall
 from zayaserve.replicas.engine.outputs import RequestOutput, StepDelta
@@ -123,7 +123,8 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
                             body.include_reasoning, text)
     requests = [(chat_id, ids, text)]
     tracker = ctx.metrics.track(ENDPOINT)
-    renames = {"prompt": "messages", "prompt_token_ids": "messages"}
+    renames = {"prompt": "messages", "prompt_token_ids": "messages",
+               **constraint_renames(body, plan.constrains)}
     try:
         if body.stream:
             opened = await open_streams(ctx.client, requests, params)

@@ -47,7 +47,7 @@ from zayaserve.cluster.streams import (
     unless_disconnected,
     usage_of,
 )
-from zayaserve.cluster.structured_request import structured_spec
+from zayaserve.cluster.structured_request import constraint_renames, structured_spec
 from zayaserve.replicas.engine.outputs import RequestOutput, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
@@ -130,7 +130,7 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
             request, collect(ctx.client, requests, params, on_delta=tracker.on_delta))
     except Exception as err:
         tracker.finish(served=False)
-        raise as_frontend_error(err, _RENAMES) from None
+        raise as_frontend_error(err, {**_RENAMES, **constraint_renames(body)}) from None
     tracker.finish(served=final is not None)
     if final is None:
         return Response(status_code=499)  # the client left; nobody reads this

@@ -15,7 +15,7 @@ from zayaserve.cluster.structured_protocol import (
 from zayaserve.replicas.engine.structured import StructuredOutputsParams
 from zayaserve.replicas.validation_errors import ParamError
 
-__all__ = ["structured_spec"]
+__all__ = ["constraint_renames", "structured_spec"]
 
 
 def _from_response_format(fmt: ResponseFormat) -> StructuredOutputsParams | None:
@@ -65,3 +65,23 @@ def structured_spec(body: Any) -> StructuredOutputsParams | None:
         message = str(err).replace("structured_outputs", name, 1)
         raise InvalidRequestError(message, param) from None
     return spec
+
+
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def constraint_renames(body: Any, tools_constrain: bool = False) -> dict[str, str]:
+    """The engine names a constraint it cannot compile `structured_outputs.<kind>`; these map
+    that onto the field the client actually set (a tool's schema: `tools`)."""
+    fmt: ResponseFormat | None = getattr(body, "response_format", None)
+    target: str | None = None
+    if tools_constrain:
+        target = "tools"
+    elif fmt is not None and fmt.type == "json_schema":
+        target = "response_format.json_schema.schema"
+    elif fmt is not None and fmt.type == "json_object":
+        target = "response_format"
+    else:
+        target = next((name for name in GUIDED_FIELDS if getattr(body, name, None) is not None),
+                      None)
+    return {f"structured_outputs.{kind}": target for kind in _KINDS} if target else {}

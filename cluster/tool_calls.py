@@ -59,7 +59,7 @@ class ToolPlan:
             raise InvalidRequestError("tools: function names must be unique", "tools")
         schemas = {t.function.name: t.function.parameters or _ANY_OBJECT for t in tools}
         plan = cls(schemas=schemas, parallel=body.parallel_tool_calls is not False,
-                   template_tools=[t.model_dump(exclude_none=True) for t in tools] or None)
+                   template_tools=[t.template_dict() for t in tools] or None)
         if not tools or choice == "none":
             return plan
         if isinstance(choice, NamedToolChoice):

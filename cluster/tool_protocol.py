@@ -26,6 +26,15 @@ class ChatTool(_Request):
     type: Literal["function"] = Field(description="Only functions.")
     function: FunctionDefinition
 
+    def template_dict(self) -> dict[str, Any]:
+        """The tool as the chat template sees it: declared fields only (unknown request fields
+        are ignored, so they never reach the prompt)."""
+        f = self.function
+        function = {"name": f.name, "description": f.description, "parameters": f.parameters,
+                    "strict": f.strict}
+        return {"type": self.type,
+                "function": {k: v for k, v in function.items() if v is not None}}
+
 
 class NamedFunction(_Request):
     name: str = Field(min_length=1, description="One of the tools' names.")

@@ -74,7 +74,7 @@ def add_utility_routes(app: FastAPI, ctx: ServingContext, authorize: Callable[[R
         try:
             if body.messages is not None:
                 conversation = [message_dict(m, i) for i, m in enumerate(body.messages)]
-                tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
+                tools = [t.template_dict() for t in body.tools or []] or None
                 _, ids = tokenizer.render_chat(conversation, body.add_generation_prompt, tools)
             else:
                 ids = tokenizer.encode(body.prompt or "", body.add_special_tokens)

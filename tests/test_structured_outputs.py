@@ -171,6 +171,16 @@ def test_choice_grammar_escapes_quotes_and_backslashes() -> None:
     assert choice_grammar(['a"b', "c\\d", "e\nf"]) == r'root ::= "a\"b" | "c\\d" | "e\nf"'
 
 
+def test_choices_beyond_ascii_come_out_whole(llm: LLM) -> None:
+    """An astral character (written as a surrogate pair, xgrammar would take it as two bad
+    code points and let other bytes through) and accents survive the grammar."""
+    choices = ["café", "😀 ok", "x\ty"]
+    outs = llm.generate(["a", "b", "c", "d"], SamplingParams(
+        temperature=1.0, seed=1, max_tokens=30, structured_outputs={"choice": choices}))
+    texts = [o.outputs[0].text for o in outs]
+    assert set(texts) <= set(choices), texts
+
+
 def test_without_xgrammar_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
                                                          llm: LLM) -> None:
     monkeypatch.setitem(sys.modules, "xgrammar", None)  # import fails as if not installed

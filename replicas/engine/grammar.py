@@ -47,8 +47,10 @@ def choice_grammar(choices: Sequence[str]) -> str:
 
 
 def _ebnf_literal(text: str) -> str:
-    # JSON string escapes (\" \\ \n \uXXXX) are also xgrammar's EBNF string escapes.
-    return json.dumps(text, ensure_ascii=True)
+    # JSON's escapes for quotes, backslashes and control characters are also xgrammar's EBNF
+    # string escapes. Other characters stay as they are: an astral character written as a JSON
+    # surrogate pair (\ud83d\ude00) would be two invalid code points to xgrammar.
+    return json.dumps(text, ensure_ascii=False)
 
 
 class GrammarBackend:
@@ -65,7 +67,6 @@ class GrammarBackend:
         self.vocab_size = vocab_size
         self.compiler = self.xgr.GrammarCompiler(
             info, max_threads=max_threads, cache_enabled=True, cache_limit_bytes=_CACHE_BYTES)
-        self._lock = threading.Lock()
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
         """The compiled grammar (cached); a constraint xgrammar refuses is a ParamError."""
