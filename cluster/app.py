@@ -21,6 +21,7 @@ from ray.serve.config import RequestRouterConfig
 from zayaserve.cluster.config import ClusterConfig
 from zayaserve.cluster.ingress import Ingress
 from zayaserve.cluster.placement_controller import PlacementController
+from zayaserve.cluster.serve_autoscaling import serve_autoscaling_config
 from zayaserve.replicas.attention_worker import AttentionWorker
 from zayaserve.replicas.expert_shard import ExpertShard
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
@@ -64,8 +65,11 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
         request_router_class=REQUEST_ROUTER,  # type: ignore
         request_router_kwargs={"block_size": cfg.engine.block_size,
                                "imbalanced_threshold": cfg.routing_imbalance_threshold})
+    scaling: dict[str, Any] = ({"autoscaling_config": serve_autoscaling_config(
+        cfg.autoscaling, cfg.attention_workers)} if cfg.autoscaling.enabled
+        else {"num_replicas": cfg.attention_workers})
     workers = AttentionWorker.options(  # type: ignore[attr-defined]
-        num_replicas=cfg.attention_workers,
+        **scaling,
         ray_actor_options={**actor, "num_gpus": cfg.attention_num_gpus},
         max_ongoing_requests=cfg.max_pending_requests + 8, request_router_config=router,
         max_queued_requests=cfg.max_queued_requests,

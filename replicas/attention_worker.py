@@ -35,6 +35,15 @@ log = logging.getLogger("zayaserve.attention_worker")
 POLL_S = 0.5
 
 
+def autoscaling_metrics(stats: dict[str, Any]) -> dict[str, float]:
+    """What a worker tells the autoscaler: waiting and running requests, KV cache usage."""
+    total = float(stats.get("kv_blocks_total", 0.0))
+    free = float(stats.get("kv_blocks_free", 0.0))
+    return {"waiting": float(stats.get("num_requests_waiting", 0.0)),
+            "running": float(stats.get("num_requests_running", 0.0)),
+            "kv_usage": 1.0 - free / total if total else 0.0}
+
+
 def placement_from_dict(d: dict[str, Any]) -> PlacementMap:
     return PlacementMap(
         version=int(d["version"]), num_experts=int(d["num_experts"]),
@@ -111,6 +120,10 @@ class AttentionWorker:
 
     def stats(self) -> dict[str, Any]:
         return self._stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook: this worker's load, for the autoscaling policy."""
+        return autoscaling_metrics(self.engine.engine.stats())
 
     def check_health(self) -> None:
         """Serve calls this periodically: a dead engine makes the replica unhealthy, and Serve
