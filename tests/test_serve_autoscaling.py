@@ -85,19 +85,11 @@ def _workers(cluster: Cluster) -> int:
 
 @pytest.fixture(scope="module")
 def scaling(ray_session: None) -> Iterator[Cluster]:
-    undeploy_quietly()
     cluster = deploy(expert_shards=0, engine={"max_num_seqs": 2},
                      autoscaling={"enabled": True, "min": 1, "max": 2, "upscale_delay_s": 1,
                                   "downscale_delay_s": 3, "target_waiting_per_worker": 1})
     yield cluster
     undeploy()
-
-
-def undeploy_quietly() -> None:
-    try:
-        undeploy()
-    except Exception:  # nothing deployed yet
-        pass
 
 
 @pytest.mark.e2e
