@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
+from zayaserve.replicas.engine import logprobs as logprobs_mod
 from zayaserve.replicas.engine import sampler as sampler_mod
-from zayaserve.replicas.engine.sampler import SampledToken, SamplingRow, prompt_logprobs, sample
+from zayaserve.replicas.engine.logprobs import prompt_logprobs
+from zayaserve.replicas.engine.sampler import SampledToken, SamplingRow, sample
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -267,7 +269,7 @@ def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> No
 
     whole = sample(logits, rows())
     whole_prompt = prompt_logprobs(logits, torch.arange(10), 4)
-    monkeypatch.setattr(sampler_mod, "_CHUNK_ELEMENTS", 64 * 3)  # 3 rows per chunk
+    monkeypatch.setattr(logprobs_mod, "_CHUNK_ELEMENTS", 64 * 3)  # 3 rows per chunk
     assert sample(logits, rows()) == whole
     assert prompt_logprobs(logits, torch.arange(10), 4) == whole_prompt
 

@@ -11,18 +11,15 @@ import torch
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.config import EngineConfig
-from zayaserve.replicas.engine.decode_graphs import (
-    CudaGraphBackend,
-    DecodeGraphs,
-    GraphBackend,
-)
+from zayaserve.replicas.engine.decode_graphs import CudaGraphBackend, DecodeGraphs, GraphBackend
 from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.engine.grammar import Grammars
+from zayaserve.replicas.engine.logprobs import prompt_logprobs
 from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
 from zayaserve.replicas.engine.runner import ModelRunner
-from zayaserve.replicas.engine.sampler import SamplingRow, prompt_logprobs, sample
+from zayaserve.replicas.engine.sampler import SamplingRow, sample
 from zayaserve.replicas.engine.scheduler import (
     SampledStep,
     Scheduler,

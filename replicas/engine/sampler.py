@@ -15,14 +15,10 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from zayaserve.replicas.engine.logprobs import chunk_rows, logprob_dicts
 from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.engine.params import SAMPLING_EPS
 from zayaserve.replicas.engine.penalties import apply_min_p, apply_penalties
-
-# Rows per chunk are chosen so that one [rows, V] float32 temporary stays around 64 MiB; a few
-# hundred rows times a 262k vocabulary would otherwise need several GiB of scratch (sorting for
-# top-p also allocates int64 indices of the same shape).
-_CHUNK_ELEMENTS = 1 << 24
 
 # How many of a row's most likely tokens to try before falling back to a full sort for top-p.
 _NUCLEUS_CANDIDATES = 1024
@@ -84,10 +80,6 @@ class LogitsMask(Protocol):
     rows: list[int]
 
     def apply(self, logits: torch.Tensor) -> None: ...
-
-
-def _chunk_rows(vocab: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
 def _apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow], inplace: bool,
@@ -201,60 +193,6 @@ def _draw(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     return out
 
 
-def _raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    # Written as x - logsumexp(x) rather than log_softmax so that the single-token path in
-    # sample() (gather, then subtract) produces bit-identical values for the same token.
-    return logits - torch.logsumexp(logits, dim=1, keepdim=True)
-
-
-def _logprob_dicts(
-    logits: torch.Tensor, token_ids: torch.Tensor, ks: Sequence[int], row_ids: Sequence[int]
-) -> list[dict[int, Logprob]]:
-    """For each ``row_ids[j]``, a dict of that row's token plus its top-``ks[j]`` logprobs.
-
-    The token comes first in each dict (vLLM's order), then the top-k by descending logprob.
-    Rows are gathered a chunk at a time so the [rows, V] logprob scratch stays bounded.
-    """
-    vocab = logits.shape[1]
-    chunk = _chunk_rows(vocab)
-    dicts: list[dict[int, Logprob]] = []
-    for start in range(0, len(row_ids), chunk):
-        stop = min(start + chunk, len(row_ids))
-        idx = torch.tensor(row_ids[start:stop], dtype=torch.long, device=logits.device)
-        lp = _raw_logprobs(logits[idx].float())
-        tok = token_ids[idx].to(device=lp.device, dtype=torch.long).unsqueeze(1)
-        tok_lp = lp.gather(1, tok)
-        tok_rank = (lp > tok_lp).sum(dim=1) + 1
-        chunk_ks = ks[start:stop]
-        kmax = min(max(chunk_ks), vocab)
-        tops: list[list[tuple[int, float, int]]] = [[] for _ in chunk_ks]
-        if kmax > 0:
-            vals, ids = lp.topk(kmax, dim=1)
-            # Any value strictly above a top-k entry is itself in the top-k, so ranks can be
-            # counted among the k values instead of over the vocabulary (ties share a rank).
-            ranks = (vals.unsqueeze(1) > vals.unsqueeze(2)).sum(dim=2) + 1
-            tops = [
-                list(zip(i_row, v_row, r_row, strict=True))
-                for i_row, v_row, r_row in zip(
-                    ids.tolist(), vals.tolist(), ranks.tolist(), strict=True
-                )
-            ]
-        per_row = zip(
-            tok.squeeze(1).tolist(),
-            tok_lp.squeeze(1).tolist(),
-            tok_rank.tolist(),
-            chunk_ks,
-            tops,
-            strict=True,
-        )
-        for t, t_lp, t_rank, k, top in per_row:
-            entry = {t: Logprob(t_lp, t_rank)}
-            for tid, value, rank in top[:k]:
-                entry.setdefault(tid, Logprob(value, rank))
-            dicts.append(entry)
-    return dicts
-
-
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
            mask: LogitsMask | None = None) -> list[SampledToken]:
     """Pick one next token per row of ``logits`` ([S, V]) using that row's settings; a
@@ -284,7 +222,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
         chosen[g] = work[g].argmax(dim=1)
 
     rand = [i for i, r in enumerate(rows) if not r.is_greedy]
-    chunk = _chunk_rows(logits.shape[1])
+    chunk = chunk_rows(logits.shape[1])
     for start in range(0, len(rand), chunk):
         members = rand[start : start + chunk]
         sub_rows = [rows[i] for i in members]
@@ -301,30 +239,8 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     wants = [i for i, r in enumerate(rows) if r.num_logprobs is not None]
     dicts: list[dict[int, Logprob] | None] = [None] * len(rows)
     ks = [rows[i].num_logprobs or 0 for i in wants]
-    for i, d in zip(wants, _logprob_dicts(logits, chosen, ks, wants), strict=True):
+    for i, d in zip(wants, logprob_dicts(logits, chosen, ks, wants), strict=True):
         dicts[i] = d
     return [
         SampledToken(t, lp, d) for t, lp, d in zip(token_ids, token_lps, dicts, strict=True)
     ]
-
-
-def prompt_logprobs(
-    logits: torch.Tensor, next_token_ids: torch.Tensor, k: int
-) -> list[dict[int, Logprob]]:
-    """Raw logprobs of the actual prompt continuation plus the top-k at each position.
-
-    ``logits[i]`` is the prediction made at prompt position ``i`` and ``next_token_ids[i]`` the
-    prompt token that actually followed it. The caller prepends ``None`` for the first prompt
-    token to build vLLM's ``PromptLogprobs``.
-    """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [P, V], got shape {tuple(logits.shape)}")
-    if next_token_ids.shape != (logits.shape[0],):
-        raise ValueError(
-            f"next_token_ids must have shape ({logits.shape[0]},), "
-            f"got {tuple(next_token_ids.shape)}"
-        )
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    positions = range(logits.shape[0])
-    return _logprob_dicts(logits, next_token_ids, [k] * len(positions), positions)
