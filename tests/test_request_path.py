@@ -54,7 +54,7 @@ SUPPORT = {
     "cluster/openai_protocol.py", "cluster/openai_chat_protocol.py",
     "replicas/engine/params.py", "replicas/engine/request_limits.py",
     "replicas/engine/sequence.py", "replicas/engine/block_pool.py",
-    "replicas/engine/outputs.py", "replicas/engine/penalties.py",
+    "replicas/engine/outputs.py", "replicas/engine/penalties.py", "replicas/engine/logprobs.py",
     "replicas/kv_tiers/hashing.py", "replicas/model/batch.py",
     "replicas/model/cca.py", "replicas/model/config.py", "replicas/model/gate.py",
     "replicas/model/kv_cache.py", "replicas/model/layers.py", "replicas/model/tokenizer.py",
