@@ -4,6 +4,8 @@ JSON schema), vLLM's `structured_outputs` (json, regex, choice, grammar) and its
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from zayaserve.cluster.frontend_errors import InvalidRequestError
@@ -12,7 +14,7 @@ from zayaserve.cluster.structured_protocol import (
     ResponseFormat,
     StructuredOutputsField,
 )
-from zayaserve.replicas.engine.structured import StructuredOutputsParams
+from zayaserve.replicas.engine.structured import KINDS, StructuredOutputsParams
 from zayaserve.replicas.validation_errors import ParamError
 
 __all__ = ["constraint_renames", "structured_spec"]
@@ -37,9 +39,9 @@ def _from_field(field: StructuredOutputsField) -> StructuredOutputsParams:
     return StructuredOutputsParams.of({k: v for k, v in given.items() if v is not None})
 
 
-def structured_spec(body: Any) -> StructuredOutputsParams | None:
-    """The request's constraint, from whichever one field sets it (two are a 400)."""
-    sources: list[tuple[str, Any]] = []
+def _sources(body: Any) -> list[tuple[str, Callable[[], StructuredOutputsParams | None]]]:
+    """(field name, how to build its constraint) for each constraint field the body sets."""
+    sources: list[tuple[str, Callable[[], StructuredOutputsParams | None]]] = []
     fmt: ResponseFormat | None = getattr(body, "response_format", None)
     if fmt is not None and fmt.type != "text":
         sources.append(("response_format", lambda: _from_response_format(fmt)))
@@ -49,8 +51,13 @@ def structured_spec(body: Any) -> StructuredOutputsParams | None:
     for name, kind in GUIDED_FIELDS.items():
         value = getattr(body, name, None)
         if value is not None:
-            sources.append((name, lambda kind=kind, value=value:
-                            StructuredOutputsParams.of({kind: value})))
+            sources.append((name, partial(StructuredOutputsParams.of, {kind: value})))
+    return sources
+
+
+def structured_spec(body: Any) -> StructuredOutputsParams | None:
+    """The request's constraint, from whichever one field sets it (two are a 400)."""
+    sources = _sources(body)
     if not sources:
         return None
     if len(sources) > 1:
@@ -59,29 +66,20 @@ def structured_spec(body: Any) -> StructuredOutputsParams | None:
                                   sources[1][0])
     name, build = sources[0]
     try:
-        spec: StructuredOutputsParams | None = build()
+        return build()
     except ParamError as err:
         param = err.param.replace("structured_outputs", name, 1)
         message = str(err).replace("structured_outputs", name, 1)
         raise InvalidRequestError(message, param) from None
-    return spec
-
-
-_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 def constraint_renames(body: Any, tools_constrain: bool = False) -> dict[str, str]:
     """The engine names a constraint it cannot compile `structured_outputs.<kind>`; these map
     that onto the field the client actually set (a tool's schema: `tools`)."""
-    fmt: ResponseFormat | None = getattr(body, "response_format", None)
-    target: str | None = None
-    if tools_constrain:
-        target = "tools"
-    elif fmt is not None and fmt.type == "json_schema":
+    names = [name for name, _ in _sources(body)]
+    target = "tools" if tools_constrain else names[0] if names else None
+    if target == "response_format" and body.response_format.type == "json_schema":
         target = "response_format.json_schema.schema"
-    elif fmt is not None and fmt.type == "json_object":
-        target = "response_format"
-    else:
-        target = next((name for name in GUIDED_FIELDS if getattr(body, name, None) is not None),
-                      None)
-    return {f"structured_outputs.{kind}": target for kind in _KINDS} if target else {}
+    if target is None or target == "structured_outputs":
+        return {}
+    return {f"structured_outputs.{kind}": target for kind in KINDS}

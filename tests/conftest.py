@@ -31,6 +31,19 @@ def engine_client(tiny_checkpoint: Any) -> Iterator[Any]:
     client.engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def server(engine_client: Any) -> Iterator[Any]:
+    """The REST app over the module's `engine_client` (a module may override that fixture),
+    served by uvicorn on a free port."""
+    from test_openai_api import Server
+
+    from zayaserve.cluster.openai_api import build_openai_app
+
+    s = Server(build_openai_app(engine_client))
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     import ray

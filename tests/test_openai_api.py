@@ -10,7 +10,6 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -84,13 +83,6 @@ def wait_idle(engine_client: LocalEngineClient, timeout: float = 20.0) -> None:
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint: Any) -> LLM:
     return LLM(str(tiny_checkpoint), **ENGINE_KW)
-
-
-@pytest.fixture(scope="module")
-def server(engine_client: LocalEngineClient) -> Iterator[Server]:
-    s = Server(build_openai_app(engine_client))
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,13 +14,6 @@ from test_openai_api import MODEL, Server
 import zayaserve
 from zayaserve.cluster.engine_client import LocalEngineClient
 from zayaserve.cluster.openai_api import build_openai_app
-
-
-@pytest.fixture(scope="module")
-def server(engine_client: LocalEngineClient) -> Iterator[Server]:
-    s = Server(build_openai_app(engine_client))
-    yield s
-    s.stop()
 
 
 def test_tokenize_detokenize_version(server: Server, engine_client: LocalEngineClient) -> None:

@@ -47,13 +47,6 @@ def engine_client(tiny_checkpoint: Path) -> Iterator[LocalEngineClient]:
 
 
 @pytest.fixture(scope="module")
-def server(engine_client: LocalEngineClient) -> Iterator[Server]:
-    s = Server(build_openai_app(engine_client))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
 

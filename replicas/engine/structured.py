@@ -14,14 +14,14 @@ from typing import Any
 
 from zayaserve.replicas.validation_errors import ParamError
 
-__all__ = ["MAX_CONSTRAINT_CHARS", "StructuredOutputsParams"]
+__all__ = ["KINDS", "MAX_CONSTRAINT_CHARS", "StructuredOutputsParams"]
 
 # A constraint is compiled on the server: bound its size so that one request cannot make the
 # compiler (and its cache) work on megabytes.
 MAX_CONSTRAINT_CHARS = 65_536
 MAX_CHOICES = 1024
 
-_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+KINDS = ("json", "regex", "choice", "grammar", "json_object")
 _NAME = "structured_outputs"
 
 
@@ -49,9 +49,9 @@ class StructuredOutputsParams:
         if not isinstance(self.disable_any_whitespace, bool):
             raise ParamError(f"{_NAME}.disable_any_whitespace",
                              "disable_any_whitespace must be a bool")
-        set_kinds = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        set_kinds = [k for k in KINDS if getattr(self, k) not in (None, False)]
         if len(set_kinds) != 1:
-            raise ParamError(_NAME, f"{_NAME} must set exactly one of {', '.join(_KINDS)}; "
+            raise ParamError(_NAME, f"{_NAME} must set exactly one of {', '.join(KINDS)}; "
                              f"got {', '.join(set_kinds) or 'none'}")
         object.__setattr__(self, "json", _schema_text(self.json))
         for kind in ("regex", "grammar"):
@@ -70,7 +70,7 @@ class StructuredOutputsParams:
             return value
         if not isinstance(value, Mapping):
             raise ParamError(_NAME, f"{_NAME} must be an object, got {type(value).__name__}")
-        known = {*_KINDS, "disable_any_whitespace"}
+        known = {*KINDS, "disable_any_whitespace"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ParamError(f"{_NAME}.{unknown[0]}",
@@ -79,7 +79,7 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+        return next(k for k in KINDS if getattr(self, k) not in (None, False))
 
     @property
     def size(self) -> int:
