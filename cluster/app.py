@@ -19,9 +19,14 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from zayaserve.cluster.config import ClusterConfig
+from zayaserve.cluster.elastic_config import pool_bounds
 from zayaserve.cluster.ingress import Ingress
 from zayaserve.cluster.placement_controller import PlacementController
-from zayaserve.cluster.serve_autoscaling import serve_autoscaling_config
+from zayaserve.cluster.serve_autoscaling import (
+    SHARD_METRIC,
+    WORKER_METRIC,
+    serve_autoscaling_config,
+)
 from zayaserve.replicas.attention_worker import AttentionWorker
 from zayaserve.replicas.expert_shard import ExpertShard
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
@@ -43,16 +48,20 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     message_bytes = cfg.shard_max_message_bytes or dispatch_message_limit(
         cfg.engine.max_num_batched_tokens, model.hidden_size)
     actor = {"num_cpus": cfg.replica_num_cpus}
+    shard_bounds, worker_bounds = pool_bounds(cfg.autoscaling, cfg.attention_workers,
+                                              cfg.expert_shards, cfg.expert_replication)
     # Serve's decorator turns the classes into Deployments (mypy sees the plain classes).
     # The controller places experts on shards and sums every worker's stats (it exists with
     # experts in-process too, so /metrics counts all workers, not one picked at random).
     controller = PlacementController.options(  # type: ignore[attr-defined]
         ray_actor_options=actor,
-    ).bind(num_experts, cfg.expert_shards, cfg.expert_replication)
+    ).bind(num_experts, cfg.expert_shards, cfg.expert_replication, cfg.attention_workers,
+           cfg.autoscaling.model_dump(), cfg.eplb.model_dump())
     shards = None
     if cfg.expert_shards:
         shards = ExpertShard.options(  # type: ignore[attr-defined]
-            num_replicas=cfg.expert_shards,
+            autoscaling_config=serve_autoscaling_config(SHARD_METRIC, cfg.expert_shards,
+                                                        shard_bounds),
             ray_actor_options={**actor, "num_gpus": cfg.expert_num_gpus},
         ).bind(controller, cfg.model, cfg.engine.dtype, cfg.engine.num_threads,
                _device_for(cfg.engine.device, cfg.expert_num_gpus), rpc_token=rpc_token,
@@ -65,11 +74,11 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
         request_router_class=REQUEST_ROUTER,  # type: ignore
         request_router_kwargs={"block_size": cfg.engine.block_size,
                                "imbalanced_threshold": cfg.routing_imbalance_threshold})
-    scaling: dict[str, Any] = ({"autoscaling_config": serve_autoscaling_config(
-        cfg.autoscaling, cfg.attention_workers)} if cfg.autoscaling.enabled
-        else {"num_replicas": cfg.attention_workers})
+    # Both deployments' counts follow the placement controller (serve_autoscaling), so a
+    # resize changes them in place.
     workers = AttentionWorker.options(  # type: ignore[attr-defined]
-        **scaling,
+        autoscaling_config=serve_autoscaling_config(WORKER_METRIC, cfg.attention_workers,
+                                                    worker_bounds),
         ray_actor_options={**actor, "num_gpus": cfg.attention_num_gpus},
         max_ongoing_requests=cfg.max_pending_requests + 8, request_router_config=router,
         max_queued_requests=cfg.max_queued_requests,

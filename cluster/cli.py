@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    from zayaserve.cluster.scale_cli import add_scale_parser
+
+    add_scale_parser(sub)
+
     p = sub.add_parser("bench", help="run a benchmark (see bench/)")
     p.add_argument("which", choices=["throughput", "serve"])
     p.add_argument("rest", nargs=argparse.REMAINDER)

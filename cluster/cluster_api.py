@@ -1,10 +1,12 @@
-"""Operators' view of the cluster over REST: GET /v1/cluster/placement (the expert placement's
-epoch, each shard slot with its state and experts, per-expert load and the balancedness it
-gives). Admin routes ask for the API key whenever keys are set."""
+"""Operating the cluster over REST: GET /v1/cluster/placement (the expert placement's epoch,
+each shard slot with its state and experts, per-expert load and the balancedness it gives),
+POST /v1/cluster/scale (resize either deployment in place; answers an operation) and GET
+/v1/cluster/operations/{id} (its phase). Admin routes ask for the API key whenever keys are
+set."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI
@@ -12,23 +14,40 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from zayaserve.cluster.frontend_errors import internal_error
+from zayaserve.cluster.frontend_errors import (
+    ConflictError,
+    FrontendError,
+    InvalidRequestError,
+    NotFoundError,
+    internal_error,
+)
 from zayaserve.cluster.openapi_schema import openapi_responses
 from zayaserve.cluster.streams import ServingContext
 
 ROUTE = "/v1/cluster/placement"
+SCALE_ROUTE, OPERATIONS_ROUTE = "/v1/cluster/scale", "/v1/cluster/operations/{op_id}"
 
 
 class ShardView(BaseModel):
     id: str = Field(description="The slot's stable id (a restarted replica takes it over).")
-    state: Literal["serving", "starting", "vacant"] = Field(
-        description="serving: registered; starting: claimed, loading its experts; vacant.")
+    state: Literal["serving", "starting", "leaving", "vacant"] = Field(
+        description="serving: registered; starting: claimed, loading its experts; leaving: "
+        "Serve is stopping it (routed around, draining); vacant: its replica died.")
     address: str | None = Field(default=None, description="Its gRPC address when serving.")
-    experts: list[int] = Field(description="The experts it holds (every layer).")
+    experts: list[int] = Field(description="The experts the current epoch routes to it.")
+    held: list[int] = Field(default_factory=list, description="The experts it has loaded.")
 
 
 class PlacementView(BaseModel):
-    epoch: int = Field(description="The placement map's version: it moves on every change.")
+    epoch: int = Field(description="The committed placement's number: it moves when a new "
+                       "assignment of experts to shards is published.")
+    version: int = Field(default=0, description="The routing map's version (addresses too).")
+    desired_shards: int = Field(default=0, description="Expert shards Serve is asked to run.")
+    attention_workers: int = Field(default=1, description="Attention workers reporting.")
+    desired_attention_workers: int = Field(default=1, description="Workers Serve is asked for.")
+    pending: str | None = Field(default=None, description="Why a new epoch is being prepared.")
+    operation: str | None = Field(default=None, description="The resize operation running.")
+    rebalances: int = Field(default=0, description="EPLB rebalances started so far.")
     num_experts: int | None = Field(default=None, description="Experts per layer.")
     experts_in_workers: bool = Field(description="True: no shards, each worker holds all.")
     shards: list[ShardView]
@@ -39,8 +58,33 @@ class PlacementView(BaseModel):
         default=None, description="Mean over max shard load under this placement (1: even).")
 
 
+class ScaleRequest(BaseModel):
+    expert_shards: int | None = Field(default=None, ge=0, description="Expert shards to run.")
+    attention_workers: int | None = Field(default=None, ge=1,
+                                          description="Attention workers to run.")
+
+
+class Operation(BaseModel):
+    id: str
+    expert_shards: int | None
+    attention_workers: int | None
+    phase: Literal["preparing", "committing", "done", "failed"]
+    detail: str = Field(description="What it is doing or waiting for.")
+    error: str | None = None
+    created: float = Field(description="Unix time it started.")
+    start_epoch: int
+    epoch: int = Field(description="The placement's epoch now.")
+    history: list[str] = Field(description="Its steps so far.")
+
+
+class ScaleResponse(BaseModel):
+    operation: Operation
+    created: bool = Field(description="False: the same resize was already running.")
+
+
 def add_cluster_routes(app: FastAPI, ctx: ServingContext,
-                       authorize: Callable[[Request], Any]) -> None:
+                       authorize: Callable[[Request], Any],
+                       read_body: Callable[[Request, type[Any]], Awaitable[Any]]) -> None:
 
     @app.get(ROUTE, responses=openapi_responses(PlacementView, errors=(401, 500)))
     async def placement(request: Request) -> JSONResponse:
@@ -50,3 +94,34 @@ def add_cluster_routes(app: FastAPI, ctx: ServingContext,
         except Exception as err:  # the controller unreachable, or a bug: the server's
             raise internal_error(err, ROUTE) from err
         return JSONResponse(view.model_dump())
+
+    @app.post(SCALE_ROUTE, responses=openapi_responses(ScaleResponse,
+                                                       errors=(400, 401, 409, 413, 500)))
+    async def scale(request: Request) -> JSONResponse:
+        authorize(request)
+        body: ScaleRequest = await read_body(request, ScaleRequest)
+        try:
+            answer = await ctx.client.scale(body.expert_shards, body.attention_workers)
+        except FrontendError:
+            raise
+        except Exception as err:
+            raise internal_error(err, SCALE_ROUTE) from err
+        if answer.get("error") == "conflict":
+            raise ConflictError(answer["message"], "expert_shards")
+        if answer.get("error"):
+            message = str(answer["message"])
+            raise InvalidRequestError(message, message.split(":")[0].split(" ")[0])
+        return JSONResponse(ScaleResponse.model_validate(answer).model_dump(),
+                            status_code=202 if answer["created"] else 200)
+
+    @app.get(OPERATIONS_ROUTE, responses=openapi_responses(Operation, errors=(401, 404, 500)))
+    async def operation(op_id: str, request: Request) -> JSONResponse:
+        authorize(request)
+        try:
+            op = await ctx.client.operation(op_id[:64])
+        except Exception as err:
+            raise internal_error(err, OPERATIONS_ROUTE) from err
+        if op is None:
+            raise NotFoundError(f"op_id: no operation {op_id[:64]!r} (the latest 64 are kept)",
+                                "op_id")
+        return JSONResponse(Operation.model_validate(op).model_dump())

@@ -28,7 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from zayaserve.cluster.serve_autoscaling import WorkerAutoscaling
+from zayaserve.cluster.autoscale_policy import AutoscalingConfig
+from zayaserve.cluster.elastic_config import EplbConfig
 from zayaserve.replicas.engine.config import EngineSettings
 from zayaserve.replicas.validation_errors import format_validation_error
 
@@ -51,9 +52,14 @@ class ClusterConfig(BaseModel):
     expert_shards: int = Field(
         2, ge=0, description="ExpertShard replicas (0: experts stay inside the workers).")
     expert_replication: int = Field(1, ge=1, description="Shards holding each expert.")
-    autoscaling: WorkerAutoscaling = Field(
-        default_factory=WorkerAutoscaling, description="Scale the attention workers between "
-        "autoscaling.min and .max on their queues and KV usage (attention_workers: the start).")
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig, description="Scale both deployments on load "
+        "(`enabled`), each between its `min` and `max`: attention_workers on queues and KV "
+        "usage, expert_shards on queued rows and rows/s. The bounds also limit resizes by "
+        "hand (widened to hold the deployed counts).")
+    eplb: EplbConfig = Field(
+        default_factory=EplbConfig, description="Re-place and replicate hot experts from their "
+        "observed load (expert shards only).")
     http_host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=0, le=65535, description="Public gRPC port (0: off).")

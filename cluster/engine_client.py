@@ -55,6 +55,16 @@ class EngineClient(ABC):
                 "balancedness": None, "expert_load": None}
 
 
+    async def scale(self, expert_shards: int | None,
+                    attention_workers: int | None) -> dict[str, Any]:
+        """POST /v1/cluster/scale: one process has nothing to resize."""
+        return {"error": "invalid", "message": "expert_shards: this server runs one engine "
+                "in its own process; resizing needs the Ray Serve cluster (zayaserve serve)"}
+
+    async def operation(self, op_id: str) -> dict[str, Any] | None:
+        return None
+
+
 class LocalEngineClient(EngineClient):
     def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
         self.engine = engine
@@ -142,6 +152,16 @@ class ClusterEngineClient(EngineClient):
     async def placement(self) -> dict[str, Any]:
         view: dict[str, Any] = await self.controller.view.remote()
         return view
+
+    async def scale(self, expert_shards: int | None,
+                    attention_workers: int | None) -> dict[str, Any]:
+        answer: dict[str, Any] = await self.controller.scale.remote(expert_shards,
+                                                                    attention_workers)
+        return answer
+
+    async def operation(self, op_id: str) -> dict[str, Any] | None:
+        op: dict[str, Any] | None = await self.controller.operation.remote(op_id)
+        return op
 
     async def stats(self) -> dict[str, Any]:
         # The placement controller sums the stats every worker reports (shards or not).

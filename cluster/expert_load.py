@@ -63,6 +63,11 @@ class ExpertLoad:
     def forget(self, slot: str) -> None:
         self._shards.pop(slot, None)
 
+    def slot_rate(self, slot: str) -> float:
+        """Tokens/s one shard computes (all its experts)."""
+        shard = self._shards.get(slot)
+        return sum(shard.rate) if shard else 0.0
+
     def load(self) -> list[float]:
         """Tokens/s per expert over every shard heard from."""
         total = [0.0] * self.num_experts

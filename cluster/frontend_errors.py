@@ -59,6 +59,16 @@ class ModelNotFoundError(FrontendError):
     code = "model_not_found"
 
 
+class NotFoundError(FrontendError):
+    status = 404
+    code = "not_found"
+
+
+class ConflictError(FrontendError):
+    status = 409
+    code = "conflict"
+
+
 class BodyTooLargeError(FrontendError):
     status = 413
     code = "request_too_large"

@@ -242,7 +242,8 @@ def build_openai_app(
     add_utility_routes(app, ctx, authorize,
                        lambda request, model: _read_body(request, max_body_bytes, model,
                                                          strict_fields))
-    add_cluster_routes(app, ctx, authorize)
+    add_cluster_routes(app, ctx, authorize,
+                       lambda request, model: _read_body(request, max_body_bytes, model, True))
 
     @app.get("/v1/models", responses=openapi_responses(ModelList, errors=(401, 500)))
     async def models(request: Request) -> JSONResponse:

@@ -15,8 +15,9 @@ from zayaserve.cluster.openai_protocol import NOT_SUPPORTED, ErrorResponse
 _ERRORS: dict[int, str] = {
     400: "Invalid request; the message and `param` name the offending field.",
     401: "Missing or wrong API key (only when the server has one).",
-    404: "`model` is not served here (code model_not_found).",
+    404: "`model` is not served here (code model_not_found), or no such operation.",
     408: "The engine stopped producing output (code stream_stalled).",
+    409: "Another resize operation is running (code conflict).",
     413: "The request body is too large (code request_too_large).",
     429: "Overloaded; retry after Retry-After seconds.",
     500: "Internal error; the server log has the details.",

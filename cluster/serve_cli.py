@@ -29,6 +29,16 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--attention-workers", type=int, default=None)
     p.add_argument("--expert-shards", type=int, default=None)
     p.add_argument("--expert-replication", type=int, default=None)
+    p.add_argument("--autoscale", action="store_true", default=None,
+                   help="scale both deployments on load (autoscaling.enabled)")
+    p.add_argument("--max-attention-workers", type=int, default=None,
+                   help="autoscaling.attention_workers.max (also bounds zayaserve scale)")
+    p.add_argument("--max-expert-shards", type=int, default=None,
+                   help="autoscaling.expert_shards.max (also bounds zayaserve scale)")
+    p.add_argument("--eplb", action="store_true", default=None,
+                   help="replicate and re-place hot experts from their load (eplb.enabled)")
+    p.add_argument("--redundant-experts", type=int, default=None,
+                   help="eplb.redundant_experts: extra copies for the hottest experts")
     p.add_argument("--http-host", default=None)
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None)
@@ -61,6 +71,10 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         expert_shards=args.expert_shards, expert_replication=args.expert_replication,
         http_host=args.http_host, http_port=args.http_port, grpc_port=args.grpc_port,
         api_key_file=args.api_key_file,
+        autoscaling={"enabled": args.autoscale,
+                     "attention_workers": {"max": args.max_attention_workers},
+                     "expert_shards": {"max": args.max_expert_shards}},
+        eplb={"enabled": args.eplb, "redundant_experts": args.redundant_experts},
         engine={"kv_cache_redis_url": args.redis_url,
                 "kv_cache_encoding": args.kv_cache_encoding, "device": args.device,
                 "micro_batches": 1 if args.no_overlap else None})

@@ -65,6 +65,7 @@ class AttentionWorker:
         self._map = PlacementMap(version=-1, num_experts=num_experts, replicas={},
                                  addresses={})
         self._stop = threading.Event()
+        self.desired_workers: float | None = None  # from the controller's answers
         self.experts: RemoteExpertBackend | None = None  # None: experts in this process
         if remote_experts:
             threading.Thread(target=self._poll_placement, daemon=True,
@@ -95,7 +96,9 @@ class AttentionWorker:
         while not self._stop.is_set():
             time.sleep(1.0)
             try:
-                self.controller.report_worker.remote(self.replica, self._stats())
+                answer = self.controller.report_worker.remote(
+                    self.replica, self._stats()).result(timeout_s=10)
+                self.desired_workers = float(answer["desired_workers"])
             except Exception as err:
                 log.warning("stats report failed: %r", err)
 
@@ -122,8 +125,12 @@ class AttentionWorker:
         return self._stats()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's hook: this worker's load, for the autoscaling policy."""
-        return autoscaling_metrics(self.engine.engine.stats())
+        """Serve's hook: the worker count the placement controller wants (Serve's policy for
+        this deployment follows it), and this worker's load."""
+        stats = autoscaling_metrics(self.engine.engine.stats())
+        if self.desired_workers is not None:
+            stats["desired_workers"] = self.desired_workers
+        return stats
 
     def check_health(self) -> None:
         """Serve calls this periodically: a dead engine makes the replica unhealthy, and Serve

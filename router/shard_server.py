@@ -40,6 +40,12 @@ _FLOAT_BYTES, _ID_BYTES = 4, 10
 # thread, may be called concurrently, must not write into its inputs (they alias request bytes),
 # and is only ever given experts this shard holds.
 ComputeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# The experts held: the same set for every layer, or one set per layer.
+_Held = frozenset[int] | dict[int, frozenset[int]]
+
+
+def _held_in(held: _Held, layer: int) -> frozenset[int]:
+    return held if isinstance(held, frozenset) else held.get(layer, frozenset())
 
 
 class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
@@ -63,25 +69,33 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
         address: str = "",
     ) -> None:
         self.shard_id = shard_id
-        self.compute = compute
-        self.expert_bytes = expert_bytes
         self.address = address  # filled in by serve_shard when left empty
-        self._held_all: frozenset[int] | None = None
-        self._held_by_layer: dict[int, frozenset[int]] = {}
-        if isinstance(held, Mapping):
-            self._held_by_layer = {int(k): frozenset(map(int, v)) for k, v in held.items()}
-            self.num_layers = len(held) if num_layers is None else num_layers
-        else:
-            self._held_all = frozenset(map(int, held))
-            self.num_layers = num_layers or 0
+        self.num_layers = (len(held) if isinstance(held, Mapping) else 0) \
+            if num_layers is None else num_layers
+        self.set_holding(held, compute, expert_bytes)
         self.tokens_served: Counter[tuple[int, int]] = Counter()  # (layer, expert) -> rows
         self.requests = 0
+        self.rows_in_flight = 0
         self.max_placement_version = 0
 
+    def set_holding(self, held: Mapping[int, Sequence[int]] | Sequence[int],
+                    compute: ComputeFn, expert_bytes: int) -> None:
+        """Swap what this shard serves (experts and the compute over their weights) in one
+        assignment: a Dispatch reads both from the same snapshot, so a call checked against the
+        old experts is computed with the old weights."""
+        if isinstance(held, Mapping):
+            by_layer: _Held = {int(k): frozenset(map(int, v)) for k, v in held.items()}
+        else:
+            by_layer = frozenset(map(int, held))
+        self._holding = (by_layer, compute)
+        self.expert_bytes = expert_bytes
+
+    @property
+    def compute(self) -> ComputeFn:
+        return self._holding[1]
+
     def held_experts(self, layer: int) -> frozenset[int]:
-        if self._held_all is not None:
-            return self._held_all
-        return self._held_by_layer.get(layer, frozenset())
+        return _held_in(self._holding[0], layer)
 
     @property
     def rows_served(self) -> int:
@@ -107,7 +121,8 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
                          f"expert_ids/weights: {expert_ids.numel()} ids and {weights.numel()} "
                          f"weights for {n} hidden rows")
         present, counts = torch.unique(expert_ids, return_counts=True)
-        held = self.held_experts(layer)
+        held_map, compute = self._holding  # one snapshot for the check and the compute
+        held = _held_in(held_map, layer)
         foreign = [e for e in present.tolist() if e not in held]
         if foreign:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
@@ -119,10 +134,13 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
         else:
             try:
                 # Off the event loop: other requests (and health checks) keep being served.
-                out = await asyncio.to_thread(self.compute, layer, hidden, expert_ids, weights)
+                self.rows_in_flight += n
+                out = await asyncio.to_thread(compute, layer, hidden, expert_ids, weights)
             except Exception as e:  # the shard stays up; the caller sees why
                 await _abort(context, grpc.StatusCode.INTERNAL,
                              f"shard {self.shard_id} layer {layer}: {type(e).__name__}: {e}")
+            finally:
+                self.rows_in_flight -= n
         if tuple(out.shape) != tuple(hidden.shape):
             await _abort(context, grpc.StatusCode.INTERNAL,
                          f"shard {self.shard_id}: compute returned {list(out.shape)} for "
@@ -138,10 +156,11 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
         info = expert_pb2.ShardInfo(
             shard_id=self.shard_id, address=self.address, num_layers=self.num_layers,
             expert_bytes=self.expert_bytes, pid=os.getpid())
-        if self._held_all is not None:
-            info.experts.extend(sorted(self._held_all))
+        held = self._holding[0]
+        if isinstance(held, frozenset):
+            info.experts.extend(sorted(held))
         else:
-            for layer, experts in self._held_by_layer.items():
+            for layer, experts in held.items():
                 info.per_layer[layer].experts.extend(sorted(experts))
         for (layer, expert), tokens in sorted(self.tokens_served.items()):
             info.tokens_served.add(layer=layer, expert=expert, tokens=tokens)

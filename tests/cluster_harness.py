@@ -4,10 +4,12 @@ are in conftest.py), one `zayaserve` app deployed at a time."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any
 
 import grpc
+import httpx
 import openai
 
 from zayaserve.cluster.config import ClusterConfig
@@ -37,6 +39,12 @@ class Cluster:
 
         handle = serve.get_deployment_handle("PlacementController", app_name="zayaserve")
         return handle.placement.remote().result()  # type: ignore[no-any-return]
+
+    def placement_view(self) -> dict[str, Any]:
+        from ray import serve
+
+        handle = serve.get_deployment_handle("PlacementController", app_name="zayaserve")
+        return handle.view.remote().result()  # type: ignore[no-any-return]
 
     def shard_token(self) -> str:
         """The shards' RPC token, read out of a live shard replica. The app hands it to nobody
@@ -73,6 +81,61 @@ class Cluster:
                 return
             time.sleep(0.5)
         raise TimeoutError("expert shards did not all register")
+
+
+class Load:
+    """`n` client threads sending greedy completions until stopped; every answer is checked
+    against the offline engine's tokens."""
+
+    def __init__(self, c: Cluster, offline: dict[str, list[int]], n: int = 8,
+                 headers: dict[str, str] | None = None) -> None:
+        from zayaserve.replicas.model.checkpoint_paths import resolve_model
+        from zayaserve.replicas.model.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_pretrained(resolve_model("tiny"))
+        self.want = {p: tok.decode(offline[p]) for p in PROMPTS}
+        self.c, self.stop, self.headers = c, threading.Event(), headers or {}
+        self.failures: list[str] = []
+        self.done = 0
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(n)]
+
+    def _run(self, i: int) -> None:
+        k = i
+        while not self.stop.is_set():
+            prompt = PROMPTS[k % len(PROMPTS)]
+            k += 1
+            try:
+                r = httpx.post(self.c.base + "/v1/completions", headers=self.headers, timeout=180,
+                               json={"model": "tiny", "prompt": prompt, "temperature": 0,
+                                     "max_tokens": MAX_TOKENS, "ignore_eos": True})
+            except httpx.HTTPError as err:
+                self.failures.append(repr(err))
+                continue
+            if r.status_code != 200:
+                self.failures.append(f"{r.status_code}: {r.text[:300]}")
+            elif r.json()["choices"][0]["text"] != self.want[prompt]:
+                self.failures.append(f"changed tokens for {prompt!r}: {r.text[:300]}")
+            else:
+                self.done += 1
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=240)
+
+
+def wait_for(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def deploy(**overrides: Any) -> Cluster:

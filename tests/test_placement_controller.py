@@ -1,109 +1,251 @@
-"""The placement controller's state machine: slots claimed, vacated on missed heartbeats,
-re-taken by a restarted replica, and a version that moves with every change."""
+"""The placement controller's logic with simulated shards: slots claimed and re-taken, epochs
+changed in two phases (routing never names a shard for an expert it has not loaded), resize
+operations (idempotent, 409 on conflict, a scale-down that survives Serve removing any replica),
+EPLB rebalances and the autoscaler's decisions becoming operations."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from zayaserve.cluster.placement_controller import PlacementState
+from zayaserve.cluster.autoscale_policy import AutoscalingConfig
+from zayaserve.cluster.controller_state import ControllerState
+from zayaserve.cluster.elastic_config import EplbConfig
+from zayaserve.cluster.placement_state import ExpertPlacement
+from zayaserve.cluster.scale_ops import ScaleConflict, ScaleError
 
 
-def test_slots_cover_every_expert_with_replication() -> None:
-    st = PlacementState(num_experts=8, num_shards=4, replication=2)
-    held = [e for experts in st.assignment.values() for e in experts]
-    assert sorted(held) == sorted(list(range(8)) * 2)
-    for slot, experts in st.assignment.items():
-        assert len(set(experts)) == len(experts), slot
+class Sim:
+    """Shard replicas that load what they are told at their next heartbeat, and a clock."""
+
+    def __init__(self, state: ControllerState) -> None:
+        self.state, self.now, self.n = state, 0.0, 0
+        self.shards: dict[str, tuple[str, set[int]]] = {}  # replica -> (slot, held)
+        # Crashed replicas stay routed until their heartbeats are missed (the token router
+        # retries their calls elsewhere meanwhile): what they held, by slot.
+        self.dead: dict[str, set[int]] = {}
+
+    def start(self) -> str:
+        self.n += 1
+        replica = f"r{self.n}"
+        slot, hold = self.state.placement.claim(replica, self.now)
+        self.shards[replica] = (slot, set(hold))
+        self.state.placement.register(replica, slot, f"h:{self.n}", hold, self.now)
+        return replica
+
+    def step(self, dt: float = 0.5, tokens: dict[str, dict[str, int]] | None = None,
+             queue_rows: int = 0) -> None:
+        self.now += dt
+        for replica, (slot, held) in list(self.shards.items()):
+            stats = {"held": sorted(held), "tokens": (tokens or {}).get(slot, {}),
+                     "queue_rows": queue_rows}
+            answer = self.state.heartbeat(replica, slot, stats, self.now)
+            if answer["ok"]:
+                held.clear()
+                held.update(answer["hold"])  # loaded by the next beat
+        self.state.tick(self.now)
+        self.check_routes()
+
+    def stop(self, replica: str, graceful: bool = True) -> None:
+        slot, held = self.shards.pop(replica)
+        if graceful:
+            self.state.placement.leave(replica, slot, self.now)
+        else:
+            self.dead[slot] = held
+
+    def check_routes(self) -> None:
+        """The invariant: a route names only a live shard that holds the expert."""
+        m = self.state.placement.placement(self.now)
+        held_by_slot = {**self.dead, **{slot: held for slot, held in self.shards.values()}}
+        for expert, slots in m["replicas"].items():
+            for slot in slots:
+                assert slot in m["addresses"], (expert, slot)
+                assert expert in held_by_slot.get(slot, set()), (expert, slot, m)
+
+    def routed(self) -> dict[int, list[str]]:
+        return self.state.placement.placement(self.now)["replicas"]
+
+    def run_until(self, check, steps: int = 100) -> None:  # type: ignore[no-untyped-def]
+        for _ in range(steps):
+            if check():
+                return
+            self.step()
+        raise AssertionError("condition not reached")
 
 
-def test_claim_register_and_map() -> None:
-    st = PlacementState(num_experts=4, num_shards=2, replication=1, heartbeat_timeout_s=5)
-    a_slot, a_experts = st.claim("a", now=0)
-    b_slot, b_experts = st.claim("b", now=0)
-    assert a_slot != b_slot and sorted(a_experts + b_experts) == [0, 1, 2, 3]
-    assert st.claim("a", now=0) == (a_slot, a_experts)  # idempotent per replica
-    with pytest.raises(RuntimeError, match="expert_shards"):
-        st.claim("c", now=0)
-    v0 = st.placement(now=0)["version"]
-    st.register("a", a_slot, "10.0.0.1:1", now=0)
-    m = st.placement(now=0)
-    assert m["version"] > v0 and m["addresses"] == {a_slot: "10.0.0.1:1"}
-    assert all(m["replicas"][e] == [a_slot] for e in a_experts)
-    assert all(m["replicas"][e] == [] for e in b_experts)  # registered only when ready
+def test_initial_slots_cover_every_expert_and_restart_retakes_a_slot() -> None:
+    st = ControllerState(num_experts=8, num_shards=4, replication=2, heartbeat_timeout_s=2)
+    assert sorted(e for x in st.placement.committed.values() for e in x) == sorted(
+        list(range(8)) * 2)
+    sim = Sim(st)
+    replicas = [sim.start() for _ in range(4)]
+    sim.step()
+    assert all(len(r) == 2 for r in sim.routed().values())
+    slot, held = sim.shards[replicas[0]]
+    sim.stop(replicas[0], graceful=False)  # a crash: silent
+    for _ in range(6):
+        sim.step()
+    assert st.placement.slots[slot].state() == "vacant"
+    assert all(len(r) >= 1 for r in sim.routed().values())  # replication 2: still covered
+    epoch = st.placement.epoch
+    new = sim.start()
+    assert sim.shards[new] == (slot, held)  # took over the vacant slot and its experts
+    sim.step()
+    assert all(len(r) == 2 for r in sim.routed().values()) and st.placement.epoch == epoch
 
 
-def test_missed_heartbeats_vacate_and_restart_retakes() -> None:
-    st = PlacementState(num_experts=4, num_shards=2, replication=1, heartbeat_timeout_s=5)
-    a_slot, a_experts = st.claim("a", now=0)
-    st.register("a", a_slot, "h:1", now=0)
-    b_slot, _ = st.claim("b", now=0)
-    st.register("b", b_slot, "h:2", now=0)
-    assert st.heartbeat("a", a_slot, {"tokens": 3}, now=4)
-    v = st.placement(now=4)["version"]
-    m = st.placement(now=8)  # b silent for 8 s > 5: gone; a heard at 4
-    assert m["version"] == v + 1 and b_slot not in m["addresses"]
-    assert not st.heartbeat("b", b_slot, now=8)  # b learns its slot was given away
-    slot, experts = st.claim("b2", now=8)  # the restarted replica takes the vacated experts
-    assert slot == b_slot
-    st.register("b2", slot, "h:3", now=8)
-    assert st.placement(now=8)["addresses"][b_slot] == "h:3"
+def test_a_joining_shard_commits_a_new_epoch_only_once_loaded() -> None:
+    st = ControllerState(num_experts=8, num_shards=2, replication=1, grace_s=2)
+    sim = Sim(st)
+    for _ in range(2):
+        sim.start()
+    sim.step()
+    epoch = st.placement.epoch
+    op, created = st.ops.start(3, None, sim.now, 0.0)
+    assert created and op["phase"] == "preparing" and st.placement.desired == 3
+    # Serve starts the third replica: it claims a new slot and is planned in, not yet routed.
+    slot, hold = st.placement.claim("late", sim.now)
+    assert slot == "shard-2" and hold and st.placement.pending is not None
+    assert st.placement.epoch == epoch
+    st.placement.register("late", slot, "h:late", [], sim.now)  # port open, nothing loaded
+    sim.shards["late"] = (slot, set())
+    sim.step()  # loads at this heartbeat; the commit follows once every slot reports it
+    sim.run_until(lambda: st.placement.epoch == epoch + 1)
+    assert any(slot in r for r in sim.routed().values())
+    assert st.ops.get(op["id"])["phase"] in ("committing", "done")
+    sim.run_until(lambda: st.ops.get(op["id"])["phase"] == "done")
+    # After the grace, every slot holds exactly its committed experts.
+    for replica, (s, held) in sim.shards.items():
+        assert held == set(st.placement.committed[s]), replica
+    assert sorted(len(x) for x in st.placement.committed.values()) == [2, 3, 3]
 
 
-def test_stats_sum_workers_and_count_live_shards() -> None:
-    st = PlacementState(num_experts=2, num_shards=1, replication=1)
-    st.report_worker("w1", {"num_requests_running": 2, "note": "x"})
-    st.report_worker("w2", {"num_requests_running": 3})
-    s = st.stats()
-    assert s["num_requests_running"] == 5 and s["expert_shards_live"] == 0
+@pytest.mark.parametrize("seed", range(6))
+def test_scale_down_survives_serve_removing_any_replica(seed: int) -> None:
+    rng = random.Random(seed)
+    st = ControllerState(num_experts=8, num_shards=3, replication=1, grace_s=1)
+    sim = Sim(st)
+    for _ in range(3):
+        sim.start()
+    sim.step()
+    op, _ = st.ops.start(2, None, sim.now, 0.0)
+    assert st.placement.desired == 3  # not lowered before every expert has a second copy
+    sim.run_until(lambda: st.placement.desired == 2)
+    assert all(len(r) >= 2 for r in sim.routed().values())
+    sim.stop(rng.choice(list(sim.shards)), graceful=rng.random() < 0.7)  # Serve's pick
+    for _ in range(60):
+        sim.step()
+        assert all(sim.routed()[e] for e in range(8)), sim.routed()  # never an expert unserved
+        if st.ops.get(op["id"])["phase"] == "done":
+            break
+    assert st.ops.get(op["id"])["phase"] == "done"
+    assert len(st.placement.committed) == 2
+    assert all(len(r) == 1 for r in sim.routed().values())  # back to replication 1
 
 
-def _serving(st: PlacementState) -> list[str]:
-    slots = []
-    for i, replica in enumerate(("a", "b")):
-        slot, _ = st.claim(replica, now=0)
-        st.register(replica, slot, f"h:{i}", now=0)
-        slots.append(slot)
-    return slots
+def test_operations_are_idempotent_conflict_and_bounded() -> None:
+    st = ControllerState(num_experts=4, num_shards=2, replication=1,
+                         autoscaling=AutoscalingConfig(expert_shards={"min": 1, "max": 4}))
+    sim = Sim(st)
+    sim.start()
+    sim.start()
+    op, created = st.ops.start(3, None, 0, 0)
+    again, created_again = st.ops.start(3, None, 0, 0)
+    assert created and not created_again and again["id"] == op["id"]
+    with pytest.raises(ScaleConflict) as conflict:
+        st.ops.start(2, None, 0, 0)
+    assert conflict.value.operation["id"] == op["id"]
+    with pytest.raises(ScaleError, match=r"expert_shards: must be in \[1, 4\], got 9"):
+        st.ops.start(9, None, 0, 0)
+    with pytest.raises(ScaleError, match="attention_workers"):
+        st.ops.start(None, 0, 0, 0)
+    st.ops.timeout_s = 0
+    st.ops.current.deadline = -1  # type: ignore[union-attr]
+    st.ops.advance(1.0)
+    failed = st.ops.get(op["id"])
+    assert failed["phase"] == "failed" and "timed out" in failed["error"]
+    assert st.ops.start(2, None, 2, 0)[1]  # the next one may start
 
 
-def test_view_shows_epoch_shard_states_load_and_balancedness() -> None:
-    st = PlacementState(num_experts=4, num_shards=3, replication=1, heartbeat_timeout_s=30)
-    a, b = _serving(st)
-    c, _ = st.claim("c", now=0)  # claimed, still loading
-    held = {slot: st.assignment[slot] for slot in (a, b)}
-    # Each of a's experts takes 30 tokens per second (15 in each of two layers), each of b's
-    # 10 (cumulative counts; the first heartbeat is the baseline).
-    for t in range(1, 6):
-        st.heartbeat("a", a, {"tokens": {f"{layer}:{e}": 15 * t for e in held[a]
-                                         for layer in (0, 1)}}, now=t)
-        st.heartbeat("b", b, {"tokens": {f"0:{e}": 10 * t for e in held[b]}}, now=t)
-    view = st.view(now=5)
-    assert view["epoch"] == st.placement(now=5)["version"] and view["epoch"] >= 2
-    assert [(s["id"], s["state"]) for s in view["shards"]] == [
-        (a, "serving"), (b, "serving"), (c, "starting")]
-    assert view["shards"][2]["address"] is None and view["shards"][0]["address"] == "h:0"
-    load = view["expert_load"]
-    assert all(load[e] == pytest.approx(30) for e in held[a]), load
-    assert all(load[e] == pytest.approx(10) for e in held[b]), load
-    assert all(load[e] == 0 for e in st.assignment[c]), load  # not serving: no tokens
-    # The two live shards' load per tick; balancedness is their mean over their max.
-    shard_a, shard_b = 30 * len(held[a]), 10 * len(held[b])
-    assert view["balancedness"] == pytest.approx((shard_a + shard_b) / 2 / max(shard_a, shard_b))
+def test_no_shards_refuses_a_shard_resize_but_scales_workers() -> None:
+    st = ControllerState(num_experts=4, num_shards=0, replication=1)
+    with pytest.raises(ScaleError, match="expert_shards"):
+        st.ops.start(2, None, 0, 0)
+    op, _ = st.ops.start(None, 2, 0, 0)
+    assert st.desired_workers(0) == 2 and op["phase"] == "preparing"
+    st.report_worker("w1", {}, 1)
+    st.report_worker("w2", {}, 1)
+    st.tick(1)
+    assert st.ops.get(op["id"])["phase"] == "done"
 
 
-def test_a_restarted_replica_starts_a_new_baseline_and_load_decays() -> None:
-    st = PlacementState(num_experts=2, num_shards=1, replication=1, heartbeat_timeout_s=30)
-    slot, _ = st.claim("a", now=0)
-    st.register("a", slot, "h:0", now=0)
-    st.heartbeat("a", slot, {"tokens": {"0:0": 7}}, now=0)  # the baseline
-    st.heartbeat("a", slot, {"tokens": {"0:0": 107}}, now=1)
-    first = st.view(now=1)["expert_load"][0]
-    assert first == pytest.approx(100)
-    st.register("a2", slot, "h:1", now=1)  # the same slot, a new replica: its counts restart
-    st.heartbeat("a2", slot, {"tokens": {"0:0": 5}}, now=2)  # its baseline: not -102
-    assert st.view(now=2)["expert_load"][0] == 0  # the old replica's rate went with it
-    st.heartbeat("a2", slot, {"tokens": {"0:0": 55}}, now=3)
-    assert st.view(now=3)["expert_load"][0] == pytest.approx(50)
-    for t in range(4, 200):
-        st.heartbeat("a2", slot, {"tokens": {"0:0": 55}}, now=t)
-    assert st.view(now=200)["expert_load"][0] < 1  # idle: the average decays
+def test_eplb_replicates_hot_experts_and_balances() -> None:
+    st = ControllerState(num_experts=8, num_shards=4, replication=1, grace_s=1,
+                         eplb=EplbConfig(enabled=True, interval_s=5, redundant_experts=4,
+                                         window_s=2))
+    sim = Sim(st)
+    for _ in range(4):
+        sim.start()
+    zipf = [1000 / (k + 1) for k in range(8)]
+    counts: dict[int, float] = dict.fromkeys(range(8), 0.0)
+
+    def tokens() -> dict[str, dict[str, int]]:
+        # Each holder of an expert serves an equal part of its tokens (cumulative counts).
+        out: dict[str, dict[str, int]] = {}
+        routes = sim.routed()
+        for e in range(8):
+            counts[e] += zipf[e] * 0.5
+            for slot in routes[e]:
+                out.setdefault(slot, {})[f"0:{e}"] = int(counts[e] / len(routes[e]))
+        return out
+
+    def balance() -> float:
+        b = st.view(sim.now)["balancedness"]
+        return 0.0 if b is None else float(b)
+
+    for _ in range(6):
+        sim.step(tokens=tokens())
+    before = balance()
+    for _ in range(80):
+        sim.step(tokens=tokens())
+    assert st.rebalances >= 1 and st.placement.epoch > 1
+    assert before < 0.8 and balance() >= 0.9, (before, balance())
+    assert len(sim.routed()[0]) >= 2  # the hottest expert got replicas
+
+
+def test_autoscaler_decisions_become_operations() -> None:
+    cfg = AutoscalingConfig(enabled=True,
+                            attention_workers={"min": 1, "max": 3, "upscale_delay_s": 1,
+                                               "downscale_delay_s": 1},
+                            expert_shards={"min": 1, "max": 3, "upscale_delay_s": 1,
+                                           "downscale_delay_s": 1,
+                                           "target_queue_per_shard": 8})
+    st = ControllerState(num_experts=4, num_shards=1, replication=1, autoscaling=cfg)
+    sim = Sim(st)
+    sim.start()
+    for _ in range(6):
+        st.report_worker("w1", {"num_requests_waiting": 20, "num_requests_running": 4,
+                                "kv_blocks_total": 10, "kv_blocks_free": 5}, sim.now)
+        sim.step(queue_rows=40)
+    assert st.desired_workers(sim.now) > 1 and st.placement.desired > 1, st.last_decision
+    assert st.ops.current is not None
+
+
+def test_placement_view_shows_shard_states_and_held_experts() -> None:
+    st = ControllerState(num_experts=4, num_shards=2, replication=1)
+    sim = Sim(st)
+    sim.start()
+    st.placement.claim("slow", sim.now)
+    view = st.view(sim.now)
+    assert [s["state"] for s in view["shards"]] == ["serving", "starting"]
+    assert view["epoch"] == 1 and view["desired_shards"] == 2
+    assert view["shards"][0]["held"] == view["shards"][0]["experts"]
+
+
+def test_plan_moves_few_experts_when_a_shard_joins() -> None:
+    p = ExpertPlacement(num_experts=16, num_shards=4, replication=1)
+    before = {s: set(x) for s, x in p.committed.items()}
+    plan = p.plan([*p.committed, "shard-new"], 1, False)
+    moved = sum(len(set(x) - before.get(s, set())) for s, x in plan.items())
+    assert moved <= 4 and sorted(e for x in plan.values() for e in x) == list(range(16))

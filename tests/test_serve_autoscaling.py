@@ -1,22 +1,20 @@
-"""The attention workers' autoscaling as Ray Serve runs it: the policy class Serve calls
-(unit, with a stand-in for Serve's context), and the deployment scaling up under a queue and
-back down when idle (e2e, real Ray Serve)."""
+"""Both deployments' counts as Ray Serve runs them: the follow policy Serve calls (unit, with a
+stand-in for Serve's context), the deployments' autoscaling configs, and a step load (1x, 4x,
+1x) scaling the attention workers and the expert shards up and back down (e2e, real Serve)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import httpx
 import pytest
-from cluster_harness import Cluster, deploy, undeploy
+from cluster_harness import Cluster, Load, deploy, undeploy, wait_for
 
-from zayaserve.cluster.config import ClusterConfig
 from zayaserve.cluster.serve_autoscaling import (
-    METRICS,
-    AttentionWorkerPolicy,
+    SHARD_METRIC,
+    WORKER_METRIC,
+    FollowTarget,
     serve_autoscaling_config,
 )
 from zayaserve.replicas.attention_worker import autoscaling_metrics
@@ -31,96 +29,65 @@ class _Ctx:
     aggregated_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _ctx(target: int, waiting: list[float], kv: float = 0.1) -> _Ctx:
-    names = [f"r{i}" for i in range(len(waiting))]
-    return _Ctx(target, names, {
-        "waiting": dict(zip(names, waiting, strict=True)),
-        "running": {n: 1.0 for n in names}, "kv_usage": {n: kv for n in names}})
-
-
-def test_the_worker_reports_what_the_policy_reads() -> None:
+def test_the_worker_reports_its_load() -> None:
     got = autoscaling_metrics({"num_requests_waiting": 3, "num_requests_running": 2,
                                "kv_blocks_free": 25, "kv_blocks_total": 100})
-    assert tuple(got) == METRICS and got == {"waiting": 3, "running": 2, "kv_usage": 0.75}
+    assert got == {"waiting": 3, "running": 2, "kv_usage": 0.75}
 
 
-def test_policy_scales_up_after_the_delay_and_down_one_at_a_time(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [100.0]
-    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
-    policy = AttentionWorkerPolicy(min=1, max=3, upscale_delay_s=2, downscale_delay_s=5,
-                                   target_waiting_per_worker=2)
-    seen = []
-    target = 1
-    for t, waiting in [(0, [9]), (1, [9]), (2.5, [9]), (3, [5, 0, 0]), (4, [0, 0, 0]),
-                       (9.5, [0, 0, 0]), (15, [0, 0])]:
-        clock[0] = 100.0 + t
-        target, state = policy(_ctx(target, waiting))
-        assert state == {}
-        seen.append(target)
-    assert seen == [1, 1, 3, 3, 3, 2, 1], (seen, policy.last_reasons)
+def test_follow_policy_takes_the_largest_reported_count_of_running_replicas() -> None:
+    policy = FollowTarget(SHARD_METRIC)
+    assert policy(_Ctx(2, ["a", "b"])) == (2, {})  # nothing reported yet: keep the target
+    assert policy(_Ctx(2, ["a", "b"], {SHARD_METRIC: {"a": 3.0, "b": 2.0}}))[0] == 3
+    assert policy(_Ctx(3, ["a", "b"], {SHARD_METRIC: {"a": 2.5, "b": 2.0}}))[0] == 3
+    assert policy(_Ctx(3, ["a"], {SHARD_METRIC: {"a": 2.0, "gone": 5.0}}))[0] == 2
+    assert policy(_Ctx(3, ["a"], {WORKER_METRIC: {"a": 1.0}}))[0] == 3  # another metric
 
 
 def test_serve_config_turns_serve_delays_off_and_names_the_policy() -> None:
-    cfg = ClusterConfig.create(autoscaling={"enabled": True, "min": 1, "max": 3},
-                               attention_workers=5)
-    sc = serve_autoscaling_config(cfg.autoscaling, cfg.attention_workers)
+    sc = serve_autoscaling_config(WORKER_METRIC, 5, (1, 3))
     assert (sc["min_replicas"], sc["max_replicas"], sc["initial_replicas"]) == (1, 3, 3)
     assert sc["upscale_delay_s"] == sc["downscale_delay_s"] == 0
-    assert sc["policy"]["policy_function"].endswith(":AttentionWorkerPolicy")
-    AttentionWorkerPolicy(**sc["policy"]["policy_kwargs"])  # the kwargs Serve will pass
-    with pytest.raises(ValueError, match="autoscaling"):
-        ClusterConfig.create(autoscaling={"enabled": True, "min": 3, "max": 2})
+    assert sc["policy"]["policy_function"].endswith(":FollowTarget")
+    FollowTarget(**sc["policy"]["policy_kwargs"])  # the kwargs Serve will pass
 
 
 # ---- e2e --------------------------------------------------------------------------------
 
 
-def _workers(cluster: Cluster) -> int:
+def _running(deployment: str) -> int:
     from ray import serve
 
-    status = serve.status().applications["zayaserve"].deployments["AttentionWorker"]
+    status = serve.status().applications["zayaserve"].deployments[deployment]
     return int(status.replica_states.get("RUNNING", 0))
 
 
 @pytest.fixture(scope="module")
 def scaling(ray_session: None) -> Iterator[Cluster]:
-    cluster = deploy(expert_shards=0, engine={"max_num_seqs": 2},
-                     autoscaling={"enabled": True, "min": 1, "max": 2, "upscale_delay_s": 1,
-                                  "downscale_delay_s": 3, "target_waiting_per_worker": 1})
+    limits = {"min": 1, "max": 2, "upscale_delay_s": 1, "downscale_delay_s": 3}
+    cluster = deploy(expert_shards=1, engine={"max_num_seqs": 2}, eplb={"window_s": 2},
+                     autoscaling={"enabled": True,
+                                  "attention_workers": {**limits,
+                                                        "target_waiting_per_worker": 1},
+                                  "expert_shards": {**limits,
+                                                    "max_rows_per_s_per_shard": 150}})
     yield cluster
     undeploy()
 
 
 @pytest.mark.e2e
-def test_step_load_scales_the_workers_up_and_back_down(scaling: Cluster) -> None:
-    assert _workers(scaling) == 1
-    stop = threading.Event()
-    failures: list[str] = []
-    done = [0]
-
-    def client() -> None:
-        while not stop.is_set():
-            r = httpx.post(scaling.base + "/v1/completions", timeout=120, json={
-                "model": "tiny", "prompt": "hello", "max_tokens": 48, "ignore_eos": True})
-            if r.status_code != 200:
-                failures.append(r.text)
-            done[0] += 1
-
-    threads = [threading.Thread(target=client) for _ in range(8)]  # 4x what 2 seqs serve
-    for t in threads:
-        t.start()
-    try:
-        deadline = time.monotonic() + 90
-        while _workers(scaling) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _workers(scaling) == 2, "no scale-up under a queue of 6"
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
-    assert not failures and done[0] > 0, failures[:3]
-    deadline = time.monotonic() + 90
-    while _workers(scaling) > 1 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _workers(scaling) == 1, "no scale-down once idle"
+def test_step_load_scales_both_deployments_up_and_back_down(scaling: Cluster,
+                                                             offline: dict) -> None:
+    assert (_running("AttentionWorker"), _running("ExpertShard")) == (1, 1)
+    with Load(scaling, offline, n=1) as light:
+        time.sleep(8)
+        steady = (_running("AttentionWorker"), _running("ExpertShard"))
+        print("1x", steady, scaling.placement_view()["expert_load"])
+        with Load(scaling, offline, n=4) as heavy:  # 1x + 4x: five streams, 2 fit a worker
+            wait_for(lambda: _running("AttentionWorker") == 2 and _running("ExpertShard") == 2,
+                     120, "both deployments scaled up")
+            print("4x", scaling.placement_view()["expert_load"])
+        wait_for(lambda: _running("AttentionWorker") == 1 and _running("ExpertShard") == 1,
+                 120, "both deployments back down at 1x")
+    assert steady == (1, 1)
+    assert not light.failures and not heavy.failures, (light.failures + heavy.failures)[:3]

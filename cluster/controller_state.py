@@ -1,0 +1,182 @@
+"""The placement controller's logic, free of Serve so it can be unit tested: the expert
+placement and its epochs (`placement_state`), resize operations (`scale_ops`), the stats every
+worker and shard reports, and, each tick, the autoscaler's decision for both pools and the EPLB
+rebalance.
+
+The autoscaler is one policy for the whole application: it reads the attention workers' queues
+and KV usage and the shards' queued rows and rows/s, and decides both counts together (with the
+attention:expert ratio). Its decisions become resize operations like a hand-made one, so a shard
+count change is always two-phase. Serve's own per-deployment policies only follow the counts
+decided here (the replicas report them back through `record_autoscaling_stats`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from zayaserve.cluster.autoscale_policy import (
+    AutoscalingConfig,
+    PolicyState,
+    ShardSample,
+    WorkerSample,
+    decide,
+)
+from zayaserve.cluster.elastic_config import EplbConfig, pool_bounds
+from zayaserve.cluster.placement_state import ExpertPlacement
+from zayaserve.cluster.scale_ops import ScaleError, ScaleOperations
+from zayaserve.router.eplb import moves, should_rebalance
+
+WORKER_SEEN_S = 3.0  # a worker that reported within this long is live
+
+
+def _replicas(assignment: dict[str, list[int]], num_experts: int) -> dict[int, list[str]]:
+    return {e: [s for s, held in assignment.items() if e in held] for e in range(num_experts)}
+
+
+class ControllerState:
+    def __init__(self, num_experts: int, num_shards: int, replication: int,
+                 attention_workers: int = 1, autoscaling: AutoscalingConfig | None = None,
+                 eplb: EplbConfig | None = None, heartbeat_timeout_s: float = 4.0,
+                 grace_s: float = 3.0) -> None:
+        self.autoscaling = autoscaling or AutoscalingConfig()
+        self.eplb = eplb or EplbConfig()
+        self.placement = ExpertPlacement(num_experts, num_shards, replication,
+                                         heartbeat_timeout_s, grace_s, self.eplb.window_s)
+        if self.eplb.enabled:
+            self.placement.eplb_redundant = self.eplb.redundant_experts
+        shard_bounds, worker_bounds = pool_bounds(self.autoscaling, attention_workers,
+                                                  num_shards, replication)
+        self.ops = ScaleOperations(self.placement, shard_bounds, worker_bounds,
+                                   self.live_workers)
+        self.initial_workers = attention_workers
+        self.worker_stats: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.shard_stats: dict[str, dict[str, Any]] = {}
+        self.policy = PolicyState()
+        self.last_decision: tuple[str, ...] = ()
+        self.last_rebalance: float | None = None  # the first tick starts the clock
+        self.rebalances = 0
+        self.last_gain: float | None = None
+
+    # ----- shards ---------------------------------------------------------------------------
+    def heartbeat(self, replica: str, slot: str, stats: dict[str, Any] | None,
+                  now: float) -> dict[str, Any]:
+        """The shard's report; the answer says what it must hold and how many shards Serve
+        should run (the shard hands that number to Serve's policy)."""
+        p = self.placement
+        held = stats.get("held") if stats else None
+        ok = p.heartbeat(replica, slot, held, now)
+        if ok and stats is not None:
+            self.shard_stats[slot] = stats
+            tokens = stats.get("tokens")
+            if isinstance(tokens, dict):
+                p.load.add(slot, replica, tokens, now)
+        return {"ok": ok, "hold": p.hold(slot, now), "desired_shards": p.desired}
+
+    # ----- workers --------------------------------------------------------------------------
+    def report_worker(self, replica: str, stats: dict[str, Any], now: float) -> dict[str, Any]:
+        self.worker_stats[replica] = (now, stats)
+        return {"desired_workers": self.desired_workers(now)}
+
+    def live_workers(self, now: float) -> int:
+        return sum(1 for seen, _ in self.worker_stats.values() if now - seen < WORKER_SEEN_S)
+
+    def desired_workers(self, now: float) -> int:
+        wanted = self.ops.desired_workers
+        return self.initial_workers if wanted is None else wanted
+
+    # ----- the tick -------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        p = self.placement
+        p.expire(now)
+        p.reconcile(now)
+        self.ops.advance(now)
+        if self.autoscaling.enabled and not self.ops.busy():
+            self._autoscale(now)
+        if self.last_rebalance is None:
+            self.last_rebalance = now
+        if self.eplb.enabled and p.slots and not self.ops.busy() and p.pending is None \
+                and now - self.last_rebalance >= self.eplb.interval_s:
+            self.last_rebalance = now
+            self._rebalance()
+
+    def _autoscale(self, now: float) -> None:
+        workers = []
+        for seen, s in self.worker_stats.values():
+            if now - seen < WORKER_SEEN_S:
+                total = float(s.get("kv_blocks_total", 0.0))
+                kv = 1.0 - float(s.get("kv_blocks_free", 0.0)) / total if total else 0.0
+                workers.append(WorkerSample(int(s.get("num_requests_waiting", 0)),
+                                            int(s.get("num_requests_running", 0)), kv))
+        p = self.placement
+        shards = [ShardSample(float(self.shard_stats.get(s, {}).get("queue_rows", 0.0)),
+                              p.load.slot_rate(s))
+                  for s, slot in p.slots.items() if slot.serving]
+        cur_workers, cur_shards = self.desired_workers(now), p.desired
+        config = self.autoscaling
+        if not p.slots:  # experts inside the workers: only the worker pool scales
+            config = config.model_copy(update={"expert_shards": config.expert_shards.model_copy(
+                update={"min": 0, "max": 0})})
+        d = decide(config, cur_workers, cur_shards, workers, shards, self.policy, now)
+        self.last_decision = d.reasons
+        new_workers = d.attention_workers if d.attention_workers != cur_workers else None
+        new_shards = d.expert_shards if p.slots and d.expert_shards != cur_shards else None
+        if new_workers is not None or new_shards is not None:
+            # A decision outside the resize bounds (ScaleError) keeps the counts.
+            with contextlib.suppress(ScaleError):
+                self.ops.start(new_shards, new_workers, now, time.time())
+
+    def _rebalance(self) -> None:
+        p = self.placement
+        load = p.load.load()
+        members = p.members()
+        if sum(load) <= 0 or len(members) < 2:
+            return
+        proposed = p.plan(members, p.replication, True)
+        current = _replicas({s: p.committed.get(s, []) for s in members}, p.num_experts)
+        new = _replicas(proposed, p.num_experts)
+        gain_ok = should_rebalance(load, current, new, members, self.eplb.min_gain,
+                                   self.eplb.move_cost)
+        if gain_ok:
+            self.rebalances += 1
+            p.propose(proposed, f"eplb: {moves(current, new)} expert copies moved")
+
+    # ----- what operators read ---------------------------------------------------------------
+    def view(self, now: float) -> dict[str, Any]:
+        """GET /v1/cluster/placement: epoch, each shard (state, experts, address), per-expert
+        load, balancedness, and the change under way."""
+        p = self.placement
+        routing = p.placement(now)
+        return {
+            "epoch": p.epoch, "version": p.version, "num_experts": p.num_experts,
+            "experts_in_workers": not p.slots, "shards": p.shard_views(now),
+            "desired_shards": p.desired if p.slots else 0,
+            "attention_workers": self.live_workers(now),
+            "desired_attention_workers": self.desired_workers(now),
+            "pending": p.pending_reason if p.pending is not None else None,
+            "rebalances": self.rebalances,
+            "operation": self.ops.current.id if self.ops.busy() and self.ops.current else None,
+            "balancedness": p.load.balancedness(routing["replicas"], list(routing["addresses"])),
+            **p.load.view()}
+
+    def stats(self, now: float) -> dict[str, Any]:
+        """Sums the numeric stats of workers seen in the last minute, plus shard counters."""
+        total: dict[str, Any] = {}
+        for seen, stats in self.worker_stats.values():
+            if now - seen < 60:
+                for k, v in stats.items():
+                    if isinstance(v, int | float):
+                        total[k] = total.get(k, 0) + v
+        p = self.placement
+        total["expert_shards_live"] = sum(1 for s in p.slots.values() if s.serving)
+        total["placement_version"] = p.version
+        total["placement_epoch"] = p.epoch
+        total["eplb_rebalances_total"] = self.rebalances
+        # Labelled samples (the metrics front end's shape): tokens each shard served per expert.
+        total["expert_tokens_total"] = [
+            {"shard": slot, "layer": int(key.split(":")[0]), "expert": int(key.split(":")[1]),
+             "value": n}
+            for slot, stats in sorted(self.shard_stats.items()) if slot in p.slots
+            for key, n in sorted(stats.get("tokens", {}).items())]
+        return total
