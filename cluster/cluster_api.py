@@ -56,6 +56,8 @@ class PlacementView(BaseModel):
     load_window_s: float | None = Field(default=None, description="The average's time constant.")
     balancedness: float | None = Field(
         default=None, description="Mean over max shard load under this placement (1: even).")
+    observed_balancedness: float | None = Field(
+        default=None, description="Mean over max of the rows/s the shards report.")
 
 
 class ScaleRequest(BaseModel):

@@ -35,6 +35,12 @@ def _replicas(assignment: dict[str, list[int]], num_experts: int) -> dict[int, l
     return {e: [s for s, held in assignment.items() if e in held] for e in range(num_experts)}
 
 
+def _observed(p: ExpertPlacement) -> float | None:
+    """Mean / max of the rows/s each serving shard reports (None: no traffic yet)."""
+    rates = [p.load.slot_rate(s) for s, slot in p.slots.items() if slot.serving]
+    return sum(rates) / len(rates) / max(rates) if rates and max(rates) > 0 else None
+
+
 class ControllerState:
     def __init__(self, num_experts: int, num_shards: int, replication: int,
                  attention_workers: int = 1, autoscaling: AutoscalingConfig | None = None,
@@ -94,8 +100,8 @@ class ControllerState:
         self.ops.advance(now)
         if self.autoscaling.enabled and not self.ops.busy():
             self._autoscale(now)
-        if self.last_rebalance is None:
-            self.last_rebalance = now
+        if self.last_rebalance is None or sum(p.load.load()) <= 0:
+            self.last_rebalance = now  # weighed `interval_s` after traffic (re)starts
         if self.eplb.enabled and p.slots and not self.ops.busy() and p.pending is None \
                 and now - self.last_rebalance >= self.eplb.interval_s:
             self.last_rebalance = now
@@ -158,6 +164,7 @@ class ControllerState:
             "rebalances": self.rebalances,
             "operation": self.ops.current.id if self.ops.busy() and self.ops.current else None,
             "balancedness": p.load.balancedness(routing["replicas"], list(routing["addresses"])),
+            "observed_balancedness": _observed(p),
             **p.load.view()}
 
     def stats(self, now: float) -> dict[str, Any]:

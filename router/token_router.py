@@ -19,6 +19,7 @@ from typing import NamedTuple
 import grpc
 import torch
 
+from zayaserve.router.dispatch_plan import plan_rows
 from zayaserve.router.placement import PlacementMap
 from zayaserve.router.protos import expert_pb2
 from zayaserve.router.router_stats import LayerLatency, RouterStats
@@ -120,7 +121,7 @@ class TokenRouter:
         self._placement: PlacementMap | None = None
         self._channels = ShardChannels(close_grace_s=deadline_s, token=token,
                                        max_message_bytes=max_message_bytes)
-        self._turn = 0
+        self._turns: defaultdict[int, int] = defaultdict(int)  # expert -> ties broken so far
 
     async def dispatch(
         self,
@@ -200,32 +201,15 @@ class TokenRouter:
     def _plan(
         self, layer: int, placement: PlacementMap, pending: torch.Tensor, expert_ids: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Rows per chosen address (one expert's rows all go to one replica), and the rows of
-        experts with no usable replica right now."""
-        ids = expert_ids[pending]
-        order = torch.argsort(ids, stable=True)  # token order kept within an expert
-        present, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        """Rows per chosen address (`dispatch_plan.plan_rows`), and the rows of experts with no
+        usable replica right now."""
         now = time.monotonic()
-        planned: defaultdict[str, int] = defaultdict(int)
-        groups: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
-        unplaced: list[torch.Tensor] = []
-        for expert, rows in zip(present.tolist(), torch.split(pending[order], counts.tolist()),
-                                strict=True):
-            usable = [a for a in (placement.addresses[s]
-                                  for s in placement.shards_for(layer, expert))
-                      if self._channels.usable(a, now)]
-            if not usable:
-                unplaced.append(rows)
-                continue
-            # Least outstanding rows (in flight plus planned here); ties go round-robin.
-            load = [self._channels.load(a) + planned[a] for a in usable]
-            tied = [a for a, x in zip(usable, load, strict=True) if x == min(load)]
-            self._turn += 1
-            address = tied[self._turn % len(tied)]
-            planned[address] += rows.numel()
-            groups[address].append(rows)
-        plan = {a: torch.cat(parts) for a, parts in groups.items()}
-        return plan, (torch.cat(unplaced) if unplaced else pending[:0])
+
+        def copies_of(expert: int) -> list[str]:
+            return [a for a in (placement.addresses[s] for s in placement.shards_for(layer, expert))
+                    if self._channels.usable(a, now)]
+
+        return plan_rows(pending, expert_ids, copies_of, self._channels.load, self._turns)
 
     async def _call(
         self, address: str, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,

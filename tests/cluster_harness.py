@@ -87,13 +87,17 @@ class Load:
     """`n` client threads sending greedy completions until stopped; every answer is checked
     against the offline engine's tokens."""
 
-    def __init__(self, c: Cluster, offline: dict[str, list[int]], n: int = 8,
-                 headers: dict[str, str] | None = None) -> None:
-        from zayaserve.replicas.model.checkpoint_paths import resolve_model
-        from zayaserve.replicas.model.tokenizer import Tokenizer
+    def __init__(self, c: Cluster, offline: dict[str, list[int]] | None = None, n: int = 8,
+                 headers: dict[str, str] | None = None, want: dict[str, str] | None = None,
+                 model: str = "tiny") -> None:
+        """`offline`: the tiny model's greedy token ids per prompt; or `want`: texts."""
+        if want is None:
+            from zayaserve.replicas.model.checkpoint_paths import resolve_model
+            from zayaserve.replicas.model.tokenizer import Tokenizer
 
-        tok = Tokenizer.from_pretrained(resolve_model("tiny"))
-        self.want = {p: tok.decode(offline[p]) for p in PROMPTS}
+            tok = Tokenizer.from_pretrained(resolve_model("tiny"))
+            want = {p: tok.decode((offline or {})[p]) for p in PROMPTS}
+        self.want, self.model = want, model
         self.c, self.stop, self.headers = c, threading.Event(), headers or {}
         self.failures: list[str] = []
         self.done = 0
@@ -106,7 +110,7 @@ class Load:
             k += 1
             try:
                 r = httpx.post(self.c.base + "/v1/completions", headers=self.headers, timeout=180,
-                               json={"model": "tiny", "prompt": prompt, "temperature": 0,
+                               json={"model": self.model, "prompt": prompt, "temperature": 0,
                                      "max_tokens": MAX_TOKENS, "ignore_eos": True})
             except httpx.HTTPError as err:
                 self.failures.append(repr(err))
@@ -149,8 +153,9 @@ def deploy(**overrides: Any) -> Cluster:
     while grpc_port == HTTP_PORT:  # nothing listens on HTTP_PORT yet, so it can come back
         grpc_port = free_port()
     engine = {"num_threads": 1, **overrides.pop("engine", {})}
-    cfg = ClusterConfig.create(model="tiny", http_port=HTTP_PORT, grpc_port=grpc_port,
-                               replica_num_cpus=0.1, engine=engine, **overrides)
+    cfg = ClusterConfig.create(**{"model": "tiny", "http_port": HTTP_PORT,
+                                  "grpc_port": grpc_port, "replica_num_cpus": 0.1,
+                                  "engine": engine, **overrides})
     serve_deploy(cfg)
     cluster = Cluster(cfg)
     cluster.wait_all_shards()

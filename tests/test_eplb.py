@@ -245,3 +245,36 @@ def test_invalid_arguments_name_themselves() -> None:
     for name, call in cases:
         with pytest.raises(ValueError, match=f"^{name}"):
             call()
+
+
+# ---- choosing a copy for each expert's rows (router/dispatch_plan.py) ----------------------
+
+
+def test_plan_rows_keeps_an_expert_whole_and_alternates_its_copies() -> None:
+    from collections import defaultdict
+
+    import torch
+
+    from zayaserve.router.dispatch_plan import plan_rows
+
+    ids = torch.tensor([0, 1, 0, 0, 2, 0, 1, 0])  # expert 0 hot: 5 rows; 2 = skip, not sent
+    pending = torch.tensor([0, 1, 2, 3, 5, 6, 7])
+    copies = {0: ["a", "b"], 1: ["a"]}
+    turns: defaultdict[int, int] = defaultdict(int)
+    chosen = []
+    for _ in range(4):
+        plan, unplaced = plan_rows(pending, ids, lambda e: copies.get(e, []), lambda a: 0,
+                                   turns)
+        assert unplaced.numel() == 0
+        holders = [a for a, rows in plan.items() if 0 in ids[rows].tolist()]
+        assert len(holders) == 1  # all of expert 0's rows go to one copy, in token order
+        assert [r for r in plan[holders[0]].tolist() if ids[r] == 0] == [0, 2, 3, 5, 7]
+        chosen.append(holders[0])
+    # Expert 0 comes first in id order: with nothing in flight its copies tie and take turns.
+    assert chosen == ["b", "a", "b", "a"]
+    ids2 = torch.tensor([0, 0])
+    picks = {next(iter(plan_rows(torch.tensor([0, 1]), ids2, lambda e: ["a", "b"],
+                                 lambda a: 0, turns)[0])) for _ in range(4)}
+    assert picks == {"a", "b"}  # ties alternate per expert
+    missing, _ = plan_rows(pending, ids, lambda e: [], lambda a: 0, defaultdict(int))
+    assert missing == {}
