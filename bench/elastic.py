@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import statistics
 import tempfile
 import threading
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import ray
 
-    ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=4, log_to_driver=False,
+    ray.init(include_dashboard=False, logging_level=logging.ERROR, num_cpus=4, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     from ray import serve
 

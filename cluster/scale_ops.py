@@ -127,7 +127,13 @@ class ScaleOperations:
         op.epoch = p.epoch
         if now > op.deadline:
             op.phase, op.error = "failed", f"timed out after {self.timeout_s:g} s at: {op.detail}"
+            # Stop asking Serve for what did not come (e.g. no resources for a new replica):
+            # keep what runs; the placement re-plans over the members it has.
             p.cover = 1
+            if op.expert_shards is not None:
+                p.desired = max(len(p.members()), 1)
+            if op.attention_workers is not None and (live := self.live_workers(now)):
+                self.desired_workers = live
             return
         if op.step == "cover" and p.pending is None and p.covered(p.cover):
             op.step = "remove"

@@ -100,8 +100,14 @@ class ExpertShard:
         experts = sorted(experts)
         if experts == self.experts:
             return
-        weights = await asyncio.to_thread(load_expert_side, self.path, experts, self.dtype,
-                                          self.device)
+        try:
+            weights = await asyncio.to_thread(load_expert_side, self.path, experts, self.dtype,
+                                              self.device)
+        except Exception:  # keep serving what we hold; the next heartbeat asks again
+            log.exception("expert shard %s could not load experts %s", self.slot, experts)
+            if not self.experts:
+                raise  # at start-up: nothing to serve, let Serve retry the replica
+            return
         self.servicer.set_holding(experts, self._compute_over(weights),
                                   sum(w.nbytes for w in weights))
         self.experts = experts

@@ -165,6 +165,7 @@ def test_operations_are_idempotent_conflict_and_bounded() -> None:
     st.ops.advance(1.0)
     failed = st.ops.get(op["id"])
     assert failed["phase"] == "failed" and "timed out" in failed["error"]
+    assert st.placement.desired == 2  # Serve is no longer asked for the shard that never came
     assert st.ops.start(2, None, 2, 0)[1]  # the next one may start
 
 

@@ -59,6 +59,7 @@ SUPPORT = {
     "replicas/model/cca.py", "replicas/model/config.py", "replicas/model/gate.py",
     "replicas/model/kv_cache.py", "replicas/model/layers.py", "replicas/model/tokenizer.py",
     "router/placement.py", "router/router_stats.py", "router/shard_channels.py",
+    "router/dispatch_plan.py",
     "router/tensor_codec.py", "router/protos/expert_pb2_grpc.py",
 }
 
