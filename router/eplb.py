@@ -152,6 +152,47 @@ def _assign(loads: list[float], counts: list[int], num_shards: int, cap: int,
     return out, max(fill)
 
 
+def _improve(layout: list[list[int]], loads: list[float], counts: list[int], num_shards: int,
+             cap: int) -> tuple[list[list[int]], float]:
+    """Local search after the greedy layout: while some move of one copy off the fullest shard,
+    or swap of it with a lighter copy elsewhere, leaves both shards below the old peak, make the
+    best such change. Keeps the rules (a shard holds an expert once, at most `cap` copies);
+    returns the layout and its peak. Deterministic, so improving its own result changes nothing."""
+    out = [list(held) for held in layout]
+    weight = [w / c for w, c in zip(loads, counts, strict=True)]
+    for _ in range(4 * len(loads) * num_shards):
+        fill, held_by = [0.0] * num_shards, [set() for _ in range(num_shards)]
+        for e, shards in enumerate(out):
+            for s in shards:
+                fill[s] += weight[e]
+                held_by[s].add(e)
+        peak = max(fill)
+        top = min(range(num_shards), key=lambda s: (-fill[s], s))
+        best: tuple[float, int, int, int | None] | None = None  # (new pair max, e, t, f)
+        for e in sorted(held_by[top]):
+            for t in range(num_shards):
+                if t == top or e in held_by[t]:
+                    continue
+                if len(held_by[t]) < cap:  # move e: top -> t
+                    pair = max(fill[top] - weight[e], fill[t] + weight[e])
+                    if pair < peak - 1e-12 and (best is None or pair < best[0]):
+                        best = (pair, e, t, None)
+                for f in sorted(held_by[t] - held_by[top]):  # swap e (top) with f (t)
+                    if weight[f] < weight[e]:
+                        delta = weight[e] - weight[f]
+                        pair = max(fill[top] - delta, fill[t] + delta)
+                        if pair < peak - 1e-12 and (best is None or pair < best[0]):
+                            best = (pair, e, t, f)
+        if best is None:
+            return out, peak
+        _, e, t, f = best
+        out[e] = sorted(t if s == top else s for s in out[e])
+        if f is not None:
+            out[f] = sorted(top if s == t else s for s in out[f])
+    return out, max(sum(weight[e] for e, shards in enumerate(out) if s in shards)
+                    for s in range(num_shards))
+
+
 def _preferences(current: Replicas, names: list[str], num_experts: int) -> list[list[int]]:
     index = {name: i for i, name in enumerate(names)}
     prefer: list[list[int]] = [[] for _ in range(num_experts)]
@@ -182,8 +223,9 @@ def plan_placement(load: Sequence[float], shards: Sequence[str], redundant_exper
     """expert -> shards holding its replicas (primary first), for `PlacementMap.replicas`.
 
     `redundant_experts` extra replicas go greedily to the expert with the highest per-replica
-    load; the layout is greedy LPT under two rules: no shard holds an expert twice, and no shard
-    holds more than ceil((E + redundant_experts) / len(shards)) experts. With `current`, the
+    load; the layout is greedy LPT, then improved by local search (`_improve`), under two rules:
+    no shard holds an expert twice, and no shard holds more than
+    ceil((E + redundant_experts) / len(shards)) experts. With `current`, the
     fewest-moves one of: that plan, that plan with its shards renamed to match `current`, and a
     plan keeping experts on their current shards wherever that stays under the first's peak.
     """
@@ -194,11 +236,14 @@ def plan_placement(load: Sequence[float], shards: Sequence[str], redundant_exper
                              f" (one replica of an expert a shard), got {redundant_experts}")
     counts = _replica_counts(loads, num_shards, redundant_experts)
     cap = math.ceil((num_experts + redundant_experts) / num_shards)
-    layout, peak = _assign(loads, counts, num_shards, cap, [[] for _ in loads], -math.inf)
+    layout, peak = _improve(*_assign(loads, counts, num_shards, cap, [[] for _ in loads],
+                                     -math.inf)[:1], loads, counts, num_shards, cap)
     if current:  # candidates all within the plain plan's peak: the fewest moves wins
         prefer = _preferences(current, names, num_experts)
         limit = peak * (1 + 1e-9)  # float slack: the same sums in another order
         sticky, sticky_peak = _assign(loads, counts, num_shards, cap, prefer, limit)
+        if sticky_peak > limit:  # the greedy sticky layout fell short: improve it, if it can
+            sticky, sticky_peak = _improve(sticky, loads, counts, num_shards, cap)
         options = [layout, _relabel(layout, prefer, num_shards)]
         if sticky_peak <= limit:
             options.append(sticky)

@@ -278,3 +278,13 @@ def test_plan_rows_keeps_an_expert_whole_and_alternates_its_copies() -> None:
     assert picks == {"a", "b"}  # ties alternate per expert
     missing, _ = plan_rows(pending, ids, lambda e: [], lambda a: 0, defaultdict(int))
     assert missing == {}
+
+
+def test_local_search_lifts_a_measured_skew_above_point_nine() -> None:
+    """Tokens/s per expert measured on the Zipf-skewed tiny checkpoint (tests/test_eplb_e2e.py):
+    greedy LPT alone reached 0.887 on four shards with four redundant copies."""
+    load = [52, 34, 116, 40, 25, 4.5, 29, 21]
+    shards = ["a", "b", "c", "d"]
+    plan = plan_placement(load, shards, 4)
+    assert balancedness(shard_loads(load, plan, shards)) >= 0.94
+    assert plan_placement(load, shards, 4, current=plan) == plan  # its own result: no moves
