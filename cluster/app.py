@@ -47,14 +47,18 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     # One engine step sends at most max_num_batched_tokens rows to a shard in one call.
     message_bytes = cfg.shard_max_message_bytes or dispatch_message_limit(
         cfg.engine.max_num_batched_tokens, model.hidden_size)
-    actor = {"num_cpus": cfg.replica_num_cpus}
+    actor: dict[str, Any] = {"num_cpus": cfg.replica_num_cpus}
+    # Pinned by a custom resource (the head node on Kubernetes): no CPU asked for, so a head
+    # that offers Ray no CPUs (keeping workers and shards off it) still takes them.
+    front = ({"num_cpus": 0, "resources": dict(cfg.ingress_ray_resources)}
+             if cfg.ingress_ray_resources else actor)
     shard_bounds, worker_bounds = pool_bounds(cfg.autoscaling, cfg.attention_workers,
                                               cfg.expert_shards, cfg.expert_replication)
     # Serve's decorator turns the classes into Deployments (mypy sees the plain classes).
     # The controller places experts on shards and sums every worker's stats (it exists with
     # experts in-process too, so /metrics counts all workers, not one picked at random).
     controller = PlacementController.options(  # type: ignore[attr-defined]
-        ray_actor_options=actor,
+        ray_actor_options=front,
     ).bind(num_experts, cfg.expert_shards, cfg.expert_replication, cfg.attention_workers,
            cfg.autoscaling.model_dump(), cfg.eplb.model_dump())
     shards = None
@@ -62,7 +66,8 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
         shards = ExpertShard.options(  # type: ignore[attr-defined]
             autoscaling_config=serve_autoscaling_config(SHARD_METRIC, cfg.expert_shards,
                                                         shard_bounds),
-            ray_actor_options={**actor, "num_gpus": cfg.expert_num_gpus},
+            ray_actor_options={**actor, "num_gpus": cfg.expert_num_gpus,
+                               "resources": dict(cfg.expert_ray_resources)},
         ).bind(controller, cfg.model, cfg.engine.dtype, cfg.engine.num_threads,
                _device_for(cfg.engine.device, cfg.expert_num_gpus), rpc_token=rpc_token,
                max_message_bytes=message_bytes,
@@ -79,14 +84,15 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     workers = AttentionWorker.options(  # type: ignore[attr-defined]
         autoscaling_config=serve_autoscaling_config(WORKER_METRIC, cfg.attention_workers,
                                                     worker_bounds),
-        ray_actor_options={**actor, "num_gpus": cfg.attention_num_gpus},
+        ray_actor_options={**actor, "num_gpus": cfg.attention_num_gpus,
+                           "resources": dict(cfg.attention_ray_resources)},
         max_ongoing_requests=cfg.max_pending_requests + 8, request_router_config=router,
         max_queued_requests=cfg.max_queued_requests,
     ).bind(controller, cfg.model, engine, cfg.max_pending_requests,
            cfg.dispatch_deadline_s, cfg.wait_for_replica_s, bool(cfg.expert_shards),
            rpc_token=rpc_token, shard_max_message_bytes=message_bytes)
     return Ingress.options(  # type: ignore[attr-defined]
-        ray_actor_options=actor,
+        ray_actor_options=front,
     ).bind(workers, controller, shards, cfg.model_dump())
 
 

@@ -103,6 +103,17 @@ class ClusterConfig(BaseModel):
     expert_num_gpus: float = Field(
         0.0, ge=0, description="GPUs per expert shard (fractional allowed); 0: the CPU. With "
         "attention_num_gpus, attention and experts can use different GPU pools.")
+    attention_ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each attention worker asks "
+        "for, e.g. {zayaserve_attention: 1}: ties the workers to the nodes (KubeRay worker "
+        "group) that advertise them.")
+    expert_ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each expert shard asks for.")
+    ingress_ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources the ingress (REST and the "
+        "public gRPC server) and the placement controller ask for, e.g. {zayaserve_head: 1} "
+        "to keep them on the node the Service points at. When set, they ask for no CPU: the "
+        "resource places them.")
     routing_imbalance_threshold: int = Field(
         8, ge=0, description="Queue-length gap above which load beats prefix affinity.")
     max_queued_requests: int = Field(

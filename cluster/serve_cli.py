@@ -59,6 +59,9 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--dashboard-port", type=int, default=8265,
                    help="embedded Ray: the dashboard's port (default 8265, what `serve status` "
                         "asks by default)")
+    p.add_argument("--print-serve-config", action="store_true",
+                   help="print the Ray Serve config (for `serve deploy`, KubeRay's "
+                        "serveConfigV2) of these settings and exit; secrets are left out")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                    help="Ray and Serve log level (default warning; info adds Serve's "
                         "per-call access logs)")
@@ -78,6 +81,24 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         engine={"kv_cache_redis_url": args.redis_url,
                 "kv_cache_encoding": args.kv_cache_encoding, "device": args.device,
                 "micro_batches": 1 if args.no_overlap else None})
+
+
+def serve_config(cfg: ClusterConfig, log_level: str = "warning") -> dict[str, Any]:
+    """The Ray Serve config document (`serve deploy FILE`, KubeRay's serveConfigV2) running
+    `build_app` with `cfg`'s non-default fields as args. Secrets are never written: API keys
+    come from `api_key_file` or $ZAYASERVE_API_KEY, the L2 cache secret from
+    $ZAYASERVE_KV_CACHE_SECRET."""
+    args = cfg.model_dump(mode="json", exclude_defaults=True,
+                          exclude={"api_key": True, "engine": {"kv_cache_secret"}})
+    args = {"model": cfg.model, **args}
+    logging_config = {"log_level": log_level.upper(),
+                      "enable_access_log": log_level in ("debug", "info")}
+    return {"proxy_location": "EveryNode",
+            "http_options": {"host": cfg.http_host, "port": cfg.http_port},
+            "logging_config": logging_config,
+            "applications": [{"name": APP_NAME, "route_prefix": "/",
+                              "import_path": "zayaserve.cluster.app:build_app",
+                              "logging_config": dict(logging_config), "args": args}]}
 
 
 def serve_logging(log_level: str = "warning") -> Any:
@@ -135,6 +156,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     cfg = config_from_args(args)
+    if args.print_serve_config:
+        import yaml
+
+        print(yaml.safe_dump(serve_config(cfg, args.log_level), sort_keys=False), end="")
+        return 0
     level = getattr(logging, args.log_level.upper())
     embedded = not os.environ.get("RAY_ADDRESS")
     dashboard_url = _start_ray(args, level)

@@ -161,7 +161,8 @@ def _improve(layout: list[list[int]], loads: list[float], counts: list[int], num
     out = [list(held) for held in layout]
     weight = [w / c for w, c in zip(loads, counts, strict=True)]
     for _ in range(4 * len(loads) * num_shards):
-        fill, held_by = [0.0] * num_shards, [set() for _ in range(num_shards)]
+        fill = [0.0] * num_shards
+        held_by: list[set[int]] = [set() for _ in range(num_shards)]
         for e, shards in enumerate(out):
             for s in shards:
                 fill[s] += weight[e]

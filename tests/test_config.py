@@ -16,8 +16,6 @@ from zayaserve.replicas.devtools.checkpoint_presets import preset_config
 from zayaserve.replicas.engine.config import EngineConfig, EngineSettings
 from zayaserve.replicas.model.config import ConfigError, ZayaConfig
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-
 
 def _serve_args(*argv: str) -> ClusterConfig:
     return config_from_args(build_parser().parse_args(["serve", *argv]))
@@ -128,10 +126,46 @@ def test_engine_and_model_configs_use_the_same_formatter() -> None:
         ZayaConfig.from_dict({**base, "num_attention_heads": 3, "num_key_value_heads": 2})
 
 
-@pytest.mark.parametrize("path", ["serve_config.yaml", "rayservice.yaml"])
-def test_deploy_configs_validate(path: str) -> None:
-    doc = yaml.safe_load((DEPLOY / path).read_text())
-    serve = yaml.safe_load(doc["spec"]["serveConfigV2"]) if "spec" in doc else doc
-    for app in serve["applications"]:
-        cfg = ClusterConfig.create(**app["args"])
-        assert cfg.engine.micro_batches == 2
+def test_printed_serve_config_is_valid_for_serve_and_keeps_secrets_out(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`zayaserve serve --print-serve-config` is the `serve deploy` file (no hand-written copy
+    to drift): Ray Serve's schema and ClusterConfig both accept it; secrets are left out."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from zayaserve.cluster.cli import main
+
+    cluster_yaml = tmp_path / "cluster.yaml"
+    cluster_yaml.write_text(yaml.safe_dump({
+        "expert_shards": 3, "api_key": "sk-do-not-print", "eplb": {"enabled": True},
+        "engine": {"kv_cache_secret": "do-not-print-either", "block_size": 8}}))
+    assert main(["serve", "--config", str(cluster_yaml), "--model", "tiny",
+                 "--max-expert-shards", "6", "--print-serve-config"]) == 0
+    out = capsys.readouterr().out
+    assert "do-not-print" not in out
+    doc = yaml.safe_load(out)
+    ServeDeploySchema.model_validate(doc)
+    args = doc["applications"][0]["args"]
+    cfg = ClusterConfig.create(**args)
+    assert (cfg.model, cfg.expert_shards, cfg.engine.block_size) == ("tiny", 3, 8)
+    assert cfg.eplb.enabled and cfg.autoscaling.expert_shards.max == 6
+    assert cfg.engine.micro_batches == 2 and cfg.api_key is None
+
+
+def test_ray_resources_pin_each_deployment() -> None:
+    from zayaserve.cluster.app import build_app
+
+    cfg = ClusterConfig.create(model="tiny", expert_shards=2,
+                               attention_ray_resources={"zayaserve_attention": 1},
+                               expert_ray_resources={"zayaserve_experts": 1},
+                               ingress_ray_resources={"zayaserve_head": 1})
+    ingress = build_app(cfg)._bound_deployment
+    workers, controller, shards, _ = ingress.init_args
+
+    def actor(bound: Any) -> dict[str, Any]:
+        return dict(bound._bound_deployment.ray_actor_options)
+
+    assert ingress.ray_actor_options == {"num_cpus": 0, "resources": {"zayaserve_head": 1}}
+    assert actor(controller)["resources"] == {"zayaserve_head": 1}
+    assert actor(workers)["resources"] == {"zayaserve_attention": 1}
+    assert actor(shards)["resources"] == {"zayaserve_experts": 1}
+    assert actor(shards)["num_cpus"] == cfg.replica_num_cpus
