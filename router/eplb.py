@@ -186,10 +186,10 @@ def _improve(layout: list[list[int]], loads: list[float], counts: list[int], num
                             best = (pair, e, t, f)
         if best is None:
             return out, peak
-        _, e, t, f = best
-        out[e] = sorted(t if s == top else s for s in out[e])
-        if f is not None:
-            out[f] = sorted(top if s == t else s for s in out[f])
+        _, moved, to, back = best
+        out[moved] = sorted(to if s == top else s for s in out[moved])
+        if back is not None:
+            out[back] = sorted(top if s == to else s for s in out[back])
     return out, max(sum(weight[e] for e, shards in enumerate(out) if s in shards)
                     for s in range(num_shards))
 
