@@ -48,6 +48,9 @@ class PlacementView(BaseModel):
     pending: str | None = Field(default=None, description="Why a new epoch is being prepared.")
     operation: str | None = Field(default=None, description="The resize operation running.")
     rebalances: int = Field(default=0, description="EPLB rebalances started so far.")
+    autoscaler: list[str] | None = Field(
+        default=None, description="The autoscaler's reasons for its last decision, per pool "
+        "(null: autoscaling off).")
     num_experts: int | None = Field(default=None, description="Experts per layer.")
     experts_in_workers: bool = Field(description="True: no shards, each worker holds all.")
     shards: list[ShardView]

@@ -162,6 +162,7 @@ class ControllerState:
             "desired_attention_workers": self.desired_workers(now),
             "pending": p.pending_reason if p.pending is not None else None,
             "rebalances": self.rebalances,
+            "autoscaler": list(self.last_decision) if self.autoscaling.enabled else None,
             "operation": self.ops.current.id if self.ops.busy() and self.ops.current else None,
             "balancedness": p.load.balancedness(routing["replicas"], list(routing["addresses"])),
             "observed_balancedness": _observed(p),

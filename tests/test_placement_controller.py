@@ -231,6 +231,8 @@ def test_autoscaler_decisions_become_operations() -> None:
         sim.step(queue_rows=40)
     assert st.desired_workers(sim.now) > 1 and st.placement.desired > 1, st.last_decision
     assert st.ops.current is not None
+    reasons = st.view(sim.now)["autoscaler"]
+    assert any(r.startswith("attention_workers: waiting") for r in reasons), reasons
 
 
 def test_placement_view_shows_shard_states_and_held_experts() -> None:
