@@ -78,7 +78,6 @@ class ExpertPlacement:
         self.eplb_redundant: int | None = None  # EPLB on: extra copies for hot experts
         self.epoch = 1 if num_shards else 0
         self.version = 0
-        self.commits: list[tuple[int, float, str]] = []  # (epoch, when, why)
         self.load = ExpertLoad(num_experts, load_window_s)
 
     # ----- slots -------------------------------------------------------------------------
@@ -202,8 +201,6 @@ class ExpertPlacement:
             self.committed, self.pending = self.pending, None
             self.epoch += 1
             self.version += 1
-            self.commits.append((self.epoch, now, self.pending_reason))
-            del self.commits[:-32]
 
     def _ready(self, assignment: Assignment) -> bool:
         for slot_id, experts in assignment.items():

@@ -90,10 +90,6 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
         self._holding = (by_layer, compute)
         self.expert_bytes = expert_bytes
 
-    @property
-    def compute(self) -> ComputeFn:
-        return self._holding[1]
-
     def held_experts(self, layer: int) -> frozenset[int]:
         return _held_in(self._holding[0], layer)
 
