@@ -25,9 +25,9 @@ returns. Nothing here imports Ray, so a metric trace can be replayed in a test.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -97,6 +97,15 @@ class WorkerSample:
     running: int
     kv_usage: float
     ttft_s: float | None = None
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Any]) -> WorkerSample:
+        """From an engine's stats (what each worker reports to the placement controller)."""
+        total = float(stats.get("kv_blocks_total", 0.0))
+        free = float(stats.get("kv_blocks_free", 0.0))
+        return cls(int(stats.get("num_requests_waiting", 0)),
+                   int(stats.get("num_requests_running", 0)),
+                   1.0 - free / total if total else 0.0)
 
 
 @dataclass(frozen=True)

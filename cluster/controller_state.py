@@ -108,13 +108,8 @@ class ControllerState:
             self._rebalance()
 
     def _autoscale(self, now: float) -> None:
-        workers = []
-        for seen, s in self.worker_stats.values():
-            if now - seen < WORKER_SEEN_S:
-                total = float(s.get("kv_blocks_total", 0.0))
-                kv = 1.0 - float(s.get("kv_blocks_free", 0.0)) / total if total else 0.0
-                workers.append(WorkerSample(int(s.get("num_requests_waiting", 0)),
-                                            int(s.get("num_requests_running", 0)), kv))
+        workers = [WorkerSample.from_stats(s) for seen, s in self.worker_stats.values()
+                   if now - seen < WORKER_SEEN_S]
         p = self.placement
         shards = [ShardSample(float(self.shard_stats.get(s, {}).get("queue_rows", 0.0)),
                               p.load.slot_rate(s))

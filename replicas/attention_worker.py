@@ -35,15 +35,6 @@ log = logging.getLogger("zayaserve.attention_worker")
 POLL_S = 0.5
 
 
-def autoscaling_metrics(stats: dict[str, Any]) -> dict[str, float]:
-    """What a worker tells the autoscaler: waiting and running requests, KV cache usage."""
-    total = float(stats.get("kv_blocks_total", 0.0))
-    free = float(stats.get("kv_blocks_free", 0.0))
-    return {"waiting": float(stats.get("num_requests_waiting", 0.0)),
-            "running": float(stats.get("num_requests_running", 0.0)),
-            "kv_usage": 1.0 - free / total if total else 0.0}
-
-
 def placement_from_dict(d: dict[str, Any]) -> PlacementMap:
     return PlacementMap(
         version=int(d["version"]), num_experts=int(d["num_experts"]),
@@ -126,11 +117,8 @@ class AttentionWorker:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook: the worker count the placement controller wants (Serve's policy for
-        this deployment follows it), and this worker's load."""
-        stats = autoscaling_metrics(self.engine.engine.stats())
-        if self.desired_workers is not None:
-            stats["desired_workers"] = self.desired_workers
-        return stats
+        this deployment follows it; the controller reads the load from `_stats` reports)."""
+        return {} if self.desired_workers is None else {"desired_workers": self.desired_workers}
 
     def check_health(self) -> None:
         """Serve calls this periodically: a dead engine makes the replica unhealthy, and Serve

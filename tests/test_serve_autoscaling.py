@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 import pytest
 from cluster_harness import Cluster, Load, deploy, undeploy, wait_for
 
+from zayaserve.cluster.autoscale_policy import WorkerSample
 from zayaserve.cluster.serve_autoscaling import (
     SHARD_METRIC,
     WORKER_METRIC,
     FollowTarget,
     serve_autoscaling_config,
 )
-from zayaserve.replicas.attention_worker import autoscaling_metrics
 
 
 @dataclass
@@ -29,10 +29,10 @@ class _Ctx:
     aggregated_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def test_the_worker_reports_its_load() -> None:
-    got = autoscaling_metrics({"num_requests_waiting": 3, "num_requests_running": 2,
-                               "kv_blocks_free": 25, "kv_blocks_total": 100})
-    assert got == {"waiting": 3, "running": 2, "kv_usage": 0.75}
+def test_a_worker_sample_reads_the_engine_stats() -> None:
+    got = WorkerSample.from_stats({"num_requests_waiting": 3, "num_requests_running": 2,
+                                   "kv_blocks_free": 25, "kv_blocks_total": 100})
+    assert got == WorkerSample(waiting=3, running=2, kv_usage=0.75)
 
 
 def test_follow_policy_takes_the_largest_reported_count_of_running_replicas() -> None:
