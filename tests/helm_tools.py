@@ -209,7 +209,7 @@ def strict_crd_schema(schema: Any) -> Any:
 
 CI_DIR = CHART_DIR / "ci"
 CI_FILES = ["amd", "nvidia", "cpu-only", "autoscaling-on", "autoscaling-off", "external-redis",
-            "incremental-upgrade"]
+            "incremental-upgrade", "observability"]
 
 
 @functools.cache

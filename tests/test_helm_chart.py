@@ -173,8 +173,9 @@ def test_values_schema_mirrors_cluster_config():
     schema = json.loads((CHART_DIR / "values.schema.json").read_text())["definitions"]
     cluster = schema["clusterConfig"]["properties"]
     pairs = [
+        # tracing: the chart's own `tracing:` values, as OTEL_* variables of every container.
         (cluster, ClusterConfig, {"model", "api_key", "api_key_file", "attention_ray_resources",
-                                  "expert_ray_resources", "ingress_ray_resources"}),
+                                  "expert_ray_resources", "ingress_ray_resources", "tracing"}),
         (schema["engineSettings"]["properties"], ClusterConfig.model_fields["engine"].annotation,
          {"kv_cache_secret"}),
         (cluster["autoscaling"]["properties"],

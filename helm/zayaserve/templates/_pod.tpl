@@ -23,6 +23,26 @@ image, environment (secrets as env), the model and API-key mounts, and a memory-
     secretKeyRef:
       name: {{ include "zayaserve.rpcTokenSecret.name" . }}
       key: {{ include "zayaserve.rpcTokenSecret.key" . }}
+{{- with .Values.tracing }}
+{{- if .otlpEndpoint }}
+# OpenTelemetry traces: the Serve app (built on the head) and every process's exporter read
+# the standard OTEL_* variables.
+- name: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+  value: {{ .otlpEndpoint | quote }}
+{{- end }}
+{{- with .sampler }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ . | quote }}
+{{- end }}
+{{- if and (not (kindIs "invalid" .samplerArg)) (ne (toString .samplerArg) "") }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .samplerArg | toString | quote }}
+{{- end }}
+{{- with .serviceName }}
+- name: OTEL_SERVICE_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
