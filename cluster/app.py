@@ -39,6 +39,10 @@ REQUEST_ROUTER = "zayaserve.router.request_router.PrefixAwareRequestRouter"
 
 def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     cfg = args if isinstance(args, ClusterConfig) else ClusterConfig.create(**args)
+    # OTEL_* variables are read here, where the application is built, so every replica
+    # traces alike whatever its own environment.
+    cfg = cfg.model_copy(update={"tracing": cfg.tracing.resolved()})
+    tracing = cfg.tracing.model_dump()
     model = ZayaConfig.from_pretrained(resolve_model(cfg.model))
     num_experts = model.num_experts
     # Stable across rollouts when the operator sets it; else new per build (a rolling update
@@ -60,7 +64,7 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     controller = PlacementController.options(  # type: ignore[attr-defined]
         ray_actor_options=front,
     ).bind(num_experts, cfg.expert_shards, cfg.expert_replication, cfg.attention_workers,
-           cfg.autoscaling.model_dump(), cfg.eplb.model_dump())
+           cfg.autoscaling.model_dump(), cfg.eplb.model_dump(), tracing)
     shards = None
     if cfg.expert_shards:
         shards = ExpertShard.options(  # type: ignore[attr-defined]
@@ -71,7 +75,7 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
         ).bind(controller, cfg.model, cfg.engine.dtype, cfg.engine.num_threads,
                _device_for(cfg.engine.device, cfg.expert_num_gpus), rpc_token=rpc_token,
                max_message_bytes=message_bytes,
-               max_concurrent_calls=cfg.shard_max_concurrent_calls)
+               max_concurrent_calls=cfg.shard_max_concurrent_calls, tracing=tracing)
     engine = cfg.engine.model_copy(update={
         "device": _device_for(cfg.engine.device, cfg.attention_num_gpus),
         "kv_cache_secret": _cache_secret(cfg)})
@@ -90,7 +94,7 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
         max_queued_requests=cfg.max_queued_requests,
     ).bind(controller, cfg.model, engine, cfg.max_pending_requests,
            cfg.dispatch_deadline_s, cfg.wait_for_replica_s, bool(cfg.expert_shards),
-           rpc_token=rpc_token, shard_max_message_bytes=message_bytes)
+           rpc_token=rpc_token, shard_max_message_bytes=message_bytes, tracing=tracing)
     return Ingress.options(  # type: ignore[attr-defined]
         ray_actor_options=front,
     ).bind(workers, controller, shards, cfg.model_dump())

@@ -31,6 +31,7 @@ from pydantic import (
 from zayaserve.cluster.autoscale_policy import AutoscalingConfig
 from zayaserve.cluster.elastic_config import EplbConfig
 from zayaserve.replicas.engine.config import EngineSettings
+from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.validation_errors import format_validation_error
 
 # Where the cluster's engine default differs from the engine's own: its experts are usually
@@ -80,6 +81,10 @@ class ClusterConfig(BaseModel):
         "(400 naming the field) instead of ignoring them with a logged warning (vLLM's way).")
     metrics_require_api_key: bool = Field(
         False, description="/metrics answers only requests with a valid API key.")
+    tracing: TracingConfig = Field(
+        default_factory=TracingConfig, description="OpenTelemetry traces (OTLP/gRPC): off "
+        "unless an endpoint is set here or in $OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; unset "
+        "fields take the standard OTEL_* variables where the application is built.")
     grpc_tls_cert_file: str | None = Field(
         None, description="PEM certificate: the public gRPC port serves TLS only.")
     grpc_tls_key_file: str | None = Field(None, description="PEM key of grpc_tls_cert_file.")

@@ -26,6 +26,7 @@ from zayaserve.cluster.autoscale_policy import (
 from zayaserve.cluster.elastic_config import EplbConfig, pool_bounds
 from zayaserve.cluster.placement_state import ExpertPlacement
 from zayaserve.cluster.scale_ops import ScaleError, ScaleOperations
+from zayaserve.cluster.worker_totals import WorkerTotals
 from zayaserve.router.eplb import moves, should_rebalance
 
 WORKER_SEEN_S = 3.0  # a worker that reported within this long is live
@@ -58,6 +59,7 @@ class ControllerState:
                                    self.live_workers)
         self.initial_workers = attention_workers
         self.worker_stats: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.worker_totals = WorkerTotals(live_s=WORKER_SEEN_S)
         self.shard_stats: dict[str, dict[str, Any]] = {}
         self.policy = PolicyState()
         self.last_decision: tuple[str, ...] = ()
@@ -83,6 +85,7 @@ class ControllerState:
     # ----- workers --------------------------------------------------------------------------
     def report_worker(self, replica: str, stats: dict[str, Any], now: float) -> dict[str, Any]:
         self.worker_stats[replica] = (now, stats)
+        self.worker_totals.report(replica, stats, now)
         return {"desired_workers": self.desired_workers(now)}
 
     def live_workers(self, now: float) -> int:
@@ -164,18 +167,17 @@ class ControllerState:
             **p.load.view()}
 
     def stats(self, now: float) -> dict[str, Any]:
-        """Sums the numeric stats of workers seen in the last minute, plus shard counters."""
-        total: dict[str, Any] = {}
-        for seen, stats in self.worker_stats.values():
-            if now - seen < 60:
-                for k, v in stats.items():
-                    if isinstance(v, int | float):
-                        total[k] = total.get(k, 0) + v
+        """The workers' stats summed (`WorkerTotals`), the placement's, and shard counters."""
+        total = self.worker_totals.totals(now)
+        total["attention_workers_live"] = self.live_workers(now)
         p = self.placement
         total["expert_shards_live"] = sum(1 for s in p.slots.values() if s.serving)
         total["placement_version"] = p.version
         total["placement_epoch"] = p.epoch
         total["eplb_rebalances_total"] = self.rebalances
+        total["expert_balancedness"] = _observed(p) or 0.0
+        total["expert_load_rows_per_second"] = [
+            {"expert": e, "value": rate} for e, rate in enumerate(p.load.load())]
         # Labelled samples (the metrics front end's shape): tokens each shard served per expert.
         total["expert_tokens_total"] = [
             {"shard": slot, "layer": int(key.split(":")[0]), "expert": int(key.split(":")[1]),

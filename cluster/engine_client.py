@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
+from zayaserve.cluster.request_tracker import current_trace_context
 from zayaserve.replicas.engine.async_engine import (
     AsyncLLMEngine,
     EngineDeadError,
@@ -79,7 +80,8 @@ class LocalEngineClient(EngineClient):
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None,
     ) -> AsyncIterator[StepDelta]:
-        return self.engine.generate(request_id, prompt_token_ids, params, prompt)
+        return self.engine.generate(request_id, prompt_token_ids, params, prompt,
+                                    current_trace_context())
 
     async def stats(self) -> dict[str, Any]:
         return await self.engine.run_on_engine(lambda engine: engine.stats())  # type: ignore[no-any-return]
@@ -129,7 +131,7 @@ class ClusterEngineClient(EngineClient):
         prompt: str | None = None,
     ) -> AsyncIterator[StepDelta]:
         stream = self.workers.options(stream=True).generate.remote(
-            request_id, prompt_token_ids, params, prompt)
+            request_id, prompt_token_ids, params, prompt, current_trace_context())
         finished = False
         self.in_flight += 1
         try:

@@ -30,9 +30,11 @@ from zayaserve.cluster.grpc_params import RENAMES, sampling_params
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
+from zayaserve.cluster.request_tracker import RequestTracker
 from zayaserve.cluster.streams import aclose_quietly, collect, open_stream
 from zayaserve.replicas.engine.outputs import Logprob, RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.observability.tracing import metadata_carrier
 
 _HEALTH_TIMEOUT_S = 10.0
 _HEALTH_WATCHERS: set[asyncio.Future[None]] = set()  # keeps the watcher tasks referenced
@@ -88,6 +90,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.metrics = metrics or MetricsCollector()  # a private registry when not shared
         self._keys = ApiKeys.of(api_key, api_keys)
 
+    def _track(self, endpoint: str, request: pb.GenerateRequest,
+               context: grpc.aio.ServicerContext) -> RequestTracker:
+        """The call's tracker, traced under the client's W3C context in the metadata."""
+        operation = "chat" if request.WhichOneof("input") == "chat" else "text_completion"
+        return self.metrics.track(endpoint, operation,
+                                  request.model or self.served_model_names[0],
+                                  metadata_carrier(context.invocation_metadata()))
+
     def _authorize(self, context: grpc.aio.ServicerContext) -> str | None:
         """The caller's tenant (None without keys), or AuthenticationError."""
         given = dict(context.invocation_metadata() or ()).get("authorization", "")
@@ -142,12 +152,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
         endpoint = "grpc.Generate"
-        tracker = self.metrics.track(endpoint)
+        tracker = self._track(endpoint, request, context)
         iterator = None
         served = False
+        failure: Exception | None = None
         try:
             tenant = self._authorize(context)
             model, request_id, text, ids, params = self._prepare(request, tenant)
+            tracker.describe(params, request_id)
             delta, iterator = await open_stream(self.client, request_id, ids, params, text)
             tracker.on_prompt(len(ids))
             usage = pb.Usage(prompt_tokens=len(ids))
@@ -175,23 +187,25 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self._count(endpoint, grpc.StatusCode.OK)
             served = True
         except Exception as err:
+            failure = err
             await self._fail(context, err, endpoint)
         finally:
             if iterator is not None:
                 await aclose_quietly(iterator)  # on cancel: aborts the request, frees blocks
-            tracker.finish(served)
+            tracker.finish(served, failure)
 
     async def GenerateUnary(self, request: pb.GenerateRequest,
                             context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         endpoint = "grpc.GenerateUnary"
-        tracker = self.metrics.track(endpoint)
+        tracker = self._track(endpoint, request, context)
         try:
             tenant = self._authorize(context)
             model, request_id, text, ids, params = self._prepare(request, tenant)
+            tracker.describe(params, request_id)
             [out] = await collect(self.client, [(request_id, ids, text)], params,
                                   tracker.on_delta)
         except BaseException as err:
-            tracker.finish(served=False)
+            tracker.finish(served=False, error=err if isinstance(err, Exception) else None)
             if not isinstance(err, Exception):
                 raise  # cancelled by the client: nothing to answer
             await self._fail(context, err, endpoint)

@@ -14,6 +14,8 @@ from zayaserve.cluster.engine_client import ClusterEngineClient
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.tokenizer import Tokenizer
+from zayaserve.replicas.observability.tracing import configure as configure_tracing
+from zayaserve.replicas.observability.tracing import flush as flush_traces
 
 log = logging.getLogger("zayaserve.ingress")
 
@@ -26,6 +28,7 @@ class Ingress:
         self, workers: Any, controller: Any, shards: Any, config: dict[str, Any]
     ) -> None:
         self.config = ClusterConfig.create(**config)
+        configure_tracing(self.config.tracing, "ingress")
         key = self.config.api_key
         # Keys from the config, the key file and $ZAYASERVE_API_KEY, read here (in the pod
         # that serves), never passed around.
@@ -65,3 +68,4 @@ class Ingress:
     async def __del__(self) -> None:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=2)
+        flush_traces()

@@ -1,24 +1,25 @@
-"""Prometheus metrics of the front ends, in a registry of their own (so several apps, or tests,
-in one process never collide on metric names), all prefixed `zayaserve_`.
+"""Prometheus metrics, in a registry of their own (so several apps, or tests, in one process
+never collide on metric names), all prefixed `zayaserve_`. REST and gRPC share one registry.
 
-Front-end metrics are observed per request: counts by endpoint and status, time to first token,
-inter-token latency, prompt/generated token counters (tokens/s is `rate()` over the latter),
-requests in flight. Engine metrics come from `EngineClient.stats()` at scrape time and
-are exported as gauges named `zayaserve_<key>`. A stats value is either
+Front-end metrics are observed per request (`request_tracker.RequestTracker`): counts by
+endpoint and status, time to first token, inter-token latency, end-to-end latency, the engine's
+queue/prefill/decode/inference times, prompt and generation tokens per request, finished
+requests by reason. Engine metrics come from `EngineClient.stats()` at scrape time (in the
+cluster: every worker's, summed by the placement controller's `WorkerTotals`). A stats value is
 
-* a number: one unlabelled gauge, e.g. ``{"kv_blocks_free": 812}``; or
+* a number, or
 * a list of labelled samples, each a mapping of label name -> value plus the key ``"value"``:
-  ``{"expert_tokens_total": [{"layer": 0, "expert": 3, "value": 1200}, ...],
-  "expert_dispatch_latency_seconds": [{"shard": "b", "value": 0.0021}]}``.
-  Per-expert token counts and dispatch latency use this shape with the names above.
+  ``{"expert_tokens_total": [{"shard": "shard-0", "layer": 0, "expert": 3, "value": 1200}]}``.
 
-Anything else (strings, nested dicts) is skipped, so the engine can add diagnostic fields freely.
+Keys ending in `_total` (and the engine's cumulative counts in `COUNTER_KEYS`) are exported as
+counters, `<name>_bucket`/`_sum`/`_count` triples as histograms, everything else as gauges, plus
+`kv_cache_usage_perc` from the free and total KV blocks. Anything else (strings, nested dicts)
+is skipped, so the engine can add diagnostic fields freely.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -30,16 +31,32 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from zayaserve.replicas.engine.outputs import StepDelta
+from zayaserve.cluster.request_tracker import RequestTracker
+from zayaserve.cluster.worker_totals import COUNTER_KEYS
 
 PREFIX = "zayaserve_"
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                  60.0, 120.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+# Engine counts exported under a family name of their own, with labels (the prefix-cache tiers).
+_RENAMED = {
+    "prefix_cache_local_hit_tokens": ("prefix_cache_hits", {"tier": "local"}),
+    "prefix_cache_local_queried_tokens": ("prefix_cache_queries", {"tier": "local"}),
+    "prefix_cache_remote_hit_tokens": ("prefix_cache_hits", {"tier": "remote"}),
+    "prefix_cache_remote_queried_tokens": ("prefix_cache_queries", {"tier": "remote"}),
+}
 
 _BAD_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -53,74 +70,82 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float)  # bools count too: exported as 0/1
 
 
+Samples = list[tuple[dict[str, str], float]]
+
+
+def _samples(value: Any) -> Samples | None:
+    """A stat as (labels, value) pairs; None for what /metrics skips."""
+    if _is_number(value):
+        return [({}, float(value))]
+    if isinstance(value, list) and value and all(
+            isinstance(s, Mapping) and _is_number(s.get("value")) for s in value):
+        return [({_BAD_NAME_CHARS.sub("_", str(k)): str(v) for k, v in s.items()
+                  if k != "value"}, float(s["value"])) for s in value]
+    return None
+
+
+def _family(kind: Any, name: str, help_text: str, samples: Samples) -> Metric:
+    labels = sorted({k for lab, _ in samples for k in lab})
+    family = kind(name, help_text, labels=labels)
+    for lab, v in samples:
+        family.add_metric([lab.get(k, "") for k in labels], v)
+    return family
+
+
 class _EngineStatsCollector(Collector):
-    """Turns the latest `stats()` snapshot into gauges each time the registry is scraped."""
+    """Turns the latest `stats()` snapshot into metric families each time it is scraped."""
 
     def __init__(self) -> None:
         self.snapshot: dict[str, Any] = {}
 
     def collect(self) -> Iterator[Metric]:
-        for key, value in sorted(self.snapshot.items()):
-            name = _metric_name(key)
-            if _is_number(value):
-                family = GaugeMetricFamily(name, f"engine stat {key}", value=float(value))
+        snap = self.snapshot
+        counters: dict[str, Samples] = {}
+        histograms: set[str] = {k[:-len("_bucket")] for k in snap if k.endswith("_bucket")}
+        for key, value in sorted(snap.items()):
+            samples = _samples(value)
+            if samples is None or any(key == h + sfx for h in histograms
+                                      for sfx in ("_bucket", "_sum", "_count")):
+                continue
+            if key in _RENAMED:
+                name, extra = _RENAMED[key]
+                counters.setdefault(name, []).extend(({**lab, **extra}, v) for lab, v in samples)
+            elif key.endswith("_total") or key in COUNTER_KEYS:
+                counters.setdefault(key.removesuffix("_total"), []).extend(samples)
+            else:
+                yield _family(GaugeMetricFamily, _metric_name(key), f"engine stat {key}",
+                              samples)
+        for name, samples in sorted(counters.items()):
+            yield _family(CounterMetricFamily, _metric_name(name), f"engine count {name}",
+                          samples)
+        for name in sorted(histograms):
+            family = _histogram(name, snap)
+            if family is not None:
                 yield family
-            elif isinstance(value, list) and value and all(
-                    isinstance(s, Mapping) and _is_number(s.get("value")) for s in value):
-                labels = sorted({str(k) for s in value for k in s if k != "value"})
-                family = GaugeMetricFamily(
-                    name, f"engine stat {key}",
-                    labels=[_BAD_NAME_CHARS.sub("_", lab) for lab in labels])
-                for sample in value:
-                    family.add_metric([str(sample.get(lab, "")) for lab in labels],
-                                      float(sample["value"]))
-                yield family
+        total, free = snap.get("kv_blocks_total"), snap.get("kv_blocks_free")
+        if isinstance(total, int | float) and total > 0 and isinstance(free, int | float):
+            yield GaugeMetricFamily(_metric_name("kv_cache_usage_perc"),
+                                    "Fraction of KV-cache blocks in use (all workers).",
+                                    value=1.0 - float(free) / float(total))
 
 
-class RequestTracker:
-    """Timing of one request: call `on_tokens` whenever it produces tokens, `finish` at the end
-    (whatever happened). TTFT is from arrival to the first token; ITL is observed per step
-    that produced tokens, divided over the tokens it produced."""
-
-    def __init__(self, metrics: MetricsCollector, endpoint: str) -> None:
-        self._metrics = metrics
-        self.endpoint = endpoint
-        self.arrival = time.perf_counter()
-        self._last: float | None = None
-        self._done = False
-        metrics.requests_in_flight.inc()
-
-    def on_tokens(self, num_new_tokens: int) -> None:
-        if num_new_tokens <= 0:
-            return
-        now = time.perf_counter()
-        m = self._metrics
-        if self._last is None:
-            m.time_to_first_token.labels(self.endpoint).observe(now - self.arrival)
-        else:
-            per_token = (now - self._last) / num_new_tokens
-            for _ in range(num_new_tokens):
-                m.inter_token_latency.labels(self.endpoint).observe(per_token)
-        self._last = now
-        m.generation_tokens.labels(self.endpoint).inc(num_new_tokens)
-
-    def on_delta(self, prompt_index: int, delta: StepDelta) -> None:
-        """Call with each delta of the request's prompt_index-th prompt."""
-        del prompt_index
-        self.on_tokens(sum(len(c.token_ids) for c in delta.completions))
-
-    def on_prompt(self, num_prompt_tokens: int) -> None:
-        self._metrics.prompt_tokens.labels(self.endpoint).inc(num_prompt_tokens)
-
-    def finish(self, served: bool = True) -> None:
-        """served=False (rejected, client gone) keeps the request out of the latency figures."""
-        if self._done:
-            return
-        self._done = True
-        self._metrics.requests_in_flight.dec()
-        if served:
-            self._metrics.e2e_latency.labels(self.endpoint).observe(
-                time.perf_counter() - self.arrival)
+def _histogram(name: str, snap: Mapping[str, Any]) -> Metric | None:
+    """`name`_bucket (labelled by `le`), _sum and _count samples as one histogram family."""
+    buckets, sums = _samples(snap.get(name + "_bucket")), _samples(snap.get(name + "_sum"))
+    if not buckets or not sums:
+        return None
+    series: dict[tuple[tuple[str, str], ...], list[tuple[str, float]]] = {}
+    for lab, v in buckets:
+        key = tuple(sorted((k, x) for k, x in lab.items() if k != "le"))
+        series.setdefault(key, []).append((lab.get("le", "+Inf"), v))
+    labels = sorted({k for key in series for k, _ in key})
+    family = HistogramMetricFamily(_metric_name(name), f"engine histogram {name}",
+                                   labels=labels)
+    sum_of = {tuple(sorted(lab.items())): v for lab, v in sums}
+    for key, points in sorted(series.items()):
+        points.sort(key=lambda p: float(p[0]))
+        family.add_metric([dict(key).get(k, "") for k in labels], points, sum_of.get(key, 0.0))
+    return family
 
 
 class MetricsCollector:
@@ -143,6 +168,27 @@ class MetricsCollector:
         self.e2e_latency = Histogram(
             PREFIX + "e2e_request_latency_seconds", "Arrival to the last byte of the answer.",
             ["endpoint"], buckets=_E2E_BUCKETS, registry=r)
+        self.queue_time = Histogram(
+            PREFIX + "request_queue_time_seconds", "Time a request waited in an engine's queue.",
+            ["endpoint"], buckets=_PHASE_BUCKETS, registry=r)
+        self.prefill_time = Histogram(
+            PREFIX + "request_prefill_time_seconds", "First scheduled to first token.",
+            ["endpoint"], buckets=_PHASE_BUCKETS, registry=r)
+        self.decode_time = Histogram(
+            PREFIX + "request_decode_time_seconds", "First token to the last.",
+            ["endpoint"], buckets=_PHASE_BUCKETS, registry=r)
+        self.inference_time = Histogram(
+            PREFIX + "request_inference_time_seconds", "First scheduled to finished.",
+            ["endpoint"], buckets=_PHASE_BUCKETS, registry=r)
+        self.request_prompt_tokens = Histogram(
+            PREFIX + "request_prompt_tokens", "Prompt tokens per served request.",
+            ["endpoint"], buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram(
+            PREFIX + "request_generation_tokens", "Generated tokens per served request.",
+            ["endpoint"], buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_success = Counter(
+            PREFIX + "request_success", "Completions finished, by finish reason.",
+            ["endpoint", "finished_reason"], registry=r)
         self.generation_tokens = Counter(
             PREFIX + "generation_tokens", "Tokens generated (rate() gives tokens/s).",
             ["endpoint"], registry=r)
@@ -157,8 +203,10 @@ class MetricsCollector:
         self._engine_stats = _EngineStatsCollector()
         r.register(self._engine_stats)
 
-    def track(self, endpoint: str) -> RequestTracker:
-        return RequestTracker(self, endpoint)
+    def track(self, endpoint: str, operation: str | None = None, model: str | None = None,
+              carrier: Mapping[str, str] | None = None) -> RequestTracker:
+        """A request's tracker; with `operation` it is also traced (when tracing is on)."""
+        return RequestTracker(self, endpoint, operation, model, carrier)
 
     def count_request(self, endpoint: str, status: int | str) -> None:
         self.requests.labels(endpoint, str(status)).inc()

@@ -22,7 +22,6 @@ from zayaserve.cluster.frontend_errors import (
     resolve_model,
 )
 from zayaserve.cluster.logprob_format import chat_logprobs, prompt_logprobs_out
-from zayaserve.cluster.metrics import RequestTracker
 from zayaserve.cluster.openai_chat_protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -34,6 +33,7 @@ from zayaserve.cluster.openai_chat_protocol import (
     DeltaMessage,
 )
 from zayaserve.cluster.reasoning import ReasoningMode, ThinkParser
+from zayaserve.cluster.request_tracker import RequestTracker, w3c_headers
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
@@ -122,7 +122,8 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
     mode = ReasoningMode.of(None if constrained else ctx.reasoning_parser,
                             body.include_reasoning, text)
     requests = [(chat_id, ids, text)]
-    tracker = ctx.metrics.track(ENDPOINT)
+    tracker = ctx.metrics.track(ENDPOINT, "chat", model, w3c_headers(request.headers))
+    tracker.describe(params, chat_id)
     renames = {"prompt": "messages", "prompt_token_ids": "messages",
                **constraint_renames(body, plan.constrains)}
     try:
@@ -138,12 +139,13 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
         final = await unless_disconnected(
             request, collect(ctx.client, requests, params, on_delta=tracker.on_delta))
     except Exception as err:
-        tracker.finish(served=False)
+        tracker.finish(served=False, error=err)
         raise as_frontend_error(err, renames) from None
-    tracker.finish(served=final is not None)
     if final is None:
+        tracker.finish(served=False)
         return Response(status_code=499)  # the client left; nobody reads this
     tracker.on_prompt(len(ids))
+    tracker.finish()
     return JSONResponse(
         _response(final[0], params, ctx, chat_id, model, mode, plan).model_dump())
 

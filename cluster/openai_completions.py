@@ -23,7 +23,6 @@ from zayaserve.cluster.frontend_errors import (
     resolve_model,
 )
 from zayaserve.cluster.logprob_format import completion_logprobs, prompt_logprobs_out
-from zayaserve.cluster.metrics import RequestTracker
 from zayaserve.cluster.openai_completions_protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -32,6 +31,7 @@ from zayaserve.cluster.openai_completions_protocol import (
     CompletionStreamResponse,
 )
 from zayaserve.cluster.openai_protocol import UsageInfo
+from zayaserve.cluster.request_tracker import RequestTracker, w3c_headers
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
@@ -115,7 +115,9 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
                              "prompt" if len(prompts) == 1 else f"prompt[{i}]")
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     requests = [(f"{completion_id}-{i}", ids, text) for i, (text, ids) in enumerate(prompts)]
-    tracker = ctx.metrics.track(ENDPOINT)
+    tracker = ctx.metrics.track(ENDPOINT, "text_completion", model,
+                                w3c_headers(request.headers))
+    tracker.describe(params, completion_id)
     try:
         if body.stream:
             opened = await open_streams(ctx.client, requests, params)
@@ -129,12 +131,13 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
         final = await unless_disconnected(
             request, collect(ctx.client, requests, params, on_delta=tracker.on_delta))
     except Exception as err:
-        tracker.finish(served=False)
+        tracker.finish(served=False, error=err)
         raise as_frontend_error(err, {**_RENAMES, **constraint_renames(body)}) from None
-    tracker.finish(served=final is not None)
     if final is None:
+        tracker.finish(served=False)
         return Response(status_code=499)  # the client left; nobody reads this
     tracker.on_prompt(sum(len(ids) for _, ids in prompts))
+    tracker.finish()
     return JSONResponse(_response(final, params, ctx, completion_id, model, echo, prompts,
                                   body.prompt_logprobs is not None).model_dump())
 

@@ -21,7 +21,10 @@ from ray import serve
 from zayaserve.cluster.autoscale_policy import AutoscalingConfig
 from zayaserve.cluster.controller_state import ControllerState
 from zayaserve.cluster.elastic_config import EplbConfig
+from zayaserve.cluster.placement_tracing import PlacementTracer
 from zayaserve.cluster.scale_ops import ScaleConflict, ScaleError
+from zayaserve.replicas.observability.tracing import TracingConfig
+from zayaserve.replicas.observability.tracing import configure as configure_tracing
 
 log = logging.getLogger("zayaserve.placement_controller")
 TICK_S = 0.25
@@ -33,10 +36,13 @@ class PlacementController:
     async def __init__(  # type: ignore[misc]
         self, num_experts: int, num_shards: int, replication: int, attention_workers: int = 1,
         autoscaling: dict[str, Any] | None = None, eplb: dict[str, Any] | None = None,
+        tracing: dict[str, Any] | None = None,
     ) -> None:
+        configure_tracing(TracingConfig(**(tracing or {})), "placement_controller")
         self.state = ControllerState(
             num_experts, num_shards, replication, attention_workers,
             AutoscalingConfig(**(autoscaling or {})), EplbConfig(**(eplb or {})))
+        self.tracer = PlacementTracer()  # spans of epochs and resizes (tracing on only)
         self._tick = asyncio.get_running_loop().create_task(self._ticks())
 
     async def _ticks(self) -> None:
@@ -44,6 +50,7 @@ class PlacementController:
             await asyncio.sleep(TICK_S)
             try:
                 self.state.tick(time.monotonic())
+                self.tracer.observe(self.state)
             except Exception:  # a bug here must not stop the cluster from serving
                 log.exception("placement tick failed")
 

@@ -59,6 +59,10 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--dashboard-port", type=int, default=8265,
                    help="embedded Ray: the dashboard's port (default 8265, what `serve status` "
                         "asks by default)")
+    p.add_argument("--otlp-traces-endpoint", default=None,
+                   help="send OpenTelemetry traces to this OTLP/gRPC collector (default: "
+                        "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or $OTEL_EXPORTER_OTLP_ENDPOINT; "
+                        "neither: tracing off)")
     p.add_argument("--print-serve-config", action="store_true",
                    help="print the Ray Serve config (for `serve deploy`, KubeRay's "
                         "serveConfigV2) of these settings and exit; secrets are left out")
@@ -78,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
                      "attention_workers": {"max": args.max_attention_workers},
                      "expert_shards": {"max": args.max_expert_shards}},
         eplb={"enabled": args.eplb, "redundant_experts": args.redundant_experts},
+        tracing={"otlp_traces_endpoint": args.otlp_traces_endpoint},
         engine={"kv_cache_redis_url": args.redis_url,
                 "kv_cache_encoding": args.kv_cache_encoding, "device": args.device,
                 "micro_batches": 1 if args.no_overlap else None})

@@ -28,6 +28,9 @@ from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.experts import RemoteExpertBackend
+from zayaserve.replicas.observability.tracing import TracingConfig
+from zayaserve.replicas.observability.tracing import configure as configure_tracing
+from zayaserve.replicas.observability.tracing import flush as flush_traces
 from zayaserve.router.placement import PlacementMap
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
@@ -48,7 +51,9 @@ class AttentionWorker:
                  max_pending_requests: int = 256, dispatch_deadline_s: float = 10.0,
                  wait_for_replica_s: float = 60.0, remote_experts: bool = True, *,
                  rpc_token: str | None = None,
-                 shard_max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 shard_max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 tracing: dict[str, Any] | None = None) -> None:
+        configure_tracing(TracingConfig(**(tracing or {})), "attention_worker")
         self.controller = controller
         self.replica = serve.get_replica_context().replica_id.unique_id
         path: Path = resolve_model(model)
@@ -107,9 +112,10 @@ class AttentionWorker:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        prompt: str | None = None,
+        prompt: str | None = None, trace_context: dict[str, str] | None = None,
     ) -> AsyncIterator[StepDelta]:
-        async for delta in self.engine.generate(request_id, prompt_token_ids, params, prompt):
+        async for delta in self.engine.generate(request_id, prompt_token_ids, params, prompt,
+                                                trace_context):
             yield delta
 
     def stats(self) -> dict[str, Any]:
@@ -134,6 +140,7 @@ class AttentionWorker:
     def __del__(self) -> None:
         self._stop.set()
         self.engine.shutdown()
+        flush_traces()
         if self.experts is not None:
             with contextlib.suppress(Exception):  # the replica is going away regardless
                 self.experts.close()

@@ -31,6 +31,8 @@ from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.experts import run_grouped
 from zayaserve.replicas.model.loader import load_expert_side
+from zayaserve.replicas.observability.tracing import TracingConfig
+from zayaserve.replicas.observability.tracing import configure as configure_tracing
 from zayaserve.router.shard_server import ExpertShardServicer, serve_shard
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
@@ -48,8 +50,11 @@ class ExpertShard:
         self, controller: Any, model: str, dtype: str = "auto", num_threads: int | None = None,
         device: str = "cpu", *, rpc_token: str | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES, max_concurrent_calls: int | None = None,
+        tracing: dict[str, Any] | None = None,
     ) -> None:
         import ray
+
+        configure_tracing(TracingConfig(**(tracing or {})), "expert_shard")
 
         if num_threads:
             torch.set_num_threads(num_threads)

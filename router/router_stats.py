@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 from dataclasses import dataclass, field
 
@@ -70,4 +71,45 @@ class RouterStats:
         }
 
 
-__all__ = ["LayerLatency", "RouterStats"]
+# Upper bounds (s) of the dispatch round-trip histogram: sub-millisecond on one node, tens of
+# milliseconds across a loaded network.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ShardLatency:
+    """A histogram of answered Dispatch round trips per shard (cumulative counts, as
+    Prometheus keeps them), mutated only on the router's loop."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, list[int]] = {}  # shard -> per bucket, then +Inf
+        self._sums: dict[str, float] = {}
+
+    def observe(self, shard: str, seconds: float) -> None:
+        counts = self._counts.get(shard)
+        if counts is None:
+            counts = self._counts[shard] = [0] * (len(LATENCY_BUCKETS) + 1)
+            self._sums[shard] = 0.0
+        i = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        counts[i] += 1
+        self._sums[shard] += seconds
+
+    def samples(self) -> dict[str, list[dict[str, str | float]]]:
+        """Labelled samples (`worker_totals`' shape): cumulative `_bucket`s by `le`, `_sum`
+        and `_count`, per shard."""
+        buckets: list[dict[str, str | float]] = []
+        sums: list[dict[str, str | float]] = []
+        counts: list[dict[str, str | float]] = []
+        for shard, per in sorted(self._counts.items()):
+            running = 0
+            for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), per, strict=True):
+                running += n
+                buckets.append({"shard": shard, "le": bound, "value": running})
+            sums.append({"shard": shard, "value": self._sums[shard]})
+            counts.append({"shard": shard, "value": running})
+        if not buckets:
+            return {}
+        return {"dispatch_latency_seconds_bucket": buckets,
+                "dispatch_latency_seconds_sum": sums, "dispatch_latency_seconds_count": counts}
+
+
+__all__ = ["LATENCY_BUCKETS", "LayerLatency", "RouterStats", "ShardLatency"]

@@ -13,7 +13,9 @@ from typing import Any
 
 import grpc
 
+from zayaserve.router.dispatch_tracing import trace_metadata
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
+from zayaserve.router.router_stats import ShardLatency
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
 AUTH_HEADER = "authorization"  # what router.shard_server checks
@@ -65,6 +67,8 @@ class ShardChannels:
         self._in_flight: defaultdict[str, int] = defaultdict(int)  # address -> rows
         self._cooling: dict[str, _Cooldown] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.latency = ShardLatency()  # round trips of answered calls, per shard id
+        self.shard_of: dict[str, str] = {}  # address -> shard id (the router keeps it current)
 
     def stub(self, address: str) -> Any:
         """The ExpertShard stub for an address; the channel connects lazily, on first call."""
@@ -76,8 +80,12 @@ class ShardChannels:
     async def dispatch(self, address: str, request: expert_pb2.DispatchRequest,
                        timeout: float) -> expert_pb2.DispatchResponse:
         """One Dispatch to `address`, with the token; raises what the stub raises."""
+        traced = trace_metadata()  # W3C context of a traced dispatch (else empty)
+        metadata = self.metadata if not traced else (*(self.metadata or ()), *traced)
+        start = time.monotonic()
         reply: expert_pb2.DispatchResponse = await self.stub(address).Dispatch(
-            request, timeout=timeout, metadata=self.metadata)
+            request, timeout=timeout, metadata=metadata)
+        self.latency.observe(self.shard_of.get(address, address), time.monotonic() - start)
         return reply
 
     def usable(self, address: str, now: float) -> bool:

@@ -25,6 +25,7 @@ import torch
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from zayaserve.router.dispatch_tracing import shard_span, tracing_on
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
 from zayaserve.router.shard_channels import AUTH_HEADER
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES, TensorCodecError, decode, encode
@@ -98,6 +99,15 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
         return sum(self.tokens_served.values())
 
     async def Dispatch(  # noqa: N802 - gRPC method name
+        self, request: expert_pb2.DispatchRequest, context: grpc.aio.ServicerContext
+    ) -> expert_pb2.DispatchResponse:
+        if not tracing_on():
+            return await self._dispatch(request, context)
+        with shard_span(context.invocation_metadata(), self.shard_id, request.layer,
+                        len(request.expert_ids)):
+            return await self._dispatch(request, context)
+
+    async def _dispatch(
         self, request: expert_pb2.DispatchRequest, context: grpc.aio.ServicerContext
     ) -> expert_pb2.DispatchResponse:
         layer = request.layer

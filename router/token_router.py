@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grpc
 import torch
@@ -196,6 +196,7 @@ class TokenRouter:
             self._placement = placement
             self.stats.map_versions_seen += 1
             self._channels.retain(placement.addresses.values())
+            self._channels.shard_of = {a: s for s, a in placement.addresses.items()}
         return placement
 
     def _plan(
@@ -278,9 +279,9 @@ class TokenRouter:
                                        placement.version, attempt.last_error)
         return self.wait_for_replica_s - waited
 
-    def stats_dict(self) -> dict[str, int | float]:
+    def stats_dict(self) -> dict[str, Any]:
         """The counters as flat numbers (for the worker's metrics report)."""
-        return self.stats.as_dict()
+        return {**self.stats.as_dict(), **self._channels.latency.samples()}
 
     async def close(self) -> None:
         """Close the channels (on the router's loop); the router is not used afterwards."""

@@ -91,7 +91,7 @@ def test_rest_keys_salts_and_metrics(server: Server, engine_client: LocalEngineC
     assert bad.status_code == 400 and "cache_salt" in bad.json()["error"]["message"]
     assert httpx.get(f"{server.url}/metrics").status_code == 401
     ok = httpx.get(f"{server.url}/metrics", headers={"authorization": f"Bearer {KEY_B}"})
-    assert ok.status_code == 200 and "prefix_cache_local_hit_tokens" in ok.text
+    assert ok.status_code == 200 and "zayaserve_prefix_cache_hits_total" in ok.text
 
 
 def test_grpc_keys_and_salts(engine_client: LocalEngineClient) -> None:

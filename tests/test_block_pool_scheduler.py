@@ -461,14 +461,14 @@ def test_l2_fetch_runs_off_the_schedule_and_admits_when_done() -> None:
     class SlowRemote:
         stats = SimpleNamespace(hit_tokens=0)
 
-        def fetch(self, hashes: list[bytes]) -> list[str]:
+        def fetch(self, hashes: list[bytes], parent: object = None) -> list[str]:
             release.wait(10)
             return [f"payload-{i}" for i in range(len(hashes))]
 
         def install(self, block: int, payload: str) -> None:
             installed.append(block)
 
-        def publish(self, block: int, block_hash: bytes) -> None:
+        def publish(self, block: int, block_hash: bytes, parent: object = None) -> None:
             pass
 
     sched = Scheduler(SchedulerConfig(8, 64, 4, enable_prefix_caching=True), BlockPool(64),

@@ -61,6 +61,9 @@ SUPPORT = {
     "router/placement.py", "router/router_stats.py", "router/shard_channels.py",
     "router/dispatch_plan.py",
     "router/tensor_codec.py", "router/protos/expert_pb2_grpc.py",
+    # Metrics and traces: they watch the path (docs/structure.md lists them apart).
+    "cluster/request_tracker.py", "replicas/engine/request_timeline.py",
+    "replicas/observability/tracing.py", "router/dispatch_tracing.py",
 }
 
 

@@ -303,7 +303,7 @@ def test_scale_rehearsal_on_a_local_cluster(local_cluster: Any) -> None:
     r = httpx.post(base + "/v1/completions", timeout=120,
                    json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
     assert r.status_code == 200, r.text
-    engine = (ROOT / "replicas" / "engine" / "llm_engine.py").read_text()
+    engine = (ROOT / "replicas" / "engine" / "engine_stats.py").read_text()
     l2_only = {"zayaserve_" + k for k in re.findall(r'stats\["(\w+)"\]', engine)}
     unknown: set[str] = set()
 

@@ -150,6 +150,11 @@ def test_routed_equals_local_and_skip_rows_are_never_sent(
         flat = router.stats_dict()
         assert flat["router_rows_skipped_total"] == skipped
         assert flat["router_dispatch_seconds_count"] == len(cases)
+        # Every answered call's round trip, per shard id (the placement's names).
+        latency = flat.pop("dispatch_latency_seconds_count")
+        assert sum(s["value"] for s in latency) == router.stats.calls
+        assert {s["shard"] for s in latency} <= set(placement.addresses)
+        del flat["dispatch_latency_seconds_bucket"], flat["dispatch_latency_seconds_sum"]
         assert all(isinstance(v, int | float) for v in flat.values())
         await router.close()
         for shard in shards.values():

@@ -22,7 +22,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -224,9 +224,11 @@ class AsyncLLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
+        trace_context: Mapping[str, str] | None = None,
     ) -> AsyncIterator[StepDelta]:
         """Yields the request's StepDeltas (their `request_id` is the caller's label); the
-        deltas of steps the consumer fell behind on arrive merged into one."""
+        deltas of steps the consumer fell behind on arrive merged into one. `trace_context`:
+        W3C headers of the caller's span (a sampled one makes the engine trace the request)."""
         if self.is_dead:
             raise EngineDeadError(f"engine stopped ({type(self._error).__name__})")
         rid = f"{next(self._ids)}"
@@ -243,7 +245,8 @@ class AsyncLLMEngine:
                 await asyncio.get_running_loop().run_in_executor(
                     None, self.engine.grammars.check, params.structured_outputs)
             await asyncio.wrap_future(self._call(
-                lambda: self.engine.add_request(rid, prompt_token_ids, params, prompt)))
+                lambda: self.engine.add_request(rid, prompt_token_ids, params, prompt,
+                                                trace_context)))
             while not finished:
                 await stream.wake.wait()
                 stream.wake.clear()

@@ -33,7 +33,9 @@ class KVManager:
         # Copies a CCA state slot now (src, dst): forks happen between steps, after the
         # parent's state moved on. Set by the engine (the cache's copy_state).
         self.copy_state: Callable[[int, int], None] = lambda src, dst: None
-        self.prefix_hit_tokens = 0  # L1 only
+        # Prompt tokens looked up and found, per tier (a hit rate per tier for /metrics).
+        self.prefix_hit_tokens = self.prefix_queried_tokens = 0  # L1
+        self.remote_queried_tokens = 0  # L2: the tokens L1 missed (its hits: remote.stats)
         # L2 reads run here, off the engine thread; their blocks are installed on it.
         self._fetcher = ThreadPoolExecutor(1, "zayaserve-l2-fetch")
 
@@ -52,12 +54,19 @@ class KVManager:
         if self.remote is not None and len(hits) < usable and seq.remote_blocks is None:
             wanted = seq.block_hashes[len(hits):usable]
             seq.remote_fetch = (wanted, self._fetcher.submit(
-                self.remote.fetch, wanted))  # type: ignore[arg-type]
+                self.remote.fetch, wanted,  # type: ignore[arg-type]
+                seq.request.timeline.span_context))
             return None
         self.blocks.share(hits)
-        self.prefix_hit_tokens += len(hits) * self.block_size
-        if seq.remote_blocks:
-            hits = hits + self._install_fetched(seq, seq.block_hashes[len(hits):usable])
+        bs, timeline = self.block_size, seq.request.timeline
+        self.prefix_hit_tokens += len(hits) * bs
+        self.prefix_queried_tokens += usable * bs
+        timeline.local_hit_tokens = max(timeline.local_hit_tokens, len(hits) * bs)
+        if seq.remote_blocks is not None:
+            self.remote_queried_tokens += (usable - len(hits)) * bs
+            fetched = self._install_fetched(seq, seq.block_hashes[len(hits):usable])
+            timeline.remote_hit_tokens = max(timeline.remote_hit_tokens, len(fetched) * bs)
+            hits = hits + fetched
         seq.remote_blocks = None
         if hits:
             seq.block_table = list(hits)
@@ -141,7 +150,8 @@ class KVManager:
         for i in range(before // bs, seq.num_computed_tokens // bs):
             block, block_hash = seq.block_table[i], seq.block_hashes[i]
             if self.blocks.seal(block, block_hash) and self.remote is not None:
-                self.remote.publish(block, block_hash)  # type: ignore[arg-type]
+                self.remote.publish(block, block_hash,  # type: ignore[arg-type]
+                                    seq.request.timeline.span_context)
 
     def fork(self, parent: Sequence, child: Sequence) -> bool:
         """Lets `child` share the parent's blocks and a copy of its CCA state, so the prompt is

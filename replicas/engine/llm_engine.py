@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +14,13 @@ from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.decode_graphs import CudaGraphBackend, DecodeGraphs, GraphBackend
 from zayaserve.replicas.engine.device import dtype_for, resolve_device
+from zayaserve.replicas.engine.engine_stats import engine_stats
 from zayaserve.replicas.engine.grammar import Grammars
 from zayaserve.replicas.engine.logprobs import prompt_logprobs
 from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
+from zayaserve.replicas.engine.request_timeline import RequestTimeline
 from zayaserve.replicas.engine.runner import ModelRunner
 from zayaserve.replicas.engine.sampler import SamplingRow, sample
 from zayaserve.replicas.engine.scheduler import (
@@ -133,24 +136,8 @@ class LLMEngine:
                           c.kv_cache_encoding)
 
     def stats(self) -> dict[str, float]:
-        """Flat numeric stats: the offline `LLM.stats()`, and gauges on /metrics in serving."""
-        s, r = self.scheduler, self.remote
-        stats = {"num_requests_running": float(len(s.running)),
-                 "num_requests_waiting": float(len(s.waiting)),
-                 "num_preemptions": float(s.num_preemptions),
-                 "kv_blocks_free": float(s.blocks.num_free),
-                 "kv_blocks_total": float(s.blocks.num_blocks),
-                 "prefix_cache_local_hit_tokens": float(s.kv.prefix_hit_tokens),
-                 "prefix_cache_cached_blocks": float(s.blocks.num_cached),
-                 "prefix_cache_remote_hit_tokens": 0.0,
-                 "prefix_cache_remote_rejected_blocks": 0.0,
-                 "prefix_cache_remote_errors": 0.0}
-        if r is not None:
-            stats["prefix_cache_remote_hit_tokens"] = float(r.stats.hit_tokens)
-            stats["prefix_cache_remote_rejected_blocks"] = float(r.stats.rejected_blocks)
-            stats["prefix_cache_remote_errors"] = float(r.store.stats.errors)
-            stats["prefix_cache_remote_writes"] = float(r.store.stats.writes)
-        return stats
+        """Flat numeric stats: the offline `LLM.stats()`, and /metrics in serving."""
+        return engine_stats(self.scheduler, self.remote)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -160,7 +147,9 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: str | None = None,
+        trace_context: Mapping[str, str] | None = None,
     ) -> None:
+        """`trace_context`: the caller's W3C headers; a sampled one gets an engine span."""
         if request_id in self.requests:
             raise ParamError("request_id", f"request_id: {request_id!r} is already in flight")
         if not prompt_token_ids:
@@ -181,7 +170,9 @@ class LLMEngine:
             raise ParamError("prompt", f"prompt: {len(prompt_token_ids)} tokens leave no room to "
                              f"generate within max_model_len {self.max_model_len}")
         req = Request(request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),
-                      prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+                      prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+                      timeline=RequestTimeline.begin(request_id, len(prompt_token_ids), params,
+                                                     trace_context))
         seq = self._new_sequence(req, 0, list(prompt_token_ids))
         seq.forks_pending = params.n - 1
         self.requests[request_id] = req
@@ -214,6 +205,8 @@ class LLMEngine:
             if seq.status is not Status.FINISHED:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+        req.timeline.finish(sum(s.num_output_tokens for s in req.seqs),
+                            [s.finish_reason or "" for s in req.seqs])  # ends its span
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -75,6 +75,25 @@ class RequestOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    """A finished request's time in the engine, in seconds (travels on its last StepDelta)."""
+
+    queue_s: float  # arrival in the engine -> first scheduled
+    prefill_s: float  # first scheduled -> first token
+    decode_s: float  # first token -> finished
+    ttft_s: float  # arrival in the engine -> first token
+    e2e_s: float  # arrival in the engine -> finished
+    preemptions: int = 0
+    prefill_chunks: int = 0
+    local_hit_tokens: int = 0  # prompt tokens served from this worker's prefix cache (L1)
+    remote_hit_tokens: int = 0  # ... and from Redis (L2)
+
+    @property
+    def inference_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+@dataclass(frozen=True, slots=True)
 class CompletionStep:
     """What one step added to one completion: only new tokens, text and logprobs.
 
@@ -101,6 +120,7 @@ class StepDelta:
     num_cached_tokens: int = 0
     prompt_token_ids: tuple[int, ...] | None = None  # first delta only
     prompt_logprobs: PromptLogprobs | None = None  # first delta only
+    metrics: RequestMetrics | None = None  # last delta only: where its time went
 
     def merged(self, later: StepDelta) -> StepDelta:
         """This delta followed by `later`, as one (for a reader that fell behind)."""
@@ -117,7 +137,7 @@ class StepDelta:
                          self.prompt_token_ids if self.prompt_token_ids is not None
                          else later.prompt_token_ids,
                          self.prompt_logprobs if self.prompt_logprobs is not None
-                         else later.prompt_logprobs)
+                         else later.prompt_logprobs, later.metrics or self.metrics)
 
 
 class RequestOutputBuilder:

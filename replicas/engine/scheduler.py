@@ -118,6 +118,7 @@ class Scheduler:
             self.waiting.popleft()
             self.kv.assign_state_slot(seq, hits, out)
             seq.status = Status.RUNNING
+            seq.request.timeline.on_scheduled()
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
@@ -133,6 +134,7 @@ class Scheduler:
         self.add(seq, front=True)
         out.num_preempted += 1
         self.num_preemptions += 1
+        seq.request.timeline.on_preempted()
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is Status.RUNNING:
@@ -149,6 +151,8 @@ class Scheduler:
     def update_from_output(self, sched: SchedulerOutput, sampled: SampledStep) -> list[StepDelta]:
         """Applies a step's results; returns one StepDelta per request that got tokens."""
         for c in sched.chunks:
+            if c.start < c.seq.prompt_len:
+                c.seq.request.timeline.on_prefill_chunk(c.start, c.num_tokens)
             c.seq.num_computed_tokens += c.num_tokens
             self.kv.seal_computed(c.seq, c.start)
         for req, entries in sampled.prompt_logprobs:
@@ -271,7 +275,13 @@ def step_delta(req: Request, seqs: list[Sequence]) -> StepDelta:
         s.sent_chars = max(s.sent_chars, visible)
     first = not req.prompt_sent
     req.prompt_sent = True
+    req.timeline.on_tokens()
+    done = req.finished
+    metrics = req.timeline.finish(
+        sum(s.num_output_tokens for s in req.seqs),
+        [s.finish_reason or "" for s in req.seqs]) if done else None
     return StepDelta(
-        req.request_id, tuple(steps), req.finished, req.num_cached_tokens,
+        req.request_id, tuple(steps), done, req.num_cached_tokens,
         tuple(req.prompt_token_ids) if first else None,
-        list(req.prompt_logprobs) if first and req.prompt_logprobs is not None else None)
+        list(req.prompt_logprobs) if first and req.prompt_logprobs is not None else None,
+        metrics)

@@ -10,6 +10,7 @@ import torch
 
 from zayaserve.replicas.engine.outputs import Logprob, PromptLogprobs, SampleLogprobs
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.engine.request_timeline import RequestTimeline
 from zayaserve.replicas.kv_tiers.hashing import BlockHasher
 from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer
 
@@ -32,6 +33,7 @@ class Request:
     num_cached_tokens: int = 0
     seqs: list[Sequence] = field(default_factory=list)
     prompt_sent: bool = False  # the first StepDelta (which carries the prompt) is out
+    timeline: RequestTimeline = field(default_factory=RequestTimeline)
 
     @property
     def finished(self) -> bool:

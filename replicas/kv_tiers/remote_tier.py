@@ -10,12 +10,16 @@ None, is counted, and is treated as a miss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from opentelemetry.trace import SpanKind
 
 from zayaserve.replicas.kv_tiers.hashing import BlockHash
 from zayaserve.replicas.kv_tiers.payload import (
@@ -27,6 +31,8 @@ from zayaserve.replicas.kv_tiers.payload import (
 from zayaserve.replicas.kv_tiers.redis_store import RedisBlockStore
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.kv_cache import KVCache
+from zayaserve.replicas.observability import attributes as attr
+from zayaserve.replicas.observability import tracing
 
 ENCODINGS = ("none", "int8", "fp8")
 SECRET_ENV = "ZAYASERVE_KV_CACHE_SECRET"
@@ -80,7 +86,13 @@ class RemoteTier:
         bs = self.cache.block_size
         return slice(block * bs, (block + 1) * bs)
 
-    def publish(self, block: int, block_hash: BlockHash) -> None:
+    def publish(self, block: int, block_hash: BlockHash, parent: Any = None) -> None:
+        """Encodes the block and queues its write; `parent` (a sampled span context, or None)
+        gets a `kv_cache.l2_publish` span."""
+        with traced_l2("kv_cache.l2_publish", parent, 1):
+            self._publish(block, block_hash)
+
+    def _publish(self, block: int, block_hash: BlockHash) -> None:
         c, span = self.cache, self._span(block)
         assert c.conv_snap is not None and c.v_snap is not None
         k, v = torch.stack([k[span] for k in c.k]), torch.stack([v[span] for v in c.v])
@@ -92,8 +104,16 @@ class RemoteTier:
                                block_hash=block_hash, secret=self._secret)
         self.store.put_async(block_hash, payload)
 
-    def fetch(self, hashes: list[BlockHash]) -> list[BlockPayload]:
-        """Payloads of the longest prefix of `hashes` found (and valid) in L2."""
+    def fetch(self, hashes: list[BlockHash], parent: Any = None) -> list[BlockPayload]:
+        """Payloads of the longest prefix of `hashes` found (and valid) in L2; `parent` (a
+        sampled span context, or None) gets a `kv_cache.l2_fetch` span."""
+        with traced_l2("kv_cache.l2_fetch", parent, len(hashes)) as span:
+            found = self._fetch(hashes)
+            if span is not None:
+                span.set_attribute("zayaserve.kv.blocks_found", len(found))
+            return found
+
+    def _fetch(self, hashes: list[BlockHash]) -> list[BlockPayload]:
         if not hashes or not self.store.available:
             return []
         tokens = len(hashes) * self.cache.block_size
@@ -122,3 +142,17 @@ class RemoteTier:
             v[span] = payload.v[layer]
         c.conv_snap[:, block] = payload.conv_state
         c.v_snap[:, block] = payload.v_state
+
+
+@contextlib.contextmanager
+def traced_l2(name: str, parent: Any, blocks: int) -> Iterator[Any]:
+    """A CLIENT span around an L2 call made for a traced request (nothing otherwise)."""
+    tracer = tracing.tracer()
+    if tracer is None or parent is None:
+        yield None
+        return
+    with tracer.start_as_current_span(
+            name, context=tracing.parent_context(parent), kind=SpanKind.CLIENT,
+            attributes={"db.system.name": "redis", attr.BLOCKS: blocks}) as span:
+        yield span
+

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from zayaserve.kernels.registry import get_op
+from zayaserve.router.dispatch_tracing import step_links, traced_dispatch
 
 if TYPE_CHECKING:
     from zayaserve.router.placement import PlacementMap
@@ -132,9 +133,11 @@ class RemoteExpertBackend(ExpertBackend):
 
     def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
+        links = step_links()  # the micro-batch's traced requests (none: tracing off)
+        dispatch = (self.router.dispatch(layer, hidden, expert_ids, weights) if not links
+                    else traced_dispatch(self.router, links, layer, hidden, expert_ids, weights))
         try:
-            return self.run(self.router.dispatch(layer, hidden, expert_ids, weights),
-                            self.timeout_s)
+            return self.run(dispatch, self.timeout_s)
         except concurrent.futures.TimeoutError:
             raise self._timeout_error(
                 f"layer {layer}: no answer within {self.timeout_s} s") from None

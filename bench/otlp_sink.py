@@ -1,0 +1,83 @@
+"""A real OTLP/gRPC trace receiver (opentelemetry-proto's `TraceService` on a free port) that
+keeps every span it is sent: the tracing benchmark's collector and the e2e tests'. It needs
+the `opentelemetry-proto` package, which the OTLP exporter brings."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+
+def _value(v: Any) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, kind) if kind else None
+
+
+@dataclass
+class ReceivedSpan:
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    kind: int
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+    events: list[str] = field(default_factory=list)
+    links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id)
+
+    @property
+    def component(self) -> str:
+        return str(self.resource.get("zayaserve.component", ""))
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.spans: list[ReceivedSpan] = []
+        self._lock = threading.Lock()
+        self._server = grpc.server(futures.ThreadPoolExecutor(4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method name
+        got = []
+        for rs in request.resource_spans:
+            resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    got.append(ReceivedSpan(
+                        s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(),
+                        s.kind, {a.key: _value(a.value) for a in s.attributes}, resource,
+                        [e.name for e in s.events],
+                        [(link.trace_id.hex(), link.span_id.hex()) for link in s.links]))
+        with self._lock:
+            self.spans.extend(got)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def of_trace(self, trace_id: str) -> list[ReceivedSpan]:
+        with self._lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+    def wait(self, check: Callable[[], bool], timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return True
+            time.sleep(0.2)
+        return check()
+
+    def stop(self) -> None:
+        self._server.stop(grace=None)

@@ -1,0 +1,2 @@
+"""Tracing (OpenTelemetry) shared by every zayaserve process: ingress, workers, shards and the
+placement controller."""

@@ -1,0 +1,45 @@
+"""Span attribute names: OpenTelemetry's GenAI semantic conventions, vLLM's latency names (so
+dashboards built for vLLM's `llm_request` spans read ours), and zayaserve's own."""
+
+# GenAI semantic conventions (gen_ai.*).
+OPERATION = "gen_ai.operation.name"
+PROVIDER = "gen_ai.provider.name"
+REQUEST_MODEL = "gen_ai.request.model"
+REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+REQUEST_TOP_P = "gen_ai.request.top_p"
+REQUEST_TOP_K = "gen_ai.request.top_k"
+REQUEST_SEED = "gen_ai.request.seed"
+REQUEST_CHOICE_COUNT = "gen_ai.request.choice.count"
+RESPONSE_ID = "gen_ai.response.id"
+RESPONSE_MODEL = "gen_ai.response.model"
+RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+
+# vLLM's names for the same (its `llm_request` span).
+REQUEST_ID = "gen_ai.request.id"
+REQUEST_N = "gen_ai.request.n"
+USAGE_PROMPT_TOKENS = "gen_ai.usage.prompt_tokens"
+USAGE_COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
+LATENCY_TIME_IN_QUEUE = "gen_ai.latency.time_in_queue"
+LATENCY_TTFT = "gen_ai.latency.time_to_first_token"
+LATENCY_E2E = "gen_ai.latency.e2e"
+LATENCY_PREFILL = "gen_ai.latency.time_in_model_prefill"
+LATENCY_DECODE = "gen_ai.latency.time_in_model_decode"
+LATENCY_INFERENCE = "gen_ai.latency.time_in_model_inference"
+
+# zayaserve's own.
+PREFIX_LOCAL_HIT_TOKENS = "zayaserve.prefix_cache.local_hit_tokens"
+PREFIX_REMOTE_HIT_TOKENS = "zayaserve.prefix_cache.remote_hit_tokens"
+PREEMPTIONS = "zayaserve.request.preemptions"
+PREFILL_CHUNKS = "zayaserve.request.prefill_chunks"
+LAYER = "zayaserve.layer"
+ROWS = "zayaserve.dispatch.rows"
+ROWS_SENT = "zayaserve.dispatch.rows_sent"  # rows for the shards (skip rows are not sent)
+SHARD = "zayaserve.shard"
+EXPERTS = "zayaserve.experts"
+PLACEMENT_VERSION = "zayaserve.placement.version"
+PLACEMENT_EPOCH = "zayaserve.placement.epoch"
+LINKED_REQUESTS = "zayaserve.dispatch.requests"
+BLOCKS = "zayaserve.kv.blocks"

@@ -1,0 +1,79 @@
+"""The /metrics exposition of engine stats, and the cluster's sums over attention workers."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from zayaserve.cluster.metrics import MetricsCollector
+from zayaserve.cluster.worker_totals import WorkerTotals
+from zayaserve.router.router_stats import ShardLatency
+
+
+def _families(stats: dict) -> dict[str, object]:
+    m = MetricsCollector()
+    m.update_engine_stats(stats)
+    return {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+
+
+def test_counters_gauges_histograms_and_kv_usage() -> None:
+    latency = ShardLatency()
+    for s in (0.0004, 0.003, 0.003, 7.0):
+        latency.observe("shard-1", s)
+    fams = _families({
+        "num_requests_running": 3, "kv_blocks_free": 25, "kv_blocks_total": 100,
+        "num_preemptions": 4, "engine_steps_total": 10,
+        "prefix_cache_local_hit_tokens": 32, "prefix_cache_local_queried_tokens": 64,
+        "prefix_cache_remote_hit_tokens": 16, "prefix_cache_remote_queried_tokens": 32,
+        "expert_tokens_total": [{"shard": "shard-0", "layer": 0, "expert": 1, "value": 9}],
+        "diagnostic": "strings are skipped", **latency.samples()})
+    assert fams["zayaserve_num_requests_running"].type == "gauge"
+    assert fams["zayaserve_num_preemptions"].type == "counter"
+    assert fams["zayaserve_engine_steps"].type == "counter"
+    hits = {s.labels["tier"]: s.value for s in fams["zayaserve_prefix_cache_hits"].samples
+            if s.name.endswith("_total")}
+    queries = {s.labels["tier"]: s.value for s in fams["zayaserve_prefix_cache_queries"].samples
+               if s.name.endswith("_total")}
+    assert hits == {"local": 32, "remote": 16} and queries == {"local": 64, "remote": 32}
+    [usage] = fams["zayaserve_kv_cache_usage_perc"].samples
+    assert usage.value == 0.75
+    hist = fams["zayaserve_dispatch_latency_seconds"]
+    assert hist.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in hist.samples if s.name.endswith("_bucket")}
+    assert buckets["0.0005"] == 1 and buckets["0.005"] == 3 and buckets["+Inf"] == 4
+    total = [s.value for s in hist.samples if s.name.endswith("_sum")]
+    assert abs(total[0] - 7.0064) < 1e-9
+    assert "zayaserve_diagnostic" not in fams
+    assert "zayaserve_dispatch_latency_seconds_bucket" not in fams  # not a stray gauge
+
+
+def test_cluster_counters_never_go_down_when_workers_leave() -> None:
+    totals = WorkerTotals(live_s=3.0, forget_s=10.0)
+    totals.report("a", {"num_requests_running": 2, "num_preemptions": 5,
+                        "router_calls_total": 100}, now=0.0)
+    totals.report("b", {"num_requests_running": 1, "num_preemptions": 1,
+                        "router_calls_total": 50}, now=0.0)
+    t = totals.totals(now=1.0)
+    assert (t["num_requests_running"], t["num_preemptions"], t["router_calls_total"]) == (
+        3, 6, 150)
+    totals.report("b", {"num_requests_running": 1, "num_preemptions": 2,
+                        "router_calls_total": 60}, now=5.0)
+    t = totals.totals(now=5.5)  # a stopped reporting: its gauge is gone, its counts stay
+    assert (t["num_requests_running"], t["num_preemptions"], t["router_calls_total"]) == (
+        1, 7, 160)
+    totals.report("c", {"num_requests_running": 0, "num_preemptions": 0,
+                        "router_calls_total": 0}, now=20.0)  # a's replacement starts at 0
+    t = totals.totals(now=20.5)  # a forgotten; b too (silent since 5 s): both retired
+    assert t["num_preemptions"] == 7 and t["router_calls_total"] == 160
+    totals.report("b", {"num_requests_running": 0, "num_preemptions": 3,
+                        "router_calls_total": 70}, now=21.0)  # b was alive after all
+    t = totals.totals(now=21.5)
+    assert t["num_preemptions"] == 8 and t["router_calls_total"] == 170  # counted once
+
+
+def test_labelled_samples_sum_per_label_set() -> None:
+    totals = WorkerTotals()
+    for worker, n in (("a", 3), ("b", 4)):
+        totals.report(worker, {"dispatch_latency_seconds_count": [
+            {"shard": "shard-0", "value": n}, {"shard": "shard-1", "value": 1}]}, now=0.0)
+    [s0, s1] = totals.totals(now=1.0)["dispatch_latency_seconds_count"]
+    assert (s0["shard"], s0["value"], s1["shard"], s1["value"]) == ("shard-0", 7, "shard-1", 2)
