@@ -81,3 +81,48 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     def stop(self) -> None:
         self._server.stop(grace=None)
+
+
+class SinkProcess:
+    """An `OtlpReceiver` in a process of its own (so receiving costs the measured process
+    nothing) that only counts the spans."""
+
+    def __init__(self) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._count = ctx.Value("q", 0)
+        ports: Any = ctx.Queue()
+        self._stop = ctx.Event()
+        self._process = ctx.Process(target=_count_spans, args=(ports, self._count, self._stop),
+                                    daemon=True)
+        self._process.start()
+        self.endpoint = f"http://127.0.0.1:{ports.get(timeout=60)}"
+
+    @property
+    def count(self) -> int:
+        return int(self._count.value)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._process.join(10)
+
+
+class _Counter(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, count: Any) -> None:
+        self.count = count
+
+    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method name
+        n = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+        with self.count.get_lock():
+            self.count.value += n
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def _count_spans(ports: Any, count: Any, stop: Any) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Counter(count), server)
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    stop.wait()
+    server.stop(grace=None)

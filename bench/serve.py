@@ -72,11 +72,13 @@ async def _stream_one(client: Any, url: str, body: dict[str, Any]) -> tuple[floa
     return ttft, [b - a for a, b in zip(stamps, stamps[1:], strict=False)], tokens
 
 
-async def _drive(base: str, model: str, prompts: list[list[int]], max_tokens: int
-                 ) -> tuple[float, list[tuple[float, list[float], int]]]:
+async def _drive(base: str, model: str, prompts: list[list[int]], max_tokens: int,
+                 client: Any = None) -> tuple[float, list[tuple[float, list[float], int]]]:
+    """All prompts streamed at once (after one warm-up request); `client`: an httpx
+    AsyncClient to use (e.g. over an in-process ASGI app), else one is made."""
     import httpx
 
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with client or httpx.AsyncClient(timeout=600) as client:
         url = base + "/v1/completions"
         body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "ignore_eos": True, "stream_options": {"include_usage": True}}

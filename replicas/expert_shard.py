@@ -33,6 +33,7 @@ from zayaserve.replicas.model.experts import run_grouped
 from zayaserve.replicas.model.loader import load_expert_side
 from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
+from zayaserve.replicas.observability.tracing import flush as flush_traces
 from zayaserve.router.shard_server import ExpertShardServicer, serve_shard
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
@@ -175,3 +176,5 @@ class ExpertShard:
                 await asyncio.sleep(0.05)
         self._beat.cancel()
         await self.server.stop(grace=1)
+        self.servicer.trace_spans.close()
+        flush_traces()

@@ -25,7 +25,7 @@ import torch
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from zayaserve.router.dispatch_tracing import shard_span, tracing_on
+from zayaserve.router.dispatch_tracing import ShardSpans, tracing_on
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
 from zayaserve.router.shard_channels import AUTH_HEADER
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES, TensorCodecError, decode, encode
@@ -70,6 +70,7 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
         address: str = "",
     ) -> None:
         self.shard_id = shard_id
+        self.trace_spans = ShardSpans(shard_id)  # spans of traced calls (tracing on only)
         self.address = address  # filled in by serve_shard when left empty
         self.num_layers = (len(held) if isinstance(held, Mapping) else 0) \
             if num_layers is None else num_layers
@@ -103,8 +104,8 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
     ) -> expert_pb2.DispatchResponse:
         if not tracing_on():
             return await self._dispatch(request, context)
-        with shard_span(context.invocation_metadata(), self.shard_id, request.layer,
-                        len(request.expert_ids)):
+        with self.trace_spans.call(context.invocation_metadata(), request.layer,
+                                   len(request.expert_ids)):
             return await self._dispatch(request, context)
 
     async def _dispatch(

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import SpanContext, TraceFlags
 
 from zayaserve.replicas.observability import tracing
 from zayaserve.replicas.observability.tracing import TracingConfig
@@ -154,37 +154,69 @@ class _Router:
         return hidden
 
 
-def _dispatch(links: list[SpanContext]) -> _Router:
-    from zayaserve.router.dispatch_tracing import traced_dispatch
+class _Timeline:
+    def __init__(self, ctx: SpanContext | None) -> None:
+        self.span_context = ctx
+
+
+def _step(requests: list[SpanContext | None], layers: int = 3) -> _Router:
+    """One micro-batch's forward as the runner and the expert backend drive the hooks."""
+    from zayaserve.router.dispatch_tracing import (
+        dispatch_group,
+        end_step,
+        set_step_requests,
+        traced_dispatch,
+    )
 
     router = _Router()
     hidden = torch.zeros(3, 4)
-    ids = torch.zeros(3, dtype=torch.int64)
-    asyncio.run(traced_dispatch(router, links, 2, hidden, ids, torch.ones(3)))
+    ids = torch.tensor([0, 4, 2])  # one skip row (expert 4 of 4)
+    set_step_requests([_Timeline(c) for c in requests])
+    for layer in range(layers):
+        group = dispatch_group(layer)
+        assert group is not None
+        asyncio.run(traced_dispatch(router, group, layer, hidden, ids, torch.ones(3)))
+    end_step()
     return router
 
 
-def test_dispatch_of_one_request_is_its_child(exported: InMemorySpanExporter) -> None:
-    router = _dispatch([_context()])
+def test_a_step_of_one_request_is_one_span_under_it(exported: InMemorySpanExporter) -> None:
+    router = _step([_context(), None])
     [span] = _finished(exported)
     assert span.name == "expert_dispatch" and span.parent.span_id == 0xABC
-    assert not span.links and span.attributes["zayaserve.layer"] == 2
-    # The shards get the dispatch span as their parent.
-    assert router.metadata[0]["traceparent"].split("-")[2] == f"{span.context.span_id:016x}"
+    assert not span.links
+    layers = [e for e in span.events if e.name == "layer"]
+    assert [e.attributes["zayaserve.layer"] for e in layers] == [0, 1, 2]
+    assert all(e.attributes["zayaserve.dispatch.rows_sent"] == 2 for e in layers)
+    # The shards get the group span as their parent.
+    assert {m["traceparent"].split("-")[2] for m in router.metadata} == {
+        f"{span.context.span_id:016x}"}
 
 
-def test_dispatch_of_many_requests_links_to_each(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_layer_groups_split_a_step() -> None:
+    exporter = InMemorySpanExporter()
+    tracing.configure(TracingConfig(otlp_traces_endpoint="http://unused:4317",
+                                    dispatch_span_layers=2), "test", exporter=exporter)
+    try:
+        _step([_context()], layers=5)
+        spans = _finished(exporter)
+    finally:
+        tracing.shutdown()
+    assert [len([e for e in s.events if e.name == "layer"]) for s in spans] == [2, 2, 1]
+
+
+def test_a_step_of_many_requests_links_to_each() -> None:
     exporter = InMemorySpanExporter()
     # A 0% ratio sampler: the dispatch is kept anyway because the requests it serves are.
     tracing.configure(TracingConfig(otlp_traces_endpoint="http://unused:4317",
                                     sampler="parentbased_traceidratio", sampler_arg=0.0),
                       "test", exporter=exporter)
     try:
-        _dispatch([_context(span_id=1), _context(span_id=2), _context(sampled=False,
-                                                                      span_id=3)])
+        _step([_context(span_id=1), _context(span_id=2), _context(span_id=2)])
         [span] = _finished(exporter)
         assert span.parent is None
-        assert sorted(link.context.span_id for link in span.links) == [1, 2, 3]
+        assert sorted(link.context.span_id for link in span.links) == [1, 2]
+        assert span.attributes["zayaserve.dispatch.requests"] == 2
         tracer = tracing.tracer()
         assert tracer is not None
         assert not tracer.start_span("other root").is_recording()  # 0% for everything else
@@ -193,17 +225,38 @@ def test_dispatch_of_many_requests_links_to_each(monkeypatch: pytest.MonkeyPatch
         tracing.shutdown()
 
 
-def test_runner_names_only_traced_requests(exported: InMemorySpanExporter) -> None:
-    from zayaserve.router.dispatch_tracing import set_step_requests, step_links
+def test_untraced_steps_make_no_group(exported: InMemorySpanExporter) -> None:
+    from zayaserve.router.dispatch_tracing import dispatch_group, end_step, set_step_requests
 
-    class T:
-        def __init__(self, ctx: SpanContext | None) -> None:
-            self.span_context = ctx
+    set_step_requests([_Timeline(None), _Timeline(None)])
+    assert dispatch_group(0) is None
+    end_step()
+    assert not _finished(exported)
 
-    ctx = _context()
-    set_step_requests([T(None), T(ctx), T(ctx)])
-    assert step_links() == (ctx,)
-    assert NonRecordingSpan(ctx).get_span_context() == ctx
+
+def test_a_shard_keeps_one_span_per_group_and_shard(exported: InMemorySpanExporter) -> None:
+    from zayaserve.router.dispatch_tracing import ShardSpans
+
+    spans = ShardSpans("shard-1", idle_s=0.05)
+    metadata = list(tracing.inject(_context()).items()) + [("authorization", "Bearer x")]
+
+    async def calls() -> None:
+        for layer in range(3):
+            with spans.call(metadata, layer, 8):
+                await asyncio.sleep(0.001)
+        with spans.call([("authorization", "Bearer x")], 0, 8) as none:
+            assert none is None  # an untraced call
+        await asyncio.sleep(0.2)  # idle: the span ends
+
+    asyncio.run(calls())
+    [span] = _finished(exported)
+    assert span.name == "expert_shard.dispatch" and span.parent.span_id == 0xABC
+    assert span.attributes["zayaserve.shard"] == "shard-1"
+    assert span.attributes["zayaserve.layers"] == (0, 1, 2)
+    assert span.attributes["zayaserve.calls"] == 3
+    assert span.attributes["zayaserve.dispatch.rows"] == 24
+    assert 0 < span.attributes["zayaserve.seconds"] < (span.end_time - span.start_time) / 1e9
+    assert span.end_time - span.start_time < 0.1e9  # ended at its last call, not at idle
 
 
 def test_resize_and_epoch_commit_become_spans(exported: InMemorySpanExporter) -> None:

@@ -15,6 +15,8 @@ import pytest
 from cluster_harness import PROMPTS, Cluster, deploy, undeploy
 
 from zayaserve.bench.otlp_sink import OtlpReceiver, ReceivedSpan
+from zayaserve.replicas.model.checkpoint_paths import resolve_model
+from zayaserve.replicas.model.config import ZayaConfig
 
 pytestmark = pytest.mark.e2e
 SERVER, CLIENT = 2, 3  # OTLP span kinds
@@ -87,7 +89,10 @@ def test_streamed_rest_request_is_one_trace_across_processes(
 
     dispatches = [s for s in spans if s.name == "expert_dispatch"]
     assert all(d.parent_span_id == engine.span_id and d.kind == CLIENT for d in dispatches)
-    assert {d.attributes["zayaserve.layer"] for d in dispatches} >= {0}
+    # One span per micro-batch step, an event per layer: every layer of the model is there.
+    layers = ZayaConfig.from_pretrained(resolve_model("tiny")).num_hidden_layers
+    for d in dispatches:
+        assert d.events == ["layer"] * layers
     on_shards = [s for s in spans if s.name == "expert_shard.dispatch"]
     assert all(s.component == "expert_shard" and s.kind == SERVER for s in on_shards)
     assert {s.parent_span_id for s in on_shards} <= {d.span_id for d in dispatches}
@@ -147,20 +152,17 @@ def test_batched_dispatch_links_to_every_traced_request(
     def children(span: ReceivedSpan) -> list[ReceivedSpan]:
         return [s for s in receiver.of_trace(span.trace_id) if s.parent_span_id == span.span_id]
 
-    def sends(span: ReceivedSpan) -> bool:  # a dispatch of skip rows only calls no shard
-        return span.attributes["zayaserve.dispatch.rows_sent"] > 0
-
-    # Every linked dispatch's shard spans arrive (from other processes, in batches).
-    assert receiver.wait(lambda: any(sends(s) for s in linked()) and all(
-        children(s) for s in linked() if sends(s))), [
-            (s.attributes, len(children(s))) for s in linked() if not children(s)][:3]
+    # Every linked dispatch's shard spans arrive (from other processes, in batches; a shard's
+    # span ends a moment after the group's last call).
+    assert receiver.wait(lambda: bool(linked()) and all(children(s) for s in linked())), [
+        (s.attributes, len(children(s))) for s in linked() if not children(s)][:3]
     for span in linked():
         assert span.parent_span_id == ""  # its own trace, no fake parent
         assert span.attributes["zayaserve.dispatch.requests"] == len(span.links)
         for link_trace, link_span in span.links:
             assert engine_spans.get(link_span) == link_trace
         assert all(s.name == "expert_shard.dispatch" for s in children(span))
-        assert bool(children(span)) == sends(span)
+        assert len(children(span)) <= 2  # one per shard
 
 
 def _scrape(cluster: Cluster) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

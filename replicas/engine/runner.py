@@ -20,7 +20,7 @@ from zayaserve.replicas.model.attention_side import AttentionSideModel
 from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.experts import ExpertBackend
 from zayaserve.replicas.model.kv_cache import KVCache
-from zayaserve.router.dispatch_tracing import set_step_requests
+from zayaserve.router.dispatch_tracing import end_step, set_step_requests
 
 
 class ModelRunner:
@@ -57,6 +57,12 @@ class ModelRunner:
 
     def _forward(self, chunks: list[ScheduledChunk], rows: list[int]) -> torch.Tensor:
         set_step_requests(c.seq.request.timeline for c in chunks)  # for dispatch traces
+        try:
+            return self._forward_chunks(chunks, rows)
+        finally:
+            end_step()
+
+    def _forward_chunks(self, chunks: list[ScheduledChunk], rows: list[int]) -> torch.Tensor:
         packed = [
             (c.seq.token_ids[c.start:c.start + c.num_tokens], c.start, c.seq.block_table,
              c.seq.state_slot)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from zayaserve.kernels.registry import get_op
-from zayaserve.router.dispatch_tracing import step_links, traced_dispatch
+from zayaserve.router.dispatch_tracing import dispatch_group, traced_dispatch
 
 if TYPE_CHECKING:
     from zayaserve.router.placement import PlacementMap
@@ -133,9 +133,9 @@ class RemoteExpertBackend(ExpertBackend):
 
     def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
-        links = step_links()  # the micro-batch's traced requests (none: tracing off)
-        dispatch = (self.router.dispatch(layer, hidden, expert_ids, weights) if not links
-                    else traced_dispatch(self.router, links, layer, hidden, expert_ids, weights))
+        group = dispatch_group(layer)  # None unless the micro-batch has traced requests
+        dispatch = (self.router.dispatch(layer, hidden, expert_ids, weights) if group is None
+                    else traced_dispatch(self.router, group, layer, hidden, expert_ids, weights))
         try:
             return self.run(dispatch, self.timeout_s)
         except concurrent.futures.TimeoutError:

@@ -64,6 +64,9 @@ class TracingConfig(BaseModel):
         default=None, description="service.name of every span (unset: $OTEL_SERVICE_NAME, else "
         "zayaserve).")
     disabled: bool = Field(default=False, description="Off whatever the environment says.")
+    dispatch_span_layers: int = Field(
+        default=0, ge=0, description="Layers per expert-dispatch span of a traced step (0: "
+        "all, one span per micro-batch step; each layer is an event on it).")
 
     def resolved(self, env: Mapping[str, str] | None = None) -> TracingConfig:
         """These settings with the unset ones taken from `env` (default: os.environ)."""
@@ -85,7 +88,7 @@ class TracingConfig(BaseModel):
         return TracingConfig(
             otlp_traces_endpoint=endpoint, sampler=sampler,  # type: ignore[arg-type]
             sampler_arg=arg, service_name=self.service_name or env.get("OTEL_SERVICE_NAME"),
-            disabled=off)
+            disabled=off, dispatch_span_layers=self.dispatch_span_layers)
 
     @property
     def enabled(self) -> bool:
@@ -175,6 +178,11 @@ def _KeepLinked(inner: Any) -> Any:  # noqa: N802 - builds an instance of a lazi
 def tracer() -> Tracer | None:
     """This process's tracer, or None when tracing is off (the one test every hook makes)."""
     return None if _process is None else _process.tracer
+
+
+def dispatch_span_layers() -> int:
+    """Layers per expert-dispatch span (0: all of a step's)."""
+    return 0 if _process is None else _process.config.dispatch_span_layers
 
 
 def flush(timeout_s: float = 5.0) -> None:
