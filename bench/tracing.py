@@ -196,7 +196,7 @@ def run_on_serve(args: argparse.Namespace, prompts: list[list[int]], endpoint: s
     rounds = Rounds()
     try:
         deploy_modes(args, endpoint)
-        for r in range(args.rounds):
+        for r in range(-1, args.rounds):  # round -1 warms every mode up
             for name in _order(r):
                 worker = serve.get_deployment_handle("AttentionWorker", app_name=_app(name))
                 before = worker.stats.remote().result()["engine_steps_total"]

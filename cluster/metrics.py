@@ -49,6 +49,9 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                   60.0, 120.0)
+_PHASES = {"queue": "Time a request waited in an engine's queue.",
+           "prefill": "First scheduled to first token.", "decode": "First token to the last.",
+           "inference": "First scheduled to finished."}
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 # Engine counts exported under a family name of their own, with labels (the prefix-cache tiers).
 _RENAMED = {
@@ -168,18 +171,10 @@ class MetricsCollector:
         self.e2e_latency = Histogram(
             PREFIX + "e2e_request_latency_seconds", "Arrival to the last byte of the answer.",
             ["endpoint"], buckets=_E2E_BUCKETS, registry=r)
-        self.queue_time = Histogram(
-            PREFIX + "request_queue_time_seconds", "Time a request waited in an engine's queue.",
-            ["endpoint"], buckets=_PHASE_BUCKETS, registry=r)
-        self.prefill_time = Histogram(
-            PREFIX + "request_prefill_time_seconds", "First scheduled to first token.",
-            ["endpoint"], buckets=_PHASE_BUCKETS, registry=r)
-        self.decode_time = Histogram(
-            PREFIX + "request_decode_time_seconds", "First token to the last.",
-            ["endpoint"], buckets=_PHASE_BUCKETS, registry=r)
-        self.inference_time = Histogram(
-            PREFIX + "request_inference_time_seconds", "First scheduled to finished.",
-            ["endpoint"], buckets=_PHASE_BUCKETS, registry=r)
+        # Where a request's time went in the engine (`RequestMetrics` of its last delta).
+        self.phase_time = {phase: Histogram(
+            PREFIX + f"request_{phase}_time_seconds", help_text, ["endpoint"],
+            buckets=_PHASE_BUCKETS, registry=r) for phase, help_text in _PHASES.items()}
         self.request_prompt_tokens = Histogram(
             PREFIX + "request_prompt_tokens", "Prompt tokens per served request.",
             ["endpoint"], buckets=_TOKEN_BUCKETS, registry=r)

@@ -105,11 +105,10 @@ class RequestTracker:
             self._on_engine_metrics(delta.metrics)
 
     def _on_engine_metrics(self, em: RequestMetrics) -> None:
-        m, e = self._metrics, self.endpoint
-        m.queue_time.labels(e).observe(em.queue_s)
-        m.prefill_time.labels(e).observe(em.prefill_s)
-        m.decode_time.labels(e).observe(em.decode_s)
-        m.inference_time.labels(e).observe(em.inference_s)
+        phases = self._metrics.phase_time
+        for phase, seconds in (("queue", em.queue_s), ("prefill", em.prefill_s),
+                               ("decode", em.decode_s), ("inference", em.inference_s)):
+            phases[phase].labels(self.endpoint).observe(seconds)
         if self.span is not None:
             self.span.set_attributes(metrics_attributes(em))
 

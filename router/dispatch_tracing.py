@@ -137,7 +137,8 @@ class _ShardSpan:
     __slots__ = ("span", "timer", "calls", "rows", "seconds", "layers")
 
     def __init__(self, span: Any) -> None:
-        self.span, self.timer = span, None
+        self.span = span
+        self.timer: asyncio.TimerHandle | None = None
         self.calls = self.rows = 0
         self.seconds = 0.0
         self.layers: list[int] = []
