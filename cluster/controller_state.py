@@ -58,8 +58,7 @@ class ControllerState:
         self.ops = ScaleOperations(self.placement, shard_bounds, worker_bounds,
                                    self.live_workers)
         self.initial_workers = attention_workers
-        self.worker_stats: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.worker_totals = WorkerTotals(live_s=WORKER_SEEN_S)
+        self.workers = WorkerTotals(live_s=WORKER_SEEN_S)  # their latest stats, and sums
         self.shard_stats: dict[str, dict[str, Any]] = {}
         self.policy = PolicyState()
         self.last_decision: tuple[str, ...] = ()
@@ -84,12 +83,11 @@ class ControllerState:
 
     # ----- workers --------------------------------------------------------------------------
     def report_worker(self, replica: str, stats: dict[str, Any], now: float) -> dict[str, Any]:
-        self.worker_stats[replica] = (now, stats)
-        self.worker_totals.report(replica, stats, now)
+        self.workers.report(replica, stats, now)
         return {"desired_workers": self.desired_workers(now)}
 
     def live_workers(self, now: float) -> int:
-        return sum(1 for seen, _ in self.worker_stats.values() if now - seen < WORKER_SEEN_S)
+        return len(self.workers.live(now))
 
     def desired_workers(self, now: float) -> int:
         wanted = self.ops.desired_workers
@@ -111,8 +109,7 @@ class ControllerState:
             self._rebalance()
 
     def _autoscale(self, now: float) -> None:
-        workers = [WorkerSample.from_stats(s) for seen, s in self.worker_stats.values()
-                   if now - seen < WORKER_SEEN_S]
+        workers = [WorkerSample.from_stats(s) for s in self.workers.live(now)]
         p = self.placement
         shards = [ShardSample(float(self.shard_stats.get(s, {}).get("queue_rows", 0.0)),
                               p.load.slot_rate(s))
@@ -168,7 +165,7 @@ class ControllerState:
 
     def stats(self, now: float) -> dict[str, Any]:
         """The workers' stats summed (`WorkerTotals`), the placement's, and shard counters."""
-        total = self.worker_totals.totals(now)
+        total = self.workers.totals(now)
         total["attention_workers_live"] = self.live_workers(now)
         p = self.placement
         total["expert_shards_live"] = sum(1 for s in p.slots.values() if s.serving)

@@ -48,7 +48,8 @@ def _flatten(stats: Mapping[str, Any]) -> dict[SampleKey, float]:
 class WorkerTotals:
     def __init__(self, live_s: float = 3.0, forget_s: float = 120.0) -> None:
         self.live_s, self.forget_s = live_s, forget_s
-        self._latest: dict[str, tuple[float, dict[SampleKey, float]]] = {}
+        # worker -> (last report's time, its stats, the same flattened for summing)
+        self._latest: dict[str, tuple[float, Mapping[str, Any], dict[SampleKey, float]]] = {}
         self._retired: dict[SampleKey, float] = {}  # counters of workers gone
         self._gone: dict[str, dict[SampleKey, float]] = {}  # what each one left in _retired
 
@@ -57,13 +58,17 @@ class WorkerTotals:
         if back is not None:  # silent long enough to be forgotten, yet alive: count it once
             for k, v in back.items():
                 self._retired[k] -= v
-        self._latest[worker] = (now, _flatten(stats))
+        self._latest[worker] = (now, stats, _flatten(stats))
+
+    def live(self, now: float) -> list[Mapping[str, Any]]:
+        """The latest stats of each worker that reported within `live_s`."""
+        return [stats for seen, stats, _ in self._latest.values() if now - seen < self.live_s]
 
     def totals(self, now: float) -> dict[str, Any]:
         """Sums in the stats' own shape: numbers, and labelled-sample lists."""
         self._forget(now)
         sums: dict[SampleKey, float] = dict(self._retired)
-        for seen, flat in self._latest.values():
+        for seen, _, flat in self._latest.values():
             live = now - seen < self.live_s
             for k, v in flat.items():
                 if live or is_counter(k[0]):
@@ -77,8 +82,9 @@ class WorkerTotals:
         return out
 
     def _forget(self, now: float) -> None:
-        for worker in [w for w, (seen, _) in self._latest.items() if now - seen > self.forget_s]:
-            _, flat = self._latest.pop(worker)
+        for worker in [w for w, (seen, *_) in self._latest.items()
+                       if now - seen > self.forget_s]:
+            *_, flat = self._latest.pop(worker)
             kept = {k: v for k, v in flat.items() if is_counter(k[0])}
             for k, v in kept.items():
                 self._retired[k] = self._retired.get(k, 0.0) + v
