@@ -1,0 +1,1 @@
+"""Markovian recursive self-aggregation (RSA): engine-independent parameters, seeds, prompts."""
