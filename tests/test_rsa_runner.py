@@ -1,0 +1,139 @@
+"""Markovian RSA run inside one engine (tiny model: the answers mean nothing, the mechanics do)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any
+
+import pytest
+
+from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
+from zayaserve.replicas.engine.config import EngineConfig
+from zayaserve.replicas.engine.llm_engine import LLMEngine
+from zayaserve.replicas.engine.outputs import StepDelta
+from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.rsa.params import RSAParams, max_context
+from zayaserve.replicas.rsa.prompts import aggregation_prompt, carry_tail
+from zayaserve.replicas.rsa.runner import RSARun
+from zayaserve.replicas.rsa.seeds import choose_subsets
+
+PROBLEM = "What is the sum of the first ten odd numbers? Explain every step of it carefully."
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: Any) -> Iterator[AsyncLLMEngine]:
+    e = AsyncLLMEngine(LLMEngine(EngineConfig(
+        model=str(tiny_checkpoint), num_kv_blocks=512, block_size=BLOCK,
+        enable_prefix_caching=True)))
+    yield e
+    e.shutdown()
+
+
+class Recorder:
+    """The engine's generate, recording every call's prompt and output ids."""
+
+    def __init__(self, engine: AsyncLLMEngine) -> None:
+        self.engine = engine
+        self.calls: dict[str, tuple[list[int], list[int]]] = {}
+
+    async def generate(self, rid: str, ids: list[int], params: SamplingParams,
+                       text: str | None) -> AsyncGenerator[StepDelta, None]:
+        out: list[int] = []
+        async for delta in self.engine.generate(rid, ids, params, text):
+            out.extend(t for c in delta.completions for t in c.token_ids)
+            yield delta
+        self.calls[rid] = (ids, out)
+
+
+def _run(engine: AsyncLLMEngine, params: RSAParams) -> tuple[Any, Recorder, RSARun]:
+    tok = engine.engine.tokenizer
+    assert tok is not None
+    rec = Recorder(engine)
+
+    def render(message: str) -> tuple[str, list[int]]:
+        return message, tok.encode(message)
+
+    run = RSARun(rec.generate, render, tok, params, "rsa", tok.encode(
+        "</think>", add_special_tokens=False))
+    return asyncio.run(run.run(PROBLEM, render(PROBLEM))), rec, run
+
+
+SMALL = dict(n=4, k=2, t=2, tail_tokens=6, round_max_tokens=8, final_max_tokens=5, final_n=2,
+             seed=7, return_population=True)
+
+
+def test_rounds_tails_and_bounds(engine: AsyncLLMEngine) -> None:
+    p = RSAParams(**SMALL)
+    result, rec, run = _run(engine, p)
+    assert [r.calls for r in result.rounds] == [4, 4, 2]
+    assert len(result.answers) == 2
+    tok = engine.engine.tokenizer
+    assert tok is not None
+    for r in (1, 2):
+        previous = [rec.calls[f"rsa-r{r - 1}-{i}"][1] for i in range(4)]
+        tails = [run._tail_text(ids) for ids in previous]
+        assert all(len(tok.encode(t, add_special_tokens=False)) <= p.tail_tokens for t in tails)
+        subsets = choose_subsets(p.seed, r, 4, p.effective_k, result.rounds[r].calls)
+        for i, subset in enumerate(subsets):
+            prompt = tok.decode(rec.calls[f"rsa-r{r}-{i}"][0])
+            assert len(re.findall(r"Candidate \d+:", prompt)) == p.effective_k
+            assert len(set(subset)) == p.effective_k  # distinct members of the last round
+            for j, member in enumerate(subset):  # each block is that member's exact tail
+                assert f"Candidate {j + 1}:\n{tails[member]}" in prompt
+                whole = tok.decode(carry_tail(previous[member], [], p.carry, p.tail_tokens))
+                assert whole.endswith(tails[member])  # the end of that member's output
+    # The template's own tokens (numbering included), with an empty problem and empty traces.
+    template = len(tok.encode(aggregation_prompt("", [""] * p.effective_k)))
+    bound = max_context(p, len(tok.encode(PROBLEM)), template)
+    assert all(r.max_context <= bound for r in result.rounds), (
+        [r.max_context for r in result.rounds], bound)
+    assert all(len(ids) <= p.round_max_tokens for _, ids in rec.calls.values())
+
+
+def test_usage_sums_and_round_zero_reuses_the_prompt(engine: AsyncLLMEngine) -> None:
+    result, rec, _ = _run(engine, RSAParams(**SMALL))
+    assert result.prompt_tokens == sum(len(ids) for ids, _ in rec.calls.values())
+    assert result.completion_tokens == sum(len(out) for _, out in rec.calls.values())
+    tok = engine.engine.tokenizer
+    assert tok is not None
+    full_blocks = (len(tok.encode(PROBLEM)) - 1) // BLOCK
+    assert result.rounds[0].cached_tokens >= 3 * full_blocks * BLOCK
+
+
+def test_seeded_runs_repeat_and_differ_by_seed(engine: AsyncLLMEngine) -> None:
+    a, rec_a, _ = _run(engine, RSAParams(**SMALL))
+    b, _, _ = _run(engine, RSAParams(**SMALL))
+    assert a.population == b.population and [o.outputs[0].text for o in a.answers] == [
+        o.outputs[0].text for o in b.answers]
+    assert len(set(a.population[0])) > 1  # the round-0 traces are not all the same
+    c, rec_c, _ = _run(engine, RSAParams(**{**SMALL, "seed": 8}))
+    assert a.population != c.population
+
+
+def test_cancelling_frees_everything(engine: AsyncLLMEngine) -> None:
+    tok = engine.engine.tokenizer
+    assert tok is not None
+    p = RSAParams(n=6, k=3, t=3, tail_tokens=8, round_max_tokens=40, final_max_tokens=40,
+                  seed=1)
+    run = RSARun(engine.generate, lambda m: (m, tok.encode(m)), tok, p, "gone")
+
+    async def main() -> None:
+        task = asyncio.create_task(run.run(PROBLEM, (PROBLEM, tok.encode(PROBLEM))))
+        while run.calls_done < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            stats = await engine.run_on_engine(lambda e: e.stats())
+            if stats["num_requests_running"] == stats["num_requests_waiting"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert stats["num_requests_running"] == stats["num_requests_waiting"] == 0
+        assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        assert not engine.engine.requests
+
+    asyncio.run(main())
