@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from zayaserve.replicas.engine.outputs import CompletionOutput, Logprob, RequestOutput
     from zayaserve.replicas.engine.params import SamplingParams
     from zayaserve.replicas.llm import LLM
+    from zayaserve.replicas.rsa.params import RSAParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RSAParams"]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -23,6 +24,7 @@ _LAZY = {
     "RequestOutput": "zayaserve.replicas.engine.outputs",
     "CompletionOutput": "zayaserve.replicas.engine.outputs",
     "Logprob": "zayaserve.replicas.engine.outputs",
+    "RSAParams": "zayaserve.replicas.rsa.params",
 }
 
 

@@ -10,7 +10,7 @@ ends map to status codes (ValueError -> 400, EngineOverloadedError -> 429).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from zayaserve.cluster.request_tracker import current_trace_context
@@ -24,6 +24,8 @@ from zayaserve.replicas.engine.async_engine import (
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
+from zayaserve.replicas.rsa.events import RSADone, RSAEvent, RSAJob
+from zayaserve.replicas.rsa.serving import rsa_events
 
 
 class EngineClient(ABC):
@@ -41,6 +43,11 @@ class EngineClient(ABC):
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None,
     ) -> AsyncIterator[StepDelta]: ...
+
+    @abstractmethod
+    def rsa(self, job: RSAJob) -> AsyncIterator[RSAEvent]:
+        """A whole Markovian RSA run in one engine: its events (`RSADone` last). Raises like
+        `generate`; closing the iterator early aborts every call of the run."""
 
     @abstractmethod
     async def stats(self) -> dict[str, Any]:
@@ -82,6 +89,15 @@ class LocalEngineClient(EngineClient):
     ) -> AsyncIterator[StepDelta]:
         return self.engine.generate(request_id, prompt_token_ids, params, prompt,
                                     current_trace_context())
+
+    def rsa(self, job: RSAJob) -> AsyncIterator[RSAEvent]:
+        context = current_trace_context()
+
+        def generate(rid: str, ids: list[int], params: SamplingParams,
+                     text: str | None) -> AsyncGenerator[StepDelta, None]:
+            return self.engine.generate(rid, ids, params, text, context)
+
+        return rsa_events(generate, self.tokenizer, job)
 
     async def stats(self) -> dict[str, Any]:
         return await self.engine.run_on_engine(lambda engine: engine.stats())  # type: ignore[no-any-return]
@@ -143,6 +159,22 @@ class ClusterEngineClient(EngineClient):
         finally:
             self.in_flight -= 1
             if not finished:  # the client left: cancel in the worker, which frees the blocks
+                stream.cancel()
+
+    async def rsa(self, job: RSAJob) -> AsyncIterator[RSAEvent]:
+        # The whole run goes to one worker: its calls batch there and share its prefix cache.
+        stream = self.workers.options(stream=True).rsa.remote(job, current_trace_context())
+        finished = False
+        self.in_flight += 1
+        try:
+            async for event in stream:
+                finished = isinstance(event, RSADone)
+                yield event
+        except Exception as err:
+            raise unwrap_remote_error(err) from err
+        finally:
+            self.in_flight -= 1
+            if not finished:  # the client left: cancel the run in the worker
                 stream.cancel()
 
     async def check_health(self) -> None:

@@ -26,13 +26,14 @@ from zayaserve.cluster.frontend_errors import (
     internal_error,
     resolve_model,
 )
+from zayaserve.cluster.grpc_messages import delta_pb, usage_pb
 from zayaserve.cluster.grpc_params import RENAMES, sampling_params
+from zayaserve.cluster.grpc_rsa import rsa_job, rsa_messages, rsa_unary
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
 from zayaserve.cluster.request_tracker import RequestTracker
 from zayaserve.cluster.streams import aclose_quietly, collect, open_stream
-from zayaserve.replicas.engine.outputs import Logprob, RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.observability.tracing import metadata_carrier
 
@@ -46,46 +47,14 @@ _STATUS_OF_HTTP = {
     413: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
 }
-def _logprobs_pb(client: EngineClient, token_id: int, entries: dict[int, Logprob],
-                 k: int) -> pb.PositionLogprobs:
-    def one(tid: int, lp: Logprob) -> pb.TokenLogprob:
-        return pb.TokenLogprob(token_id=tid, logprob=lp.logprob, rank=lp.rank or 0,
-                               token=client.tokenizer.decode([tid], skip_special_tokens=False))
-
-    ranked = sorted(entries.items(), key=lambda kv: (-kv[1].logprob, kv[0]))[:k]
-    sampled = entries.get(token_id, Logprob(float("-inf")))
-    return pb.PositionLogprobs(sampled=one(token_id, sampled),
-                               top=[one(t, lp) for t, lp in ranked])
-
-
-def _usage(out: RequestOutput) -> pb.Usage:
-    prompt = len(out.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in out.outputs)
-    return pb.Usage(prompt_tokens=prompt, completion_tokens=completion,
-                    total_tokens=prompt + completion)
-
-
-def _delta_pb(client: EngineClient, params: SamplingParams, index: int, text: str,
-              token_ids: list[int], logprobs: list[dict[int, Logprob]] | None,
-              finish_reason: str | None, stop_reason: int | str | None) -> pb.CompletionDelta:
-    delta = pb.CompletionDelta(index=index, text=text, token_ids=token_ids,
-                               finish_reason=finish_reason or "")
-    if params.logprobs is not None and logprobs is not None:
-        delta.logprobs.extend(_logprobs_pb(client, t, e, params.logprobs)
-                              for t, e in zip(token_ids, logprobs, strict=True))
-    if isinstance(stop_reason, str):
-        delta.stop_str = stop_reason
-    elif isinstance(stop_reason, int):
-        delta.stop_token_id = stop_reason
-    return delta
-
-
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, client: EngineClient, *, api_key: str | None = None,
                  api_keys: list[str] | None = None,
                  served_model_names: list[str] | None = None,
-                 metrics: MetricsCollector | None = None) -> None:
+                 metrics: MetricsCollector | None = None,
+                 max_rsa_tokens: int = 16_000_000) -> None:
         self.client = client
+        self.max_rsa_tokens = max_rsa_tokens
         self.served_model_names = list(served_model_names or [client.model_name])
         self.metrics = metrics or MetricsCollector()  # a private registry when not shared
         self._keys = ApiKeys.of(api_key, api_keys)
@@ -153,11 +122,22 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                        ) -> AsyncIterator[pb.GenerateResponse]:
         endpoint = "grpc.Generate"
         tracker = self._track(endpoint, request, context)
-        iterator = None
+        iterator: AsyncIterator[Any] | None = None
         served = False
         failure: Exception | None = None
         try:
             tenant = self._authorize(context)
+            if request.HasField("rsa"):
+                model = resolve_model(request.model or None, self.served_model_names)
+                job, bound = rsa_job(request, self.client, tenant, self.max_rsa_tokens)
+                iterator = self.client.rsa(job)
+                async for answer in rsa_messages(self.client, iterator, job, bound, model):
+                    if answer.HasField("usage"):
+                        tracker.on_prompt(answer.usage.prompt_tokens)
+                    yield answer
+                self._count(endpoint, grpc.StatusCode.OK)
+                served = True
+                return
             model, request_id, text, ids, params = self._prepare(request, tenant)
             tracker.describe(params, request_id)
             delta, iterator = await open_stream(self.client, request_id, ids, params, text)
@@ -170,7 +150,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     message.prompt_token_ids.extend(delta.prompt_token_ids)
                 for c in delta.completions:
                     if c.text or c.token_ids or c.finish_reason:
-                        message.outputs.append(_delta_pb(
+                        message.outputs.append(delta_pb(
                             self.client, params, c.index, c.text, list(c.token_ids),
                             list(c.logprobs) if c.logprobs is not None else None,
                             c.finish_reason, c.stop_reason))
@@ -200,6 +180,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         tracker = self._track(endpoint, request, context)
         try:
             tenant = self._authorize(context)
+            if request.HasField("rsa"):
+                model = resolve_model(request.model or None, self.served_model_names)
+                job, bound = rsa_job(request, self.client, tenant, self.max_rsa_tokens)
+                answer = await rsa_unary(self.client, self.client.rsa(job), job,
+                                         bound, model)
+                tracker.on_prompt(answer.usage.prompt_tokens)
+                tracker.finish()
+                self._count(endpoint, grpc.StatusCode.OK)
+                return answer
             model, request_id, text, ids, params = self._prepare(request, tenant)
             tracker.describe(params, request_id)
             [out] = await collect(self.client, [(request_id, ids, text)], params,
@@ -214,9 +203,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         tracker.finish()
         self._count(endpoint, grpc.StatusCode.OK)
         return pb.GenerateResponse(
-            request_id=request_id, model=model, finished=True, usage=_usage(out),
+            request_id=request_id, model=model, finished=True, usage=usage_pb(out),
             prompt_token_ids=out.prompt_token_ids,
-            outputs=[_delta_pb(self.client, params, c.index, c.text, c.token_ids, c.logprobs,
+            outputs=[delta_pb(self.client, params, c.index, c.text, c.token_ids, c.logprobs,
                                c.finish_reason, c.stop_reason) for c in out.outputs])
 
 
@@ -245,6 +234,7 @@ async def start_grpc_server(
     metrics: MetricsCollector | None = None, max_message_bytes: int = 4 * 2**20,
     max_concurrent_rpcs: int = 1024, health_period_s: float = 1.0,
     tls_cert_file: str | None = None, tls_key_file: str | None = None,
+    max_rsa_tokens: int = 16_000_000,
 ) -> grpc.aio.Server:
     """Starts (and returns) a grpc.aio server with Generation, grpc.health.v1 (SERVING for ""
     and the Generation service while the engine is healthy, NOT_SERVING otherwise) and
@@ -258,7 +248,8 @@ async def start_grpc_server(
         maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb_grpc.add_GenerationServicer_to_server(
         GenerationServicer(client, api_key=api_key, api_keys=api_keys,
-                           served_model_names=served_model_names, metrics=metrics), server)
+                           served_model_names=served_model_names, metrics=metrics,
+                           max_rsa_tokens=max_rsa_tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -51,7 +51,8 @@ class Ingress:
                 max_message_bytes=self.config.grpc_max_message_bytes,
                 max_concurrent_rpcs=self.config.grpc_max_concurrent_rpcs,
                 tls_cert_file=self.config.grpc_tls_cert_file,
-                tls_key_file=self.config.grpc_tls_key_file)
+                tls_key_file=self.config.grpc_tls_key_file,
+                max_rsa_tokens=self.config.engine.limits.max_rsa_tokens)
 
     def __serve_build_asgi_app__(self) -> Any:
         from zayaserve.cluster.openai_api import build_openai_app
@@ -63,7 +64,8 @@ class Ingress:
                                 tool_call_parser=self.config.tool_call_parser,
                                 served_model_names=[self.config.model_name],
                                 metrics=self.metrics,
-                                max_prompts=self.config.engine.limits.max_prompts_per_request)
+                                max_prompts=self.config.engine.limits.max_prompts_per_request,
+                                max_rsa_tokens=self.config.engine.limits.max_rsa_tokens)
 
     async def __del__(self) -> None:
         if self.grpc_server is not None:

@@ -51,11 +51,13 @@ from zayaserve.cluster.openai_protocol import (
     ModelList,
     unknown_fields,
 )
+from zayaserve.cluster.openai_rsa import create_rsa_chat_completion
 from zayaserve.cluster.openapi_schema import (
     GENERATION_ERRORS,
     openapi_request_body,
     openapi_responses,
 )
+from zayaserve.cluster.rsa_request import rsa_params_of
 from zayaserve.cluster.streams import ServingContext, error_response_of
 from zayaserve.cluster.utility_api import add_utility_routes
 
@@ -190,14 +192,16 @@ def build_openai_app(
     strict_fields: bool = False,
     reasoning_parser: str | None = None,
     tool_call_parser: str | None = "hermes",
+    max_rsa_tokens: int = 16_000_000,
 ) -> FastAPI:
     """The REST app. `served_model_names` are the ids clients may pass as `model` (default: the
     engine client's model name); `metrics` lets several front ends share one registry;
-    `max_prompts` bounds the prompts of one completions request."""
+    `max_prompts` bounds the prompts of one completions request, `max_rsa_tokens` the worst
+    case of one RSA request."""
     names = list(served_model_names or [client.model_name])
     metrics = metrics or MetricsCollector()
     ctx = ServingContext(client, names, metrics, max_prompts, reasoning_parser,
-                         tool_call_parser)
+                         tool_call_parser, max_rsa_tokens)
     app = FastAPI(title="zayaserve", description="OpenAI-compatible API for ZAYA1 models")
     app.state.serving = ctx
     app.add_middleware(_CountRequests, metrics=metrics)
@@ -237,6 +241,9 @@ def build_openai_app(
     async def chat_completions(request: Request) -> Response:
         tenant = authorize(request)
         body = await _read_body(request, max_body_bytes, ChatCompletionRequest, strict_fields)
+        rsa = rsa_params_of(body)
+        if rsa is not None:
+            return await create_rsa_chat_completion(body, rsa, ctx, request, tenant)
         return await create_chat_completion(body, ctx, request, tenant)
 
     add_utility_routes(app, ctx, authorize,

@@ -189,7 +189,7 @@ def _response(out: RequestOutput, params: SamplingParams, ctx: ServingContext, c
         if params.prompt_logprobs is not None else None)
 
 
-def _stream_choices(delta: StepDelta, params: SamplingParams, ctx: ServingContext,
+def stream_choices(delta: StepDelta, params: SamplingParams, ctx: ServingContext,
                     mode: ReasoningMode, parsers: dict[int, ThinkParser],
                     tools: dict[int, ToolStream], plan: ToolPlan) -> list[ChatStreamChoice]:
     """One entry per choice with news in this delta."""
@@ -244,7 +244,7 @@ async def _events(
             tracker.on_delta(0, delta)
             usage.add(delta)
             try:
-                choices = _stream_choices(delta, params, ctx, mode, parsers, tools, plan)
+                choices = stream_choices(delta, params, ctx, mode, parsers, tools, plan)
             except Exception as err:  # a bug here is the server's, whatever its type
                 raise internal_error(err, ENDPOINT) from err
             if choices:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +22,7 @@ from zayaserve.cluster.openai_protocol import (
 from zayaserve.cluster.structured_protocol import StructuredFields
 from zayaserve.cluster.tool_protocol import DeltaToolCall, ToolCall, ToolCallParam, ToolFields
 from zayaserve.replicas.engine.params import MAX_LOGPROBS
+from zayaserve.replicas.rsa.params import FLAT_KEYS, RSAParams
 
 
 class TextContentPart(_Request):
@@ -73,6 +74,12 @@ class ChatCompletionRequest(_SamplingFields, StructuredFields, ToolFields):
     metadata: dict[str, str] | None = Field(
         default=None, description="Accepted and not used (at most 16 pairs).",
         json_schema_extra={"maxProperties": 16})
+    rsa: RSAParams | None = Field(
+        default=None, description="zayaserve: answer with a Markovian RSA run (a population of "
+        "traces refined over aggregation rounds, inside the engine). The flat rsa_n, rsa_k, "
+        "rsa_t, ... fields are aliases.")
+
+    flat_extras: ClassVar[frozenset[str]] = frozenset(FLAT_KEYS)
 
 
 class ChatTopLogprob(BaseModel):

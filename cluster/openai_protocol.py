@@ -6,7 +6,7 @@ extras), or refused by name when the server runs with strict_request_fields."""
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -50,6 +50,8 @@ class _Request(BaseModel):
     # `echo`), as the schema says and OpenAI does. Unknown fields are kept aside so the server
     # can warn about them and ignore them (vLLM's behaviour), or refuse them in strict mode.
     model_config = ConfigDict(extra="allow", strict=True)
+    # Undeclared top-level keys an endpoint reads itself (e.g. chat's flat rsa_* aliases).
+    flat_extras: ClassVar[frozenset[str]] = frozenset()
 
 
 # OpenAI/vLLM fields this server knows of and does not (yet) honour: ignoring one would give an
@@ -61,7 +63,8 @@ NOT_SUPPORTED = frozenset({
 
 def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
     """Paths of the fields a request carried that no model declares, nested ones included."""
-    found = [f"{prefix}{name}" for name in (model.model_extra or {})]
+    known: frozenset[str] = getattr(type(model), "flat_extras", frozenset())
+    found = [f"{prefix}{name}" for name in (model.model_extra or {}) if name not in known]
     for name in type(model).model_fields:
         value = getattr(model, name)
         items = value if isinstance(value, list) else [value]

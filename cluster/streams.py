@@ -45,6 +45,7 @@ class ServingContext:
     max_prompts: int = 64  # prompts in one completions request
     reasoning_parser: str | None = None  # "think": <think>...</think> -> reasoning_content
     tool_call_parser: str | None = "hermes"  # tool_choice auto: <tool_call>{...}</tool_call>
+    max_rsa_tokens: int = 16_000_000  # one RSA request's worst case (limits.max_rsa_tokens)
 
 
 # ---- engine streams ------------------------------------------------------------------------

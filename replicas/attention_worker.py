@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from zayaserve.replicas.model.experts import RemoteExpertBackend
 from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
 from zayaserve.replicas.observability.tracing import flush as flush_traces
+from zayaserve.replicas.rsa.events import RSAEvent, RSAJob
+from zayaserve.replicas.rsa.serving import rsa_events
 from zayaserve.router.placement import PlacementMap
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
@@ -117,6 +119,21 @@ class AttentionWorker:
         async for delta in self.engine.generate(request_id, prompt_token_ids, params, prompt,
                                                 trace_context):
             yield delta
+
+    async def rsa(self, job: RSAJob,
+                  trace_context: dict[str, str] | None = None) -> AsyncIterator[RSAEvent]:
+        """A whole Markovian RSA run in this replica's engine (its calls batch together and
+        share cached prefixes); closing the stream (client gone) aborts every call."""
+        tokenizer = self.engine.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("rsa: this checkpoint has no tokenizer")
+
+        def generate(rid: str, ids: list[int], params: SamplingParams,
+                     text: str | None) -> AsyncGenerator[StepDelta, None]:
+            return self.engine.generate(rid, ids, params, text, trace_context)
+
+        async for event in rsa_events(generate, tokenizer, job):
+            yield event
 
     def stats(self) -> dict[str, Any]:
         return self._stats()

@@ -10,6 +10,8 @@ from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.rsa.params import RSAParams
+from zayaserve.replicas.rsa.runner import RSAResult
 
 PromptInput = str | dict[str, Any]
 
@@ -117,6 +119,36 @@ class LLM:
                                         tools=tools)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params)
+
+    def rsa(self, problem: str | list[dict[str, Any]], params: RSAParams | None = None,
+            **fields: Any) -> RSAResult:
+        """A Markovian RSA run: `problem` is a conversation ending with the problem as a user
+        message (rendered with the chat template) or a plain prompt; `params` (or its fields
+        as keywords) as `RSAParams`. Returns the final round's outputs (`answers`), per-round
+        figures (`rounds`) and, with return_population, every round's texts."""
+        from zayaserve.replicas.rsa.events import RSAJob
+        from zayaserve.replicas.rsa.offline import run_offline
+        from zayaserve.replicas.rsa.serving import preflight
+
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("problem: RSA needs a checkpoint with a tokenizer")
+        if params is not None and fields:
+            raise ValueError("params: give RSAParams or its fields as keywords, not both")
+        p = params if params is not None else RSAParams.model_validate(fields)
+        request_id = f"rsa-{next(self._ids)}"
+        if isinstance(problem, str):
+            job = RSAJob(request_id, problem, problem, tok.encode(problem), p, chat=False)
+        else:
+            if not problem or problem[-1].get("role") != "user":
+                raise ValueError("problem: a conversation must end with the problem, a user "
+                                 "message")
+            text, ids = tok.render_chat(problem, add_generation_prompt=True)
+            job = RSAJob(request_id, str(problem[-1].get("content", "")), text, ids, p,
+                         history=list(problem[:-1]))
+        preflight(tok, job, self.engine_config.limits.max_rsa_tokens,
+                  self.engine.max_model_len)
+        return run_offline(self.engine, tok, job)
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()

@@ -165,6 +165,55 @@ def test_disconnect_frees_blocks_and_overload_is_429(replicated: Cluster) -> Non
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
+def _worker_idle(timeout: float = 30) -> dict[str, Any]:
+    from ray import serve
+
+    deadline = time.time() + timeout
+    while True:
+        stats: dict[str, Any] = serve.get_deployment_handle(
+            "AttentionWorker", app_name="zayaserve").stats.remote().result()
+        idle = stats["num_requests_running"] == 0 and \
+            stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        if idle or time.time() > deadline:
+            return stats
+        time.sleep(0.5)
+
+
+RSA = {"n": 4, "k": 2, "t": 2, "tail_tokens": 12, "round_max_tokens": 12,
+       "final_max_tokens": 12, "seed": 5}
+
+
+def test_rsa_runs_in_a_worker_and_a_disconnect_aborts_it(replicated: Cluster) -> None:
+    def run(salt: str) -> dict[str, Any]:
+        r = httpx.post(replicated.base + "/v1/chat/completions", timeout=180, json={
+            "model": "tiny", "messages": [{"role": "user", "content": PROMPTS[0]}],
+            "rsa": RSA, "cache_salt": salt})
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    first, again = run("rsa-a"), run("rsa-b")
+    assert [x["calls"] for x in first["rsa"]["rounds"]] == [4, 4, 1]
+    assert first["usage"]["prompt_tokens"] == sum(x["prompt_tokens"]
+                                                  for x in first["rsa"]["rounds"])
+    assert first["choices"] == again["choices"]  # seeded: reproducible across runs
+    queried = _worker_idle()["prefix_cache_local_queried_tokens"]
+    with httpx.Client(timeout=60) as http, http.stream(
+            "POST", replicated.base + "/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": PROMPTS[0]}],
+                "rsa": {**RSA, "round_max_tokens": 300, "final_max_tokens": 300},
+                "cache_salt": "rsa-gone", "stream": True}) as r:
+        assert r.status_code == 200
+        first_line = next(line for line in r.iter_lines() if line)
+        # The run started: leave in the middle of round 0 (each call makes 300 tokens).
+    assert '"calls_done":0' in first_line
+    stats = _worker_idle()
+    assert stats["num_requests_running"] == 0
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    # Aborted in round 0: no aggregation call was ever admitted.
+    admitted = stats["prefix_cache_local_queried_tokens"] - queried
+    assert 0 < admitted <= first["rsa"]["rounds"][0]["prompt_tokens"]
+
+
 def test_bad_input_gets_4xx_through_the_cluster(replicated: Cluster) -> None:
     url = replicated.base + "/v1/completions"
     with httpx.Client(timeout=30) as http:

@@ -52,6 +52,7 @@ SUPPORT = {
     "cluster/structured_request.py", "cluster/tool_calls.py", "replicas/engine/grammar.py",
     "replicas/model/chat_template.py",
     "cluster/openai_protocol.py", "cluster/openai_chat_protocol.py",
+    "cluster/rsa_request.py", "replicas/rsa/params.py",  # reads the (absent) RSA fields
     "replicas/engine/params.py", "replicas/engine/request_limits.py",
     "replicas/engine/sequence.py", "replicas/engine/block_pool.py",
     "replicas/engine/outputs.py", "replicas/engine/penalties.py", "replicas/engine/logprobs.py",

@@ -90,7 +90,7 @@ class Choices(_message.Message):
     def __init__(self, choices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "prompt_token_ids", "chat", "sampling", "cache_salt")
+    __slots__ = ("request_id", "model", "prompt", "prompt_token_ids", "chat", "sampling", "cache_salt", "rsa")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class GenerateRequest(_message.Message):
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    RSA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -105,7 +106,106 @@ class GenerateRequest(_message.Message):
     chat: ChatMessages
     sampling: SamplingParams
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    rsa: RSAParams
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ..., rsa: _Optional[_Union[RSAParams, _Mapping]] = ...) -> None: ...
+
+class RSAParams(_message.Message):
+    __slots__ = ("n", "k", "t", "tail_tokens", "carry", "round_max_tokens", "final_max_tokens", "final_n", "round_temperature", "final_sampling", "seed", "aggregation_template", "return_population")
+    N_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    T_FIELD_NUMBER: _ClassVar[int]
+    TAIL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CARRY_FIELD_NUMBER: _ClassVar[int]
+    ROUND_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_N_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_POPULATION_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    k: int
+    t: int
+    tail_tokens: int
+    carry: str
+    round_max_tokens: int
+    final_max_tokens: int
+    final_n: int
+    round_temperature: float
+    final_sampling: RSAFinalSampling
+    seed: int
+    aggregation_template: str
+    return_population: bool
+    def __init__(self, n: _Optional[int] = ..., k: _Optional[int] = ..., t: _Optional[int] = ..., tail_tokens: _Optional[int] = ..., carry: _Optional[str] = ..., round_max_tokens: _Optional[int] = ..., final_max_tokens: _Optional[int] = ..., final_n: _Optional[int] = ..., round_temperature: _Optional[float] = ..., final_sampling: _Optional[_Union[RSAFinalSampling, _Mapping]] = ..., seed: _Optional[int] = ..., aggregation_template: _Optional[str] = ..., return_population: _Optional[bool] = ...) -> None: ...
+
+class RSAFinalSampling(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class RSAProgress(_message.Message):
+    __slots__ = ("round", "rounds", "calls_done", "calls_total")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_DONE_FIELD_NUMBER: _ClassVar[int]
+    CALLS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    rounds: int
+    calls_done: int
+    calls_total: int
+    def __init__(self, round: _Optional[int] = ..., rounds: _Optional[int] = ..., calls_done: _Optional[int] = ..., calls_total: _Optional[int] = ...) -> None: ...
+
+class RSARound(_message.Message):
+    __slots__ = ("round", "calls", "prompt_tokens", "cached_tokens", "completion_tokens", "max_context")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    calls: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    max_context: int
+    def __init__(self, round: _Optional[int] = ..., calls: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., max_context: _Optional[int] = ...) -> None: ...
+
+class RSATraces(_message.Message):
+    __slots__ = ("traces",)
+    TRACES_FIELD_NUMBER: _ClassVar[int]
+    traces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, traces: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RSAInfo(_message.Message):
+    __slots__ = ("n", "k", "t", "tail_tokens", "seed", "calls", "max_context", "max_context_bound", "rounds", "population")
+    N_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    T_FIELD_NUMBER: _ClassVar[int]
+    TAIL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_BOUND_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    POPULATION_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    k: int
+    t: int
+    tail_tokens: int
+    seed: int
+    calls: int
+    max_context: int
+    max_context_bound: int
+    rounds: _containers.RepeatedCompositeFieldContainer[RSARound]
+    population: _containers.RepeatedCompositeFieldContainer[RSATraces]
+    def __init__(self, n: _Optional[int] = ..., k: _Optional[int] = ..., t: _Optional[int] = ..., tail_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., calls: _Optional[int] = ..., max_context: _Optional[int] = ..., max_context_bound: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RSARound, _Mapping]]] = ..., population: _Optional[_Iterable[_Union[RSATraces, _Mapping]]] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "rank", "token")
@@ -146,27 +246,33 @@ class CompletionDelta(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., stop_str: _Optional[str] = ..., stop_token_id: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "model", "outputs", "finished", "usage", "prompt_token_ids")
+    __slots__ = ("request_id", "model", "outputs", "finished", "usage", "prompt_token_ids", "rsa_progress", "rsa")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RSA_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RSA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     outputs: _containers.RepeatedCompositeFieldContainer[CompletionDelta]
     finished: bool
     usage: Usage
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[CompletionDelta, _Mapping]]] = ..., finished: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    rsa_progress: RSAProgress
+    rsa: RSAInfo
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[CompletionDelta, _Mapping]]] = ..., finished: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., rsa_progress: _Optional[_Union[RSAProgress, _Mapping]] = ..., rsa: _Optional[_Union[RSAInfo, _Mapping]] = ...) -> None: ...

@@ -22,7 +22,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -225,7 +225,7 @@ class AsyncLLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
         trace_context: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[StepDelta]:
+    ) -> AsyncGenerator[StepDelta, None]:
         """Yields the request's StepDeltas (their `request_id` is the caller's label); the
         deltas of steps the consumer fell behind on arrive merged into one. `trace_context`:
         W3C headers of the caller's span (a sampled one makes the engine trace the request)."""

@@ -25,6 +25,10 @@ class RequestLimits(BaseModel):
     max_stop_token_ids: int = Field(1024, ge=0, description="Most `stop_token_ids` per request.")
     max_prompts_per_request: int = Field(
         64, ge=1, description="Most prompts in one completions request (a list of prompts).")
+    max_rsa_tokens: int = Field(
+        16_000_000, ge=1, description="Most tokens (prompts and completions over every call, "
+        "each call assumed to use its whole max tokens) one RSA request may cost; Zyphra's "
+        "default settings (N=32, T=8) come to about 12 million.")
 
 
 class EngineSettings(BaseModel):

@@ -12,9 +12,18 @@ from collections.abc import Sequence
 
 CARRY_MODES = ("reasoning_tail", "answer_else_reasoning_tail")
 
+# Everything fixed (the instructions, then the problem) comes before the candidates: the calls
+# of a round differ only from the first candidate on, so the prefix cache serves everything
+# before it to every call after the round's first.
 DEFAULT_AGGREGATION_TEMPLATE = """\
-Below is a problem, followed by several candidate solutions produced by independent attempts. \
+You are given a problem and several candidate solutions produced by independent attempts. \
 Each candidate shows only the final part of its attempt, so it may begin mid-sentence.
+
+Work through the candidates critically. Check each step of their reasoning and arithmetic, \
+note where they agree and where they disagree, and identify any errors or gaps. Several \
+candidates, or even all of them, may be wrong, so do not settle the question by majority alone. \
+Then write a single improved solution that is complete and self-contained (it must not refer \
+to the candidates), and end it with a clearly stated final answer.
 
 Problem:
 {problem}
@@ -22,11 +31,7 @@ Problem:
 Candidate solutions:
 {traces}
 
-Work through the candidates critically. Check each step of their reasoning and arithmetic, \
-note where they agree and where they disagree, and identify any errors or gaps. Several \
-candidates, or even all of them, may be wrong, so do not settle the question by majority alone. \
-Then write a single improved solution that is complete and self-contained (it must not refer \
-to the candidates), and end it with a clearly stated final answer."""
+Now write your improved solution to the problem."""
 
 # Only these two placeholders are substituted, in one pass: any other braces in a template
 # (LaTeX, JSON examples) are literal, and a `{traces}` inside the problem text stays as written.

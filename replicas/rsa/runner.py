@@ -4,7 +4,8 @@ cache shares their common prompt; nothing leaves the process between rounds.
 
 Round r's members see only the carried tails of round r-1 (`prompts.carry_tail`), so round r-1's
 outputs are dropped as soon as round r's prompts are built. Cancelling the run (a client gone)
-closes every call's stream, which aborts it in the engine and frees its blocks.
+closes every call's stream, which aborts it in the engine and frees its blocks. `emit` gets
+the run's progress and the final round's deltas as they happen (see `events`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Protocol
 
 from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.rsa.events import RoundStats, RSAAnswerDelta, RSAEvent, RSAProgress
 from zayaserve.replicas.rsa.params import RSAParams, call_counts
 from zayaserve.replicas.rsa.prompts import aggregation_prompt, carry_tail
 from zayaserve.replicas.rsa.seeds import choose_subsets, derive_seed
@@ -26,18 +28,6 @@ Generate = Callable[[str, list[int], SamplingParams, str | None], AsyncGenerator
 # An aggregation message -> (prompt text, prompt ids) as the model sees it (chat template or
 # plain encoding).
 Render = Callable[[str], tuple[str, list[int]]]
-
-
-@dataclass(frozen=True, slots=True)
-class RoundStats:
-    """One round's calls and tokens; `max_context` is its longest prompt + completion."""
-
-    index: int
-    calls: int
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    max_context: int
 
 
 @dataclass(slots=True)
@@ -59,16 +49,17 @@ class RSAResult:
         return sum(r.completion_tokens for r in self.rounds)
 
 
-def round_params(p: RSAParams, round_index: int, call: int, final: bool) -> SamplingParams:
+def round_params(p: RSAParams, round_index: int, call: int, final: bool,
+                 cache_salt: str | None = None) -> SamplingParams:
     """A call's sampling: the final round's settings or the rounds' temperature, and its own
-    seed derived from (seed, round, call)."""
+    seed derived from (seed, round, call); `cache_salt` is the request's (tenant isolation)."""
     seed = derive_seed(p.seed, round_index, call)
     if final:
         s = p.final_sampling
         return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                              max_tokens=p.final_max_tokens, seed=seed)
+                              max_tokens=p.final_max_tokens, seed=seed, cache_salt=cache_salt)
     return SamplingParams(temperature=p.round_temperature, max_tokens=p.round_max_tokens,
-                          seed=seed)
+                          seed=seed, cache_salt=cache_salt)
 
 
 class TextCodec(Protocol):
@@ -83,18 +74,29 @@ class RSARun:
     `codec` (the tokenizer) turns carried ids back into text."""
 
     def __init__(self, generate: Generate, render: Render, codec: TextCodec,
-                 params: RSAParams, request_id: str, think_end_ids: Sequence[int] = ()) -> None:
+                 params: RSAParams, request_id: str, think_end_ids: Sequence[int] = (),
+                 cache_salt: str | None = None,
+                 emit: Callable[[RSAEvent], None] | None = None) -> None:
         self.generate, self.render, self.codec = generate, render, codec
         self.p, self.request_id, self.think_end_ids = params, request_id, list(think_end_ids)
+        self.cache_salt = cache_salt
+        self.emit = emit or (lambda event: None)
+        self.counts = call_counts(params)
+        self.round = 0
         self.calls_done = 0  # progress, for streaming
+
+    def _progress(self) -> None:
+        self.emit(RSAProgress(self.round, len(self.counts), self.calls_done, sum(self.counts)))
 
     async def run(self, problem: str, first: tuple[str, list[int]]) -> RSAResult:
         p = self.p
-        counts = call_counts(p)
+        counts = self.counts
         result = RSAResult(answers=[], population=[] if p.return_population else None)
         previous: list[list[int]] = []
         for r, count in enumerate(counts):
             final = r == len(counts) - 1
+            self.round = r
+            self._progress()
             if r == 0:
                 prompts = [first] * count
             else:
@@ -134,14 +136,16 @@ class RSARun:
         (its first token), then the rest, which find the shared prefix (the problem, or the
         template's head and the problem) in the prefix cache instead of computing it again."""
         started = asyncio.Event()
+        answer = 0 if final else None
         calls = [asyncio.ensure_future(self._call(
-            f"{self.request_id}-r{r}-0", prompts[0][1], round_params(self.p, r, 0, final),
-            prompts[0][0], started))]
+            f"{self.request_id}-r{r}-0", prompts[0][1], self._params(r, 0, final),
+            prompts[0][0], started, answer))]
         leader_ready = asyncio.ensure_future(started.wait())
         try:
             await asyncio.wait([calls[0], leader_ready], return_when=asyncio.FIRST_COMPLETED)
             calls += [asyncio.ensure_future(self._call(
-                f"{self.request_id}-r{r}-{i}", ids, round_params(self.p, r, i, final), text))
+                f"{self.request_id}-r{r}-{i}", ids, self._params(r, i, final), text,
+                answer=i if final else None))
                 for i, (text, ids) in enumerate(prompts) if i > 0]
             return list(await asyncio.gather(*calls))
         finally:
@@ -149,14 +153,23 @@ class RSARun:
             for call in calls:  # cancelled, or one failed: the others must not run on
                 call.cancel()
 
+    def _params(self, r: int, call: int, final: bool) -> SamplingParams:
+        return round_params(self.p, r, call, final, self.cache_salt)
+
     async def _call(self, call_id: str, ids: list[int], params: SamplingParams,
-                    text: str | None, started: asyncio.Event | None = None) -> RequestOutput:
+                    text: str | None, started: asyncio.Event | None = None,
+                    answer: int | None = None) -> RequestOutput:
+        """One engine call; `answer` is its choice index when it is a final-round call (its
+        deltas are passed on as they come)."""
         builder = RequestOutputBuilder(call_id, text)
         # aclosing: a cancelled run closes the stream, which aborts the call in the engine.
         async with contextlib.aclosing(self.generate(call_id, ids, params, text)) as deltas:
             async for delta in deltas:
                 builder.add(delta)
+                if answer is not None:
+                    self.emit(RSAAnswerDelta(answer, delta))
                 if started is not None:
                     started.set()
         self.calls_done += 1
+        self._progress()
         return builder.output

@@ -1,0 +1,90 @@
+"""An RSA request served by one engine: the job's prompts rendered with the checkpoint's
+tokenizer, its worst case checked before anything runs, and the run turned into a stream of
+events (`rsa_events`), which is what an attention worker returns to the front end and what the
+offline `LLM.rsa` consumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from zayaserve.replicas.model.tokenizer import Tokenizer
+from zayaserve.replicas.rsa.events import RSADone, RSAEvent, RSAJob
+from zayaserve.replicas.rsa.params import check_budget, max_context
+from zayaserve.replicas.rsa.prompts import aggregation_prompt
+from zayaserve.replicas.rsa.runner import Generate, Render, RSAResult, RSARun
+
+# Tokens allowed per carried tail for re-tokenization at its edges (a tail's first and last
+# tokens can merge differently with the text around it in the prompt).
+_EDGE_TOKENS = 2
+
+
+def renderer(tokenizer: Tokenizer, job: RSAJob) -> Render:
+    """An aggregation message -> (prompt text, ids): the conversation's history and one user
+    message, through the chat template; or the message's own encoding for a plain prompt."""
+    if not job.chat:
+        return lambda message: (message, tokenizer.encode(message))
+
+    def render(message: str) -> tuple[str, list[int]]:
+        conversation = [*job.history, {"role": "user", "content": message}]
+        return tokenizer.render_chat(conversation, add_generation_prompt=True,
+                                     **job.template_kwargs)
+    return render
+
+
+def think_end_ids(tokenizer: Tokenizer) -> list[int]:
+    special = tokenizer.token_to_id("</think>")
+    return [special] if special is not None else tokenizer.encode("</think>",
+                                                                   add_special_tokens=False)
+
+
+def template_tokens(tokenizer: Tokenizer, job: RSAJob) -> int:
+    """What an aggregation prompt holds beyond round 0's prompt, the tails aside: rendered with
+    empty tails, less the prompt, plus an allowance for each tail's edges."""
+    p = job.params
+    empty = renderer(tokenizer, job)(aggregation_prompt(
+        job.problem, [""] * p.effective_k, p.aggregation_template))[1]
+    return max(0, len(empty) - len(job.prompt_ids)) + _EDGE_TOKENS * p.effective_k
+
+
+def preflight(tokenizer: Tokenizer, job: RSAJob, max_total_tokens: int,
+              max_model_len: int) -> int:
+    """Refuses (ParamError naming the field) a run that could exceed the server's limits;
+    returns the bound every call's prompt + completion stays within."""
+    extra = template_tokens(tokenizer, job)
+    check_budget(job.params, len(job.prompt_ids), extra, max_total_tokens, max_model_len)
+    return max_context(job.params, len(job.prompt_ids), extra)
+
+
+def make_run(generate: Generate, tokenizer: Tokenizer, job: RSAJob,
+             emit: Any = None) -> RSARun:
+    return RSARun(generate, renderer(tokenizer, job), tokenizer, job.params, job.request_id,
+                  think_end_ids(tokenizer), job.cache_salt, emit)
+
+
+def done_event(result: RSAResult) -> RSADone:
+    population = (None if result.population is None
+                  else tuple(tuple(texts) for texts in result.population))
+    return RSADone(tuple(result.rounds), population)
+
+
+async def rsa_events(generate: Generate, tokenizer: Tokenizer,
+                     job: RSAJob) -> AsyncGenerator[RSAEvent, None]:
+    """The run's events as they happen, `RSADone` last. Closing the generator early (the
+    client left) cancels the run, which aborts every call still in the engine."""
+    queue: asyncio.Queue[RSAEvent | None] = asyncio.Queue()
+    run = make_run(generate, tokenizer, job, queue.put_nowait)
+    task = asyncio.ensure_future(run.run(job.problem, (job.prompt_text or "", job.prompt_ids)))
+    task.add_done_callback(lambda _: queue.put_nowait(None))
+    try:
+        while (event := await queue.get()) is not None:
+            yield event
+        yield done_event(task.result())  # raises what the run raised
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
