@@ -10,7 +10,8 @@
 
 Sampling keywords are vLLM's `SamplingParams` fields (n, temperature, top_p, top_k, seed, stop,
 stop_token_ids, ignore_eos, max_tokens, min_tokens, logprobs, skip_special_tokens,
-include_stop_str_in_output); the server validates them. Errors are `grpc.RpcError`s whose
+include_stop_str_in_output); the server validates them. `rsa={...}` (RSAParams' fields) asks
+for a Markovian RSA run instead; its rounds come back as `result.rsa`. Errors are `grpc.RpcError`s whose
 `code()` is INVALID_ARGUMENT (bad field, named in `details()`), RESOURCE_EXHAUSTED (overload),
 NOT_FOUND (unknown model), UNAUTHENTICATED (API key).
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from zayaserve.cluster.protos import generation_pb2 as pb
@@ -86,6 +88,7 @@ class GenerateResult:
     prompt_token_ids: list[int]
     completions: list[Completion]
     usage: Usage
+    rsa: dict[str, Any] | None = None  # an RSA run's rounds (RSAInfo as a dict)
 
     @property
     def text(self) -> str:
@@ -95,12 +98,16 @@ class GenerateResult:
 
 def build_request(
     prompt: Prompt | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
-    model: str = "", request_id: str = "", **sampling: Any,
+    model: str = "", request_id: str = "", rsa: Mapping[str, Any] | None = None,
+    **sampling: Any,
 ) -> pb.GenerateRequest:
-    """The request message: exactly one of prompt (text or token ids) and messages (chat)."""
+    """The request message: exactly one of prompt (text or token ids) and messages (chat).
+    `rsa` (RSAParams' fields as a dict) asks for a Markovian RSA run instead of sampling."""
     if (prompt is None) == (messages is None):
         raise TypeError("pass exactly one of prompt (text or token ids) and messages")
     request = pb.GenerateRequest(model=model, request_id=request_id)
+    if rsa is not None:
+        json_format.ParseDict(dict(rsa), request.rsa)
     if isinstance(prompt, str):
         request.prompt = prompt
     elif prompt is not None:
@@ -175,8 +182,21 @@ def _result(message: pb.GenerateResponse) -> GenerateResult:
                               d.finish_reason or None, _stop_reason(d))
                    for d in message.outputs]
     usage = _usage(message) or Usage(0, 0, 0)
+    rsa = _rsa_info(message.rsa) if message.HasField("rsa") else None
     return GenerateResult(message.request_id, message.model, list(message.prompt_token_ids),
-                          completions, usage)
+                          completions, usage, rsa)
+
+
+def _rsa_info(info: pb.RSAInfo) -> dict[str, Any]:
+    """RSAInfo as the REST response's `rsa` block."""
+    rounds = [{f: getattr(r, f) for f in ("round", "calls", "prompt_tokens", "cached_tokens",
+                                          "completion_tokens", "max_context")}
+              for r in info.rounds]
+    out: dict[str, Any] = {f: getattr(info, f) for f in (
+        "n", "k", "t", "tail_tokens", "calls", "max_context", "max_context_bound")}
+    out.update(seed=info.seed if info.HasField("seed") else None, rounds=rounds,
+               population=[list(p.traces) for p in info.population] or None)
+    return out
 
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:

@@ -223,6 +223,21 @@ def test_grpc_matches_rest(stub: Any, server: Server) -> None:
     assert messages[-1].finished and messages[-1].rsa.calls == 9
 
 
+def test_python_grpc_client(engine_client: LocalEngineClient) -> None:
+    from zayaserve.client import ZayaClient
+
+    server = GrpcServer(engine_client, max_rsa_tokens=200_000)
+    try:
+        with ZayaClient(server.target) as client:
+            result = client.generate(messages=[{"role": "user", "content": PROBLEM}],
+                                     rsa={**RSA, "final_sampling": {"top_k": 5}})
+    finally:
+        server.stop()
+    assert result.rsa is not None and [r["calls"] for r in result.rsa["rounds"]] == [4, 4, 1]
+    assert result.usage.prompt_tokens == sum(r["prompt_tokens"] for r in result.rsa["rounds"])
+    assert result.rsa["seed"] == RSA["seed"] and result.rsa["population"] is None
+
+
 @pytest.mark.parametrize(("request_fields", "param"), [
     (dict(rsa=pb.RSAParams(n=0)), "rsa.n"),
     (dict(rsa=pb.RSAParams(**{**RSA, "tail_tokens": 4000})), "rsa.tail_tokens"),
