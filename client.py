@@ -11,9 +11,9 @@
 Sampling keywords are vLLM's `SamplingParams` fields (n, temperature, top_p, top_k, seed, stop,
 stop_token_ids, ignore_eos, max_tokens, min_tokens, logprobs, skip_special_tokens,
 include_stop_str_in_output); the server validates them. `rsa={...}` (RSAParams' fields) asks
-for a Markovian RSA run instead; its rounds come back as `result.rsa`. Errors are `grpc.RpcError`s whose
-`code()` is INVALID_ARGUMENT (bad field, named in `details()`), RESOURCE_EXHAUSTED (overload),
-NOT_FOUND (unknown model), UNAUTHENTICATED (API key).
+for a Markovian RSA run instead; its rounds come back as `result.rsa`. Errors are
+`grpc.RpcError`s whose `code()` is INVALID_ARGUMENT (bad field, named in `details()`),
+RESOURCE_EXHAUSTED (overload), NOT_FOUND (unknown model), UNAUTHENTICATED (API key).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from zayaserve.cluster.request_tracker import RequestTracker
 from zayaserve.cluster.streams import aclose_quietly, collect, open_stream
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.observability.tracing import metadata_carrier
+from zayaserve.replicas.rsa.serving import RSALimits
 
 _HEALTH_TIMEOUT_S = 10.0
 _HEALTH_WATCHERS: set[asyncio.Future[None]] = set()  # keeps the watcher tasks referenced
@@ -52,9 +53,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                  api_keys: list[str] | None = None,
                  served_model_names: list[str] | None = None,
                  metrics: MetricsCollector | None = None,
-                 max_rsa_tokens: int = 16_000_000) -> None:
+                 rsa_limits: RSALimits | None = None) -> None:
         self.client = client
-        self.max_rsa_tokens = max_rsa_tokens
+        self.rsa_limits = rsa_limits or RSALimits()
         self.served_model_names = list(served_model_names or [client.model_name])
         self.metrics = metrics or MetricsCollector()  # a private registry when not shared
         self._keys = ApiKeys.of(api_key, api_keys)
@@ -129,7 +130,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             tenant = self._authorize(context)
             if request.HasField("rsa"):
                 model = resolve_model(request.model or None, self.served_model_names)
-                job, bound = rsa_job(request, self.client, tenant, self.max_rsa_tokens)
+                job, bound = rsa_job(request, self.client, tenant, self.rsa_limits)
                 iterator = self.client.rsa(job)
                 async for answer in rsa_messages(self.client, iterator, job, bound, model):
                     if answer.HasField("usage"):
@@ -182,7 +183,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             tenant = self._authorize(context)
             if request.HasField("rsa"):
                 model = resolve_model(request.model or None, self.served_model_names)
-                job, bound = rsa_job(request, self.client, tenant, self.max_rsa_tokens)
+                job, bound = rsa_job(request, self.client, tenant, self.rsa_limits)
                 answer = await rsa_unary(self.client, self.client.rsa(job), job,
                                          bound, model)
                 tracker.on_prompt(answer.usage.prompt_tokens)
@@ -234,7 +235,7 @@ async def start_grpc_server(
     metrics: MetricsCollector | None = None, max_message_bytes: int = 4 * 2**20,
     max_concurrent_rpcs: int = 1024, health_period_s: float = 1.0,
     tls_cert_file: str | None = None, tls_key_file: str | None = None,
-    max_rsa_tokens: int = 16_000_000,
+    rsa_limits: RSALimits | None = None,
 ) -> grpc.aio.Server:
     """Starts (and returns) a grpc.aio server with Generation, grpc.health.v1 (SERVING for ""
     and the Generation service while the engine is healthy, NOT_SERVING otherwise) and
@@ -249,7 +250,7 @@ async def start_grpc_server(
     pb_grpc.add_GenerationServicer_to_server(
         GenerationServicer(client, api_key=api_key, api_keys=api_keys,
                            served_model_names=served_model_names, metrics=metrics,
-                           max_rsa_tokens=max_rsa_tokens), server)
+                           rsa_limits=rsa_limits), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -23,7 +23,7 @@ from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.replicas.engine.outputs import RequestOutputBuilder
 from zayaserve.replicas.rsa.events import RSAAnswerDelta, RSADone, RSAEvent, RSAJob, RSAProgress
 from zayaserve.replicas.rsa.params import RSAParams
-from zayaserve.replicas.rsa.serving import preflight
+from zayaserve.replicas.rsa.serving import RSALimits, preflight
 from zayaserve.replicas.validation_errors import ParamError
 
 _FIELDS = ("n", "k", "t", "tail_tokens", "carry", "round_max_tokens", "final_max_tokens",
@@ -48,7 +48,7 @@ def rsa_params(message: pb.RSAParams) -> RSAParams:
 
 
 def rsa_job(request: pb.GenerateRequest, client: EngineClient, tenant: str | None,
-            max_total_tokens: int) -> tuple[RSAJob, int]:
+            limits: RSALimits) -> tuple[RSAJob, int]:
     """(the job, the per-call bound) for a request with `rsa`; refuses what cannot run."""
     if request.HasField("sampling"):
         raise InvalidRequestError("sampling: cannot be combined with rsa (set rsa.final_sampling"
@@ -75,7 +75,7 @@ def rsa_job(request: pb.GenerateRequest, client: EngineClient, tenant: str | Non
     else:
         raise InvalidRequestError("input: rsa needs prompt or chat (its problem as text)",
                                   "input")
-    return job, preflight(tokenizer, job, max_total_tokens, client.max_model_len)
+    return job, preflight(tokenizer, job, limits, client.max_model_len)
 
 
 def _usage(done: RSADone) -> pb.Usage:

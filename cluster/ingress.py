@@ -16,6 +16,7 @@ from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.tokenizer import Tokenizer
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
 from zayaserve.replicas.observability.tracing import flush as flush_traces
+from zayaserve.replicas.rsa.serving import RSALimits
 
 log = logging.getLogger("zayaserve.ingress")
 
@@ -52,7 +53,11 @@ class Ingress:
                 max_concurrent_rpcs=self.config.grpc_max_concurrent_rpcs,
                 tls_cert_file=self.config.grpc_tls_cert_file,
                 tls_key_file=self.config.grpc_tls_key_file,
-                max_rsa_tokens=self.config.engine.limits.max_rsa_tokens)
+                rsa_limits=self._rsa_limits())
+
+    def _rsa_limits(self) -> RSALimits:
+        limits = self.config.engine.limits
+        return RSALimits(limits.max_rsa_tokens, limits.max_rsa_calls_per_round)
 
     def __serve_build_asgi_app__(self) -> Any:
         from zayaserve.cluster.openai_api import build_openai_app
@@ -65,7 +70,7 @@ class Ingress:
                                 served_model_names=[self.config.model_name],
                                 metrics=self.metrics,
                                 max_prompts=self.config.engine.limits.max_prompts_per_request,
-                                max_rsa_tokens=self.config.engine.limits.max_rsa_tokens)
+                                rsa_limits=self._rsa_limits())
 
     async def __del__(self) -> None:
         if self.grpc_server is not None:

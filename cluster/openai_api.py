@@ -60,6 +60,7 @@ from zayaserve.cluster.openapi_schema import (
 from zayaserve.cluster.rsa_request import rsa_params_of
 from zayaserve.cluster.streams import ServingContext, error_response_of
 from zayaserve.cluster.utility_api import add_utility_routes
+from zayaserve.replicas.rsa.serving import RSALimits
 
 logger = logging.getLogger(__name__)
 
@@ -192,16 +193,16 @@ def build_openai_app(
     strict_fields: bool = False,
     reasoning_parser: str | None = None,
     tool_call_parser: str | None = "hermes",
-    max_rsa_tokens: int = 16_000_000,
+    rsa_limits: RSALimits | None = None,
 ) -> FastAPI:
     """The REST app. `served_model_names` are the ids clients may pass as `model` (default: the
     engine client's model name); `metrics` lets several front ends share one registry;
-    `max_prompts` bounds the prompts of one completions request, `max_rsa_tokens` the worst
-    case of one RSA request."""
+    `max_prompts` bounds the prompts of one completions request, `rsa_limits` what one RSA
+    request may cost."""
     names = list(served_model_names or [client.model_name])
     metrics = metrics or MetricsCollector()
     ctx = ServingContext(client, names, metrics, max_prompts, reasoning_parser,
-                         tool_call_parser, max_rsa_tokens)
+                         tool_call_parser, rsa_limits or RSALimits())
     app = FastAPI(title="zayaserve", description="OpenAI-compatible API for ZAYA1 models")
     app.state.serving = ctx
     app.add_middleware(_CountRequests, metrics=metrics)

@@ -142,7 +142,7 @@ async def create_rsa_chat_completion(body: ChatCompletionRequest, params: RSAPar
     chat_id = f"chatcmpl-{uuid.uuid4().hex}"
     job = _job(body, params, ctx, tenant, chat_id)
     try:
-        bound = preflight(ctx.client.tokenizer, job, ctx.max_rsa_tokens,
+        bound = preflight(ctx.client.tokenizer, job, ctx.rsa_limits,
                           ctx.client.max_model_len)
     except ValueError as err:
         raise as_frontend_error(err, flat_renames(body)) from None

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -28,6 +28,7 @@ from zayaserve.cluster.metrics import MetricsCollector, RequestTracker
 from zayaserve.cluster.openai_protocol import ErrorDetail, ErrorResponse, UsageInfo
 from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.rsa.serving import RSALimits
 
 T = TypeVar("T")
 
@@ -45,7 +46,7 @@ class ServingContext:
     max_prompts: int = 64  # prompts in one completions request
     reasoning_parser: str | None = None  # "think": <think>...</think> -> reasoning_content
     tool_call_parser: str | None = "hermes"  # tool_choice auto: <tool_call>{...}</tool_call>
-    max_rsa_tokens: int = 16_000_000  # one RSA request's worst case (limits.max_rsa_tokens)
+    rsa_limits: RSALimits = field(default_factory=RSALimits)  # limits.max_rsa_*
 
 
 # ---- engine streams ------------------------------------------------------------------------

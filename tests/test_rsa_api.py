@@ -22,6 +22,7 @@ from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.llm_engine import LLMEngine
+from zayaserve.replicas.rsa.serving import RSALimits
 
 MODEL = "zaya-tiny"
 BLOCK = 4
@@ -29,6 +30,7 @@ PROBLEM = "A farmer has 17 sheep and all but 9 run away. How many are left? Expl
 RSA = {"n": 4, "k": 2, "t": 2, "tail_tokens": 12, "round_max_tokens": 16,
        "final_max_tokens": 16, "seed": 11}
 FLAT = {f"rsa_{k}": v for k, v in RSA.items()}
+LIMITS = RSALimits(max_tokens=200_000, max_calls_per_round=8)
 ENGINE_KW: dict[str, Any] = dict(num_kv_blocks=1024, block_size=BLOCK, max_model_len=1024,
                                  enable_prefix_caching=True)
 
@@ -43,7 +45,7 @@ def engine_client(tiny_checkpoint: Any) -> Iterator[LocalEngineClient]:
 
 @pytest.fixture(scope="module")
 def server(engine_client: LocalEngineClient) -> Iterator[Server]:
-    s = Server(build_openai_app(engine_client, max_rsa_tokens=200_000))
+    s = Server(build_openai_app(engine_client, rsa_limits=LIMITS))
     yield s
     s.stop()
 
@@ -111,7 +113,9 @@ def test_flat_aliases(server: Server) -> None:
     ({"rsa": {**RSA, "bogus": 1}}, "rsa.bogus"),
     ({"rsa": {**RSA, "tail_tokens": 4000}}, "rsa.tail_tokens"),
     ({"rsa": {**RSA, "final_max_tokens": 5000}}, "rsa.final_max_tokens"),
-    ({"rsa": {**RSA, "n": 64, "t": 40}}, "rsa"),  # over the server's max_rsa_tokens
+    ({"rsa": {**RSA, "n": 8, "t": 60}}, "rsa"),  # over the server's max_rsa_tokens
+    ({"rsa": {**RSA, "n": 9}}, "rsa.n"),  # over its max_rsa_calls_per_round
+    ({"rsa": {**RSA, "final_n": 9}}, "rsa.final_n"),
     ({"rsa": {**RSA, "aggregation_template": "no placeholders"}}, "rsa.aggregation_template"),
     ({**FLAT, "rsa_tail_tokens": 4000}, "rsa_tail_tokens"),
     ({"rsa_n": 4, "rsa_nn": 2}, "rsa_nn"),
@@ -197,7 +201,7 @@ def test_client_disconnect_aborts_every_call(server: Server,
 
 @pytest.fixture(scope="module")
 def stub(engine_client: LocalEngineClient) -> Iterator[Any]:
-    server = GrpcServer(engine_client, max_rsa_tokens=200_000)
+    server = GrpcServer(engine_client, rsa_limits=LIMITS)
     with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.GenerationStub(channel)
     server.stop()
@@ -226,7 +230,7 @@ def test_grpc_matches_rest(stub: Any, server: Server) -> None:
 def test_python_grpc_client(engine_client: LocalEngineClient) -> None:
     from zayaserve.client import ZayaClient
 
-    server = GrpcServer(engine_client, max_rsa_tokens=200_000)
+    server = GrpcServer(engine_client, rsa_limits=LIMITS)
     try:
         with ZayaClient(server.target) as client:
             result = client.generate(messages=[{"role": "user", "content": PROBLEM}],

@@ -29,6 +29,8 @@ class RequestLimits(BaseModel):
         16_000_000, ge=1, description="Most tokens (prompts and completions over every call, "
         "each call assumed to use its whole max tokens) one RSA request may cost; Zyphra's "
         "default settings (N=32, T=8) come to about 12 million.")
+    max_rsa_calls_per_round: int = Field(
+        64, ge=1, description="Most calls in one RSA round (`rsa.n` and `rsa.final_n`).")
 
 
 class EngineSettings(BaseModel):

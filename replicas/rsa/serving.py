@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 from zayaserve.replicas.model.tokenizer import Tokenizer
@@ -16,10 +17,19 @@ from zayaserve.replicas.rsa.events import RSADone, RSAEvent, RSAJob
 from zayaserve.replicas.rsa.params import check_budget, max_context
 from zayaserve.replicas.rsa.prompts import aggregation_prompt
 from zayaserve.replicas.rsa.runner import Generate, Render, RSAResult, RSARun
+from zayaserve.replicas.validation_errors import ParamError
 
 # Tokens allowed per carried tail for re-tokenization at its edges (a tail's first and last
 # tokens can merge differently with the text around it in the prompt).
 _EDGE_TOKENS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RSALimits:
+    """What one RSA request may cost (the server's `limits.max_rsa_*`)."""
+
+    max_tokens: int = 16_000_000  # prompts and completions over all calls, worst case
+    max_calls_per_round: int = 64  # rsa.n and rsa.final_n
 
 
 def renderer(tokenizer: Tokenizer, job: RSAJob) -> Render:
@@ -50,12 +60,16 @@ def template_tokens(tokenizer: Tokenizer, job: RSAJob) -> int:
     return max(0, len(empty) - len(job.prompt_ids)) + _EDGE_TOKENS * p.effective_k
 
 
-def preflight(tokenizer: Tokenizer, job: RSAJob, max_total_tokens: int,
-              max_model_len: int) -> int:
+def preflight(tokenizer: Tokenizer, job: RSAJob, limits: RSALimits, max_model_len: int) -> int:
     """Refuses (ParamError naming the field) a run that could exceed the server's limits;
     returns the bound every call's prompt + completion stays within."""
+    for name in ("n", "final_n"):
+        value = getattr(job.params, name)
+        if value > limits.max_calls_per_round:
+            raise ParamError(f"rsa.{name}", f"rsa.{name}: at most {limits.max_calls_per_round} "
+                             f"calls per round on this server, got {value}")
     extra = template_tokens(tokenizer, job)
-    check_budget(job.params, len(job.prompt_ids), extra, max_total_tokens, max_model_len)
+    check_budget(job.params, len(job.prompt_ids), extra, limits.max_tokens, max_model_len)
     return max_context(job.params, len(job.prompt_ids), extra)
 
 
