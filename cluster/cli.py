@@ -44,6 +44,10 @@ def _bench(args: argparse.Namespace) -> int:
         from zayaserve.bench.throughput import main as throughput
 
         return throughput(args.rest)
+    if args.which == "rsa":
+        from zayaserve.bench.rsa import main as rsa_bench
+
+        return rsa_bench(args.rest)
     from zayaserve.bench.serve import main as serve_bench
 
     return serve_bench(args.rest)
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scale_parser(sub)
 
     p = sub.add_parser("bench", help="run a benchmark (see bench/)")
-    p.add_argument("which", choices=["throughput", "serve"])
+    p.add_argument("which", choices=["throughput", "serve", "rsa"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench)
     return parser

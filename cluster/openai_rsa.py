@@ -65,7 +65,7 @@ from zayaserve.replicas.rsa.serving import preflight
 # refused by name (its meaning for a population of calls would be a guess).
 _COMBINABLE = frozenset({
     "model", "messages", "stream", "stream_options", "seed", "cache_salt", "user",
-    "chat_template_kwargs", "include_reasoning", "metadata", "rsa", "n", "skip_special_tokens",
+    "chat_template_kwargs", "include_reasoning", "metadata", "rsa", "n",
     "add_generation_prompt"})
 _INSTEAD = {"temperature": "rsa.final_sampling.temperature (rounds: rsa.round_temperature)",
             "top_p": "rsa.final_sampling.top_p", "top_k": "rsa.final_sampling.top_k",
