@@ -100,6 +100,14 @@ def test_seed_reproducible_and_other_seed_differs(server: Server) -> None:
     assert _stable(seeded.json()) == _stable(first)
 
 
+def test_t0_is_a_plain_generation_and_k_is_clamped(server: Server) -> None:
+    plain = _chat(server, "t0", rsa={**RSA, "t": 0, "final_n": 3}).json()
+    assert [x["calls"] for x in plain["rsa"]["rounds"]] == [3]
+    assert len(plain["choices"]) == 3
+    clamped = _chat(server, "k9", rsa={**RSA, "n": 2, "k": 9}).json()
+    assert clamped["rsa"]["k"] == 2 and [x["calls"] for x in clamped["rsa"]["rounds"]] == [2, 2, 1]
+
+
 def test_flat_aliases(server: Server) -> None:
     flat = FLAT
     assert _stable(_chat(server, "flat-a", **flat).json()) == _stable(
