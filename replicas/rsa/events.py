@@ -8,6 +8,7 @@ attention worker to the front end, so all are plain picklable dataclasses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,10 +47,11 @@ class RSAAnswerDelta:
     delta: StepDelta
 
 
-@dataclass(frozen=True, slots=True)
-class RSADone:
-    rounds: tuple[RoundStats, ...]
-    population: tuple[tuple[str, ...], ...] | None = None  # every round's texts
+class RoundTotals:
+    """The whole run's figures, summed over `rounds`."""
+
+    __slots__ = ()
+    rounds: Sequence[RoundStats]
 
     @property
     def prompt_tokens(self) -> int:
@@ -70,6 +72,12 @@ class RSADone:
     @property
     def max_context(self) -> int:
         return max(r.max_context for r in self.rounds)
+
+
+@dataclass(frozen=True, slots=True)
+class RSADone(RoundTotals):
+    rounds: tuple[RoundStats, ...]
+    population: tuple[tuple[str, ...], ...] | None = None  # every round's texts
 
 
 RSAEvent = RSAProgress | RSAAnswerDelta | RSADone

@@ -18,7 +18,13 @@ from typing import Protocol
 
 from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
-from zayaserve.replicas.rsa.events import RoundStats, RSAAnswerDelta, RSAEvent, RSAProgress
+from zayaserve.replicas.rsa.events import (
+    RoundStats,
+    RoundTotals,
+    RSAAnswerDelta,
+    RSAEvent,
+    RSAProgress,
+)
 from zayaserve.replicas.rsa.params import RSAParams, call_counts
 from zayaserve.replicas.rsa.prompts import aggregation_prompt, carry_tail
 from zayaserve.replicas.rsa.seeds import choose_subsets, derive_seed
@@ -31,22 +37,10 @@ Render = Callable[[str], tuple[str, list[int]]]
 
 
 @dataclass(slots=True)
-class RSAResult:
+class RSAResult(RoundTotals):
     answers: list[RequestOutput]  # the final round's calls, one per answer
     rounds: list[RoundStats] = field(default_factory=list)
     population: list[list[str]] | None = None  # every round's texts (return_population)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(r.prompt_tokens for r in self.rounds)
-
-    @property
-    def cached_tokens(self) -> int:
-        return sum(r.cached_tokens for r in self.rounds)
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(r.completion_tokens for r in self.rounds)
 
 
 def round_params(p: RSAParams, round_index: int, call: int, final: bool,
