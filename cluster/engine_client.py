@@ -10,7 +10,7 @@ ends map to status codes (ValueError -> 400, EngineOverloadedError -> 429).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from zayaserve.cluster.request_tracker import current_trace_context
@@ -25,7 +25,7 @@ from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 from zayaserve.replicas.rsa.events import RSADone, RSAEvent, RSAJob
-from zayaserve.replicas.rsa.serving import rsa_events
+from zayaserve.replicas.rsa.serving import engine_rsa_events
 
 
 class EngineClient(ABC):
@@ -91,13 +91,7 @@ class LocalEngineClient(EngineClient):
                                     current_trace_context())
 
     def rsa(self, job: RSAJob) -> AsyncIterator[RSAEvent]:
-        context = current_trace_context()
-
-        def generate(rid: str, ids: list[int], params: SamplingParams,
-                     text: str | None) -> AsyncGenerator[StepDelta, None]:
-            return self.engine.generate(rid, ids, params, text, context)
-
-        return rsa_events(generate, self.tokenizer, job)
+        return engine_rsa_events(self.engine, self.tokenizer, job, current_trace_context())
 
     async def stats(self) -> dict[str, Any]:
         return await self.engine.run_on_engine(lambda engine: engine.stats())  # type: ignore[no-any-return]

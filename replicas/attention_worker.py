@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
 from zayaserve.replicas.observability.tracing import flush as flush_traces
 from zayaserve.replicas.rsa.events import RSAEvent, RSAJob
-from zayaserve.replicas.rsa.serving import rsa_events
+from zayaserve.replicas.rsa.serving import engine_rsa_events
 from zayaserve.router.placement import PlacementMap
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
@@ -127,12 +127,7 @@ class AttentionWorker:
         tokenizer = self.engine.engine.tokenizer
         if tokenizer is None:
             raise ValueError("rsa: this checkpoint has no tokenizer")
-
-        def generate(rid: str, ids: list[int], params: SamplingParams,
-                     text: str | None) -> AsyncGenerator[StepDelta, None]:
-            return self.engine.generate(rid, ids, params, text, trace_context)
-
-        async for event in rsa_events(generate, tokenizer, job):
+        async for event in engine_rsa_events(self.engine, tokenizer, job, trace_context):
             yield event
 
     def stats(self) -> dict[str, Any]:

@@ -54,6 +54,7 @@ SUPPORT = {
     "cluster/openai_protocol.py", "cluster/openai_chat_protocol.py",
     "cluster/rsa_request.py", "replicas/rsa/params.py",  # reads the (absent) RSA fields
     "replicas/engine/params.py", "replicas/engine/request_limits.py",
+    "replicas/engine/admission.py",  # the queue bound, a limit like request_limits
     "replicas/engine/sequence.py", "replicas/engine/block_pool.py",
     "replicas/engine/outputs.py", "replicas/engine/penalties.py", "replicas/engine/logprobs.py",
     "replicas/kv_tiers/hashing.py", "replicas/model/batch.py",

@@ -4,6 +4,7 @@ process. The cluster path (a worker runs the whole run) is in test_cluster_e2e.p
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -279,3 +280,43 @@ def test_offline_llm_rsa(tiny_checkpoint: Any) -> None:
     assert not llm.engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="rsa.tail_tokens"):
         llm.rsa(messages, **{**RSA, "tail_tokens": 4000})
+
+
+@pytest.fixture(scope="module")
+def small_queue(tiny_checkpoint: Any) -> Iterator[tuple[Server, LocalEngineClient]]:
+    client = LocalEngineClient(AsyncLLMEngine(LLMEngine(EngineConfig(
+        model=str(tiny_checkpoint), **ENGINE_KW)), max_pending_requests=6), MODEL)
+    server = Server(build_openai_app(client, rsa_limits=LIMITS))
+    yield server, client
+    server.stop()
+    client.engine.shutdown()
+
+
+def test_a_run_that_does_not_fit_the_queue_is_refused_whole(
+        small_queue: tuple[Server, LocalEngineClient]) -> None:
+    """A round's worth of the queue is reserved before the first call: with 3 of 6 slots
+    taken, a run of 4 calls per round is a 429 before any of its calls reaches the engine."""
+    server, client = small_queue
+    engine = client.engine.engine
+
+    async def run() -> tuple[list[int], httpx.Response, float]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            busy = asyncio.ensure_future(asyncio.gather(*(http.post(
+                server.url + "/v1/completions", json={
+                    "model": MODEL, "prompt": "x", "max_tokens": 400, "ignore_eos": True})
+                for _ in range(3))))
+            while client.engine.num_pending < 3:
+                await asyncio.sleep(0.01)
+            queried = engine.stats()["prefix_cache_local_queried_tokens"]
+            r = await http.post(server.url + "/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": PROBLEM}],
+                "rsa": RSA})
+            admitted = engine.stats()["prefix_cache_local_queried_tokens"] - queried
+            return [x.status_code for x in await busy], r, admitted
+
+    busy, refused, admitted = asyncio.run(run())
+    assert busy == [200, 200, 200]
+    assert refused.status_code == 429, refused.text
+    assert "4 more asked for" in refused.json()["error"]["message"]
+    assert admitted == 0  # no call of the run was started
+    wait_idle(client)

@@ -137,3 +137,40 @@ def test_cancelling_frees_everything(engine: AsyncLLMEngine) -> None:
         assert not engine.engine.requests
 
     asyncio.run(main())
+
+
+def test_reserved_slots_outlast_a_full_queue(engine: AsyncLLMEngine) -> None:
+    """Between rounds, the run's calls have ended; whoever grabs every free slot then still
+    cannot make the next round's calls fail: they use the run's reserved slots."""
+    from zayaserve.replicas.engine.admission import EngineOverloadedError
+    from zayaserve.replicas.rsa.events import RSADone, RSAJob, RSAProgress
+    from zayaserve.replicas.rsa.serving import engine_rsa_events
+
+    tok = engine.engine.tokenizer
+    assert tok is not None
+    ids = tok.encode(PROBLEM)
+    job = RSAJob("queue", PROBLEM, PROBLEM, ids, RSAParams(
+        n=3, k=2, t=2, tail_tokens=8, round_max_tokens=8, final_max_tokens=8, seed=1),
+        chat=False)
+
+    async def main() -> tuple[RSADone, bool]:
+        grabbed, refused, done = None, False, None
+        async for event in engine_rsa_events(engine, tok, job):
+            if isinstance(event, RSAProgress) and event.round == 1 and grabbed is None:
+                free = (engine.max_pending_requests - engine.num_pending
+                        - engine._admission.reserved)
+                grabbed = engine.reserve(free)  # the queue is now full for anyone else
+                try:
+                    await anext(engine.generate("other", ids, SamplingParams(max_tokens=1)))
+                except EngineOverloadedError:
+                    refused = True
+            if isinstance(event, RSADone):
+                done = event
+        assert grabbed is not None and done is not None
+        grabbed.__exit__()
+        return done, refused
+
+    done, refused = asyncio.run(main())
+    assert refused
+    assert [r.calls for r in done.rounds] == [3, 3, 1]
+    assert engine.num_pending == 0 and engine._admission.reserved == 0

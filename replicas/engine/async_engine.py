@@ -27,15 +27,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from zayaserve.replicas.engine.admission import Admission, Reservation
+from zayaserve.replicas.engine.admission import (  # re-exported: the front ends catch it
+    EngineOverloadedError as EngineOverloadedError,
+)
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 
 log = logging.getLogger("zayaserve.engine")
-
-
-class EngineOverloadedError(RuntimeError):
-    """The bounded request queue is full: the caller should answer 429 / RESOURCE_EXHAUSTED."""
 
 
 class EngineDeadError(RuntimeError):
@@ -81,6 +81,7 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
+        self._admission = Admission(max_pending_requests, self._lock)
         self._stopped = threading.Event()
         self._ids = itertools.count()
         self._error: BaseException | None = None
@@ -218,6 +219,12 @@ class AsyncLLMEngine:
         with self._lock:
             return len(self._streams)
 
+    def reserve(self, slots: int) -> Reservation:
+        """Holds `slots` queue slots for a group of requests admitted together, or raises
+        EngineOverloadedError now, before any of them has cost anything."""
+        with self._lock:
+            return self._admission.reserve(len(self._streams), slots)
+
     async def generate(
         self,
         request_id: str,
@@ -225,19 +232,18 @@ class AsyncLLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
         trace_context: Mapping[str, str] | None = None,
+        reservation: Reservation | None = None,
     ) -> AsyncGenerator[StepDelta, None]:
         """Yields the request's StepDeltas (their `request_id` is the caller's label); the
         deltas of steps the consumer fell behind on arrive merged into one. `trace_context`:
-        W3C headers of the caller's span (a sampled one makes the engine trace the request)."""
+        W3C headers of the caller's span (a sampled one makes the engine trace the request);
+        `reservation`: a slot of it is used instead of a free one while the request runs."""
         if self.is_dead:
             raise EngineDeadError(f"engine stopped ({type(self._error).__name__})")
         rid = f"{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), request_id)
         with self._lock:
-            if len(self._streams) >= self.max_pending_requests:
-                raise EngineOverloadedError(
-                    f"{len(self._streams)} requests in flight (max_pending_requests="
-                    f"{self.max_pending_requests})")
+            reserved = self._admission.admit(len(self._streams), reservation)
             self._streams[rid] = stream
         finished = False
         try:
@@ -261,6 +267,9 @@ class AsyncLLMEngine:
         finally:
             if not finished:  # the consumer went away, or add failed: free what it holds
                 self._abort(rid)
+            if reserved:
+                assert reservation is not None
+                self._admission.give_back(reservation)
 
     def _abort(self, rid: str) -> None:
         with self._lock:

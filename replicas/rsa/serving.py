@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
+from zayaserve.replicas.engine.outputs import StepDelta
+from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 from zayaserve.replicas.rsa.events import RSADone, RSAEvent, RSAJob
-from zayaserve.replicas.rsa.params import check_budget, max_context
+from zayaserve.replicas.rsa.params import call_counts, check_budget, max_context
 from zayaserve.replicas.rsa.prompts import aggregation_prompt
 from zayaserve.replicas.rsa.runner import Generate, Render, RSAResult, RSARun
 from zayaserve.replicas.validation_errors import ParamError
@@ -83,6 +86,21 @@ def done_event(result: RSAResult) -> RSADone:
     population = (None if result.population is None
                   else tuple(tuple(texts) for texts in result.population))
     return RSADone(tuple(result.rounds), population)
+
+
+async def engine_rsa_events(engine: AsyncLLMEngine, tokenizer: Tokenizer, job: RSAJob,
+                            trace_context: Mapping[str, str] | None = None,
+                            ) -> AsyncGenerator[RSAEvent, None]:
+    """`rsa_events` on an engine, with a round's worth of its queue reserved first: a full
+    queue refuses the run (EngineOverloadedError) before any call, never halfway through."""
+    with engine.reserve(max(call_counts(job.params))) as slots:
+        def generate(rid: str, ids: list[int], params: SamplingParams,
+                     text: str | None) -> AsyncGenerator[StepDelta, None]:
+            return engine.generate(rid, ids, params, text, trace_context, slots)
+
+        async with contextlib.aclosing(rsa_events(generate, tokenizer, job)) as events:
+            async for event in events:
+                yield event
 
 
 async def rsa_events(generate: Generate, tokenizer: Tokenizer,

@@ -1,0 +1,65 @@
+"""How many requests an engine queues: at most `max_pending_requests`, counting the slots that
+groups of requests admitted together hold (an RSA run reserves a round's worth up front, so none
+of its calls meets a full queue halfway through the run)."""
+
+from __future__ import annotations
+
+import threading
+
+
+class EngineOverloadedError(RuntimeError):
+    """The bounded request queue is full: the caller should answer 429 / RESOURCE_EXHAUSTED."""
+
+
+class Reservation:
+    """Queue slots held for a group of requests; others see them as taken. Its requests use
+    them instead of free ones. Release it (`with`) when the group is done."""
+
+    def __init__(self, admission: Admission, slots: int) -> None:
+        self.admission, self.free, self.open = admission, slots, True
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.admission.lock:
+            if self.open:
+                self.open = False
+                self.admission.reserved -= self.free
+
+
+class Admission:
+    """The count behind the queue bound. `reserve` and `admit` are called with `lock` held
+    and the number of requests in flight."""
+
+    def __init__(self, max_pending: int, lock: threading.Lock) -> None:
+        self.max_pending, self.lock = max_pending, lock
+        self.reserved = 0  # slots held by open reservations and not in use
+
+    def reserve(self, in_flight: int, slots: int) -> Reservation:
+        taken = in_flight + self.reserved
+        if taken + slots > self.max_pending:
+            raise EngineOverloadedError(
+                f"{taken} requests in flight or reserved, {slots} more asked for "
+                f"(max_pending_requests={self.max_pending})")
+        self.reserved += slots
+        return Reservation(self, slots)
+
+    def admit(self, in_flight: int, reservation: Reservation | None) -> bool:
+        """Room for one more request, or EngineOverloadedError; True when it took a slot of
+        `reservation` (to `give_back` when it ends)."""
+        if reservation is not None and reservation.open and reservation.free > 0:
+            reservation.free -= 1
+            self.reserved -= 1
+            return True
+        if in_flight + self.reserved >= self.max_pending:
+            raise EngineOverloadedError(
+                f"{in_flight} requests in flight, {self.reserved} slots reserved "
+                f"(max_pending_requests={self.max_pending})")
+        return False
+
+    def give_back(self, reservation: Reservation) -> None:
+        with self.lock:
+            reservation.free += 1
+            if reservation.open:
+                self.reserved += 1
