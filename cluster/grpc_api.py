@@ -132,9 +132,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 model = resolve_model(request.model or None, self.served_model_names)
                 job, bound = rsa_job(request, self.client, tenant, self.rsa_limits)
                 iterator = self.client.rsa(job)
-                async for answer in rsa_messages(self.client, iterator, job, bound, model):
-                    if answer.HasField("usage"):
-                        tracker.on_prompt(answer.usage.prompt_tokens)
+                async for answer in rsa_messages(self.client, iterator, job, bound, model,
+                                                 tracker):
                     yield answer
                 self._count(endpoint, grpc.StatusCode.OK)
                 served = True
@@ -185,8 +184,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 model = resolve_model(request.model or None, self.served_model_names)
                 job, bound = rsa_job(request, self.client, tenant, self.rsa_limits)
                 answer = await rsa_unary(self.client, self.client.rsa(job), job,
-                                         bound, model)
-                tracker.on_prompt(answer.usage.prompt_tokens)
+                                         bound, model, tracker)
                 tracker.finish()
                 self._count(endpoint, grpc.StatusCode.OK)
                 return answer

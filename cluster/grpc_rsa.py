@@ -20,6 +20,8 @@ from zayaserve.cluster.engine_client import EngineClient
 from zayaserve.cluster.frontend_errors import InvalidRequestError, UnavailableError
 from zayaserve.cluster.grpc_messages import delta_pb
 from zayaserve.cluster.protos import generation_pb2 as pb
+from zayaserve.cluster.request_tracker import RequestTracker
+from zayaserve.cluster.rsa_request import record_run
 from zayaserve.replicas.engine.outputs import RequestOutputBuilder
 from zayaserve.replicas.rsa.events import RSAAnswerDelta, RSADone, RSAEvent, RSAJob, RSAProgress
 from zayaserve.replicas.rsa.params import RSAParams
@@ -100,7 +102,8 @@ def _info(job: RSAJob, done: RSADone, bound: int) -> pb.RSAInfo:
 
 
 async def rsa_messages(client: EngineClient, events: AsyncIterator[RSAEvent], job: RSAJob,
-                       bound: int, model: str) -> AsyncIterator[pb.GenerateResponse]:
+                       bound: int, model: str,
+                       tracker: RequestTracker) -> AsyncIterator[pb.GenerateResponse]:
     """The streamed call's messages (see the module's docstring)."""
     def message(**fields: Any) -> pb.GenerateResponse:
         return pb.GenerateResponse(request_id=job.request_id, model=model, **fields)
@@ -111,6 +114,7 @@ async def rsa_messages(client: EngineClient, events: AsyncIterator[RSAEvent], jo
                 round=event.round, rounds=event.rounds, calls_done=event.calls_done,
                 calls_total=event.calls_total))
         elif isinstance(event, RSAAnswerDelta):
+            tracker.on_delta(event.index, event.delta)
             outputs = [delta_pb(client, None, event.index, c.text, list(c.token_ids), None,
                                 c.finish_reason, c.stop_reason)
                        for c in event.delta.completions if c.text or c.token_ids or
@@ -118,20 +122,23 @@ async def rsa_messages(client: EngineClient, events: AsyncIterator[RSAEvent], jo
             if outputs:
                 yield message(outputs=outputs)
         else:
+            record_run(tracker, job, event)
             yield message(finished=True, usage=_usage(event), rsa=_info(job, event, bound))
             return
     raise UnavailableError("the engine ended an RSA run without finishing it")
 
 
 async def rsa_unary(client: EngineClient, events: AsyncIterator[RSAEvent], job: RSAJob,
-                    bound: int, model: str) -> pb.GenerateResponse:
+                    bound: int, model: str, tracker: RequestTracker) -> pb.GenerateResponse:
     builders: dict[int, RequestOutputBuilder] = {}
     async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
         async for event in stream:
             if isinstance(event, RSAAnswerDelta):
+                tracker.on_delta(event.index, event.delta)
                 builders.setdefault(event.index, RequestOutputBuilder(
                     event.delta.request_id, None)).add(event.delta)
             elif isinstance(event, RSADone):
+                record_run(tracker, job, event)
                 outputs = []
                 for i in sorted(builders):
                     c = builders[i].output.outputs[0]

@@ -43,7 +43,7 @@ from zayaserve.cluster.rsa_protocol import (
     RSARound,
     RSAUsage,
 )
-from zayaserve.cluster.rsa_request import flat_renames
+from zayaserve.cluster.rsa_request import flat_renames, record_run
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
@@ -167,7 +167,7 @@ async def create_rsa_chat_completion(body: ChatCompletionRequest, params: RSAPar
         tracker.finish(served=False)
         return Response(status_code=499)  # the client left; nobody reads this
     answers, done = result
-    tracker.on_prompt(done.prompt_tokens)
+    record_run(tracker, job, done)
     tracker.finish()
     choices = []
     for i, out in enumerate(answers):
@@ -237,7 +237,7 @@ async def _events(first: RSAEvent, events: AsyncIterator[RSAEvent], job: RSAJob,
                 if choices:
                     yield chunk(choices)
             else:
-                tracker.on_prompt(event.prompt_tokens)
+                record_run(tracker, job, event)
                 yield chunk([], rsa=_info(job, event, bound),
                             usage=_usage(event) if include_usage else None)
                 tracker.finish()

@@ -95,6 +95,17 @@ class RequestTracker:
         self.generated_tokens += num_new_tokens
         m.generation_tokens.labels(self.endpoint).inc(num_new_tokens)
 
+    def on_untimed_tokens(self, num_tokens: int) -> None:
+        """Tokens generated out of the client's sight (an RSA run's middle rounds): counted,
+        kept out of the latency figures."""
+        self.generated_tokens += num_tokens
+        self._metrics.generation_tokens.labels(self.endpoint).inc(num_tokens)
+
+    def annotate(self, attributes: Mapping[str, Any]) -> None:
+        """More attributes on the request's span (when traced)."""
+        if self.span is not None:
+            self.span.set_attributes(attributes)
+
     def on_delta(self, prompt_index: int, delta: StepDelta) -> None:
         """Call with each delta of the request's prompt_index-th prompt."""
         del prompt_index

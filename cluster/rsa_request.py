@@ -1,10 +1,13 @@
-"""Whether a chat request asks for an RSA run: its `rsa` object or Zyphra's flat rsa_* fields
-(read on every chat request, so kept apart from the RSA handler)."""
+"""Whether a chat request asks for an RSA run (its `rsa` object or Zyphra's flat rsa_* fields,
+read on every chat request, so kept apart from the RSA handlers), and what REST and gRPC both
+record of a finished run."""
 
 from __future__ import annotations
 
 from zayaserve.cluster.frontend_errors import InvalidRequestError, as_frontend_error
 from zayaserve.cluster.openai_chat_protocol import ChatCompletionRequest
+from zayaserve.cluster.request_tracker import RequestTracker
+from zayaserve.replicas.rsa.events import RSADone, RSAJob
 from zayaserve.replicas.rsa.params import FLAT_KEYS, RSAParams
 
 
@@ -24,3 +27,16 @@ def flat_renames(body: ChatCompletionRequest) -> dict[str, str]:
     """rsa.<field> -> the flat key the client used for it, so errors speak its terms."""
     return {f"rsa.{FLAT_KEYS[key]}": key for key in (body.model_extra or {})
             if key in FLAT_KEYS}
+
+
+def record_run(tracker: RequestTracker, job: RSAJob, done: RSADone) -> None:
+    """The run's prompts and its middle rounds' tokens in the request's metrics (the final
+    round's tokens were timed as they streamed), and its shape on the request's span."""
+    tracker.on_prompt(done.prompt_tokens)
+    tracker.on_untimed_tokens(done.completion_tokens - done.rounds[-1].completion_tokens)
+    p = job.params
+    tracker.annotate({"zayaserve.rsa.n": p.n, "zayaserve.rsa.k": p.effective_k,
+                      "zayaserve.rsa.t": p.t, "zayaserve.rsa.tail_tokens": p.tail_tokens,
+                      "zayaserve.rsa.calls": done.calls,
+                      "zayaserve.rsa.cached_tokens": done.cached_tokens,
+                      "zayaserve.rsa.max_context": done.max_context})

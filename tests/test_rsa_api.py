@@ -101,6 +101,22 @@ def test_seed_reproducible_and_other_seed_differs(server: Server) -> None:
     assert _stable(seeded.json()) == _stable(first)
 
 
+def _generated(server: Server) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == "zayaserve_generation_tokens_total"
+               and sample.labels.get("endpoint") == "/v1/chat/completions")
+
+
+def test_metrics_count_every_call(server: Server) -> None:
+    before = _generated(server)
+    body = _chat(server, "metrics", rsa=RSA).json()
+    assert _generated(server) - before == body["usage"]["completion_tokens"]
+
+
 def test_t0_is_a_plain_generation_and_k_is_clamped(server: Server) -> None:
     plain = _chat(server, "t0", rsa={**RSA, "t": 0, "final_n": 3}).json()
     assert [x["calls"] for x in plain["rsa"]["rounds"]] == [3]
