@@ -174,3 +174,29 @@ def test_reserved_slots_outlast_a_full_queue(engine: AsyncLLMEngine) -> None:
     assert refused
     assert [r.calls for r in done.rounds] == [3, 3, 1]
     assert engine.num_pending == 0 and engine._admission.reserved == 0
+
+
+def test_a_rounds_kv_is_freed_before_the_next_round(engine: AsyncLLMEngine) -> None:
+    """When round r starts, nothing of round r-1 runs or holds a block (cached blocks are
+    free: the prefix cache keeps them only until the space is needed)."""
+    from zayaserve.replicas.rsa.events import RSAJob, RSAProgress
+    from zayaserve.replicas.rsa.serving import engine_rsa_events
+
+    tok = engine.engine.tokenizer
+    assert tok is not None
+    job = RSAJob("free", PROBLEM, PROBLEM, tok.encode(PROBLEM), RSAParams(
+        n=3, k=2, t=3, tail_tokens=8, round_max_tokens=8, final_max_tokens=8, seed=2),
+        chat=False)
+    blocks = engine.engine.scheduler.blocks
+
+    async def main() -> list[tuple[int, int, int]]:
+        seen: list[tuple[int, int, int]] = []
+        async for event in engine_rsa_events(engine, tok, job):
+            if isinstance(event, RSAProgress) and event.calls_done == 3 * event.round:
+                seen.append((event.round, engine.num_pending,
+                             blocks.num_blocks - blocks.num_free))
+        return seen
+
+    starts = asyncio.run(main())
+    assert [r for r, _, _ in starts] == [0, 1, 2, 3]
+    assert all(pending == 0 and used == 0 for _, pending, used in starts), starts
