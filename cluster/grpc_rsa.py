@@ -8,7 +8,6 @@ message with `finished`, `usage` (every call's tokens, `cached_tokens` among the
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,12 +16,11 @@ from pydantic import ValidationError
 
 from zayaserve.cluster.api_keys import cache_salt
 from zayaserve.cluster.engine_client import EngineClient
-from zayaserve.cluster.frontend_errors import InvalidRequestError, UnavailableError
+from zayaserve.cluster.frontend_errors import InvalidRequestError
 from zayaserve.cluster.grpc_messages import delta_pb
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.request_tracker import RequestTracker
-from zayaserve.cluster.rsa_request import record_run
-from zayaserve.replicas.engine.outputs import RequestOutputBuilder
+from zayaserve.cluster.rsa_request import collect_run, record_run, unfinished
 from zayaserve.replicas.rsa.events import RSAAnswerDelta, RSADone, RSAEvent, RSAJob, RSAProgress
 from zayaserve.replicas.rsa.params import RSAParams
 from zayaserve.replicas.rsa.serving import RSALimits, preflight
@@ -125,26 +123,14 @@ async def rsa_messages(client: EngineClient, events: AsyncIterator[RSAEvent], jo
             record_run(tracker, job, event)
             yield message(finished=True, usage=_usage(event), rsa=_info(job, event, bound))
             return
-    raise UnavailableError("the engine ended an RSA run without finishing it")
+    raise unfinished()
 
 
 async def rsa_unary(client: EngineClient, events: AsyncIterator[RSAEvent], job: RSAJob,
                     bound: int, model: str, tracker: RequestTracker) -> pb.GenerateResponse:
-    builders: dict[int, RequestOutputBuilder] = {}
-    async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
-        async for event in stream:
-            if isinstance(event, RSAAnswerDelta):
-                tracker.on_delta(event.index, event.delta)
-                builders.setdefault(event.index, RequestOutputBuilder(
-                    event.delta.request_id, None)).add(event.delta)
-            elif isinstance(event, RSADone):
-                record_run(tracker, job, event)
-                outputs = []
-                for i in sorted(builders):
-                    c = builders[i].output.outputs[0]
-                    outputs.append(delta_pb(client, None, i, c.text, c.token_ids, None,
-                                            c.finish_reason, c.stop_reason))
-                return pb.GenerateResponse(
-                    request_id=job.request_id, model=model, finished=True, outputs=outputs,
-                    usage=_usage(event), rsa=_info(job, event, bound))
-    raise UnavailableError("the engine ended an RSA run without finishing it")
+    answers, done = await collect_run(events, job, tracker)
+    return pb.GenerateResponse(
+        request_id=job.request_id, model=model, finished=True, usage=_usage(done),
+        rsa=_info(job, done, bound), outputs=[
+            delta_pb(client, None, i, c.text, c.token_ids, None, c.finish_reason, c.stop_reason)
+            for i, c in enumerate(answers)])

@@ -6,7 +6,6 @@ text as ordinary deltas."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 import uuid
@@ -20,7 +19,6 @@ from zayaserve.cluster.api_keys import cache_salt
 from zayaserve.cluster.chat_options import message_dict
 from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
-    UnavailableError,
     as_frontend_error,
     resolve_model,
 )
@@ -43,7 +41,7 @@ from zayaserve.cluster.rsa_protocol import (
     RSARound,
     RSAUsage,
 )
-from zayaserve.cluster.rsa_request import flat_renames, record_run
+from zayaserve.cluster.rsa_request import collect_run, flat_renames, record_run, unfinished
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
@@ -54,7 +52,6 @@ from zayaserve.cluster.streams import (
     unless_disconnected,
 )
 from zayaserve.cluster.tool_calls import ToolPlan, ToolStream
-from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.rsa.events import RSAAnswerDelta, RSADone, RSAEvent, RSAJob, RSAProgress
 from zayaserve.replicas.rsa.params import RSAParams
@@ -159,7 +156,8 @@ async def create_rsa_chat_completion(body: ChatCompletionRequest, params: RSAPar
                 _events(first, events, job, bound, final, ctx, model, tracker, mode,
                         bool(options and options.include_usage)),
                 cleanup=lambda: _close(events, tracker), media_type="text/event-stream")
-        result = await unless_disconnected(request, _collect(ctx.client.rsa(job), tracker))
+        result = await unless_disconnected(request, collect_run(ctx.client.rsa(job), job,
+                                                                tracker))
     except Exception as err:
         tracker.finish(served=False, error=err)
         raise as_frontend_error(err) from None
@@ -167,11 +165,9 @@ async def create_rsa_chat_completion(body: ChatCompletionRequest, params: RSAPar
         tracker.finish(served=False)
         return Response(status_code=499)  # the client left; nobody reads this
     answers, done = result
-    record_run(tracker, job, done)
     tracker.finish()
     choices = []
-    for i, out in enumerate(answers):
-        c = out.outputs[0]
+    for i, c in enumerate(answers):
         reasoning, content = mode.split(c.text)
         choices.append(ChatChoice(
             index=i, message=ChatMessage(content=content, reasoning_content=reasoning),
@@ -185,21 +181,6 @@ async def create_rsa_chat_completion(body: ChatCompletionRequest, params: RSAPar
 async def _close(events: AsyncIterator[RSAEvent], tracker: RequestTracker) -> None:
     await aclose_quietly(events)
     tracker.finish(served=False)  # a no-op when the stream finished it
-
-
-async def _collect(events: AsyncIterator[RSAEvent], tracker: RequestTracker
-                   ) -> tuple[list[RequestOutput], RSADone]:
-    builders: dict[int, RequestOutputBuilder] = {}
-    async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
-        async for event in stream:
-            if isinstance(event, RSAAnswerDelta):
-                tracker.on_delta(event.index, event.delta)
-                builder = builders.setdefault(
-                    event.index, RequestOutputBuilder(event.delta.request_id, None))
-                builder.add(event.delta)
-            elif isinstance(event, RSADone):
-                return [builders[i].output for i in sorted(builders)], event
-    raise UnavailableError("the engine ended an RSA run without finishing it")
 
 
 async def _events(first: RSAEvent, events: AsyncIterator[RSAEvent], job: RSAJob, bound: int,
@@ -243,7 +224,7 @@ async def _events(first: RSAEvent, events: AsyncIterator[RSAEvent], job: RSAJob,
                 tracker.finish()
                 yield SSE_DONE
                 return
-        raise UnavailableError("the engine ended an RSA run without finishing it")
+        raise unfinished()
     except Exception as err:  # a 200 is already out: report in-band, then end the stream
         tracker.finish(served=False, error=err)
         yield stream_error_event(err)

@@ -1,13 +1,21 @@
 """Whether a chat request asks for an RSA run (its `rsa` object or Zyphra's flat rsa_* fields,
-read on every chat request, so kept apart from the RSA handlers), and what REST and gRPC both
-record of a finished run."""
+read on every chat request, so kept apart from the RSA handlers), and what REST and gRPC share
+once a run is going: collecting its answers whole, and recording it in the request's metrics."""
 
 from __future__ import annotations
 
-from zayaserve.cluster.frontend_errors import InvalidRequestError, as_frontend_error
+import contextlib
+from collections.abc import AsyncIterator
+
+from zayaserve.cluster.frontend_errors import (
+    InvalidRequestError,
+    UnavailableError,
+    as_frontend_error,
+)
 from zayaserve.cluster.openai_chat_protocol import ChatCompletionRequest
 from zayaserve.cluster.request_tracker import RequestTracker
-from zayaserve.replicas.rsa.events import RSADone, RSAJob
+from zayaserve.replicas.engine.outputs import CompletionOutput, RequestOutputBuilder
+from zayaserve.replicas.rsa.events import RSAAnswerDelta, RSADone, RSAEvent, RSAJob
 from zayaserve.replicas.rsa.params import FLAT_KEYS, RSAParams
 
 
@@ -27,6 +35,27 @@ def flat_renames(body: ChatCompletionRequest) -> dict[str, str]:
     """rsa.<field> -> the flat key the client used for it, so errors speak its terms."""
     return {f"rsa.{FLAT_KEYS[key]}": key for key in (body.model_extra or {})
             if key in FLAT_KEYS}
+
+
+def unfinished() -> UnavailableError:
+    return UnavailableError("the engine ended an RSA run without finishing it")
+
+
+async def collect_run(events: AsyncIterator[RSAEvent], job: RSAJob, tracker: RequestTracker
+                      ) -> tuple[list[CompletionOutput], RSADone]:
+    """A run's answers whole (in choice order) and its figures, for a non-streaming reply;
+    the answers' tokens are timed as they arrive and the run recorded at its end."""
+    builders: dict[int, RequestOutputBuilder] = {}
+    async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
+        async for event in stream:
+            if isinstance(event, RSAAnswerDelta):
+                tracker.on_delta(event.index, event.delta)
+                builders.setdefault(event.index, RequestOutputBuilder(
+                    event.delta.request_id, None)).add(event.delta)
+            elif isinstance(event, RSADone):
+                record_run(tracker, job, event)
+                return [builders[i].output.outputs[0] for i in sorted(builders)], event
+    raise unfinished()
 
 
 def record_run(tracker: RequestTracker, job: RSAJob, done: RSADone) -> None:

@@ -14,7 +14,7 @@ from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 from zayaserve.replicas.rsa.events import RSAJob
 from zayaserve.replicas.rsa.runner import RSAResult
-from zayaserve.replicas.rsa.serving import make_run
+from zayaserve.replicas.rsa.serving import run_job
 
 
 class _StepPump:
@@ -61,8 +61,7 @@ def run_offline(engine: LLMEngine, tokenizer: Tokenizer, job: RSAJob) -> RSAResu
         pump = _StepPump(engine)
         stepping = asyncio.ensure_future(pump.pump())
         try:
-            return await make_run(pump.generate, tokenizer, job).run(
-                job.problem, (job.prompt_text or "", job.prompt_ids))
+            return await run_job(pump.generate, tokenizer, job)
         finally:
             stepping.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,6 +1,7 @@
 """Runs one Markovian RSA request over an engine's `generate` (in the worker, or the offline
-engine): each round's calls are submitted together, so the engine batches them and its prefix
-cache shares their common prompt; nothing leaves the process between rounds.
+engine): a round's first call goes alone until its prompt is computed, then the rest together,
+so the engine batches them and they find the shared prefix in its prefix cache; nothing leaves
+the process between rounds.
 
 Round r's members see only the carried tails of round r-1 (`prompts.carry_tail`), so round r-1's
 outputs are dropped as soon as round r's prompts are built. Cancelling the run (a client gone)
@@ -119,9 +120,9 @@ class RSARun:
         several), so the text loses characters at its start until it fits."""
         p, codec = self.p, self.codec
         text = codec.decode(carry_tail(output_ids, self.think_end_ids, p.carry, p.tail_tokens))
-        while text and len(codec.encode(text, add_special_tokens=False)) > p.tail_tokens:
-            over = len(codec.encode(text, add_special_tokens=False)) - p.tail_tokens
-            text = text[max(1, over):]
+        while text and (over := len(codec.encode(text, add_special_tokens=False))
+                        - p.tail_tokens) > 0:
+            text = text[over:]
         return text
 
     async def _round(self, r: int, prompts: list[tuple[str, list[int]]],

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
 from zayaserve.replicas.engine.outputs import StepDelta
@@ -76,10 +75,12 @@ def preflight(tokenizer: Tokenizer, job: RSAJob, limits: RSALimits, max_model_le
     return max_context(job.params, len(job.prompt_ids), extra)
 
 
-def make_run(generate: Generate, tokenizer: Tokenizer, job: RSAJob,
-             emit: Any = None) -> RSARun:
-    return RSARun(generate, renderer(tokenizer, job), tokenizer, job.params, job.request_id,
-                  think_end_ids(tokenizer), job.cache_salt, emit)
+async def run_job(generate: Generate, tokenizer: Tokenizer, job: RSAJob,
+                  emit: Callable[[RSAEvent], None] | None = None) -> RSAResult:
+    """The job's whole run over `generate` (an engine's), events to `emit`."""
+    run = RSARun(generate, renderer(tokenizer, job), tokenizer, job.params, job.request_id,
+                 think_end_ids(tokenizer), job.cache_salt, emit)
+    return await run.run(job.problem, (job.prompt_text or "", job.prompt_ids))
 
 
 def done_event(result: RSAResult) -> RSADone:
@@ -108,8 +109,7 @@ async def rsa_events(generate: Generate, tokenizer: Tokenizer,
     """The run's events as they happen, `RSADone` last. Closing the generator early (the
     client left) cancels the run, which aborts every call still in the engine."""
     queue: asyncio.Queue[RSAEvent | None] = asyncio.Queue()
-    run = make_run(generate, tokenizer, job, queue.put_nowait)
-    task = asyncio.ensure_future(run.run(job.problem, (job.prompt_text or "", job.prompt_ids)))
+    task = asyncio.ensure_future(run_job(generate, tokenizer, job, queue.put_nowait))
     task.add_done_callback(lambda _: queue.put_nowait(None))
     try:
         while (event := await queue.get()) is not None:
