@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs zayaserve and what it needs into a virtual environment (idempotent).
-#   bash deploy/install.sh                 into ./.venv (the repository's), no extras
-#   EXTRAS=test bash deploy/install.sh     also installs the test dependencies
+#   bash deploy/install.sh                 into ./.venv (the repository's), no extras: builds
+#                                          the wheel and installs it (what users get from pip)
+#   EXTRAS=test bash deploy/install.sh     editable, with the test dependencies (development)
 #   VENV=/tmp/env bash deploy/install.sh   into another venv (created if missing)
 # Prints nothing but errors; afterwards use $VENV/bin/zayaserve or `source $VENV/bin/activate`.
 set -euo pipefail
@@ -16,6 +17,15 @@ PY=$venv/bin/python
 if ! "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
-spec="."
-[ -n "${EXTRAS:-}" ] && spec=".[${EXTRAS}]"
-"$PY" -m pip install -q -e "$spec"
+if [ -n "${EXTRAS:-}" ]; then
+  "$PY" -m pip install -q -e ".[${EXTRAS}]"
+  exit 0
+fi
+# What ships: a wheel, installed non-editable. A stale build/ folder could carry modules that
+# no longer exist into the wheel, so it goes first.
+wheels=$(mktemp -d)
+trap 'rm -rf "$wheels"' EXIT
+rm -rf "$root/build"
+"$PY" -m pip wheel -q --no-deps -w "$wheels" "$root"
+"$PY" -m pip uninstall -q -y zayaserve >/dev/null 2>&1 || true
+"$PY" -m pip install -q "$wheels"/zayaserve-*.whl

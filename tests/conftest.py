@@ -72,6 +72,21 @@ def offline() -> dict[str, list[int]]:
     return result
 
 
+@pytest.fixture(scope="session")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """What ships, installed as a user installs it: the wheel, non-editable, no extras, in a
+    fresh venv; commands run outside the checkout (tests/plain_venv.py)."""
+    import shutil
+
+    from plain_venv import install_plain
+
+    installed = install_plain(tmp_path_factory.mktemp("plain"))
+    try:
+        yield installed
+    finally:
+        shutil.rmtree(installed.venv, ignore_errors=True)  # ~1.5 GB; pytest keeps tmp dirs
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # The models under test are tiny: one intra-op thread avoids OpenMP spin contention on a
     # shared 2-core machine (and with Ray worker processes).
