@@ -1,7 +1,7 @@
 """Structured outputs with xgrammar: compiled grammars, one matcher per sequence, and the
 token bitmask the sampler applies.
 
-xgrammar (with transformers) is an optional dependency, `pip install 'zayaserve[structured]'`:
+xgrammar is an optional dependency, `pip install 'zayaserve[structured]'`:
 it is imported on the first constrained request, so a plain install serves everything else
 and answers constrained requests with an error that says what to install. Compiled grammars
 are cached by the compiler (keyed by the constraint), so a schema sent again is not
@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from zayaserve.replicas.engine.grammar_vocab import tokenizer_info
+from zayaserve.replicas.engine.json_grammar import json_schema_ebnf, without_surrogates
+from zayaserve.replicas.engine.regex_dialect import regex_ebnf
 from zayaserve.replicas.engine.structured import StructuredOutputsParams
 from zayaserve.replicas.validation_errors import ParamError
 
@@ -59,11 +62,8 @@ class GrammarBackend:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Sequence[int],
                  max_threads: int = 2) -> None:
         self.xgr = _import_xgrammar()
-        from transformers import PreTrainedTokenizerFast
-
-        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf)
-        info = self.xgr.TokenizerInfo.from_huggingface(
-            fast, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
+        # Each token as the detokenizer writes it; special tokens allowed nowhere.
+        info = tokenizer_info(self.xgr, tokenizer, vocab_size, stop_token_ids)
         self.vocab_size = vocab_size
         self.compiler = self.xgr.GrammarCompiler(
             info, max_threads=max_threads, cache_enabled=True, cache_limit_bytes=_CACHE_BYTES)
@@ -82,19 +82,23 @@ class GrammarBackend:
     def _compile(self, spec: StructuredOutputsParams) -> Any:
         c = self.compiler
         if spec.json is not None or spec.json_object:
+            # The schema's grammar as EBNF with JSON's own string rules (json_grammar.py:
+            # xgrammar's length-bounded strings admit raw control characters).
             schema = spec.json if spec.json is not None else '{"type": "object"}'
-            if spec.disable_any_whitespace:
-                return c.compile_json_schema(schema, any_whitespace=False)
-            return c.compile_json_schema(schema, max_whitespace_cnt=MAX_JSON_WHITESPACE)
-        if spec.regex is not None:
-            return c.compile_regex(spec.regex)
+            options: dict[str, Any] = ({"any_whitespace": False} if spec.disable_any_whitespace
+                                       else {"max_whitespace_cnt": MAX_JSON_WHITESPACE})
+            return c.compile_grammar(json_schema_ebnf(self.xgr, schema, **options))
+        if spec.regex is not None:  # as Python reads it (regex_dialect.py)
+            return c.compile_grammar(f"root ::= {regex_ebnf(spec.regex)}")
         if spec.choice is not None:
             return c.compile_grammar(choice_grammar(spec.choice))
         assert spec.grammar is not None
-        return c.compile_grammar(spec.grammar)
+        return c.compile_grammar(without_surrogates(str(self.xgr.Grammar.from_ebnf(spec.grammar))))
 
-    def matcher(self, spec: StructuredOutputsParams) -> Any:
-        return self.xgr.GrammarMatcher(self.compile(spec))
+    def matcher(self, spec: StructuredOutputsParams, stop_token_ids: Sequence[int]) -> Any:
+        """A matcher that lets the given tokens end the text only where its grammar does."""
+        return self.xgr.GrammarMatcher(self.compile(spec),
+                                       override_stop_tokens=list(stop_token_ids) or None)
 
     def mask(self, rows: int) -> GrammarMask:
         return GrammarMask(self.xgr, rows, self.vocab_size)
@@ -149,11 +153,15 @@ class Grammars:
         if spec is not None:
             self.backend().compile(spec)
 
-    def matcher(self, spec: StructuredOutputsParams | None, output_ids: Sequence[int]) -> Any:
-        """A new sequence's matcher, advanced over the output tokens it already has."""
+    def matcher(self, spec: StructuredOutputsParams | None, output_ids: Sequence[int],
+                stop_token_ids: Sequence[int] = ()) -> Any:
+        """A new sequence's matcher, advanced over the output tokens it already has. The eos
+        ids and the request's `stop_token_ids` are its stop tokens: each may be sampled only
+        where the grammar is complete, so none can cut a constrained text short."""
         if spec is None:
             return None
-        matcher = self.backend().matcher(spec)
+        stops = list(dict.fromkeys([*self.stop_token_ids, *stop_token_ids]))
+        matcher = self.backend().matcher(spec, stops)
         for token in output_ids:
             matcher.accept_token(token)
         return matcher

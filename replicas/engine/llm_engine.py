@@ -188,7 +188,8 @@ class LLMEngine:
                                            skip_special_tokens=p.skip_special_tokens)
         seq = Sequence(next(self._seq_ids), req, index, tokens, gen, detok,
                        logprobs=[] if p.logprobs is not None else None)
-        seq.grammar = self.grammars.matcher(p.structured_outputs, tokens[seq.prompt_len:])
+        seq.grammar = self.grammars.matcher(p.structured_outputs, tokens[seq.prompt_len:],
+                                            p.stop_token_ids or ())
         if self.config.enable_prefix_caching:
             namespace = self.cache_namespace if p.cache_salt is None else cache_namespace(
                 self.fingerprint, self.config.block_size, self.config.kv_cache_encoding,

@@ -185,6 +185,12 @@ class SamplingParams:
                 raise ParamError(
                     "stop_token_ids", f"stop_token_ids entries must be ints >= 0, got {token_id!r}")
         self.stop_token_ids = ids
+        if self.stop and self.structured_outputs is not None:
+            # A constrained text ends where its grammar is complete (or at max_tokens); a stop
+            # string could cut it anywhere and still report `stop`.
+            raise ParamError("stop", "stop: stop strings cannot be combined with "
+                             "structured_outputs (the grammar decides where the text ends; "
+                             "stop_token_ids are allowed there)")
 
     @property
     def greedy(self) -> bool:

@@ -208,7 +208,11 @@ def update_text_and_check_stop(
 ) -> None:
     """Sets seq.finish_reason/stop_reason when the newly appended `token` ends the sequence."""
     p = seq.params
-    delta = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
+    # A stop token id that ends a constrained text is the grammar's stop token (grammar.py):
+    # like eos, it is not part of the text the grammar accepted.
+    grammar_stop = seq.grammar is not None and token in (p.stop_token_ids or ())
+    detok = seq.detokenizer
+    delta = detok.add(token) if detok is not None and not grammar_stop else ""
     seq.text += delta
     if seq.num_output_tokens >= p.min_tokens:
         if not p.ignore_eos and token in eos_ids:
@@ -224,18 +228,21 @@ def update_text_and_check_stop(
                     seq.text = seq.text[:end]
                     seq.finish_reason, seq.stop_reason = "stop", stop
                     return
-    if seq.finish_reason is None and seq.grammar is not None and (
-            seq.grammar_broken or seq.grammar.is_terminated()):
-        # The grammar is complete (it accepted its stop token), even with ignore_eos. A token
-        # it refused cannot pass the sampler's mask; should one, stop there and say so.
-        if seq.grammar_broken:
-            logger.error("request %s: a token outside its grammar was sampled",
-                         seq.request.request_id)
-        seq.finish_reason = "stop"
+    grammar = seq.grammar
+    if seq.finish_reason is None and grammar is not None and seq.grammar_broken:
+        # A token the grammar refused cannot pass the sampler's mask; should one, the text is
+        # not the grammar's: end it, and never call it complete.
+        logger.error("request %s: a token outside its grammar was sampled",
+                     seq.request.request_id)
+        seq.finish_reason = "length"
+    elif seq.finish_reason is None and grammar is not None and grammar.is_terminated():
+        seq.finish_reason = "stop"  # it accepted its stop token (even with ignore_eos)
     out_of_room = (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
         seq.num_tokens >= max_model_len)
     if seq.finish_reason is None and out_of_room:
-        seq.finish_reason = "length"
+        # A constrained text is `stop` only where its grammar is complete.
+        complete = grammar is not None and grammar.is_completed()
+        seq.finish_reason = "stop" if complete else "length"
     if seq.finish_reason is not None and seq.detokenizer is not None:
         seq.text += seq.detokenizer.flush()  # bytes held back for an unfinished character
 
