@@ -5,6 +5,7 @@ package folders. Built with setuptools' PEP 517 hooks in this venv (no download)
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -35,13 +36,23 @@ def _package_files(names: set[str]) -> set[str]:
     return {n for n in names if n.startswith("zayaserve/")}
 
 
+def _tree_copy(where: Path) -> Path:
+    """The checkout without what building leaves in it (setuptools' build/ folder would carry
+    old modules into a wheel) or what is not the project's."""
+    copy = where / "tree"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"))
+    return copy
+
+
 def test_the_wheel_from_the_sdist_is_the_wheel_from_the_tree(tmp_path: Path) -> None:
-    sdist = _build("sdist", ROOT, tmp_path / "sdist")
+    tree = _tree_copy(tmp_path)
+    sdist = _build("sdist", tree, tmp_path / "sdist")
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp_path / "unpacked", filter="data")
     (unpacked,) = (tmp_path / "unpacked").iterdir()
     from_sdist = _build("wheel", unpacked, tmp_path / "from-sdist")
-    from_tree = _build("wheel", ROOT, tmp_path / "from-tree")
+    from_tree = _build("wheel", tree, tmp_path / "from-tree")
     sdist_wheel = _package_files(set(zipfile.ZipFile(from_sdist).namelist()))
     tree_wheel = _package_files(set(zipfile.ZipFile(from_tree).namelist()))
     assert sdist_wheel == tree_wheel, (sorted(tree_wheel - sdist_wheel)[:20],

@@ -21,6 +21,7 @@ import re
 import re._constants as C  # noqa: N812
 import re._parser as sre
 from collections.abc import Iterable
+from typing import cast
 
 __all__ = ["regex_ebnf"]
 
@@ -99,7 +100,7 @@ class _Writer:
         if op is C.IN:
             return self.ranges(self.set_ranges(av))  # type: ignore[arg-type]
         if op in (C.MAX_REPEAT, C.MIN_REPEAT, C.POSSESSIVE_REPEAT):
-            lo, hi, sub = av  # type: ignore[misc]
+            lo, hi, sub = cast(tuple[int, object, list], av)
             bound = -1 if hi is C.MAXREPEAT else hi
             return f"{self.pattern(sub)}{{{lo}, {bound}}}"
         if op is C.SUBPATTERN:
