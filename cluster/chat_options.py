@@ -10,14 +10,15 @@ from typing import Any
 
 from zayaserve.cluster.frontend_errors import InvalidRequestError
 from zayaserve.cluster.openai_chat_protocol import ChatCompletionRequest, ChatMessageParam
+from zayaserve.replicas.model.chat_template import check_template_kwargs
 from zayaserve.replicas.model.tokenizer import Tokenizer
-
-# Variables the server sets itself; a request may not override them.
-_RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools",
-                       "documents", "raise_exception"})
+from zayaserve.replicas.validation_errors import ParamError
 
 
 def check_chat_options(body: ChatCompletionRequest) -> None:
+    """The checks every chat path makes before rendering (plain chat and RSA alike): option
+    combinations, `chat_template_kwargs` names (not a reserved variable, a Jinja built-in or
+    `self`) and `metadata` bounds."""
     if body.continue_final_message and body.add_generation_prompt:
         raise InvalidRequestError(
             "continue_final_message: needs add_generation_prompt=false", "continue_final_message")
@@ -25,11 +26,10 @@ def check_chat_options(body: ChatCompletionRequest) -> None:
         raise InvalidRequestError(
             "continue_final_message: the last message must be the assistant's",
             "continue_final_message")
-    reserved = sorted(_RESERVED & set(body.chat_template_kwargs or {}))
-    if reserved:
-        raise InvalidRequestError(
-            f"chat_template_kwargs.{reserved[0]}: set by the server, not a request",
-            f"chat_template_kwargs.{reserved[0]}")
+    try:
+        check_template_kwargs(body.chat_template_kwargs or {})
+    except ParamError as err:
+        raise InvalidRequestError(str(err), err.param) from None
     if body.metadata is not None and (len(body.metadata) > 16 or any(
             len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())):
         raise InvalidRequestError(

@@ -35,12 +35,16 @@ from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
 from zayaserve.cluster.request_tracker import RequestTracker
 from zayaserve.cluster.streams import aclose_quietly, collect, open_stream
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.observability.safe_text import cap, log_safe
 from zayaserve.replicas.observability.tracing import metadata_carrier
 from zayaserve.replicas.rsa.serving import RSALimits
 
 _HEALTH_TIMEOUT_S = 10.0
 _HEALTH_WATCHERS: set[asyncio.Future[None]] = set()  # keeps the watcher tasks referenced
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+# Status details travel in the trailers (a client drops the call past 16 KiB of them, UTF-8
+# percent-encoded): an error that quotes client text (an unknown model name) is cut to this.
+_MAX_DETAILS_CHARS = 1024
 
 _STATUS_OF_HTTP = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -62,10 +66,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def _track(self, endpoint: str, request: pb.GenerateRequest,
                context: grpc.aio.ServicerContext) -> RequestTracker:
-        """The call's tracker, traced under the client's W3C context in the metadata."""
+        """The call's tracker, traced under the client's W3C context in the metadata. Make it
+        only once the caller is let in: a caller without a key leaves no span."""
         operation = "chat" if request.WhichOneof("input") == "chat" else "text_completion"
         return self.metrics.track(endpoint, operation,
-                                  request.model or self.served_model_names[0],
+                                  cap(request.model or self.served_model_names[0]),
                                   metadata_carrier(context.invocation_metadata()))
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> str | None:
@@ -104,17 +109,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return model, request_id, text, ids, params
 
     async def _fail(self, context: grpc.aio.ServicerContext, err: BaseException,
-                    endpoint: str) -> None:
+                    endpoint: str, request: pb.GenerateRequest) -> None:
         try:
             frontend_err: FrontendError = as_frontend_error(err, RENAMES)
-        except Exception:  # not the request's fault
-            frontend_err = internal_error(err, endpoint)
+        except Exception:  # not the request's fault: logged with the client's id, escaped
+            where = endpoint + (f" request_id={log_safe(request.request_id)}"
+                                if request.request_id else "")
+            frontend_err = internal_error(err, where)
         status = _STATUS_OF_HTTP.get(frontend_err.status, grpc.StatusCode.INTERNAL)
         message = frontend_err.message
         if frontend_err.param and not message.startswith(frontend_err.param):
             message = f"{frontend_err.param}: {message}"
         self._count(endpoint, status)
-        await context.abort(status, message)
+        await context.abort(status, cap(message, _MAX_DETAILS_CHARS))
 
     def _count(self, endpoint: str, status: grpc.StatusCode) -> None:
         self.metrics.count_request(endpoint, status.name)
@@ -122,12 +129,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
         endpoint = "grpc.Generate"
+        try:
+            tenant = self._authorize(context)
+        except Exception as err:
+            await self._fail(context, err, endpoint, request)
+            return
         tracker = self._track(endpoint, request, context)
         iterator: AsyncIterator[Any] | None = None
         served = False
         failure: Exception | None = None
         try:
-            tenant = self._authorize(context)
             if request.HasField("rsa"):
                 model = resolve_model(request.model or None, self.served_model_names)
                 job, bound = rsa_job(request, self.client, tenant, self.rsa_limits)
@@ -139,7 +150,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 served = True
                 return
             model, request_id, text, ids, params = self._prepare(request, tenant)
-            tracker.describe(params, request_id)
+            tracker.describe(params, cap(request_id))
             delta, iterator = await open_stream(self.client, request_id, ids, params, text)
             tracker.on_prompt(len(ids))
             usage = pb.Usage(prompt_tokens=len(ids))
@@ -168,7 +179,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             served = True
         except Exception as err:
             failure = err
-            await self._fail(context, err, endpoint)
+            await self._fail(context, err, endpoint, request)
         finally:
             if iterator is not None:
                 await aclose_quietly(iterator)  # on cancel: aborts the request, frees blocks
@@ -177,9 +188,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GenerateUnary(self, request: pb.GenerateRequest,
                             context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         endpoint = "grpc.GenerateUnary"
-        tracker = self._track(endpoint, request, context)
         try:
             tenant = self._authorize(context)
+        except Exception as err:
+            await self._fail(context, err, endpoint, request)
+            raise AssertionError("unreachable: abort raises") from err
+        tracker = self._track(endpoint, request, context)
+        try:
             if request.HasField("rsa"):
                 model = resolve_model(request.model or None, self.served_model_names)
                 job, bound = rsa_job(request, self.client, tenant, self.rsa_limits)
@@ -189,14 +204,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 self._count(endpoint, grpc.StatusCode.OK)
                 return answer
             model, request_id, text, ids, params = self._prepare(request, tenant)
-            tracker.describe(params, request_id)
+            tracker.describe(params, cap(request_id))
             [out] = await collect(self.client, [(request_id, ids, text)], params,
                                   tracker.on_delta)
         except BaseException as err:
             tracker.finish(served=False, error=err if isinstance(err, Exception) else None)
             if not isinstance(err, Exception):
                 raise  # cancelled by the client: nothing to answer
-            await self._fail(context, err, endpoint)
+            await self._fail(context, err, endpoint, request)
             raise AssertionError("unreachable: abort raises") from err
         tracker.on_prompt(len(ids))
         tracker.finish()

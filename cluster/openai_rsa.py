@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from zayaserve.cluster.api_keys import cache_salt
-from zayaserve.cluster.chat_options import message_dict
+from zayaserve.cluster.chat_options import check_chat_options, message_dict
 from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
     as_frontend_error,
@@ -90,6 +90,7 @@ def _check_combinable(body: ChatCompletionRequest) -> None:
 def _job(body: ChatCompletionRequest, params: RSAParams, ctx: ServingContext,
          tenant: str | None, chat_id: str) -> RSAJob:
     _check_combinable(body)
+    check_chat_options(body)  # as an ordinary chat: template variable names, metadata
     last = body.messages[-1]
     if last.role != "user" or last.content is None:
         raise InvalidRequestError(

@@ -151,12 +151,21 @@ class HermesStreamingParser:
     the next feed decides. Inside a block the text is buffered until `</tool_call>`. After a
     call, whitespace is held: dropped if another block (or the end) follows, sent on as
     content with the text after it otherwise.
+
+    Work is linear in the text however it is cut: each feed looks only at its own text plus
+    the few held characters that could finish a tag (never the whole buffered block or held
+    whitespace again); a block's pieces are joined once, when it ends. `scanned` counts the
+    characters the tag searches looked at.
     """
 
     def __init__(self) -> None:
         self._mode = "content"  # "content", "call" (inside a block) or "after" (a call)
-        self._held = ""
+        self._held = ""  # a suffix that may start a tag: shorter than the tag
+        self._space: list[str] = []  # whitespace after a call ("after"), not yet sent
+        self._block: list[str] = []  # the open block's text so far ("call"), no CLOSE in it
+        self._tail = ""  # its last len(CLOSE) - 1 characters
         self._index = 0
+        self.scanned = 0
 
     @property
     def called(self) -> bool:
@@ -173,38 +182,54 @@ class HermesStreamingParser:
                 text = self._in_call(text, final, content, deltas)
             else:
                 text = self._outside(text, final, content)
+        if final:
+            self._space = []  # whitespace after the last call: dropped
         return "".join(content), deltas
+
+    def _find(self, text: str, tag: str) -> int:
+        self.scanned += len(text)
+        return text.find(tag)
 
     def _outside(self, text: str, final: bool, content: list[str]) -> str:
         """Handle text outside a block; return what is left for the block it opens."""
-        at = text.find(OPEN)
+        at = self._find(text, OPEN)
         if at != -1:
             before = text[:at]
             if self._mode == "content" or before.strip():
-                content.append(before)
+                content.extend((*self._space, before))
+            self._space, self._block, self._tail = [], [], ""
             self._mode = "call"
             return text[at + len(OPEN):]
         keep = 0 if final else partial_tag(text, OPEN)
         body, held = text[:len(text) - keep], text[len(text) - keep:]
         if self._mode == "content" or body.strip():
-            content.append(body)
-            self._mode, self._held = "content", held
-        elif not final:
-            self._held = body + held  # whitespace after a call: wait for what follows
+            content.extend((*self._space, body))
+            self._mode, self._held, self._space = "content", held, []
+        elif not final:  # whitespace after a call: wait for what follows
+            self._space.append(body)
+            self._held = held
         return ""
 
     def _in_call(self, text: str, final: bool, content: list[str],
                  deltas: list[ToolCallDelta]) -> str:
-        """Handle text inside a block; return what is left after it closes."""
-        end = text.find(CLOSE)
+        """Handle text inside a block; return what is left after it closes. The block so far
+        holds no CLOSE, so one can only start in its tail."""
+        window = self._tail + text
+        end = self._find(window, CLOSE)
         if end != -1:
-            self._finish(text[:end], OPEN + text[:end + len(CLOSE)], content, deltas)
-            return text[end + len(CLOSE):]
+            cut = end - len(self._tail)  # where CLOSE starts in `text` (<= 0: in the tail)
+            body = "".join(self._block)
+            body = body[:len(body) + cut] if cut < 0 else body + text[:cut]
+            self._block, self._tail = [], ""
+            self._finish(body, OPEN + body + CLOSE, content, deltas)
+            return window[end + len(CLOSE):]
+        self._block.append(text)
+        self._tail = window[-(len(CLOSE) - 1):]
         if final:  # stopped inside the block: often right after the JSON
-            body = text[:len(text) - partial_tag(text, CLOSE)]
-            self._finish(body, OPEN + text, content, deltas)
-        else:
-            self._held = text
+            whole = "".join(self._block)
+            self._block, self._tail = [], ""
+            self._finish(whole[:len(whole) - partial_tag(whole, CLOSE)], OPEN + whole, content,
+                         deltas)
         return ""
 
     def _finish(self, body: str, raw: str, content: list[str],

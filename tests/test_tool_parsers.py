@@ -12,6 +12,8 @@ import re
 import pytest
 
 from zayaserve.cluster.tool_parsers import (
+    CLOSE,
+    OPEN,
     TOOL_PARSERS,
     HermesToolParser,
     ParsedToolCall,
@@ -262,6 +264,31 @@ def test_whitespace_after_a_call_is_held_then_dropped_or_sent() -> None:
     parser = HermesToolParser().stream()
     assert parser.feed('<tool_call>{"name": "f"}</tool_call>\n\n')[0] == ""
     assert parser.feed("", final=True) == ("", [])
+
+
+# Each feed may look at its own text plus what could end a tag held from before: linear work.
+PER_FEED = len(CLOSE)
+
+
+def test_an_unclosed_block_fed_a_char_at_a_time_is_linear_work() -> None:
+    n = 200_000
+    parser = HermesToolParser().stream()
+    assert parser.feed("ok " + OPEN) == ("ok ", [])
+    for _ in range(n):
+        assert parser.feed("x") == ("", [])
+    assert parser.scanned <= PER_FEED * (n + 1)  # a rescan per feed would be ~n * n / 2
+    assert parser.feed("", final=True) == (OPEN + "x" * n, [])
+
+
+def test_a_long_call_and_the_whitespace_after_it_are_linear_work() -> None:
+    n = 100_000
+    text = '<tool_call>{"name": "f", "arguments": {"s": "' + "y" * n + '"}}</tool_call>'
+    parser = HermesToolParser().stream()
+    deltas = [d for ch in text for d in parser.feed(ch)[1]]
+    assert [(d.name, len(d.arguments)) for d in deltas] == [("f", n + 9)]
+    assert all(parser.feed(" ") == ("", []) for _ in range(n))  # held: a call may follow
+    assert parser.feed("Done") == (" " * n + "Done", [])
+    assert parser.scanned <= PER_FEED * (len(text) + n + 1)
 
 
 def test_registry() -> None:

@@ -25,6 +25,7 @@ from zayaserve.replicas.engine.outputs import CompletionStep, Logprob, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.engine.sampler import SampledToken
 from zayaserve.replicas.engine.sequence import Request, Sequence, Status
+from zayaserve.replicas.observability.safe_text import log_safe
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def update_text_and_check_stop(
         # A token the grammar refused cannot pass the sampler's mask; should one, the text is
         # not the grammar's: end it, and never call it complete.
         logger.error("request %s: a token outside its grammar was sampled",
-                     seq.request.request_id)
+                     log_safe(seq.request.request_id))
         seq.finish_reason = "length"
     elif seq.finish_reason is None and grammar is not None and grammar.is_terminated():
         seq.finish_reason = "stop"  # it accepted its stop token (even with ignore_eos)

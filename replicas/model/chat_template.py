@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import tokenizers
 from jinja2 import Template, TemplateError
+from jinja2.defaults import DEFAULT_NAMESPACE
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import htmlsafe_json_dumps
 
@@ -30,7 +31,15 @@ from zayaserve.replicas.validation_errors import ParamError
 if TYPE_CHECKING:
     from zayaserve.replicas.model.tokenizer import Tokenizer
 
-__all__ = ["ChatRenderer"]
+__all__ = ["BUILTIN_NAMES", "RESERVED_VARIABLES", "ChatRenderer", "check_template_kwargs"]
+
+# Variables the renderer sets itself; extra template variables may not override them.
+RESERVED_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token",
+                                "tools", "documents"})
+# Names of what templates call (Jinja's globals: range, dict, namespace, lipsum, cycler,
+# joiner; our raise_exception) and `self` (Jinja's template reference, and the renderer's own
+# argument): a variable of that name would replace the function, breaking the render.
+BUILTIN_NAMES = frozenset(DEFAULT_NAMESPACE) | {"raise_exception", "self"}
 
 # Private-use code points (plane 15) stand in for special-token text found in messages while the
 # template renders; those picked occur nowhere in the conversation or the rendered prompt.
@@ -133,6 +142,18 @@ def _marks(count: int, haystack: str) -> list[str]:
     return marks
 
 
+def check_template_kwargs(extra: Mapping[str, Any], where: str = "chat_template_kwargs") -> None:
+    """Refuses extra template variables named like a reserved variable or a built-in, with a
+    ParamError naming `<where>.<name>` (the first such name, in sorted order)."""
+    bad = sorted(str(name) for name in (RESERVED_VARIABLES | BUILTIN_NAMES) & set(extra))
+    if not bad:
+        return
+    param = f"{where}.{bad[0]}"
+    if bad[0] in RESERVED_VARIABLES:
+        raise ParamError(param, f"{param}: set by the server, not a request")
+    raise ParamError(param, f"{param}: names a chat-template built-in, not a variable")
+
+
 class ChatRenderer:
     """One tokenizer's chat template: compiled on first use, with the special-token lookups and
     the plain-text tokenizer copy that `render` needs, built once and kept."""
@@ -171,6 +192,7 @@ class ChatRenderer:
     def text(self, messages: Sequence[Any], add_generation_prompt: bool,
              extra: Mapping[str, Any], tools: list[Any] | None = None) -> str:
         """The prompt text (see `Tokenizer.apply_chat_template`)."""
+        check_template_kwargs(extra)
         return self._render(_normalize_messages(messages), add_generation_prompt, extra, tools)
 
     def render(self, messages: Sequence[Any], add_generation_prompt: bool,
@@ -178,6 +200,7 @@ class ChatRenderer:
                ) -> tuple[str, list[int]]:
         """The prompt text and its ids, message text kept as data (see `Tokenizer.render_chat`).
         `tools` (function definitions) are data too: they come from the request."""
+        check_template_kwargs(extra)
         conversation = _normalize_messages(messages)
         text = self._render(conversation, add_generation_prompt, extra, tools)
         data = [conversation, tools or []]

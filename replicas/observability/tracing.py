@@ -13,15 +13,21 @@ Off, `tracer()` is None and every hook in the serving path is one `is None` test
 not even imported. Context crosses processes as W3C `traceparent`/`tracestate` strings
 (`inject`/`extract`); only sampled contexts are passed on, so an unsampled request costs the
 workers and shards nothing.
+
+A client's `traceparent` links the request's span into the client's trace, but whether it is
+sampled is the server's sampler's call unless `trust_client_sampling` is on: otherwise any
+caller could force full traces on every worker and shard. Span names and string attributes are
+cut to `MAX_TRACE_CHARS` (client text such as a model name ends up in them).
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from opentelemetry.context import Context
+from opentelemetry.context import Context, create_key, set_value
 from opentelemetry.trace import (
     NonRecordingSpan,
     Span,
@@ -33,6 +39,8 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import BaseModel, ConfigDict, Field
 
+from zayaserve.replicas.observability.safe_text import MAX_TRACE_CHARS, cap
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -42,6 +50,7 @@ _SAMPLERS: tuple[str, ...] = Sampler.__args__  # type: ignore[attr-defined]
 _PROPAGATOR = TraceContextTextMapPropagator()
 INSTRUMENTATION = "zayaserve"
 CLUSTER_EVENT_PREFIXES = ("placement.", "cluster.")  # root spans always kept
+_FROM_CLIENT = create_key("zayaserve-client-parent")  # marks a context a client handed in
 
 
 class TracingConfig(BaseModel):
@@ -67,6 +76,12 @@ class TracingConfig(BaseModel):
     dispatch_span_layers: int = Field(
         default=0, ge=0, description="Layers per expert-dispatch span of a traced step (0: "
         "all, one span per micro-batch step; each layer is an event on it).")
+    trust_client_sampling: bool = Field(
+        default=False, description="Honour the sampled flag of a client's W3C traceparent "
+        "(REST header, gRPC metadata). Off: the request's span still joins the client's trace "
+        "(same trace id, the client's span as parent), but this server's sampler decides "
+        "whether it is recorded, so callers cannot force full traces on every worker and "
+        "shard. Turn on only when every caller is trusted.")
 
     def resolved(self, env: Mapping[str, str] | None = None) -> TracingConfig:
         """These settings with the unset ones taken from `env` (default: os.environ)."""
@@ -88,7 +103,8 @@ class TracingConfig(BaseModel):
         return TracingConfig(
             otlp_traces_endpoint=endpoint, sampler=sampler,  # type: ignore[arg-type]
             sampler_arg=arg, service_name=self.service_name or env.get("OTEL_SERVICE_NAME"),
-            disabled=off, dispatch_span_layers=self.dispatch_span_layers)
+            disabled=off, dispatch_span_layers=self.dispatch_span_layers,
+            trust_client_sampling=self.trust_client_sampling)
 
     @property
     def enabled(self) -> bool:
@@ -120,7 +136,7 @@ def configure(config: TracingConfig | None, component: str,
     shutdown()
     # Imported only when tracing is on: the SDK costs nothing to a process that never traces.
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     if exporter is None:
@@ -130,7 +146,9 @@ def configure(config: TracingConfig | None, component: str,
     resource = Resource.create({"service.name": cfg.service_name or "zayaserve",
                                 "zayaserve.component": component,
                                 "service.instance.id": f"{component}-{os.getpid()}"})
-    provider = TracerProvider(sampler=_sampler(cfg), resource=resource)
+    provider = TracerProvider(sampler=_sampler(cfg), resource=resource,
+                              span_limits=SpanLimits(max_attribute_length=MAX_TRACE_CHARS))
+    provider.add_span_processor(_CapNames())
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     _process = _Process(cfg, provider, provider.get_tracer(INSTRUMENTATION))
     return _process.tracer
@@ -141,28 +159,40 @@ def _sampler(cfg: TracingConfig) -> Any:
 
     name = cfg.sampler or "parentbased_always_on"
     ratio = 1.0 if cfg.sampler_arg is None else cfg.sampler_arg
-    return _KeepLinked({
-        "always_on": sampling.ALWAYS_ON,
-        "always_off": sampling.ALWAYS_OFF,
-        "traceidratio": sampling.TraceIdRatioBased(ratio),
-        "parentbased_always_on": sampling.ParentBased(sampling.ALWAYS_ON),
-        "parentbased_always_off": sampling.ParentBased(sampling.ALWAYS_OFF),
-        "parentbased_traceidratio": sampling.ParentBasedTraceIdRatio(ratio),
-    }[name])
+    on, off, by_ratio = sampling.ALWAYS_ON, sampling.ALWAYS_OFF, sampling.TraceIdRatioBased(ratio)
+    inner, root = {
+        "always_on": (on, on),
+        "always_off": (off, off),
+        "traceidratio": (by_ratio, by_ratio),
+        "parentbased_always_on": (sampling.ParentBased(on), on),
+        "parentbased_always_off": (sampling.ParentBased(off), off),
+        "parentbased_traceidratio": (sampling.ParentBasedTraceIdRatio(ratio), by_ratio),
+    }[name]
+    return _KeepLinked(inner, None if cfg.trust_client_sampling else root)
 
 
-def _KeepLinked(inner: Any) -> Any:  # noqa: N802 - builds an instance of a lazily made class
+def _KeepLinked(inner: Any, client_root: Any = None) -> Any:  # noqa: N802 - a lazy class
     """`inner`, except that a root span linked to a sampled span is kept (a batched dispatch
     is recorded whenever a request it serves is; a ratio sampler would drop most of them), and
-    so are the cluster's own events (`placement.*`, `cluster.*`: few, and each one matters)."""
+    so are the cluster's own events (`placement.*`, `cluster.*`: few, and each one matters).
+    With `client_root`, a span whose parent a client handed in (`extract`) is sampled by
+    `client_root` as if it began a trace, on a random number rather than the client's trace
+    id (a chosen trace id would pass a ratio sampler every time); it keeps the client's trace
+    id, parent and tracestate."""
     from opentelemetry.sdk.trace import sampling
 
     class KeepLinked(sampling.Sampler):
         def should_sample(self, parent_context: Any, trace_id: int, name: str,
                           kind: Any = None, attributes: Any = None, links: Any = None,
                           trace_state: Any = None) -> Any:
-            root = not get_current_span(parent_context).get_span_context().is_valid
-            if root and (name.startswith(CLUSTER_EVENT_PREFIXES) or links and any(
+            parent = get_current_span(parent_context).get_span_context()
+            if client_root is not None and parent.is_valid and parent.is_remote \
+                    and parent_context is not None and parent_context.get(_FROM_CLIENT):
+                decided = client_root.should_sample(Context(), random.getrandbits(128), name,
+                                                    kind, attributes, links)
+                return sampling.SamplingResult(decided.decision, decided.attributes,
+                                               parent.trace_state)
+            if not parent.is_valid and (name.startswith(CLUSTER_EVENT_PREFIXES) or links and any(
                     link.context.trace_flags.sampled for link in links)):
                 return sampling.SamplingResult(sampling.Decision.RECORD_AND_SAMPLE,
                                                attributes, trace_state)
@@ -170,9 +200,23 @@ def _KeepLinked(inner: Any) -> Any:  # noqa: N802 - builds an instance of a lazi
                                        links, trace_state)
 
         def get_description(self) -> str:
-            return f"KeepLinked{{{inner.get_description()}}}"
+            trusted = "" if client_root is None else f",client:{client_root.get_description()}"
+            return f"KeepLinked{{{inner.get_description()}{trusted}}}"
 
     return KeepLinked()
+
+
+def _CapNames() -> Any:  # noqa: N802 - builds an instance of a lazily made class
+    """A span processor cutting span names to `MAX_TRACE_CHARS` (attribute values are cut by
+    the provider's SpanLimits)."""
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class CapNames(SpanProcessor):
+        def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+            if len(span.name) > MAX_TRACE_CHARS:
+                span.update_name(cap(span.name))
+
+    return CapNames()
 
 
 def tracer() -> Tracer | None:
@@ -201,13 +245,16 @@ def shutdown() -> None:
 # ---- context across processes --------------------------------------------------------------
 
 
-def extract(carrier: Mapping[str, str] | None) -> Context | None:
+def extract(carrier: Mapping[str, str] | None, from_client: bool = True) -> Context | None:
     """The parent context in W3C headers (REST headers, gRPC metadata, a worker's carrier);
-    None when they hold none."""
+    None when they hold none. A client's (`from_client`) is marked so: its sampled flag is
+    honoured only with `trust_client_sampling`."""
     if not carrier:
         return None
     ctx = _PROPAGATOR.extract(carrier)
-    return ctx if get_current_span(ctx).get_span_context().is_valid else None
+    if not get_current_span(ctx).get_span_context().is_valid:
+        return None
+    return set_value(_FROM_CLIENT, True, ctx) if from_client else ctx
 
 
 def inject(span: Span | SpanContext) -> dict[str, str]:
