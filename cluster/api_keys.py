@@ -20,23 +20,25 @@ from zayaserve.cluster.frontend_errors import AuthenticationError
 ENV_VAR = "ZAYASERVE_API_KEY"
 
 
-def load_api_keys(api_key: str | None = None, api_key_file: str | None = None) -> list[str]:
-    """Every configured key; a missing or empty key file is a config error naming the field."""
+def load_api_keys(api_key: str | None = None, api_key_file: str | None = None,
+                  env_var: str = ENV_VAR, field: str = "api_key") -> list[str]:
+    """Every configured key (the config's, the file's, the variable's); a missing or empty key
+    file is a config error naming the field (`<field>_file`)."""
     keys = [api_key] if api_key else []
     if api_key_file:
         try:
             lines = Path(api_key_file).read_text().splitlines()
         except OSError as err:
-            raise ValueError(f"api_key_file: cannot read {api_key_file!r} "
+            raise ValueError(f"{field}_file: cannot read {api_key_file!r} "
                              f"({err.strerror or type(err).__name__})") from None
         found = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not found:
-            raise ValueError(f"api_key_file: {api_key_file!r} holds no key")
+            raise ValueError(f"{field}_file: {api_key_file!r} holds no key")
         keys += found
-    keys += [k.strip() for k in os.environ.get(ENV_VAR, "").split(",") if k.strip()]
+    keys += [k.strip() for k in os.environ.get(env_var, "").split(",") if k.strip()]
     short = [k for k in keys if len(k) < 8]
     if short:
-        raise ValueError("api_key: keys must be at least 8 characters")
+        raise ValueError(f"{field}: keys must be at least 8 characters")
     return list(dict.fromkeys(keys))
 
 

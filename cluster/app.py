@@ -64,7 +64,8 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     controller = PlacementController.options(  # type: ignore[attr-defined]
         ray_actor_options=front,
     ).bind(num_experts, cfg.expert_shards, cfg.expert_replication, cfg.attention_workers,
-           cfg.autoscaling.model_dump(), cfg.eplb.model_dump(), tracing)
+           cfg.autoscaling.model_dump(), cfg.eplb.model_dump(), tracing, cfg.scale_cooldown_s,
+           cfg.max_experts_per_shard)
     shards = None
     if cfg.expert_shards:
         shards = ExpertShard.options(  # type: ignore[attr-defined]

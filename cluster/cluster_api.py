@@ -1,8 +1,8 @@
 """Operating the cluster over REST: GET /v1/cluster/placement (the expert placement's epoch,
 each shard slot with its state and experts, per-expert load and the balancedness it gives),
 POST /v1/cluster/scale (resize either deployment in place; answers an operation) and GET
-/v1/cluster/operations/{id} (its phase). Admin routes ask for the API key whenever keys are
-set."""
+/v1/cluster/operations/{id} (its phase). Every route here is an admin route: `authorize` is
+the admin check (admin_auth.py), never a tenant's."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from zayaserve.cluster.frontend_errors import (
     FrontendError,
     InvalidRequestError,
     NotFoundError,
+    OverloadedError,
     internal_error,
 )
 from zayaserve.cluster.openapi_schema import openapi_responses
@@ -91,7 +92,7 @@ def add_cluster_routes(app: FastAPI, ctx: ServingContext,
                        authorize: Callable[[Request], Any],
                        read_body: Callable[[Request, type[Any]], Awaitable[Any]]) -> None:
 
-    @app.get(ROUTE, responses=openapi_responses(PlacementView, errors=(401, 500)))
+    @app.get(ROUTE, responses=openapi_responses(PlacementView, errors=(401, 403, 500)))
     async def placement(request: Request) -> JSONResponse:
         authorize(request)
         try:
@@ -101,7 +102,7 @@ def add_cluster_routes(app: FastAPI, ctx: ServingContext,
         return JSONResponse(view.model_dump())
 
     @app.post(SCALE_ROUTE, responses=openapi_responses(ScaleResponse,
-                                                       errors=(400, 401, 409, 413, 500)))
+                                                       errors=(400, 401, 403, 409, 413, 429, 500)))
     async def scale(request: Request) -> JSONResponse:
         authorize(request)
         body: ScaleRequest = await read_body(request, ScaleRequest)
@@ -112,14 +113,17 @@ def add_cluster_routes(app: FastAPI, ctx: ServingContext,
         except Exception as err:
             raise internal_error(err, SCALE_ROUTE) from err
         if answer.get("error") == "conflict":
-            raise ConflictError(answer["message"], "expert_shards")
+            raise ConflictError(answer["message"], answer.get("param", "expert_shards"))
+        if answer.get("error") == "rate_limited":
+            raise OverloadedError(answer["message"], "scale",
+                                  retry_after_s=max(1, int(answer["retry_after_s"] + 0.999)))
         if answer.get("error"):
             message = str(answer["message"])
             raise InvalidRequestError(message, message.split(":")[0].split(" ")[0])
         return JSONResponse(ScaleResponse.model_validate(answer).model_dump(),
                             status_code=202 if answer["created"] else 200)
 
-    @app.get(OPERATIONS_ROUTE, responses=openapi_responses(Operation, errors=(401, 404, 500)))
+    @app.get(OPERATIONS_ROUTE, responses=openapi_responses(Operation, errors=(401, 403, 404, 500)))
     async def operation(op_id: str, request: Request) -> JSONResponse:
         authorize(request)
         try:

@@ -70,6 +70,20 @@ class ClusterConfig(BaseModel):
     api_key_file: str | None = Field(
         None, description="File of API keys, one per line (e.g. a mounted Kubernetes Secret); "
         "each key is a tenant with its own prefix-cache salt.")
+    admin_api_key: SecretStr | None = Field(
+        None, description="A Bearer key the admin routes (/v1/cluster/*) require; tenant keys "
+        "get 403 there (prefer admin_api_key_file or $ZAYASERVE_ADMIN_API_KEY). With no admin "
+        "key, the admin routes answer only to loopback callers.")
+    admin_api_key_file: str | None = Field(
+        None, description="File of admin keys, one per line (e.g. a mounted Kubernetes Secret).")
+    scale_cooldown_s: float = Field(
+        30.0, ge=0, description="Least time between two resizes by hand (POST "
+        "/v1/cluster/scale): one sooner is a 429 with Retry-After.")
+    max_experts_per_shard: int | None = Field(
+        None, ge=1, description="The most experts (each with all its layers) one expert shard "
+        "may hold: its memory budget. A resize whose plan would need more on one shard is "
+        "refused (409). Each shard also reports what its free memory holds (device memory on "
+        "GPUs, available host memory on CPUs); the smaller bound wins.")
     reasoning_parser: Literal["think"] | None = Field(
         None, description="think: chat answers move <think>...</think> to reasoning_content "
         "(ZAYA1 and Qwen3-style templates).")

@@ -25,7 +25,7 @@ from zayaserve.cluster.autoscale_policy import (
 )
 from zayaserve.cluster.elastic_config import EplbConfig, pool_bounds
 from zayaserve.cluster.placement_state import ExpertPlacement
-from zayaserve.cluster.scale_ops import ScaleError, ScaleOperations
+from zayaserve.cluster.scale_ops import ScaleError, ScaleOperations, ScaleRefused
 from zayaserve.cluster.worker_totals import WorkerTotals
 from zayaserve.router.eplb import moves, should_rebalance
 
@@ -46,8 +46,9 @@ class ControllerState:
     def __init__(self, num_experts: int, num_shards: int, replication: int,
                  attention_workers: int = 1, autoscaling: AutoscalingConfig | None = None,
                  eplb: EplbConfig | None = None, heartbeat_timeout_s: float = 4.0,
-                 grace_s: float = 3.0) -> None:
+                 grace_s: float = 3.0, max_experts_per_shard: int | None = None) -> None:
         self.autoscaling = autoscaling or AutoscalingConfig()
+        self.max_experts_per_shard = max_experts_per_shard
         self.eplb = eplb or EplbConfig()
         self.placement = ExpertPlacement(num_experts, num_shards, replication,
                                          heartbeat_timeout_s, grace_s, self.eplb.window_s)
@@ -80,6 +81,16 @@ class ControllerState:
             if isinstance(tokens, dict):
                 p.load.add(slot, replica, tokens, now)
         return {"ok": ok, "hold": p.hold(slot, now), "desired_shards": p.desired}
+
+    def shard_budget(self) -> int | None:
+        """The most experts one shard may hold: the configured cap, and what each serving
+        shard reports it can hold in its memory (None: no bound known)."""
+        serving = {s for s, slot in self.placement.slots.items() if slot.serving}
+        caps = [int(c) for s, st in self.shard_stats.items()
+                if s in serving and isinstance(c := st.get("capacity_experts"), int | float)]
+        if self.max_experts_per_shard is not None:
+            caps.append(self.max_experts_per_shard)
+        return min(caps) if caps else None
 
     # ----- workers --------------------------------------------------------------------------
     def report_worker(self, replica: str, stats: dict[str, Any], now: float) -> dict[str, Any]:
@@ -125,8 +136,9 @@ class ControllerState:
         new_shards = d.expert_shards if p.slots and d.expert_shards != cur_shards else None
         if new_workers is not None or new_shards is not None:
             # A decision outside the resize bounds (ScaleError) keeps the counts.
-            with contextlib.suppress(ScaleError):
-                self.ops.start(new_shards, new_workers, now, time.time())
+            # So does one that would overfill a shard (ScaleRefused).
+            with contextlib.suppress(ScaleError, ScaleRefused):
+                self.ops.start(new_shards, new_workers, now, time.time(), self.shard_budget())
 
     def _rebalance(self) -> None:
         p = self.placement

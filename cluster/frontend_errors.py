@@ -16,6 +16,7 @@ from zayaserve.replicas.engine.async_engine import (
     StreamStalledError,
 )
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.observability.safe_text import cap
 from zayaserve.replicas.validation_errors import ParamError
 
 logger = logging.getLogger("zayaserve.frontend")
@@ -52,6 +53,12 @@ class InvalidRequestError(FrontendError):
 class AuthenticationError(FrontendError):
     status = 401
     code = "invalid_api_key"
+
+
+class PermissionDeniedError(FrontendError):
+    status = 403
+    error_type = "permission_error"
+    code = "permission_denied"
 
 
 class ModelNotFoundError(FrontendError):
@@ -152,7 +159,7 @@ def resolve_model(requested: str | None, served: Sequence[str]) -> str:
         return served[0]
     if requested not in served:
         raise ModelNotFoundError(
-            f"The model `{requested}` does not exist; this server serves {list(served)}",
+            f"The model `{cap(requested)}` does not exist; this server serves {list(served)}",
             "model")
     return requested
 

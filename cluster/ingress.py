@@ -8,6 +8,7 @@ from typing import Any
 
 from ray import serve
 
+from zayaserve.cluster.admin_auth import load_admin_keys
 from zayaserve.cluster.api_keys import load_api_keys
 from zayaserve.cluster.config import ClusterConfig
 from zayaserve.cluster.engine_client import ClusterEngineClient
@@ -35,6 +36,9 @@ class Ingress:
         # that serves), never passed around.
         self.api_keys = load_api_keys(key.get_secret_value() if key else None,
                                       self.config.api_key_file)
+        admin = self.config.admin_api_key
+        self.admin_keys = load_admin_keys(admin.get_secret_value() if admin else None,
+                                          self.config.admin_api_key_file, self.api_keys)
         self.shards = shards
         tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model))
         info = await workers.describe.remote()
@@ -70,7 +74,8 @@ class Ingress:
                                 served_model_names=[self.config.model_name],
                                 metrics=self.metrics,
                                 max_prompts=self.config.engine.limits.max_prompts_per_request,
-                                rsa_limits=self._rsa_limits())
+                                rsa_limits=self._rsa_limits(),
+                                admin_api_keys=self.admin_keys)
 
     async def __del__(self) -> None:
         if self.grpc_server is not None:

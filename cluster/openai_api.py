@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from zayaserve.cluster.admin_auth import AdminAuth
 from zayaserve.cluster.api_keys import ApiKeys
 from zayaserve.cluster.cluster_api import add_cluster_routes
 from zayaserve.cluster.engine_client import EngineClient
@@ -60,6 +61,7 @@ from zayaserve.cluster.openapi_schema import (
 from zayaserve.cluster.rsa_request import rsa_params_of
 from zayaserve.cluster.streams import ServingContext, error_response_of
 from zayaserve.cluster.utility_api import add_utility_routes
+from zayaserve.replicas.observability.safe_text import log_safe
 from zayaserve.replicas.rsa.serving import RSALimits
 
 logger = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ async def _read_body(request: Request, limit: int, model: type[M], strict: bool 
     if extra and strict:
         raise InvalidRequestError(f"{extra[0]}: unrecognized request argument", extra[0])
     if extra:
-        names = ", ".join(name[:64] for name in extra[:10])
+        names = ", ".join(log_safe(name, 64) for name in extra[:10])
         logger.warning("%s: ignored unknown request fields: %s%s", request.url.path, names,
                        " ..." if len(extra) > 10 else "")
     return body
@@ -194,11 +196,13 @@ def build_openai_app(
     reasoning_parser: str | None = None,
     tool_call_parser: str | None = "hermes",
     rsa_limits: RSALimits | None = None,
+    admin_api_keys: list[str] | None = None,
 ) -> FastAPI:
     """The REST app. `served_model_names` are the ids clients may pass as `model` (default: the
     engine client's model name); `metrics` lets several front ends share one registry;
     `max_prompts` bounds the prompts of one completions request, `rsa_limits` what one RSA
-    request may cost."""
+    request may cost. The admin routes need one of `admin_api_keys` (none: loopback callers
+    only; admin_auth.py)."""
     names = list(served_model_names or [client.model_name])
     metrics = metrics or MetricsCollector()
     ctx = ServingContext(client, names, metrics, max_prompts, reasoning_parser,
@@ -250,7 +254,8 @@ def build_openai_app(
     add_utility_routes(app, ctx, authorize,
                        lambda request, model: _read_body(request, max_body_bytes, model,
                                                          strict_fields))
-    add_cluster_routes(app, ctx, authorize,
+    admin = AdminAuth(admin_api_keys or [], keys)
+    add_cluster_routes(app, ctx, admin.check,
                        lambda request, model: _read_body(request, max_body_bytes, model, True))
 
     @app.get("/v1/models", responses=openapi_responses(ModelList, errors=(401, 500)))

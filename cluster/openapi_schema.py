@@ -15,11 +15,13 @@ from zayaserve.cluster.openai_protocol import NOT_SUPPORTED, ErrorResponse
 _ERRORS: dict[int, str] = {
     400: "Invalid request; the message and `param` name the offending field.",
     401: "Missing or wrong API key (only when the server has one).",
+    403: "A tenant key on an admin route, or a remote caller while no admin key is set.",
     404: "`model` is not served here (code model_not_found), or no such operation.",
     408: "The engine stopped producing output (code stream_stalled).",
-    409: "Another resize operation is running (code conflict).",
+    409: "Another resize operation is running, or the resize would overfill a shard "
+         "(code conflict).",
     413: "The request body is too large (code request_too_large).",
-    429: "Overloaded; retry after Retry-After seconds.",
+    429: "Overloaded, or a resize within the cooldown; retry after Retry-After seconds.",
     500: "Internal error; the server log has the details.",
     503: "The engine is unavailable; retry after Retry-After seconds.",
 }

@@ -22,7 +22,7 @@ from zayaserve.cluster.autoscale_policy import AutoscalingConfig
 from zayaserve.cluster.controller_state import ControllerState
 from zayaserve.cluster.elastic_config import EplbConfig
 from zayaserve.cluster.placement_tracing import PlacementTracer
-from zayaserve.cluster.scale_ops import ScaleConflict, ScaleError
+from zayaserve.cluster.scale_ops import ScaleConflict, ScaleError, ScaleRefused, ScaleTooSoon
 from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
 
@@ -36,12 +36,15 @@ class PlacementController:
     async def __init__(  # type: ignore[misc]
         self, num_experts: int, num_shards: int, replication: int, attention_workers: int = 1,
         autoscaling: dict[str, Any] | None = None, eplb: dict[str, Any] | None = None,
-        tracing: dict[str, Any] | None = None,
+        tracing: dict[str, Any] | None = None, scale_cooldown_s: float = 0.0,
+        max_experts_per_shard: int | None = None,
     ) -> None:
         configure_tracing(TracingConfig(**(tracing or {})), "placement_controller")
         self.state = ControllerState(
             num_experts, num_shards, replication, attention_workers,
-            AutoscalingConfig(**(autoscaling or {})), EplbConfig(**(eplb or {})))
+            AutoscalingConfig(**(autoscaling or {})), EplbConfig(**(eplb or {})),
+            max_experts_per_shard=max_experts_per_shard)
+        self.scale_cooldown_s = scale_cooldown_s
         self.tracer = PlacementTracer()  # spans of epochs and resizes (tracing on only)
         self._tick = asyncio.get_running_loop().create_task(self._ticks())
 
@@ -87,17 +90,23 @@ class PlacementController:
     async def scale(self, expert_shards: int | None = None,
                     attention_workers: int | None = None) -> dict[str, Any]:
         """A resize by hand: {"operation": ..., "created": bool} or {"error": kind, ...}
-        (returned, not raised: the ingress maps them to 400 / 409)."""
+        (returned, not raised: the ingress maps them to 400 / 409 / 429)."""
         if self.state.autoscaling.enabled:
             return {"error": "invalid", "message": "autoscaling.enabled: the autoscaler owns "
                     "both deployments' counts; deploy with autoscaling off to resize by hand"}
         try:
-            op, created = self.state.ops.start(expert_shards, attention_workers,
-                                               time.monotonic(), time.time())
+            op, created = self.state.ops.start(
+                expert_shards, attention_workers, time.monotonic(), time.time(),
+                self.state.shard_budget(), self.scale_cooldown_s)
         except ScaleError as err:
             return {"error": "invalid", "message": str(err)}
         except ScaleConflict as err:
             return {"error": "conflict", "message": str(err), "operation": err.operation}
+        except ScaleRefused as err:
+            return {"error": "conflict", "message": str(err), "param": "expert_shards"}
+        except ScaleTooSoon as err:
+            return {"error": "rate_limited", "message": str(err),
+                    "retry_after_s": err.retry_after_s}
         return {"operation": op, "created": created}
 
     async def operation(self, op_id: str) -> dict[str, Any] | None:

@@ -1,5 +1,7 @@
 """`zayaserve scale`: resize a running cluster over its REST admin API (POST /v1/cluster/scale),
-then, with --wait, follow the operation until it is done or failed."""
+then, with --wait, follow the operation until it is done or failed. It sends the admin key
+(--api-key-file, else $ZAYASERVE_ADMIN_API_KEY; a cluster without one answers loopback
+callers only)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
+
+from zayaserve.cluster.admin_auth import ADMIN_ENV_VAR
 
 
 def add_scale_parser(sub: Any) -> None:
@@ -19,8 +24,8 @@ def add_scale_parser(sub: Any) -> None:
     p.add_argument("--attention-workers", type=int, default=None)
     p.add_argument("--url", default="http://127.0.0.1:8000",
                    help="the cluster's REST address (default http://127.0.0.1:8000)")
-    p.add_argument("--api-key", default=None,
-                   help="API key (default: $ZAYASERVE_API_KEY); prefer the variable")
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the admin key (default: $ZAYASERVE_ADMIN_API_KEY)")
     p.add_argument("--wait", action="store_true", help="follow the operation to its end")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits")
     p.set_defaults(func=run_scale)
@@ -28,6 +33,7 @@ def add_scale_parser(sub: Any) -> None:
 
 def _call(url: str, key: str | None, body: dict[str, Any] | None = None
           ) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON answer); a 429's Retry-After comes back as answer["retry_after_s"]."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
     request.add_header("Content-Type", "application/json")
@@ -38,18 +44,44 @@ def _call(url: str, key: str | None, body: dict[str, Any] | None = None
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as err:
         try:
-            return err.code, json.loads(err.read())
+            answer = json.loads(err.read())
         except ValueError:
-            return err.code, {"error": {"message": err.reason}}
+            answer = {"error": {"message": err.reason}}
+        if err.headers.get("Retry-After", "").isdigit():
+            answer["retry_after_s"] = int(err.headers["Retry-After"])
+        return err.code, answer
+
+
+def _admin_key(key_file: str | None) -> str | None:
+    if key_file:
+        try:
+            text = Path(key_file).read_text()
+        except OSError as err:
+            raise ValueError(f"--api-key-file: cannot read {key_file!r} ({err.strerror})") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if not lines:
+            raise ValueError(f"--api-key-file: {key_file!r} holds no key")
+        return lines[0]
+    return os.environ.get(ADMIN_ENV_VAR) or None
 
 
 def run_scale(args: argparse.Namespace) -> int:
     if args.expert_shards is None and args.attention_workers is None:
         raise ValueError("scale: give --expert-shards and/or --attention-workers")
-    key = args.api_key or os.environ.get("ZAYASERVE_API_KEY")
+    key = _admin_key(args.api_key_file)
     base = args.url.rstrip("/")
-    status, answer = _call(f"{base}/v1/cluster/scale", key, {
-        "expert_shards": args.expert_shards, "attention_workers": args.attention_workers})
+    deadline = time.monotonic() + args.timeout
+    while True:
+        status, answer = _call(f"{base}/v1/cluster/scale", key, {
+            "expert_shards": args.expert_shards, "attention_workers": args.attention_workers})
+        wait = answer.get("retry_after_s")
+        # Within the cluster's cooldown after the last resize: --wait waits it out.
+        if status != 429 or not args.wait or wait is None or (
+                time.monotonic() + wait > deadline):
+            break
+        print(f"zayaserve: the last resize was less than the cooldown ago; retrying in "
+              f"{wait} s", file=sys.stderr, flush=True)
+        time.sleep(wait)
     if status >= 400:
         print(f"zayaserve: error: HTTP {status}: {answer.get('error', {}).get('message')}",
               file=sys.stderr)
@@ -58,7 +90,7 @@ def run_scale(args: argparse.Namespace) -> int:
     print(f"operation {op['id']}: {op['phase']} ({op['detail']})", flush=True)
     if not args.wait:
         return 0
-    deadline, last = time.monotonic() + args.timeout, op["detail"]
+    last = op["detail"]
     while op["phase"] not in ("done", "failed"):
         if time.monotonic() > deadline:
             print(f"zayaserve: error: operation {op['id']} still {op['phase']} after "

@@ -28,6 +28,31 @@ class ScaleError(ValueError):
     """A resize request that cannot be done; the message names the field."""
 
 
+class ScaleRefused(RuntimeError):
+    """A resize whose plan would make one shard hold more experts than its memory budget."""
+
+
+class ScaleTooSoon(RuntimeError):
+    """A resize by hand within the cooldown of the last one."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"scale: the last resize started less than the cooldown ago; retry in "
+                         f"{retry_after_s:.0f} s (scale_cooldown_s)")
+
+
+def peak_experts_per_shard(num_experts: int, members: int, target: int,
+                           replication: int) -> int:
+    """The most experts one shard holds on the way from `members` shards to `target`: a
+    scale-down first copies each expert to `members - target + 1` shards (cover), so that any
+    replica Serve removes is spare; then the survivors hold `replication` copies."""
+    after = -(-num_experts * replication // max(target, 1))
+    if target >= members:
+        return min(after, num_experts)
+    cover = max(replication, members - target + 1)
+    return min(max(after, -(-num_experts * cover // members)), num_experts)
+
+
 class ScaleConflict(RuntimeError):
     """Another resize is running; `operation` is it."""
 
@@ -63,6 +88,7 @@ class ScaleOperations:
                  worker_bounds: tuple[int, int], live_workers: Callable[[float], int],
                  timeout_s: float = 600.0) -> None:
         self.placement = placement
+        self.last_start: float | None = None  # monotonic
         self.shard_bounds, self.worker_bounds = shard_bounds, worker_bounds
         self.live_workers = live_workers
         self.timeout_s = timeout_s
@@ -76,8 +102,11 @@ class ScaleOperations:
             raise ScaleError(f"{name}: must be in [{lo}, {hi}], got {value}")
 
     def start(self, expert_shards: int | None, attention_workers: int | None, now: float,
-              wall: float) -> tuple[dict[str, Any], bool]:
-        """(the operation, True if this call started it). Raises ScaleError or ScaleConflict."""
+              wall: float, budget: int | None = None,
+              cooldown_s: float = 0.0) -> tuple[dict[str, Any], bool]:
+        """(the operation, True if this call started it). Raises ScaleError, ScaleConflict,
+        ScaleTooSoon (less than `cooldown_s` after the last start), or ScaleRefused when a
+        shard would need more than `budget` experts."""
         if expert_shards is None and attention_workers is None:
             raise ScaleError("expert_shards/attention_workers: give at least one")
         if expert_shards is not None and not self.placement.slots:
@@ -90,7 +119,19 @@ class ScaleOperations:
             if (cur.expert_shards, cur.attention_workers) == (expert_shards, attention_workers):
                 return cur.view(), False
             raise ScaleConflict(cur.view())
+        if self.last_start is not None and now - self.last_start < cooldown_s:
+            raise ScaleTooSoon(cooldown_s - (now - self.last_start))
         p = self.placement
+        if expert_shards is not None and budget is not None and p.num_experts:
+            peak = peak_experts_per_shard(p.num_experts, len(p.members()), expert_shards,
+                                          p.replication)
+            if peak > budget:
+                raise ScaleRefused(
+                    f"expert_shards: resizing to {expert_shards} would make one shard hold "
+                    f"{peak} experts (the copies a scale-down makes first included), more than "
+                    f"the {budget} its memory budget allows (max_experts_per_shard, or what "
+                    f"the shards report they can hold); resize in smaller steps")
+        self.last_start = now
         op = Operation(uuid.uuid4().hex[:16], expert_shards, attention_workers, wall,
                        now + self.timeout_s, p.epoch, epoch=p.epoch)
         self.ops[op.id] = op

@@ -27,5 +27,6 @@ wheels=$(mktemp -d)
 trap 'rm -rf "$wheels"' EXIT
 rm -rf "$root/build"
 "$PY" -m pip wheel -q --no-deps -w "$wheels" "$root"
+rm -rf "$root/build"
 "$PY" -m pip uninstall -q -y zayaserve >/dev/null 2>&1 || true
 "$PY" -m pip install -q "$wheels"/zayaserve-*.whl

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from ray import serve
 
-from zayaserve.replicas.engine.device import dtype_for, resolve_device
+from zayaserve.replicas.engine.device import dtype_for, free_memory_bytes, resolve_device
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.model.experts import run_grouped
@@ -149,8 +149,20 @@ class ExpertShard:
                 "held": list(self.experts), "num_layers": self.servicer.num_layers,
                 "expert_bytes": self.servicer.expert_bytes, "pid": os.getpid(),
                 "queue_rows": self.servicer.rows_in_flight,
+                "capacity_experts": self.capacity_experts(),
                 "tokens": {f"{layer}:{e}": n
                            for (layer, e), n in self.servicer.tokens_served.items()}}
+
+    def capacity_experts(self) -> int | None:
+        """The most experts this shard could hold: what it holds plus what 80% of the free
+        memory of its device (host memory on CPUs) fits (None: unknown)."""
+        if not self.experts or not self.servicer.expert_bytes:
+            return None
+        per_expert = self.servicer.expert_bytes / len(self.experts)
+        free = free_memory_bytes(self.device)
+        if free is None:
+            return None
+        return len(self.experts) + int(0.8 * free // per_expert)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook: the shard count the placement controller wants (Serve's policy for

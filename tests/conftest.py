@@ -49,7 +49,9 @@ def ray_session() -> Iterator[None]:
     import ray
     from ray import serve
 
-    ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=4, log_to_driver=False,
+    # address="local": a Ray of this session's own, never one another process left running.
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", num_cpus=4,
+             log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield
     serve.shutdown()

@@ -5,6 +5,7 @@ admin API's answers (409 on a conflicting resize, 404 for an unknown operation, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,21 +13,24 @@ import httpx
 import pytest
 from cluster_harness import Cluster, Load, deploy, undeploy, wait_for
 
+from zayaserve.cluster.admin_auth import ADMIN_ENV_VAR
 from zayaserve.cluster.cli import main as cli_main
 
 pytestmark = pytest.mark.e2e
-KEY = "elastic-test-key"
+KEY, TENANT = "elastic-admin-key", "elastic-tenant-key"
 
 
 @pytest.fixture(scope="module")
 def elastic(ray_session: None) -> Iterator[Cluster]:
-    c = deploy(expert_shards=2, expert_replication=1, engine={"max_num_seqs": 8}, api_key=KEY)
+    # Resizes follow each other here faster than an operator's: no cooldown.
+    c = deploy(expert_shards=2, expert_replication=1, engine={"max_num_seqs": 8},
+               api_key=TENANT, admin_api_key=KEY, scale_cooldown_s=0)
     yield c
     undeploy()
 
 
-def _headers() -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEY}"}
+def _headers(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def _view(c: Cluster) -> dict[str, Any]:
@@ -43,8 +47,12 @@ def _replica_pids(name: str) -> set[str]:
 
 
 def _scale(c: Cluster, shards: int) -> None:
-    assert cli_main(["scale", "--expert-shards", str(shards), "--url", c.base, "--wait",
-                     "--timeout", "240", "--api-key", KEY]) == 0
+    os.environ[ADMIN_ENV_VAR] = KEY  # as an operator exports it
+    try:
+        assert cli_main(["scale", "--expert-shards", str(shards), "--url", c.base, "--wait",
+                         "--timeout", "240"]) == 0
+    finally:
+        del os.environ[ADMIN_ENV_VAR]
 
 
 def test_scale_2_3_2_under_eight_streams(elastic: Cluster, offline: dict) -> None:
@@ -52,7 +60,7 @@ def test_scale_2_3_2_under_eight_streams(elastic: Cluster, offline: dict) -> Non
     assert [s["state"] for s in before["shards"]] == ["serving", "serving"]
     workers = _replica_pids("AttentionWorker")
     controller = _replica_pids("PlacementController")
-    with Load(elastic, offline, headers=_headers()) as load:
+    with Load(elastic, offline, headers=_headers(TENANT)) as load:
         wait_for(lambda: load.done >= 8, 120, "the first answers")
         _scale(elastic, 3)
         grown = _view(elastic)
@@ -78,6 +86,9 @@ def test_scale_2_3_2_under_eight_streams(elastic: Cluster, offline: dict) -> Non
 def test_admin_api_conflict_unknown_operation_and_key(elastic: Cluster) -> None:
     base = elastic.base + "/v1/cluster"
     assert httpx.post(base + "/scale", json={"expert_shards": 3}, timeout=30).status_code == 401
+    tenant = httpx.post(base + "/scale", json={"expert_shards": 3}, headers=_headers(TENANT),
+                        timeout=30)
+    assert tenant.status_code == 403, tenant.text
     r = httpx.post(base + "/scale", json={"expert_shards": 3}, headers=_headers(), timeout=30)
     assert r.status_code == 202, r.text
     op = r.json()["operation"]

@@ -190,11 +190,15 @@ def test_cluster_placement_view(server: Server, engine_client: LocalEngineClient
     r = httpx.get(f"{server.url}/v1/cluster/placement")
     assert r.status_code == 200, r.text
     assert r.json()["experts_in_workers"] is True and r.json()["shards"] == []
-    keyed = Server(build_openai_app(engine_client, api_key="sesame"))
+    keyed = Server(build_openai_app(engine_client, api_key="sesame-tenant",
+                                    admin_api_keys=["sesame-admin"]))
     try:
         assert httpx.get(f"{keyed.url}/v1/cluster/placement").status_code == 401
         r = httpx.get(f"{keyed.url}/v1/cluster/placement",
-                      headers={"Authorization": "Bearer sesame"})
+                      headers={"Authorization": "Bearer sesame-tenant"})
+        assert r.status_code == 403, r.text
+        r = httpx.get(f"{keyed.url}/v1/cluster/placement",
+                      headers={"Authorization": "Bearer sesame-admin"})
         assert r.status_code == 200, r.text
     finally:
         keyed.stop()

@@ -41,3 +41,21 @@ def dtype_for(dtype: str, device: torch.device) -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of an accelerator, or the host's available memory for the CPU (Linux's
+    MemAvailable); None where neither can be read."""
+    if device.type == "cuda":  # ROCm too (HIP devices are torch "cuda" devices)
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
