@@ -30,6 +30,7 @@ from pydantic import (
 
 from zayaserve.cluster.autoscale_policy import AutoscalingConfig
 from zayaserve.cluster.elastic_config import EplbConfig
+from zayaserve.cluster.response_budget import DEFAULT_MAX_RESPONSE_LOGPROBS
 from zayaserve.replicas.engine.config import EngineSettings
 from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.validation_errors import format_validation_error
@@ -84,6 +85,10 @@ class ClusterConfig(BaseModel):
         "may hold: its memory budget. A resize whose plan would need more on one shard is "
         "refused (409). Each shard also reports what its free memory holds (device memory on "
         "GPUs, available host memory on CPUs); the smaller bound wins.")
+    max_response_logprobs: int = Field(
+        DEFAULT_MAX_RESPONSE_LOGPROBS, ge=1, description="Logprob entries one response may "
+        "carry at worst (prompt positions and max_tokens, times k+1, times n, over its "
+        "prompts); a request over it is a 400 before it runs.")
     reasoning_parser: Literal["think"] | None = Field(
         None, description="think: chat answers move <think>...</think> to reasoning_content "
         "(ZAYA1 and Qwen3-style templates).")

@@ -33,6 +33,11 @@ from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
 from zayaserve.cluster.request_tracker import RequestTracker
+from zayaserve.cluster.response_budget import (
+    DEFAULT_MAX_RESPONSE_LOGPROBS,
+    check_response_budget,
+    logprob_entries,
+)
 from zayaserve.cluster.streams import aclose_quietly, collect, open_stream
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.observability.safe_text import cap, log_safe
@@ -57,9 +62,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                  api_keys: list[str] | None = None,
                  served_model_names: list[str] | None = None,
                  metrics: MetricsCollector | None = None,
-                 rsa_limits: RSALimits | None = None) -> None:
+                 rsa_limits: RSALimits | None = None,
+                 max_response_logprobs: int = DEFAULT_MAX_RESPONSE_LOGPROBS) -> None:
         self.client = client
         self.rsa_limits = rsa_limits or RSALimits()
+        self.max_response_logprobs = max_response_logprobs
         self.served_model_names = list(served_model_names or [client.model_name])
         self.metrics = metrics or MetricsCollector()  # a private registry when not shared
         self._keys = ApiKeys.of(api_key, api_keys)
@@ -105,6 +112,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         params = sampling_params(request, tenant)
         check_context_length(self.client, len(ids), params.max_tokens, field,
                              "sampling.max_tokens")
+        check_response_budget(logprob_entries(
+            [len(ids)], params.n, params.max_tokens, self.client.max_model_len, params.logprobs,
+            params.prompt_logprobs), self.max_response_logprobs, "sampling.logprobs")
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
         return model, request_id, text, ids, params
 
@@ -249,6 +259,7 @@ async def start_grpc_server(
     max_concurrent_rpcs: int = 1024, health_period_s: float = 1.0,
     tls_cert_file: str | None = None, tls_key_file: str | None = None,
     rsa_limits: RSALimits | None = None,
+    max_response_logprobs: int = DEFAULT_MAX_RESPONSE_LOGPROBS,
 ) -> grpc.aio.Server:
     """Starts (and returns) a grpc.aio server with Generation, grpc.health.v1 (SERVING for ""
     and the Generation service while the engine is healthy, NOT_SERVING otherwise) and
@@ -263,7 +274,8 @@ async def start_grpc_server(
     pb_grpc.add_GenerationServicer_to_server(
         GenerationServicer(client, api_key=api_key, api_keys=api_keys,
                            served_model_names=served_model_names, metrics=metrics,
-                           rsa_limits=rsa_limits), server)
+                           rsa_limits=rsa_limits,
+                           max_response_logprobs=max_response_logprobs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -4,6 +4,7 @@ asked for) and usage."""
 from __future__ import annotations
 
 from zayaserve.cluster.engine_client import EngineClient
+from zayaserve.cluster.logprob_format import token_text
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.replicas.engine.outputs import Logprob, RequestOutput
 from zayaserve.replicas.engine.params import SamplingParams
@@ -13,7 +14,7 @@ def logprobs_pb(client: EngineClient, token_id: int, entries: dict[int, Logprob]
                  k: int) -> pb.PositionLogprobs:
     def one(tid: int, lp: Logprob) -> pb.TokenLogprob:
         return pb.TokenLogprob(token_id=tid, logprob=lp.logprob, rank=lp.rank or 0,
-                               token=client.tokenizer.decode([tid], skip_special_tokens=False))
+                               token=token_text(client.tokenizer, tid))
 
     ranked = sorted(entries.items(), key=lambda kv: (-kv[1].logprob, kv[0]))[:k]
     sampled = entries.get(token_id, Logprob(float("-inf")))

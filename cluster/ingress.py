@@ -57,7 +57,8 @@ class Ingress:
                 max_concurrent_rpcs=self.config.grpc_max_concurrent_rpcs,
                 tls_cert_file=self.config.grpc_tls_cert_file,
                 tls_key_file=self.config.grpc_tls_key_file,
-                rsa_limits=self._rsa_limits())
+                rsa_limits=self._rsa_limits(),
+                max_response_logprobs=self.config.max_response_logprobs)
 
     def _rsa_limits(self) -> RSALimits:
         limits = self.config.engine.limits
@@ -75,7 +76,8 @@ class Ingress:
                                 metrics=self.metrics,
                                 max_prompts=self.config.engine.limits.max_prompts_per_request,
                                 rsa_limits=self._rsa_limits(),
-                                admin_api_keys=self.admin_keys)
+                                admin_api_keys=self.admin_keys,
+                                max_response_logprobs=self.config.max_response_logprobs)
 
     async def __del__(self) -> None:
         if self.grpc_server is not None:

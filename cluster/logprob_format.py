@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from weakref import WeakKeyDictionary
 
 from zayaserve.cluster.openai_chat_protocol import (
     ChatLogprobs,
@@ -31,13 +32,31 @@ def _byte_level_alphabet() -> dict[str, int]:
     return table
 
 
+# Each token's text and bytes, decoded once per tokenizer (at most the vocabulary's size): a
+# response with top-20 logprobs names the same few thousand tokens over and over.
+_TEXTS: WeakKeyDictionary[Tokenizer, dict[int, str]] = WeakKeyDictionary()
+_BYTES: WeakKeyDictionary[Tokenizer, dict[int, list[int]]] = WeakKeyDictionary()
+
+
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+    texts = _TEXTS.setdefault(tokenizer, {})
+    text = texts.get(token_id)
+    if text is None:
+        text = texts[token_id] = tokenizer.decode([token_id], skip_special_tokens=False)
+    return text
 
 
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
     """The token's own bytes; a byte-level token may hold part of a UTF-8 character, which its
-    decoded text (U+FFFD) would lose."""
+    decoded text (U+FFFD) would lose. (Callers get the cached list: they must not change it.)"""
+    known = _BYTES.setdefault(tokenizer, {})
+    found = known.get(token_id)
+    if found is None:
+        found = known[token_id] = _token_bytes(tokenizer, token_id)
+    return found
+
+
+def _token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
     decoder = getattr(tokenizer.hf, "decoder", None)
     piece = tokenizer.id_to_token(token_id)
     if piece is not None and type(decoder).__name__ == "ByteLevel":

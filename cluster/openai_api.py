@@ -58,6 +58,7 @@ from zayaserve.cluster.openapi_schema import (
     openapi_request_body,
     openapi_responses,
 )
+from zayaserve.cluster.response_budget import DEFAULT_MAX_RESPONSE_LOGPROBS
 from zayaserve.cluster.rsa_request import rsa_params_of
 from zayaserve.cluster.streams import ServingContext, error_response_of
 from zayaserve.cluster.utility_api import add_utility_routes
@@ -197,16 +198,18 @@ def build_openai_app(
     tool_call_parser: str | None = "hermes",
     rsa_limits: RSALimits | None = None,
     admin_api_keys: list[str] | None = None,
+    max_response_logprobs: int = DEFAULT_MAX_RESPONSE_LOGPROBS,
 ) -> FastAPI:
     """The REST app. `served_model_names` are the ids clients may pass as `model` (default: the
     engine client's model name); `metrics` lets several front ends share one registry;
     `max_prompts` bounds the prompts of one completions request, `rsa_limits` what one RSA
-    request may cost. The admin routes need one of `admin_api_keys` (none: loopback callers
+    request may cost, `max_response_logprobs` the logprob entries of one response
+    (response_budget.py). The admin routes need one of `admin_api_keys` (none: loopback callers
     only; admin_auth.py)."""
     names = list(served_model_names or [client.model_name])
     metrics = metrics or MetricsCollector()
     ctx = ServingContext(client, names, metrics, max_prompts, reasoning_parser,
-                         tool_call_parser, rsa_limits or RSALimits())
+                         tool_call_parser, rsa_limits or RSALimits(), max_response_logprobs)
     app = FastAPI(title="zayaserve", description="OpenAI-compatible API for ZAYA1 models")
     app.state.serving = ctx
     app.add_middleware(_CountRequests, metrics=metrics)

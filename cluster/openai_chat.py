@@ -3,12 +3,13 @@ exactly as `LLM.chat` renders it, to assistant replies, whole or as server-sent 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from zayaserve.cluster.api_keys import cache_salt
 from zayaserve.cluster.chat_options import check_chat_options, message_dict, open_final_message
@@ -21,6 +22,7 @@ from zayaserve.cluster.frontend_errors import (
     internal_error,
     resolve_model,
 )
+from zayaserve.cluster.json_chunks import chunked_json
 from zayaserve.cluster.logprob_format import chat_logprobs, prompt_logprobs_out
 from zayaserve.cluster.openai_chat_protocol import (
     ChatChoice,
@@ -34,6 +36,7 @@ from zayaserve.cluster.openai_chat_protocol import (
 )
 from zayaserve.cluster.reasoning import ReasoningMode, ThinkParser
 from zayaserve.cluster.request_tracker import RequestTracker, w3c_headers
+from zayaserve.cluster.response_budget import check_response_budget, logprob_entries
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
@@ -116,6 +119,10 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
                      cache_salt(tenant, body.cache_salt), plan, _skip_special(body, plan, ctx))
     check_context_length(ctx.client, len(ids), params.max_tokens, "messages",
                          _max_tokens_field(body))
+    check_response_budget(logprob_entries(
+        [len(ids)], params.n, params.max_tokens, ctx.client.max_model_len, params.logprobs,
+        params.prompt_logprobs), ctx.max_response_logprobs,
+        "top_logprobs" if params.logprobs is not None else "prompt_logprobs")
     chat_id = f"chatcmpl-{uuid.uuid4().hex}"
     # A constrained reply (schema, required or named tool) is all answer: no thinking in it.
     constrained = params.structured_outputs is not None
@@ -146,8 +153,13 @@ async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContex
         return Response(status_code=499)  # the client left; nobody reads this
     tracker.on_prompt(len(ids))
     tracker.finish()
-    return JSONResponse(
-        _response(final[0], params, ctx, chat_id, model, mode, plan).model_dump())
+
+    def respond() -> Response:
+        return chunked_json(_response(final[0], params, ctx, chat_id, model, mode, plan))
+    # Logprobs of n long replies are much formatting: off the loop (response_budget.py).
+    if params.logprobs is None and params.prompt_logprobs is None:
+        return respond()
+    return await asyncio.to_thread(respond)
 
 
 def _skip_special(body: ChatCompletionRequest, plan: ToolPlan,
@@ -235,6 +247,7 @@ async def _events(
             usage=usage.usage() if continuous_usage else None))
 
     usage = UsageCounter()
+    heavy = params.logprobs is not None
     outputs = merge_streams(opened)
     try:
         # OpenAI opens every choice with a role-only delta.
@@ -243,12 +256,15 @@ async def _events(
         async for _, delta in outputs:
             tracker.on_delta(0, delta)
             usage.add(delta)
-            try:
+            def step(delta: StepDelta = delta) -> bytes | None:
                 choices = stream_choices(delta, params, ctx, mode, parsers, tools, plan)
+                return chunk(choices) if choices else None
+            try:  # n choices' top logprobs: formatted off the loop
+                event = await asyncio.to_thread(step) if heavy else step()
             except Exception as err:  # a bug here is the server's, whatever its type
                 raise internal_error(err, ENDPOINT) from err
-            if choices:
-                yield chunk(choices)
+            if event is not None:
+                yield event
         if include_usage:
             yield sse(ChatCompletionStreamResponse(id=chat_id, created=created, model=model,
                                                    choices=[], usage=usage.usage()))

@@ -3,12 +3,13 @@ as server-sent events."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from zayaserve.cluster.api_keys import cache_salt
 from zayaserve.cluster.completion_echo import Echo, join, prompt_logprobs_layout, prompt_text
@@ -22,6 +23,7 @@ from zayaserve.cluster.frontend_errors import (
     internal_error,
     resolve_model,
 )
+from zayaserve.cluster.json_chunks import chunked_json
 from zayaserve.cluster.logprob_format import completion_logprobs, prompt_logprobs_out
 from zayaserve.cluster.openai_completions_protocol import (
     CompletionChoice,
@@ -32,6 +34,7 @@ from zayaserve.cluster.openai_completions_protocol import (
 )
 from zayaserve.cluster.openai_protocol import UsageInfo
 from zayaserve.cluster.request_tracker import RequestTracker, w3c_headers
+from zayaserve.cluster.response_budget import check_response_budget, logprob_entries
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
@@ -109,10 +112,16 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
     model = resolve_model(body.model, ctx.served_model_names)
     echo = Echo.of(body)
     params = _params(body, cache_salt(tenant, body.cache_salt), echo)
-    prompts = _prompts(body, ctx)
+    # Tokenizing up to a megabyte of prompts is work for a thread, not the event loop.
+    prompts = await asyncio.to_thread(_prompts, body, ctx)
     for i, (_, ids) in enumerate(prompts):
         check_context_length(ctx.client, len(ids), params.max_tokens,
                              "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+    check_response_budget(logprob_entries(
+        [len(ids) for _, ids in prompts], params.n, params.max_tokens, ctx.client.max_model_len,
+        None if echo.scoring_only else params.logprobs, body.prompt_logprobs,
+        params.logprobs if echo.enabled else None), ctx.max_response_logprobs,
+        "logprobs" if body.logprobs is not None else "prompt_logprobs")
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     requests = [(f"{completion_id}-{i}", ids, text) for i, (text, ids) in enumerate(prompts)]
     tracker = ctx.metrics.track(ENDPOINT, "text_completion", model,
@@ -138,8 +147,15 @@ async def create_completion(body: CompletionRequest, ctx: ServingContext,
         return Response(status_code=499)  # the client left; nobody reads this
     tracker.on_prompt(sum(len(ids) for _, ids in prompts))
     tracker.finish()
-    return JSONResponse(_response(final, params, ctx, completion_id, model, echo, prompts,
-                                  body.prompt_logprobs is not None).model_dump())
+
+    def respond() -> Response:
+        return chunked_json(_response(final, params, ctx, completion_id, model, echo, prompts,
+                                      body.prompt_logprobs is not None))
+    # A response with logprobs can take the formatting of a million entries: off the loop,
+    # so that /health and every other stream go on meanwhile.
+    if params.logprobs is None and body.prompt_logprobs is None:
+        return respond()
+    return await asyncio.to_thread(respond)
 
 
 def _response(final: list[RequestOutput], params: SamplingParams, ctx: ServingContext,
@@ -220,20 +236,24 @@ async def _events(
     created = int(time.time())
     text_offsets: dict[tuple[int, int], int] = {}
     usage = UsageCounter()
+    heavy = params.logprobs is not None
     outputs = merge_streams(opened)
     try:
         async for i, delta in outputs:
             tracker.on_delta(i, delta)
             usage.add(delta, count_completion=not echo.scoring_only)
-            try:
+            def chunk(i: int = i, delta: StepDelta = delta) -> bytes | None:
                 choices = _stream_choices(i, delta, text_offsets, params, tokenizer, echo,
                                           prompts[i])
+                return sse(CompletionStreamResponse(
+                    id=completion_id, created=created, model=model, choices=choices,
+                    usage=usage.usage() if continuous_usage else None)) if choices else None
+            try:  # with logprobs (an echoed prompt's above all), formatting is off the loop
+                event = await asyncio.to_thread(chunk) if heavy else chunk()
             except Exception as err:  # a bug here is the server's, whatever its type
                 raise internal_error(err, ENDPOINT) from err
-            if choices:
-                yield sse(CompletionStreamResponse(
-                    id=completion_id, created=created, model=model, choices=choices,
-                    usage=usage.usage() if continuous_usage else None))
+            if event is not None:
+                yield event
         if include_usage:
             yield sse(CompletionStreamResponse(id=completion_id, created=created, model=model,
                                                choices=[], usage=usage.usage()))

@@ -26,6 +26,7 @@ from zayaserve.cluster.frontend_errors import (
 )
 from zayaserve.cluster.metrics import MetricsCollector, RequestTracker
 from zayaserve.cluster.openai_protocol import ErrorDetail, ErrorResponse, UsageInfo
+from zayaserve.cluster.response_budget import DEFAULT_MAX_RESPONSE_LOGPROBS
 from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.rsa.serving import RSALimits
@@ -47,6 +48,7 @@ class ServingContext:
     reasoning_parser: str | None = None  # "think": <think>...</think> -> reasoning_content
     tool_call_parser: str | None = "hermes"  # tool_choice auto: <tool_call>{...}</tool_call>
     rsa_limits: RSALimits = field(default_factory=RSALimits)  # limits.max_rsa_*
+    max_response_logprobs: int = DEFAULT_MAX_RESPONSE_LOGPROBS  # response_budget.py
 
 
 # ---- engine streams ------------------------------------------------------------------------

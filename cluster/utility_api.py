@@ -3,6 +3,7 @@ template, to token ids), POST /detokenize (ids to text) and GET /version."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,7 +14,13 @@ from starlette.responses import JSONResponse
 
 from zayaserve import __version__
 from zayaserve.cluster.chat_options import message_dict
-from zayaserve.cluster.frontend_errors import as_frontend_error, check_token_ids, resolve_model
+from zayaserve.cluster.frontend_errors import (
+    InvalidRequestError,
+    as_frontend_error,
+    check_token_ids,
+    resolve_model,
+)
+from zayaserve.cluster.logprob_format import token_text
 from zayaserve.cluster.openai_chat_protocol import ChatMessageParam
 from zayaserve.cluster.openai_protocol import TokenId, _Request
 from zayaserve.cluster.openapi_schema import openapi_request_body, openapi_responses
@@ -71,20 +78,26 @@ def add_utility_routes(app: FastAPI, ctx: ServingContext, authorize: Callable[[R
         if (body.prompt is None) == (body.messages is None):
             raise as_frontend_error(ValueError("prompt: give exactly one of prompt or messages"),
                                     default_param="prompt")
-        try:
-            if body.messages is not None:
-                conversation = [message_dict(m, i) for i, m in enumerate(body.messages)]
-                tools = [t.template_dict() for t in body.tools or []] or None
-                _, ids = tokenizer.render_chat(conversation, body.add_generation_prompt, tools)
-            else:
-                ids = tokenizer.encode(body.prompt or "", body.add_special_tokens)
-        except ValueError as err:
-            raise as_frontend_error(err, default_param="messages") from None
-        strs = ([tokenizer.decode([t], skip_special_tokens=False) for t in ids]
-                if body.return_token_strs else None)
-        return JSONResponse(TokenizeResponse(
-            count=len(ids), max_model_len=ctx.client.max_model_len, tokens=ids,
-            token_strs=strs).model_dump())
+        def tokenize_body() -> JSONResponse:  # up to a megabyte of text: in a thread
+            try:
+                if body.messages is not None:
+                    conversation = [message_dict(m, i) for i, m in enumerate(body.messages)]
+                    tools = [t.template_dict() for t in body.tools or []] or None
+                    _, ids = tokenizer.render_chat(conversation, body.add_generation_prompt,
+                                                   tools)
+                else:
+                    ids = tokenizer.encode(body.prompt or "", body.add_special_tokens)
+            except ValueError as err:
+                raise as_frontend_error(err, default_param="messages") from None
+            limit = ctx.client.max_model_len
+            if len(ids) > limit:  # what no request could use is not worth an answer
+                field = "messages" if body.messages is not None else "prompt"
+                raise InvalidRequestError(f"{field}: {len(ids)} tokens, more than the context "
+                                          f"length ({limit})", field)
+            strs = [token_text(tokenizer, t) for t in ids] if body.return_token_strs else None
+            return JSONResponse(TokenizeResponse(
+                count=len(ids), max_model_len=limit, tokens=ids, token_strs=strs).model_dump())
+        return await asyncio.to_thread(tokenize_body)
 
     @app.post("/detokenize", openapi_extra=openapi_request_body(DetokenizeRequest),
               responses=openapi_responses(DetokenizeResponse, errors=(400, 401, 404, 413, 500)))
