@@ -184,6 +184,46 @@ def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
+NAMESPACE_LABELS = {"kubernetes.io/metadata.name": NAMESPACE}
+
+
+def pods(docs) -> dict[str, dict[str, Any]]:
+    """head / attention / experts (/ redis when bundled) -> {"labels", "spec"} of its pods:
+    the template's labels plus one KubeRay adds (ray.io/is-ray-node), and the pod spec."""
+    out = {g: {"labels": {**t["metadata"]["labels"], "ray.io/is-ray-node": "yes"},
+               "spec": t["spec"]} for g, t in pod_templates(rayservice(docs)).items()}
+    for sts in kinds(docs, "StatefulSet"):
+        out[sts["metadata"]["labels"]["app.kubernetes.io/component"]] = {
+            "labels": sts["spec"]["template"]["metadata"]["labels"],
+            "spec": sts["spec"]["template"]["spec"]}
+    return out
+
+
+def _peer_matches(peer: dict[str, Any], src: dict[str, Any] | None) -> bool:
+    if "ipBlock" in peer or src is None:
+        return "ipBlock" in peer and src is None
+    ns_ok = (matches(peer["namespaceSelector"], src["ns"]) if "namespaceSelector" in peer
+             else src["ns"] == NAMESPACE_LABELS)
+    return ns_ok and matches(peer.get("podSelector", {}), src["labels"])
+
+
+def admitted(docs, target: str, src: dict[str, Any] | None, port: int) -> bool:
+    """Whether the rendered NetworkPolicies let `src` open TCP `port` on a pod of group
+    `target`, as Kubernetes decides: the union of the ingress rules of every policy selecting
+    the pod. `src`: None for a client outside the cluster, else {"labels": ..., "ns": labels of
+    its namespace}. A pod that no policy selects is an error here (all of ours must be)."""
+    labels = pods(docs)[target]["labels"]
+    selecting = [p["spec"] for p in kinds(docs, "NetworkPolicy")
+                 if matches(p["spec"]["podSelector"], labels)]
+    assert selecting, f"no NetworkPolicy selects {target} pods"
+    return any(
+        ("from" not in rule or any(_peer_matches(p, src) for p in rule["from"]))
+        and ("ports" not in rule or any(p.get("protocol", "TCP") == "TCP" and (
+            "port" not in p or p["port"] <= port <= p.get("endPort", p["port"]))
+            for p in rule["ports"]))
+        for rule in (r for p in selecting for r in p.get("ingress", [])))
+
+
 def strict_crd_schema(schema: Any) -> Any:
     """The CRD's openAPIV3Schema as the API server applies it, plus unknown fields refused:
     objects with properties get additionalProperties false (unless marked to preserve unknown

@@ -288,8 +288,10 @@ def test_values_schema_mirrors_cluster_config():
     cluster = schema["clusterConfig"]["properties"]
     pairs = [
         # tracing: the chart's own `tracing:` values, as OTEL_* variables of every container.
+        # admin_api_key(_file): secrets.adminKey, as $ZAYASERVE_ADMIN_API_KEY of the head.
         (cluster, ClusterConfig, {"model", "api_key", "api_key_file", "attention_ray_resources",
-                                  "expert_ray_resources", "ingress_ray_resources", "tracing"}),
+                                  "expert_ray_resources", "ingress_ray_resources", "tracing",
+                                  "admin_api_key", "admin_api_key_file"}),
         (schema["engineSettings"]["properties"], ClusterConfig.model_fields["engine"].annotation,
          {"kv_cache_secret"}),
         (cluster["autoscaling"]["properties"],

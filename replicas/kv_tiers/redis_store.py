@@ -9,17 +9,23 @@ circuit breaker: after `breaker_failures` consecutive failures it opens and ever
 
 Reads are synchronous and bounded by `timeout_s` (once per call at most, no retries: the
 breaker is the retry policy); call them off the event loop if even that is too long.
+
+The password: the URL's (redis://:pw@host), else $ZAYASERVE_REDIS_PASSWORD (what the Helm chart
+hands attention workers from a Secret, so it is never in the Serve config); it is never logged.
+TLS: a rediss:// URL.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -36,6 +42,8 @@ logger = logging.getLogger(__name__)
 # drops little and one send never has to move more than a few tens of MB.
 _BATCH_ITEMS = 64
 _BATCH_BYTES = 32 * 2**20
+# The password for a URL that carries none (a Kubernetes Secret, as env).
+PASSWORD_ENV = "ZAYASERVE_REDIS_PASSWORD"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +71,12 @@ class RedisBlockStore:
         self._prefix = key_prefix.encode()
         # Blocking pool: a burst of readers waits up to timeout_s for a connection instead of
         # failing (which the breaker would read as an outage). No retries: see the module doc.
+        auth: dict[str, str] = {}
+        if not urlsplit(url).password and os.environ.get(PASSWORD_ENV):
+            auth["password"] = os.environ[PASSWORD_ENV]
         self._pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=pool_size, timeout=timeout_s, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+            socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), **auth)
         self._client = redis.Redis(connection_pool=self._pool)
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s)
         self.transfer = transfer or TransferModel()

@@ -113,6 +113,29 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if .Values.secrets.rpcToken.existingSecret -}}{{ .Values.secrets.rpcToken.existingSecretKey | default "token" }}{{- else -}}token{{- end -}}
 {{- end -}}
 
+{{- define "zayaserve.adminKeySecret.name" -}}
+{{- .Values.secrets.adminKey.existingSecret | default (printf "%s-admin-key" (include "zayaserve.fullname" .)) -}}
+{{- end -}}
+
+{{- define "zayaserve.adminKeySecret.key" -}}
+{{- if .Values.secrets.adminKey.existingSecret -}}{{ .Values.secrets.adminKey.existingSecretKey | default "admin-key" }}{{- else -}}admin-key{{- end -}}
+{{- end -}}
+
+{{/* "true" when a Redis password reaches the attention pods: the bundled Redis with AUTH on,
+or an external one with auth.existingSecret; else "". */}}
+{{- define "zayaserve.redisAuth.enabled" -}}
+{{- $auth := .Values.redis.auth -}}
+{{- if and $auth.enabled (or (eq .Values.redis.mode "bundled") (and (eq .Values.redis.mode "external") $auth.existingSecret)) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "zayaserve.redisAuthSecret.name" -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis-auth" (include "zayaserve.fullname" .)) -}}
+{{- end -}}
+
+{{- define "zayaserve.redisAuthSecret.key" -}}
+{{- if .Values.redis.auth.existingSecret -}}{{ .Values.redis.auth.existingSecretKey | default "password" }}{{- else -}}password{{- end -}}
+{{- end -}}
+
 {{/* Where the API keys file is mounted; api_key_file is this folder plus the Secret's key. */}}
 {{- define "zayaserve.apiKeysDir" -}}/etc/zayaserve/api-keys{{- end -}}
 
@@ -131,8 +154,9 @@ value each time. Call: include "zayaserve.generatedSecret" (list $ "<secret name
 {{- end -}}
 {{- end -}}
 
-{{/* The NetworkPolicy peer "any Ray pod of this release": Ray's raylets, object managers and
-actors call each other on ports Ray picks, between every pair of nodes. */}}
+{{/* The NetworkPolicy peer "any Ray pod of this release" (of every RayCluster KubeRay builds
+for it): Ray's raylets, object managers, agents and actors call each other between every pair
+of nodes. */}}
 {{- define "zayaserve.rayPeers" -}}
 - podSelector:
     matchLabels:
@@ -141,4 +165,13 @@ actors call each other on ports Ray picks, between every pair of nodes. */}}
       - key: app.kubernetes.io/component
         operator: In
         values: [head, attention, experts]
+{{- end -}}
+
+
+{{/* The NetworkPolicy peer "this release's pods of one group".
+Call: include "zayaserve.groupPeer" (list $ "attention") */}}
+{{- define "zayaserve.groupPeer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "zayaserve.componentLabels" . | nindent 6 }}
 {{- end -}}

@@ -53,3 +53,25 @@ Call: include "zayaserve.numGpus" (list $ "attention" "attention_num_gpus") */}}
 {{- $_ := set $config "applications" (list $app) -}}
 {{- toYaml $config -}}
 {{- end -}}
+
+{{/* The most expert shards one expert pod can hold: Ray places one where its CPUs
+(serve.replica_num_cpus, ClusterConfig's default 0.1) and GPUs (serve.expert_num_gpus) fit, so
+the smaller of the pod's CPUs and GPUs over a shard's; at least 1. */}}
+{{- define "zayaserve.expertShardsPerPod" -}}
+{{- $cpu := toString .Values.experts.resources.cpu -}}
+{{- $cpus := ternary (divf (trimSuffix "m" $cpu | float64) 1000) ($cpu | float64) (hasSuffix "m" $cpu) -}}
+{{- $perPod := floor (divf $cpus (.Values.serve.replica_num_cpus | default 0.1 | float64)) | int -}}
+{{- $perShard := include "zayaserve.numGpus" (list . "experts" "expert_num_gpus") | float64 -}}
+{{- if gt $perShard 0.0 -}}
+{{- $perPod = min $perPod (floor (divf (int .Values.experts.gpusPerPod) $perShard) | int) -}}
+{{- end -}}
+{{- max $perPod 1 -}}
+{{- end -}}
+
+{{/* Expert pods a drain may take without losing an expert: each expert has
+serve.expert_replication copies on distinct shards, and one pod may hold every one of them up
+to its shards per pod, so floor((replication - 1) / shards per pod). */}}
+{{- define "zayaserve.expertSafeUnavailable" -}}
+{{- $replication := .Values.serve.expert_replication | default 1 | int -}}
+{{- div (sub $replication 1) (include "zayaserve.expertShardsPerPod" . | int) -}}
+{{- end -}}

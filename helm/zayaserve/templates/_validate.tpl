@@ -48,6 +48,25 @@ change; rayservice.yaml runs them all, so `helm lint`, `template` and `install` 
 {{- end }}
 {{- end }}
 
+{{- with $v.networkPolicy.expertRayPorts }}
+{{- if .pinned }}
+{{- $lo := int .shardPortRange.min }}
+{{- $hi := int .shardPortRange.max }}
+{{- if or (gt $lo $hi) (gt (int .minWorkerPort) (int .maxWorkerPort)) }}
+{{- fail "networkPolicy.expertRayPorts: need shardPortRange.min <= max and minWorkerPort <= maxWorkerPort" }}
+{{- end }}
+{{- range $key := list "nodeManager" "objectManager" "dashboardAgentGrpc" "runtimeEnvAgent" "minWorkerPort" "maxWorkerPort" }}
+{{- $port := int (get $v.networkPolicy.expertRayPorts $key) }}
+{{- if and (ge $port $lo) (le $port $hi) }}
+{{- fail (printf "networkPolicy.expertRayPorts.%s (%d) lies in shardPortRange [%d, %d], which only attention pods may reach" $key $port $lo $hi) }}
+{{- end }}
+{{- end }}
+{{- if and (le (int .minWorkerPort) $lo) (ge (int .maxWorkerPort) $hi) }}
+{{- fail "networkPolicy.expertRayPorts: the worker port range covers shardPortRange" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- if eq $v.upgradeStrategy.type "NewClusterWithIncrementalUpgrade" }}
 {{- if not $v.rayAutoscaler.enabled }}
 {{- fail "upgradeStrategy NewClusterWithIncrementalUpgrade needs rayAutoscaler.enabled (KubeRay refuses it otherwise)" }}
