@@ -31,6 +31,7 @@ from zayaserve.replicas.engine.admission import Admission, Reservation
 from zayaserve.replicas.engine.admission import (  # re-exported: the front ends catch it
     EngineOverloadedError as EngineOverloadedError,
 )
+from zayaserve.replicas.engine.grammar import forbid_compiles
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
@@ -94,6 +95,7 @@ class AsyncLLMEngine:
     # ---- the loop thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
+        forbid_compiles()  # grammars are compiled before their request reaches this thread
         try:
             while not self._stopped.is_set() and self._error is None:
                 self._run_commands(block=not self.engine.has_unfinished_requests())
@@ -247,12 +249,12 @@ class AsyncLLMEngine:
             self._streams[rid] = stream
         finished = False
         try:
-            if params.structured_outputs is not None:  # compile off the step loop (cached)
-                await asyncio.get_running_loop().run_in_executor(
-                    None, self.engine.grammars.check, params.structured_outputs)
+            # Compiled once, now, off the step loop and within the compile limits; the request
+            # holds it (its matchers never compile on the loop).
+            grammar = await self.engine.grammars.compile_async(params.structured_outputs)
             await asyncio.wrap_future(self._call(
                 lambda: self.engine.add_request(rid, prompt_token_ids, params, prompt,
-                                                trace_context)))
+                                                trace_context, grammar)))
             while not finished:
                 await stream.wake.wait()
                 stream.wake.clear()

@@ -31,6 +31,25 @@ class RequestLimits(BaseModel):
         "default settings (N=32, T=8) come to about 12 million.")
     max_rsa_calls_per_round: int = Field(
         64, ge=1, description="Most calls in one RSA round (`rsa.n` and `rsa.final_n`).")
+    max_concurrent_rsa_runs: int = Field(
+        4, ge=1, description="RSA runs one attention worker holds at once; one more is "
+        "refused (429). Their rounds' queue reservations together never take more than half "
+        "of max_pending_requests: ordinary requests keep the rest.")
+    rsa_timeout_s: float = Field(
+        1800.0, gt=0, description="An RSA run's deadline from its start; past it every call is "
+        "aborted and the run ends with an error (408).")
+    max_rsa_runs_per_tenant: int = Field(
+        2, ge=1, description="RSA runs one API key may have at once on a front end (with API "
+        "keys only); one more is refused (429).")
+    max_grammar_compile_s: float = Field(
+        10.0, gt=0, description="Longest a structured-output constraint may take to compile "
+        "(once, when its request arrives, never on the engine's step thread): a slower one is "
+        "a 400 naming `structured_outputs`, and its compile, which cannot be stopped, ends in "
+        "the background holding one compile worker.")
+    max_concurrent_grammar_compiles: int = Field(
+        2, ge=1, description="Compile workers: most distinct constraints compiling at once "
+        "(requests with the same constraint share its compile). A request whose compile "
+        "finds none free within max_grammar_compile_s is refused as overloaded (429).")
 
 
 class EngineSettings(BaseModel):

@@ -5,18 +5,22 @@ xgrammar is an optional dependency, `pip install 'zayaserve[structured]'`:
 it is imported on the first constrained request, so a plain install serves everything else
 and answers constrained requests with an error that says what to install. Compiled grammars
 are cached by the compiler (keyed by the constraint), so a schema sent again is not
-recompiled; `compile` is thread-safe and the async engine calls it off the step loop.
+recompiled. A request's grammar is compiled once, when it arrives, within the compile limits
+(grammar_compile.py), and the request holds it: matchers are made from it, never by compiling.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from zayaserve.replicas.engine.config import RequestLimits
+from zayaserve.replicas.engine.grammar_compile import CompiledGrammar, CompilePool
 from zayaserve.replicas.engine.grammar_vocab import tokenizer_info
 from zayaserve.replicas.engine.json_grammar import json_schema_ebnf, without_surrogates
 from zayaserve.replicas.engine.regex_dialect import regex_ebnf
@@ -26,13 +30,44 @@ from zayaserve.replicas.validation_errors import ParamError
 if TYPE_CHECKING:
     from zayaserve.replicas.model.tokenizer import Tokenizer
 
-__all__ = ["GrammarBackend", "GrammarMask", "INSTALL_HINT"]
+__all__ = ["CompileOnEngineThreadError", "GrammarBackend", "GrammarMask", "INSTALL_HINT",
+           "forbid_compiles", "no_compiles"]
 
 INSTALL_HINT = "pip install 'zayaserve[structured]'"
 _CACHE_BYTES = 256 * 2**20
 # Optional whitespace in JSON comes in runs of at most this many characters: enough to indent
 # seven levels deep, while an unbounded run lets a model loop on newlines until max_tokens.
 MAX_JSON_WHITESPACE = 16
+_local = threading.local()  # `forbidden`: a compile on this thread is a bug
+
+
+class CompileOnEngineThreadError(RuntimeError):
+    """A grammar compile was asked for on the engine's step thread (a bug: it would stall
+    every running request's decode)."""
+
+
+@contextmanager
+def no_compiles() -> Iterator[None]:
+    """Within the block, a compile on this thread raises CompileOnEngineThreadError."""
+    before = getattr(_local, "forbidden", False)
+    _local.forbidden = True
+    try:
+        yield
+    finally:
+        _local.forbidden = before
+
+
+def forbid_compiles() -> None:
+    """From now on, a compile on this thread raises (the async engine's loop thread)."""
+    _local.forbidden = True
+
+
+def refuse_compile_here() -> None:
+    """Raises where compiles are forbidden (a bug if it ever does)."""
+    if getattr(_local, "forbidden", False):
+        raise CompileOnEngineThreadError(
+            f"a grammar compile on {threading.current_thread().name}, which must never compile "
+            "(grammars are compiled when their request arrives and held by it)")
 
 
 def _import_xgrammar() -> Any:
@@ -70,6 +105,7 @@ class GrammarBackend:
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
         """The compiled grammar (cached); a constraint xgrammar refuses is a ParamError."""
+        refuse_compile_here()
         try:
             return self._compile(spec)
         except ParamError:
@@ -95,10 +131,10 @@ class GrammarBackend:
         assert spec.grammar is not None
         return c.compile_grammar(without_surrogates(str(self.xgr.Grammar.from_ebnf(spec.grammar))))
 
-    def matcher(self, spec: StructuredOutputsParams, stop_token_ids: Sequence[int]) -> Any:
-        """A matcher that lets the given tokens end the text only where its grammar does."""
-        return self.xgr.GrammarMatcher(self.compile(spec),
-                                       override_stop_tokens=list(stop_token_ids) or None)
+    def matcher(self, compiled: Any, stop_token_ids: Sequence[int]) -> Any:
+        """A matcher of a compiled grammar that lets the given tokens end the text only where
+        its grammar does."""
+        return self.xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids) or None)
 
     def mask(self, rows: int) -> GrammarMask:
         return GrammarMask(self.xgr, rows, self.vocab_size)
@@ -127,16 +163,20 @@ class GrammarMask:
 
 
 class Grammars:
-    """An engine's structured outputs: the backend (made on first use), validation when a
-    request arrives, a matcher per sequence and the mask of each step."""
+    """An engine's structured outputs: the backend (made on first use), the compile of a
+    request's grammar when it arrives, a matcher per sequence and the mask of each step."""
 
     def __init__(self, tokenizer: Tokenizer | None, vocab_size: int,
-                 stop_token_ids: Sequence[int]) -> None:
+                 stop_token_ids: Sequence[int], limits: RequestLimits | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
         self._backend: GrammarBackend | None = None
         self._lock = threading.Lock()
+        limits = limits if limits is not None else RequestLimits.model_validate({})
+        self.compiles = CompilePool(lambda spec: self.backend().compile(spec),
+                                    limits.max_concurrent_grammar_compiles,
+                                    limits.max_grammar_compile_s)
 
     def backend(self) -> GrammarBackend:
         with self._lock:
@@ -148,20 +188,46 @@ class Grammars:
                                                self.stop_token_ids)
             return self._backend
 
-    def check(self, spec: StructuredOutputsParams | None) -> None:
-        """Compile (or find cached) the request's grammar: a bad one is refused here."""
-        if spec is not None:
-            self.backend().compile(spec)
-
-    def matcher(self, spec: StructuredOutputsParams | None, output_ids: Sequence[int],
-                stop_token_ids: Sequence[int] = ()) -> Any:
-        """A new sequence's matcher, advanced over the output tokens it already has. The eos
-        ids and the request's `stop_token_ids` are its stop tokens: each may be sampled only
-        where the grammar is complete, so none can cut a constrained text short."""
+    def compile(self, spec: StructuredOutputsParams | None) -> CompiledGrammar | None:
+        """The request's grammar, compiled (or found cached) within the compile limits: a bad
+        one is a ParamError, a slow one too, and no free compile worker EngineOverloadedError.
+        Blocks the calling thread, which must not be the engine's step thread."""
         if spec is None:
             return None
+        refuse_compile_here()
+        return self.compiles.compile(spec)
+
+    async def compile_async(self, spec: StructuredOutputsParams | None
+                            ) -> CompiledGrammar | None:
+        """`compile` for the async engine: the event loop waits, no thread does."""
+        return None if spec is None else await self.compiles.compile_async(spec)
+
+    def check(self, spec: StructuredOutputsParams | None) -> None:
+        """Refuses a request whose grammar cannot be compiled (see `compile`)."""
+        self.compile(spec)
+
+    def held(self, spec: StructuredOutputsParams | None,
+             grammar: CompiledGrammar | None) -> CompiledGrammar | None:
+        """What a request arriving with `spec` holds: `grammar`, compiled by its caller, else
+        `spec` compiled now (on the calling thread)."""
+        if grammar is None:
+            return self.compile(spec)
+        if grammar.spec != spec:
+            raise ValueError("grammar: compiled for another constraint than the request's")
+        return grammar
+
+    def matcher(self, spec: StructuredOutputsParams | None, grammar: CompiledGrammar | None,
+                output_ids: Sequence[int], stop_token_ids: Sequence[int] = ()) -> Any:
+        """A new sequence's matcher, made from the compiled grammar its request holds (never
+        compiling) and advanced over the output tokens it already has. The eos ids and the
+        request's `stop_token_ids` are its stop tokens: each may be sampled only where the
+        grammar is complete, so none can cut a constrained text short."""
+        if spec is None:
+            return None
+        if grammar is None or grammar.spec != spec:
+            raise RuntimeError("a constrained sequence without its request's compiled grammar")
         stops = list(dict.fromkeys([*self.stop_token_ids, *stop_token_ids]))
-        matcher = self.backend().matcher(spec, stops)
+        matcher = self.backend().matcher(grammar.compiled, stops)
         for token in output_ids:
             matcher.accept_token(token)
         return matcher

@@ -15,7 +15,8 @@ from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.decode_graphs import CudaGraphBackend, DecodeGraphs, GraphBackend
 from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.engine.engine_stats import engine_stats
-from zayaserve.replicas.engine.grammar import Grammars
+from zayaserve.replicas.engine.grammar import Grammars, no_compiles
+from zayaserve.replicas.engine.grammar_compile import CompiledGrammar
 from zayaserve.replicas.engine.logprobs import prompt_logprobs
 from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
@@ -68,7 +69,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_pretrained(path) if (
             path / "tokenizer.json").is_file() else None
         self.eos_ids = (self.tokenizer.eos_token_ids if self.tokenizer else mc.eos_token_ids)
-        self.grammars = Grammars(self.tokenizer, mc.vocab_size, self.eos_ids)
+        self.grammars = Grammars(self.tokenizer, mc.vocab_size, self.eos_ids, config.limits)
 
         bs = config.block_size
         max_len = config.max_model_len or mc.max_position_embeddings
@@ -105,6 +106,8 @@ class LLMEngine:
                                   self.decode_graphs())
         self.generator = self._generator(config.seed)
         self.requests: dict[str, Request] = {}
+        # Constrained requests' compiled grammars, held to their end: matchers come from them.
+        self.request_grammars: dict[str, CompiledGrammar] = {}
         # The requests the current/last step scheduled (None while scheduling): if a step
         # fails, these are the ones whose state it may have left half-written.
         self.last_step_request_ids: set[str] | None = set()
@@ -148,8 +151,10 @@ class LLMEngine:
         params: SamplingParams,
         prompt: str | None = None,
         trace_context: Mapping[str, str] | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> None:
-        """`trace_context`: the caller's W3C headers; a sampled one gets an engine span."""
+        """`trace_context`: the caller's W3C headers; a sampled one gets an engine span.
+        `grammar`: the constraint compiled by the caller, else it is compiled here."""
         if request_id in self.requests:
             raise ParamError("request_id", f"request_id: {request_id!r} is already in flight")
         if not prompt_token_ids:
@@ -165,7 +170,7 @@ class LLMEngine:
             raise ParamError(
                 "stop", "stop: stop strings need a tokenizer and this checkpoint has none; "
                              "use stop_token_ids")
-        self.grammars.check(params.structured_outputs)
+        grammar = self.grammars.held(params.structured_outputs, grammar)
         if len(prompt_token_ids) >= self.max_model_len:
             raise ParamError("prompt", f"prompt: {len(prompt_token_ids)} tokens leave no room to "
                              f"generate within max_model_len {self.max_model_len}")
@@ -173,6 +178,8 @@ class LLMEngine:
                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                       timeline=RequestTimeline.begin(request_id, len(prompt_token_ids), params,
                                                      trace_context))
+        if grammar is not None:
+            self.request_grammars[request_id] = grammar
         seq = self._new_sequence(req, 0, list(prompt_token_ids))
         seq.forks_pending = params.n - 1
         self.requests[request_id] = req
@@ -188,8 +195,9 @@ class LLMEngine:
                                            skip_special_tokens=p.skip_special_tokens)
         seq = Sequence(next(self._seq_ids), req, index, tokens, gen, detok,
                        logprobs=[] if p.logprobs is not None else None)
-        seq.grammar = self.grammars.matcher(p.structured_outputs, tokens[seq.prompt_len:],
-                                            p.stop_token_ids or ())
+        seq.grammar = self.grammars.matcher(
+            p.structured_outputs, self.request_grammars.get(req.request_id),
+            tokens[seq.prompt_len:], p.stop_token_ids or ())
         if self.config.enable_prefix_caching:
             namespace = self.cache_namespace if p.cache_salt is None else cache_namespace(
                 self.fingerprint, self.config.block_size, self.config.kv_cache_encoding,
@@ -200,6 +208,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
+        self.request_grammars.pop(request_id, None)
         if req is None:
             return
         for seq in req.seqs:
@@ -214,6 +223,7 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
 
+    @no_compiles()  # a compile here would stall every running request: it raises
     def step(self) -> list[StepDelta]:
         """schedule -> run -> update: one StepDelta per request that got tokens."""
         self.last_step_request_ids = None
@@ -230,6 +240,7 @@ class LLMEngine:
         for delta in deltas:
             if delta.finished:
                 del self.requests[delta.request_id]
+                self.request_grammars.pop(delta.request_id, None)
         return deltas
 
     def _plan_logits(self, sched: SchedulerOutput) -> _LogitsPlan:
