@@ -83,7 +83,9 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
     router = RequestRouterConfig(
         request_router_class=REQUEST_ROUTER,  # type: ignore
         request_router_kwargs={"block_size": cfg.engine.block_size,
-                               "imbalanced_threshold": cfg.routing_imbalance_threshold})
+                               "imbalanced_threshold": cfg.routing_imbalance_threshold},
+        # The workers' RSA calls in flight (record_routing_stats) reach the router this often.
+        request_routing_stats_period_s=1.0)  # type: ignore[arg-type]
     # Both deployments' counts follow the placement controller (serve_autoscaling), so a
     # resize changes them in place.
     workers = AttentionWorker.options(  # type: ignore[attr-defined]

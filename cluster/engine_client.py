@@ -25,7 +25,7 @@ from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 from zayaserve.replicas.rsa.events import RSADone, RSAEvent, RSAJob
-from zayaserve.replicas.rsa.serving import engine_rsa_events
+from zayaserve.replicas.rsa.serving import engine_rsa_events, rsa_limits
 
 
 class EngineClient(ABC):
@@ -91,7 +91,8 @@ class LocalEngineClient(EngineClient):
                                     current_trace_context())
 
     def rsa(self, job: RSAJob) -> AsyncIterator[RSAEvent]:
-        return engine_rsa_events(self.engine, self.tokenizer, job, current_trace_context())
+        return engine_rsa_events(self.engine, self.tokenizer, job, current_trace_context(),
+                                 rsa_limits(self.engine.engine.config.limits))
 
     async def stats(self) -> dict[str, Any]:
         return await self.engine.run_on_engine(lambda engine: engine.stats())  # type: ignore[no-any-return]

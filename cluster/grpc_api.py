@@ -38,6 +38,7 @@ from zayaserve.cluster.response_budget import (
     check_response_budget,
     logprob_entries,
 )
+from zayaserve.cluster.rsa_request import tenant_limited
 from zayaserve.cluster.streams import aclose_quietly, collect, open_stream
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.observability.safe_text import cap, log_safe
@@ -152,7 +153,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if request.HasField("rsa"):
                 model = resolve_model(request.model or None, self.served_model_names)
                 job, bound = rsa_job(request, self.client, tenant, self.rsa_limits)
-                iterator = self.client.rsa(job)
+                iterator = tenant_limited(self.client, tenant,
+                                          self.rsa_limits.max_runs_per_tenant,
+                                          self.client.rsa(job))
                 async for answer in rsa_messages(self.client, iterator, job, bound, model,
                                                  tracker):
                     yield answer
@@ -208,8 +211,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if request.HasField("rsa"):
                 model = resolve_model(request.model or None, self.served_model_names)
                 job, bound = rsa_job(request, self.client, tenant, self.rsa_limits)
-                answer = await rsa_unary(self.client, self.client.rsa(job), job,
-                                         bound, model, tracker)
+                answer = await rsa_unary(self.client, tenant_limited(
+                    self.client, tenant, self.rsa_limits.max_runs_per_tenant,
+                    self.client.rsa(job)), job, bound, model, tracker)
                 tracker.finish()
                 self._count(endpoint, grpc.StatusCode.OK)
                 return answer

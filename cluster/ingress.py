@@ -17,7 +17,7 @@ from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.tokenizer import Tokenizer
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
 from zayaserve.replicas.observability.tracing import flush as flush_traces
-from zayaserve.replicas.rsa.serving import RSALimits
+from zayaserve.replicas.rsa.serving import RSALimits, rsa_limits
 
 log = logging.getLogger("zayaserve.ingress")
 
@@ -61,8 +61,7 @@ class Ingress:
                 max_response_logprobs=self.config.max_response_logprobs)
 
     def _rsa_limits(self) -> RSALimits:
-        limits = self.config.engine.limits
-        return RSALimits(limits.max_rsa_tokens, limits.max_rsa_calls_per_round)
+        return rsa_limits(self.config.engine.limits)
 
     def __serve_build_asgi_app__(self) -> Any:
         from zayaserve.cluster.openai_api import build_openai_app

@@ -41,7 +41,13 @@ from zayaserve.cluster.rsa_protocol import (
     RSARound,
     RSAUsage,
 )
-from zayaserve.cluster.rsa_request import collect_run, flat_renames, record_run, unfinished
+from zayaserve.cluster.rsa_request import (
+    collect_run,
+    flat_renames,
+    record_run,
+    tenant_limited,
+    unfinished,
+)
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
@@ -149,16 +155,17 @@ async def create_rsa_chat_completion(body: ChatCompletionRequest, params: RSAPar
     tracker = ctx.metrics.track(ENDPOINT, "chat", model, w3c_headers(request.headers))
     tracker.describe(final, chat_id)
     try:
+        runs = ctx.rsa_limits.max_runs_per_tenant
         if body.stream:
-            events = ctx.client.rsa(job)
+            events = tenant_limited(ctx.client, tenant, runs, ctx.client.rsa(job))
             first = await anext(events)  # admission errors before the 200
             options = body.stream_options
             return ClosingStreamingResponse(
                 _events(first, events, job, bound, final, ctx, model, tracker, mode,
                         bool(options and options.include_usage)),
                 cleanup=lambda: _close(events, tracker), media_type="text/event-stream")
-        result = await unless_disconnected(request, collect_run(ctx.client.rsa(job), job,
-                                                                tracker))
+        result = await unless_disconnected(request, collect_run(
+            tenant_limited(ctx.client, tenant, runs, ctx.client.rsa(job)), job, tracker))
     except Exception as err:
         tracker.finish(served=False, error=err)
         raise as_frontend_error(err) from None

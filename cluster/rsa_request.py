@@ -1,14 +1,18 @@
 """Whether a chat request asks for an RSA run (its `rsa` object or Zyphra's flat rsa_* fields,
 read on every chat request, so kept apart from the RSA handlers), and what REST and gRPC share
-once a run is going: collecting its answers whole, and recording it in the request's metrics."""
+once a run is going: collecting its answers whole, recording it in the request's metrics, and
+counting each tenant's runs in flight."""
 
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
+from weakref import WeakKeyDictionary
 
 from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
+    OverloadedError,
     UnavailableError,
     as_frontend_error,
 )
@@ -69,3 +73,32 @@ def record_run(tracker: RequestTracker, job: RSAJob, done: RSADone) -> None:
                       "zayaserve.rsa.calls": done.calls,
                       "zayaserve.rsa.cached_tokens": done.cached_tokens,
                       "zayaserve.rsa.max_context": done.max_context})
+
+
+# RSA runs in flight per tenant, per engine client (one per front-end process: REST and gRPC
+# share it).
+_TENANT_RUNS: WeakKeyDictionary[object, Counter[str]] = WeakKeyDictionary()
+
+
+def tenant_limited(client: object, tenant: str | None, limit: int,
+                   events: AsyncIterator[RSAEvent]) -> AsyncIterator[RSAEvent]:
+    """`events`, counted as one of the tenant's runs until it ends or is closed; a tenant
+    already at `limit` runs is refused (429) before the run starts. Without API keys (tenant
+    None) nothing is counted."""
+    if tenant is None:
+        return events
+    runs = _TENANT_RUNS.setdefault(client, Counter())
+    if runs[tenant] >= limit:
+        raise OverloadedError(f"rsa: this API key already has {runs[tenant]} RSA runs going "
+                              f"(max_rsa_runs_per_tenant={limit}); retry when one ends",
+                              "rsa", retry_after_s=5)
+    runs[tenant] += 1
+
+    async def counted() -> AsyncIterator[RSAEvent]:
+        try:
+            async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
+                async for event in stream:
+                    yield event
+        finally:
+            runs[tenant] -= 1
+    return counted()

@@ -128,7 +128,7 @@ class LLM:
         figures (`rounds`) and, with return_population, every round's texts."""
         from zayaserve.replicas.rsa.events import RSAJob
         from zayaserve.replicas.rsa.offline import run_offline
-        from zayaserve.replicas.rsa.serving import RSALimits, preflight
+        from zayaserve.replicas.rsa.serving import preflight, rsa_limits
 
         tok = self.engine.tokenizer
         if tok is None:
@@ -146,9 +146,7 @@ class LLM:
             text, ids = tok.render_chat(problem, add_generation_prompt=True)
             job = RSAJob(request_id, str(problem[-1].get("content", "")), text, ids, p,
                          history=list(problem[:-1]))
-        limits = self.engine_config.limits
-        preflight(tok, job, RSALimits(limits.max_rsa_tokens, limits.max_rsa_calls_per_round),
-                  self.engine.max_model_len)
+        preflight(tok, job, rsa_limits(self.engine_config.limits), self.engine.max_model_len)
         return run_offline(self.engine, tok, job)
 
     def stats(self) -> dict[str, float]:

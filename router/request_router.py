@@ -4,7 +4,9 @@ Each attention worker keeps its own L1 prefix cache, so a request should go to t
 already computed the longest prefix of its prompt. The router remembers, per chained block
 hash of the prompts it routed, which replica got them (an LRU-bounded table); a new request
 goes to the replica owning its longest remembered prefix, unless that replica's queue is longer
-than the least loaded one's by more than `imbalanced_threshold`, in which case load wins.
+than the least loaded one's by more than `imbalanced_threshold`, in which case load wins. A
+replica's load is its queue as Serve counts it plus the calls its RSA runs hold beyond the one
+request each run is to Serve.
 Requests with no remembered prefix go to the least loaded replica.
 
 Used as `request_router_class="zayaserve.router.request_router.PrefixAwareRequestRouter"`;
@@ -68,6 +70,13 @@ class PrefixTable:
             del self._owner[h]
 
 
+def _extra_calls(replica: RunningReplica) -> int:
+    """Engine calls Serve does not see: each RSA run is one request to Serve, but its round
+    holds up to n calls in the engine (AttentionWorker.record_routing_stats)."""
+    stats = getattr(replica, "routing_stats", None) or {}
+    return max(0, int(stats.get("rsa_calls", 0)) - int(stats.get("rsa_runs", 0)))
+
+
 class PrefixAwareRequestRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, block_size: int = 16, imbalanced_threshold: int = 8,
                          max_entries: int = 100_000, **_: Any) -> None:
@@ -91,7 +100,8 @@ class PrefixAwareRequestRouter(FIFOMixin, RequestRouter):
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True
         probed = await self._probe_queue_lens(candidate_replicas, 0)
-        loads = {r.replica_id: (q if q is not None else 1 << 30) for r, q in probed}
+        loads = {r.replica_id: (q if q is not None else 1 << 30) + _extra_calls(r)
+                 for r, q in probed}
         by_load = sorted(candidate_replicas, key=lambda r: loads.get(r.replica_id, 1 << 30))
         owner, depth = self._table.longest(self._hashes(pending_request),
                                            {r.replica_id for r in candidate_replicas})

@@ -55,6 +55,7 @@ SUPPORT = {
     "cluster/rsa_request.py", "replicas/rsa/params.py",  # reads the (absent) RSA fields
     "replicas/engine/params.py", "replicas/engine/request_limits.py",
     "replicas/engine/admission.py",  # the queue bound, a limit like request_limits
+    "cluster/response_budget.py",  # the logprob budget, a limit like request_limits
     "replicas/engine/sequence.py", "replicas/engine/block_pool.py",
     "replicas/engine/outputs.py", "replicas/engine/penalties.py", "replicas/engine/logprobs.py",
     "replicas/kv_tiers/hashing.py", "replicas/model/batch.py",

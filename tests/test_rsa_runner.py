@@ -153,6 +153,10 @@ def test_reserved_slots_outlast_a_full_queue(engine: AsyncLLMEngine) -> None:
         n=3, k=2, t=2, tail_tokens=8, round_max_tokens=8, final_max_tokens=8, seed=1),
         chat=False)
 
+    # What is tested here is the run's own slots, not the share runs may hold together:
+    # let the grab below reserve the whole rest of the queue.
+    engine._admission.max_held = engine.max_pending_requests
+
     async def main() -> tuple[RSADone, bool]:
         grabbed, refused, done = None, False, None
         async for event in engine_rsa_events(engine, tok, job):
@@ -170,7 +174,10 @@ def test_reserved_slots_outlast_a_full_queue(engine: AsyncLLMEngine) -> None:
         grabbed.__exit__()
         return done, refused
 
-    done, refused = asyncio.run(main())
+    try:
+        done, refused = asyncio.run(main())
+    finally:
+        engine._admission.max_held = engine.max_pending_requests // 2
     assert refused
     assert [r.calls for r in done.rounds] == [3, 3, 1]
     assert engine.num_pending == 0 and engine._admission.reserved == 0

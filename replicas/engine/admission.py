@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import threading
 
+# The share of the queue that reservations (RSA runs' rounds) may hold together.
+RESERVE_SHARE = 0.5
+
 
 class EngineOverloadedError(RuntimeError):
     """The bounded request queue is full: the caller should answer 429 / RESOURCE_EXHAUSTED."""
@@ -17,6 +20,7 @@ class Reservation:
 
     def __init__(self, admission: Admission, slots: int) -> None:
         self.admission, self.free, self.open = admission, slots, True
+        self.size = slots
 
     def __enter__(self) -> Reservation:
         return self
@@ -26,15 +30,21 @@ class Reservation:
             if self.open:
                 self.open = False
                 self.admission.reserved -= self.free
+                self.admission.held -= self.size
 
 
 class Admission:
     """The count behind the queue bound. `reserve` and `admit` are called with `lock` held
     and the number of requests in flight."""
 
-    def __init__(self, max_pending: int, lock: threading.Lock) -> None:
+    def __init__(self, max_pending: int, lock: threading.Lock,
+                 reserve_share: float = RESERVE_SHARE) -> None:
         self.max_pending, self.lock = max_pending, lock
         self.reserved = 0  # slots held by open reservations and not in use
+        self.held = 0  # slots of open reservations, in use or not
+        # Reservations together never take more than this many slots: ordinary requests
+        # always keep the rest of the queue.
+        self.max_held = max(1, int(max_pending * reserve_share))
 
     def reserve(self, in_flight: int, slots: int) -> Reservation:
         taken = in_flight + self.reserved
@@ -42,7 +52,12 @@ class Admission:
             raise EngineOverloadedError(
                 f"{taken} requests in flight or reserved, {slots} more asked for "
                 f"(max_pending_requests={self.max_pending})")
+        if self.held + slots > self.max_held:
+            raise EngineOverloadedError(
+                f"{self.held} queue slots reserved by runs, {slots} more asked for; runs may "
+                f"hold at most {self.max_held} of max_pending_requests={self.max_pending}")
         self.reserved += slots
+        self.held += slots
         return Reservation(self, slots)
 
     def admit(self, in_flight: int, reservation: Reservation | None) -> bool:

@@ -22,6 +22,8 @@ _SEED_MAX = 2**64 - 1
 
 # Placeholders a custom aggregation template must hold (see prompts.aggregation_prompt).
 TEMPLATE_PLACEHOLDERS = ("{problem}", "{traces}")
+# An aggregation prompt is rendered and tokenized for every call of a round: keep it small.
+MAX_TEMPLATE_CHARS = 16_384
 
 
 class FinalSampling(BaseModel):
@@ -106,11 +108,17 @@ class RSAParams(BaseModel):
     def _template_placeholders(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        missing = [p for p in TEMPLATE_PLACEHOLDERS if p not in value]
-        if missing:
+        if len(value) > MAX_TEMPLATE_CHARS:
+            raise ValueError(f"aggregation_template: at most {MAX_TEMPLATE_CHARS} characters, "
+                             f"got {len(value)}")
+        # Exactly once each: the cost check counts the traces once, and every copy of
+        # {traces} would be filled with all of them.
+        wrong = [f"{p} {value.count(p)} times" for p in TEMPLATE_PLACEHOLDERS
+                 if value.count(p) != 1]
+        if wrong:
             raise ValueError(
-                f"aggregation_template must contain {' and '.join(TEMPLATE_PLACEHOLDERS)}; "
-                f"missing {', '.join(missing)}")
+                f"aggregation_template must contain {' and '.join(TEMPLATE_PLACEHOLDERS)} "
+                f"exactly once each; it has {', '.join(wrong)}")
         return value
 
     @property

@@ -63,6 +63,16 @@ class TextCodec(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
+# Text longer than this many characters per token of the bound is refused before it is
+# tokenized: no real vocabulary has longer tokens on average.
+MAX_CHARS_PER_TOKEN = 64
+
+
+class RSABoundError(RuntimeError):
+    """An aggregation prompt over the bound the run was admitted with (a server bug, or a
+    template the preflight did not foresee): the run stops rather than cost more."""
+
+
 class RSARun:
     """One request's run. `problem` is the question as text (what `{problem}` shows);
     `first` its rendered prompt for round 0; `think_end_ids` the tokenization of `</think>`;
@@ -71,8 +81,10 @@ class RSARun:
     def __init__(self, generate: Generate, render: Render, codec: TextCodec,
                  params: RSAParams, request_id: str, think_end_ids: Sequence[int] = (),
                  cache_salt: str | None = None,
-                 emit: Callable[[RSAEvent], None] | None = None) -> None:
+                 emit: Callable[[RSAEvent], None] | None = None,
+                 bound: int | None = None) -> None:
         self.generate, self.render, self.codec = generate, render, codec
+        self.bound = bound  # prompt + max_tokens of any call (preflight's), None: unchecked
         self.p, self.request_id, self.think_end_ids = params, request_id, list(think_end_ids)
         self.cache_salt = cache_salt
         self.emit = emit or (lambda event: None)
@@ -95,11 +107,10 @@ class RSARun:
             if r == 0:
                 prompts = [first] * count
             else:
-                subsets = choose_subsets(p.seed, r, len(previous), p.effective_k, count)
-                tails = [self._tail_text(ids) for ids in previous]
-                prompts = [self.render(aggregation_prompt(
-                    problem, [tails[i] for i in subset], p.aggregation_template))
-                    for subset in subsets]
+                # Decoding tails, rendering and tokenizing every prompt of the round: CPU work
+                # for a thread, not the event loop that streams every other request.
+                prompts = await asyncio.to_thread(self._aggregation_prompts, problem, previous,
+                                                  r, count, final)
             outputs = await self._round(r, prompts, final)
             result.rounds.append(RoundStats(
                 r, count, sum(len(ids) for _, ids in prompts),
@@ -113,6 +124,27 @@ class RSARun:
             if final:
                 result.answers = list(outputs)
         return result
+
+    def _aggregation_prompts(self, problem: str, previous: list[list[int]], r: int,
+                             count: int, final: bool) -> list[tuple[str, list[int]]]:
+        p = self.p
+        subsets = choose_subsets(p.seed, r, len(previous), p.effective_k, count)
+        tails = [self._tail_text(ids) for ids in previous]
+        max_tokens = p.final_max_tokens if final else p.round_max_tokens
+        prompts = []
+        for subset in subsets:
+            message = aggregation_prompt(problem, [tails[i] for i in subset],
+                                         p.aggregation_template)
+            if self.bound is not None and len(message) > MAX_CHARS_PER_TOKEN * self.bound:
+                raise RSABoundError(f"rsa: an aggregation prompt of {len(message)} characters "
+                                    f"cannot fit the run's bound of {self.bound} tokens")
+            text, ids = self.render(message)
+            if self.bound is not None and len(ids) + max_tokens > self.bound:
+                raise RSABoundError(f"rsa: an aggregation prompt of {len(ids)} tokens plus "
+                                    f"{max_tokens} to generate exceeds the run's bound of "
+                                    f"{self.bound}")
+            prompts.append((text, ids))
+        return prompts
 
     def _tail_text(self, output_ids: list[int]) -> str:
         """A trace's carried tail as text that still encodes to at most tail_tokens: decoding
