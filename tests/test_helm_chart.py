@@ -283,6 +283,7 @@ def test_values_schema_mirrors_cluster_config():
     """Every serve: key the schema allows is a ClusterConfig field, and every field is in the
     schema unless the chart sets it itself (or it holds a secret)."""
     from zayaserve.cluster.config import ClusterConfig
+    from zayaserve.replicas.engine.config import RequestLimits
 
     schema = json.loads((CHART_DIR / "values.schema.json").read_text())["definitions"]
     cluster = schema["clusterConfig"]["properties"]
@@ -297,6 +298,7 @@ def test_values_schema_mirrors_cluster_config():
         (cluster["autoscaling"]["properties"],
          ClusterConfig.model_fields["autoscaling"].annotation, set()),
         (cluster["eplb"]["properties"], ClusterConfig.model_fields["eplb"].annotation, set()),
+        (schema["engineSettings"]["properties"]["limits"]["properties"], RequestLimits, set()),
     ]
     for props, model, chart_owned in pairs:
         fields = set(model.model_fields)
