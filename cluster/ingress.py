@@ -48,7 +48,7 @@ class Ingress:
         self.metrics = MetricsCollector()
         self.grpc_server = None
         if self.config.grpc_port:
-            from zayaserve.cluster.grpc_api import start_grpc_server
+            from zayaserve.cluster.grpc_server import start_grpc_server
 
             self.grpc_server = await start_grpc_server(
                 self.client, self.config.grpc_port, host=self.config.http_host,

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import shlex
-import socket
 import sys
 import time
 import traceback
@@ -30,6 +29,7 @@ from typing import Any
 
 import httpx
 from helm_tools import kinds, pod_templates, rayservice, serve_config
+from plain_venv import free_ports
 
 RESULT_PREFIX = "CHART_TOPOLOGY_RESULT "
 APPS = "/api/serve/applications/"
@@ -47,17 +47,6 @@ def _quantity(text: str) -> float:
     m = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(text))
     assert m and m.group(2) in _UNITS, f"unparsed quantity {text!r}"
     return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def ray_node_params(start_params: dict[str, str], container: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +98,7 @@ def make_plan(docs: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
              **{g["groupName"]: g for g in cluster["workerGroupSpecs"]}}
     assert set(specs) == {"head", "attention", "experts"}, sorted(specs)
     pods = pod_templates(rs)
-    dash_port, agent_port, http_port, grpc_port = _free_ports(4)
+    dash_port, agent_port, http_port, grpc_port = free_ports(4)
     nodes = []
     for group, spec in specs.items():
         assert spec.get("replicas", 1) == 1, f"{group}: the test starts one node per group"

@@ -16,6 +16,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import xgrammar  # noqa: F401  (the `structured` extra: tests/run.sh installs it)
 
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
 from zayaserve.replicas.engine.config import EngineConfig
@@ -25,8 +26,6 @@ from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.engine.structured import MAX_CONSTRAINT_CHARS, StructuredOutputsParams
 from zayaserve.replicas.validation_errors import ParamError
-
-pytest.importorskip("xgrammar")
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
                                            "n": {"type": "integer", "minimum": 0, "maximum": 999}},

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 import pytest
+import xgrammar as xgr  # (the `structured` extra: tests/run.sh installs it)
 from structured_cases import _SCHEMAS
 
 from zayaserve.replicas.engine.json_grammar import (
@@ -19,8 +20,6 @@ from zayaserve.replicas.engine.json_grammar import (
 )
 from zayaserve.replicas.engine.regex_dialect import regex_ebnf
 from zayaserve.replicas.validation_errors import ParamError
-
-xgr = pytest.importorskip("xgrammar")
 
 # A vocabulary of every byte (RAW) plus a few whole characters: probes walk bytes one by one.
 BYTES = [bytes([b]) for b in range(256)]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import xgrammar as xgr  # (the `structured` extra: tests/run.sh installs it)
 from tokenizer_kinds import (
     CONTROL_TOKENS,
     KINDS,
@@ -26,8 +27,6 @@ from tokenizer_kinds import (
 
 from zayaserve.replicas.engine.grammar_vocab import tokenizer_info
 from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer, Tokenizer
-
-xgr = pytest.importorskip("xgrammar")
 
 PROMPT = "The answer is"
 VOCAB = preset_ids("tiny")["vocab_size"]

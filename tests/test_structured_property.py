@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xgrammar  # noqa: F401  (the `structured` extra: tests/run.sh installs it)
 from structured_cases import CASES, Case
 
 from zayaserve import LLM, SamplingParams
-
-pytest.importorskip("xgrammar")  # the `structured` extra; tests/run.sh installs it
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -13,10 +13,9 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
+import xgrammar  # noqa: F401  (the `structured` extra: tests/run.sh installs it)
 from test_openai_api import MODEL
 from test_openai_structured import client, engine_client  # noqa: F401  (module fixtures)
-
-pytest.importorskip("xgrammar")
 
 CALLS = 32
 WEATHER = {"type": "object", "properties": {
