@@ -43,6 +43,9 @@ class PlacementView(BaseModel):
     epoch: int = Field(description="The committed placement's number: it moves when a new "
                        "assignment of experts to shards is published.")
     version: int = Field(default=0, description="The routing map's version (addresses too).")
+    generation: int = Field(default=0, description="The placement controller's start count: "
+                            "maps order by (generation, version), so neither goes back when "
+                            "its replica restarts (its state is kept in Ray's GCS).")
     desired_shards: int = Field(default=0, description="Expert shards Serve is asked to run.")
     attention_workers: int = Field(default=1, description="Attention workers reporting.")
     desired_attention_workers: int = Field(default=1, description="Workers Serve is asked for.")

@@ -59,6 +59,10 @@ class ControllerState:
         self.ops = ScaleOperations(self.placement, shard_bounds, worker_bounds,
                                    self.live_workers)
         self.initial_workers = attention_workers
+        # What the deployment was configured with: a stored state of another config is not
+        # resumed (its slots and counts would not fit).
+        self.config = {"num_experts": num_experts, "num_shards": num_shards,
+                       "replication": replication, "attention_workers": attention_workers}
         self.workers = WorkerTotals(live_s=WORKER_SEEN_S)  # their latest stats, and sums
         self.shard_stats: dict[str, dict[str, Any]] = {}
         self.policy = PolicyState()
@@ -154,6 +158,31 @@ class ControllerState:
         if gain_ok:
             self.rebalances += 1
             p.propose(proposed, f"eplb: {moves(current, new)} expert copies moved")
+
+    # ----- what outlives the controller's replica (controller_store) ------------------------
+    def snapshot(self, now: float, wall: float) -> dict[str, Any]:
+        return {"config": self.config, "placement": self.placement.snapshot(),
+                "ops": self.ops.snapshot(now, wall), "rebalances": self.rebalances}
+
+    def restore(self, d: dict[str, Any], now: float, wall: float, generation: int,
+                resume: bool = True) -> str:
+        """Takes `snapshot()` back in a restarted controller; says what it did. `resume`
+        False (another deployment of the app stored it) or another config: only the map
+        version carries over, so that the routers' versions still only grow."""
+        p = self.placement
+        version = int(d.get("placement", {}).get("version", -1))
+        if not resume or d.get("config") != self.config:
+            p.version = max(p.version, version + 1)
+            return f"a fresh placement (stored state of another deployment); version {p.version}"
+        p.restore(d["placement"], now)
+        self.ops.restore(d.get("ops", {}), now, wall, generation)
+        self.rebalances = int(d.get("rebalances", 0))
+        # A new generation's first map: numbered past anything the old one showed.
+        p.version += 1
+        op = self.ops.current
+        return (f"resumed epoch {p.epoch}, version {p.version}, {len(p.slots)} slots, desired "
+                f"shards {p.desired}, workers {self.desired_workers(now)}"
+                + (f", operation {op.id} {op.phase}/{op.step}" if op else ""))
 
     # ----- what operators read ---------------------------------------------------------------
     def view(self, now: float) -> dict[str, Any]:

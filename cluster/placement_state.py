@@ -228,6 +228,39 @@ class ExpertPlacement:
                 "replicas": self.routing(), "addresses": live,
                 "assignment": {s: list(x) for s, x in self.committed.items()}}
 
+    # ----- what outlives the controller's replica (controller_store) ----------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The durable part: counters, slots (ids, experts, and the replica last seen in each),
+        the assignments and the cover; not heartbeats' times nor the load (re-measured)."""
+        return {"epoch": self.epoch, "version": self.version, "desired": self.desired,
+                "next_id": self._next_id, "cover": self.cover,
+                "slots": [{"id": s.id, "replica": s.replica, "address": s.address,
+                           "held": sorted(s.held), "leaving": s.leaving}
+                          for s in self.slots.values()],
+                "committed": self.committed, "pending": self.pending,
+                "pending_reason": self.pending_reason, "previous": self.previous}
+
+    def restore(self, d: dict[str, Any], now: float) -> None:
+        """Takes `snapshot()` back after a restart. Each slot keeps the replica and address it
+        had, as if just heard from: its shard's next heartbeat confirms it, silence past the
+        timeout vacates it. The previous epoch's experts stay held a full grace from now:
+        routers re-read the map only once the controller answers again."""
+        def assignment(a: dict[str, Any] | None) -> Assignment:
+            return {str(s): [int(x) for x in experts] for s, experts in (a or {}).items()}
+
+        self.epoch, self.version = int(d["epoch"]), int(d["version"])
+        self.desired, self._next_id = int(d["desired"]), int(d["next_id"])
+        self.cover = int(d.get("cover", 1))
+        self.slots = {s["id"]: Slot(s["id"], s.get("replica"), s.get("address"), now,
+                                    frozenset(int(x) for x in s.get("held", ())),
+                                    bool(s.get("leaving")))
+                      for s in d["slots"]}
+        self.committed = assignment(d["committed"])
+        self.pending = assignment(d["pending"]) if d.get("pending") is not None else None
+        self.pending_reason = str(d.get("pending_reason", ""))
+        self.previous = assignment(d.get("previous"))
+        self.previous_until = now + self.grace_s if self.previous else 0.0
+
     def shard_views(self, now: float) -> list[dict[str, Any]]:
         return [{"id": s, "state": slot.state(), "address": slot.address,
                  "experts": self.committed.get(s, []), "held": sorted(slot.held),

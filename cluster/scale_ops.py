@@ -22,6 +22,7 @@ from typing import Any
 from zayaserve.cluster.placement_state import ExpertPlacement
 
 PHASES = ("preparing", "committing", "done", "failed")
+RESUMABLE = ("", "cover", "remove", "settle")  # steps a restarted controller goes on with
 
 
 class ScaleError(ValueError):
@@ -79,6 +80,20 @@ class Operation:
 
     def view(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("deadline", "step")}
+
+    def record(self, now: float, wall: float) -> dict[str, Any]:
+        """For the controller's store: the deadline as wall-clock time (monotonic clocks
+        differ between processes)."""
+        out = asdict(self)
+        out["deadline_wall"] = wall + (out.pop("deadline") - now)
+        return out
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any], now: float, wall: float) -> Operation:
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        fields["deadline"] = now + (float(d["deadline_wall"]) - wall)
+        fields["history"] = list(d.get("history", []))
+        return cls(**fields)
 
 
 class ScaleOperations:
@@ -167,14 +182,7 @@ class ScaleOperations:
             return
         op.epoch = p.epoch
         if now > op.deadline:
-            op.phase, op.error = "failed", f"timed out after {self.timeout_s:g} s at: {op.detail}"
-            # Stop asking Serve for what did not come (e.g. no resources for a new replica):
-            # keep what runs; the placement re-plans over the members it has.
-            p.cover = 1
-            if op.expert_shards is not None:
-                p.desired = max(len(p.members()), 1)
-            if op.attention_workers is not None and (live := self.live_workers(now)):
-                self.desired_workers = live
+            self._fail(op, f"timed out after {self.timeout_s:g} s at: {op.detail}", now)
             return
         if op.step == "cover" and p.pending is None and p.covered(p.cover):
             op.step = "remove"
@@ -188,6 +196,18 @@ class ScaleOperations:
             self._note(op, f"{p.desired} shards left; re-placing at replication {p.replication}")
         if op.step == "settle" or op.expert_shards is None:
             self._settle(op, now)
+
+    def _fail(self, op: Operation, error: str, now: float) -> None:
+        op.phase, op.error = "failed", error
+        op.history.append(f"failed: {error}")
+        # Stop asking Serve for what did not come (e.g. no resources for a new replica):
+        # keep what runs; the placement re-plans over the members it has.
+        p = self.placement
+        p.cover = 1
+        if op.expert_shards is not None:
+            p.desired = max(len(p.members()), 1)
+        if op.attention_workers is not None and (live := self.live_workers(now)):
+            self.desired_workers = live
 
     def _settle(self, op: Operation, now: float) -> None:
         p = self.placement
@@ -213,3 +233,34 @@ class ScaleOperations:
 
     def busy(self) -> bool:
         return self.current is not None and self.current.phase not in ("done", "failed")
+
+    # ----- what outlives the controller's replica (controller_store) ----------------------
+    def snapshot(self, now: float, wall: float) -> dict[str, Any]:
+        return {"last_start_wall": None if self.last_start is None
+                else wall - (now - self.last_start),
+                "desired_workers": self.desired_workers,
+                "current": self.current.id if self.current else None,
+                "ops": [op.record(now, wall) for op in self.ops.values()]}
+
+    def restore(self, d: dict[str, Any], now: float, wall: float, generation: int) -> None:
+        """Takes `snapshot()` back after a restart (the cooldown and deadlines count the time
+        the controller was down). A resize in flight resumes where it was: every step waits
+        on state that was restored (the pending assignment, the cover, the counts asked of
+        Serve) or that shards and workers report again, so `advance` goes on from it. One
+        whose step this code cannot resume fails, saying where it was."""
+        last = d.get("last_start_wall")
+        self.last_start = None if last is None else now - max(wall - float(last), 0.0)
+        wanted = d.get("desired_workers")
+        self.desired_workers = None if wanted is None else int(wanted)
+        self.ops = {r["id"]: Operation.from_record(r, now, wall) for r in d.get("ops", [])}
+        self.current = self.ops.get(d.get("current") or "")
+        op = self.current
+        if op is None or op.phase in ("done", "failed"):
+            return
+        restarted = f"the placement controller restarted (generation {generation})"
+        if op.step in RESUMABLE and (op.step or op.expert_shards is None):
+            self._note(op, f"{restarted}; resuming {op.step or 'the worker resize'}: "
+                           f"{op.detail}")
+        else:
+            self._fail(op, f"{restarted} and cannot resume step {op.step!r}; left: "
+                           f"{op.detail}", now)

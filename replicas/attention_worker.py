@@ -32,7 +32,7 @@ from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
 from zayaserve.replicas.observability.tracing import flush as flush_traces
 from zayaserve.replicas.rsa.events import RSAEvent, RSAJob
-from zayaserve.replicas.rsa.serving import engine_rsa_events
+from zayaserve.replicas.rsa.serving import engine_rsa_events, rsa_gate, rsa_limits
 from zayaserve.router.placement import PlacementMap
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
@@ -45,6 +45,35 @@ def placement_from_dict(d: dict[str, Any]) -> PlacementMap:
         version=int(d["version"]), num_experts=int(d["num_experts"]),
         replicas={int(e): tuple(s) for e, s in d["replicas"].items()},
         addresses=dict(d["addresses"]))
+
+
+def map_order(d: dict[str, Any]) -> tuple[int, int]:
+    """How maps are ordered: the controller's generation (one more at each of its starts),
+    then the version within it (a controller without generations counts as 0)."""
+    return int(d.get("generation", 0)), int(d["version"])
+
+
+class PlacementHolder:
+    """The map this worker routes by. A map replaces it only if newer by `map_order`: an
+    older one (an answer from a controller replica Serve is replacing, or one delayed in
+    flight) is refused, never adopted over a newer one."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.map = PlacementMap(version=-1, num_experts=num_experts, replicas={}, addresses={})
+        self.order: tuple[int, int] = (-1, -1)
+        self.refused = 0  # older maps offered and ignored
+
+    def offer(self, d: dict[str, Any]) -> bool:
+        """True if `d` was adopted (newer than the one held)."""
+        order = map_order(d)
+        if order <= self.order:
+            if order < self.order:
+                self.refused += 1
+                log.warning("placement map %s refused: older than the %s held", order,
+                            self.order)
+            return False
+        self.map, self.order = placement_from_dict(d), order
+        return True
 
 
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=30)
@@ -60,15 +89,14 @@ class AttentionWorker:
         self.replica = serve.get_replica_context().replica_id.unique_id
         path: Path = resolve_model(model)
         num_experts = ZayaConfig.from_pretrained(path).num_experts
-        self._map = PlacementMap(version=-1, num_experts=num_experts, replicas={},
-                                 addresses={})
+        self._placement = PlacementHolder(num_experts)
         self._stop = threading.Event()
         self.desired_workers: float | None = None  # from the controller's answers
         self.experts: RemoteExpertBackend | None = None  # None: experts in this process
         if remote_experts:
             threading.Thread(target=self._poll_placement, daemon=True,
                              name="zayaserve-placement").start()
-            self.experts = RemoteExpertBackend(lambda: self._map, num_experts,
+            self.experts = RemoteExpertBackend(lambda: self._placement.map, num_experts,
                                                deadline_s=dispatch_deadline_s,
                                                wait_for_replica_s=wait_for_replica_s,
                                                token=rpc_token,
@@ -83,9 +111,7 @@ class AttentionWorker:
     def _poll_placement(self) -> None:
         while not self._stop.is_set():
             try:
-                d = self.controller.placement.remote().result(timeout_s=10)
-                if d["version"] != self._map.version:
-                    self._map = placement_from_dict(d)
+                self._placement.offer(self.controller.placement.remote().result(timeout_s=10))
             except Exception as err:  # keep the last map; the token router retries
                 log.warning("placement poll failed: %r", err)
             time.sleep(POLL_S)
@@ -110,7 +136,8 @@ class AttentionWorker:
     def describe(self) -> dict[str, Any]:
         e = self.engine.engine
         return {"max_model_len": e.max_model_len, "vocab_size": e.model_config.vocab_size,
-                "placement_version": self._map.version, "replica": self.replica}
+                "placement_version": self._placement.map.version,
+                "placement_generation": self._placement.order[0], "replica": self.replica}
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -127,8 +154,15 @@ class AttentionWorker:
         tokenizer = self.engine.engine.tokenizer
         if tokenizer is None:
             raise ValueError("rsa: this checkpoint has no tokenizer")
-        async for event in engine_rsa_events(self.engine, tokenizer, job, trace_context):
+        async for event in engine_rsa_events(self.engine, tokenizer, job, trace_context,
+                                             rsa_limits(self.engine.engine.config.limits)):
             yield event
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """Serve's hook for the request router: an RSA run is one request to Serve but many
+        calls in the engine; the router counts the calls (router/request_router.py)."""
+        gate = rsa_gate(self.engine)
+        return {"rsa_calls": float(gate.calls), "rsa_runs": float(gate.runs)}
 
     def stats(self) -> dict[str, Any]:
         return self._stats()

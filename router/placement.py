@@ -23,8 +23,10 @@ class PlacementMap:
     """expert -> shard ids holding it (preference order), shard id -> address, and a version.
 
     An expert may have no replica at all (its only shard died and nobody took over yet): the
-    router then waits for a newer map. Versions only grow; a router only asks "is this map a
-    different one". A negative version is allowed as the "nothing published yet" placeholder.
+    router then waits for a newer map. Versions only grow (and the controller's generation,
+    which the worker compares first, survives its restarts): a router adopts a map only when it
+    is newer than the one it holds, never an older one. A negative version is allowed as the
+    "nothing published yet" placeholder.
     """
 
     version: int

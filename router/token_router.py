@@ -192,7 +192,9 @@ class TokenRouter:
             raise ValueError(f"placement: num_experts {placement.num_experts} differs from the "
                              f"router's {self.num_experts}")
         old = self._placement
-        if old is None or placement.version != old.version:
+        if old is not None and placement.version < old.version:
+            return old  # versions only grow: an older map is never routed by again
+        if old is None or placement.version > old.version:
             self._placement = placement
             self.stats.map_versions_seen += 1
             self._channels.retain(placement.addresses.values())
