@@ -48,4 +48,7 @@ class BuildPy(build_py):
         return [m for m in modules if (m[0], m[1]) != ("zayaserve", "setup")]
 
 
-setup(packages=packages, package_data=package_data, cmdclass={"build_py": BuildPy})
+# Build backends run this file as __main__; imported as `zayaserve.setup` (a module walk over
+# an editable checkout) it must do nothing.
+if __name__ == "__main__":
+    setup(packages=packages, package_data=package_data, cmdclass={"build_py": BuildPy})
