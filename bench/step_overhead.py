@@ -1,6 +1,6 @@
 """Engine step overhead: everything a step does besides the model forward (scheduling, block
 bookkeeping, sampling, stop checks, detokenising, building outputs), per step and per sequence,
-on the tiny preset at several decode batch sizes. The model forward (`runner.run`) is timed in
+on the tiny preset at several decode batch sizes. The model forward (`runner.execute`) is timed in
 the same steps and printed beside it as the baseline: on a GPU the forward of a 760M-active
 model is a few ms, so this overhead is what limits a step.
 
@@ -24,11 +24,11 @@ def measure(batch: int, steps: int, warmup: int = 5) -> dict[str, float]:
     torch.manual_seed(0)
     llm = LLM(model=str(resolve_model("tiny")), max_num_seqs=batch,
               max_num_batched_tokens=max(2048, batch * 8), num_kv_blocks=batch * 8 + 8,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, async_scheduling=False)
     engine = llm.engine
     runner = engine.runner
     forward_s: list[float] = []
-    real_run = runner.run
+    real_run = runner.execute
 
     def timed_run(*args: Any, **kw: Any) -> Any:
         t = time.perf_counter()
@@ -37,7 +37,7 @@ def measure(batch: int, steps: int, warmup: int = 5) -> dict[str, float]:
         finally:
             forward_s.append(time.perf_counter() - t)
 
-    runner.run = timed_run  # type: ignore[method-assign]
+    runner.execute = timed_run  # type: ignore[method-assign]
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=1, ignore_eos=True,
                             max_tokens=warmup + steps + 8)
     for i in range(batch):

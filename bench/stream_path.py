@@ -16,19 +16,17 @@ import pickle
 import time
 from collections.abc import Callable
 
-import torch
-
 from zayaserve.bench import legacy_stream_path as legacy
 from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.engine.params import SamplingParams
-from zayaserve.replicas.engine.scheduler import step_delta
 from zayaserve.replicas.engine.sequence import Request, Sequence
+from zayaserve.replicas.engine.stop_rules import step_delta
 
 
 def _request(n: int, tokens: int) -> tuple[Request, list[Sequence]]:
     params = SamplingParams(n=n, max_tokens=tokens, logprobs=1, ignore_eos=True)
     req = Request("bench", None, [2, 3, 4, 5], params, 0)
-    seqs = [Sequence(i, req, i, [2, 3, 4, 5], torch.Generator(), None, logprobs=[])
+    seqs = [Sequence(i, req, i, [2, 3, 4, 5], i, None, logprobs=[])
             for i in range(n)]
     req.seqs.extend(seqs)
     return req, seqs

@@ -22,6 +22,7 @@ from ray import serve
 
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from zayaserve.replicas.engine.config import EngineConfig, EngineSettings
+from zayaserve.replicas.engine.gc_freeze import freeze_startup_objects
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
@@ -104,6 +105,7 @@ class AttentionWorker:
         engine = LLMEngine(EngineConfig(model=str(path), **engine_settings.model_dump()),
                            experts=self.experts)
         self.engine = AsyncLLMEngine(engine, max_pending_requests)
+        freeze_startup_objects()  # keeps full collections off the step loop (gc_freeze.py)
         # The controller sums every worker's stats, with or without expert shards.
         threading.Thread(target=self._report_stats, daemon=True,
                          name="zayaserve-stats").start()

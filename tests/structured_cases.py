@@ -111,7 +111,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
 }
 # Compact JSON (no optional whitespace) for the longer schemas: random weights otherwise spend
 # their tokens on whitespace runs. The shorter ones keep whitespace, as `response_format` does.
-_MAX_TOKENS = {"json-email": 384, "json-nested": 256, "json_object": 256}
+_MAX_TOKENS = {"json-email": 512, "json-nested": 256, "json_object": 256}
 _COMPACT = {"json-minLength", "json-pattern", "json-format", "json-email", "json-nested"}
 _REGEXES = (r"[A-Z][a-z]{0,8}( [A-Z][a-z]{0,8})?", r"\d{3}-\d{4}", r"a.{1,6}z",
             r"(yes|no|maybe) \(\w{1,5}\)", r"[^,]{1,8},[\s\S]{0,3}!")

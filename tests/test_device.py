@@ -88,7 +88,6 @@ def test_everything_the_engine_holds_is_on_its_device(tiny_checkpoint: Path) -> 
     assert len(held) > 20 and any(n.startswith("cache.k") for n, _ in held)
     off = [n for n, t in held if t.device != device]
     assert not off, f"held off {device}: {off[:5]}"
-    assert engine.generator.device == device
 
 
 def test_a_step_creates_no_tensor_without_a_device(engine: LLMEngine) -> None:

@@ -218,14 +218,14 @@ class _TokenCounter:
     def __init__(self, llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
         self.total = 0
         self.steps: list[int] = []
-        run = llm.engine.runner.run
+        prepare = llm.engine.runner.prepare
 
-        def counted(sched: SchedulerOutput, rows: list[int]) -> torch.Tensor:
+        def counted(sched: SchedulerOutput) -> Any:
             self.total += sched.num_tokens
             self.steps.append(sched.num_tokens)
-            return run(sched, rows)
+            return prepare(sched)
 
-        monkeypatch.setattr(llm.engine.runner, "run", counted)
+        monkeypatch.setattr(llm.engine.runner, "prepare", counted)
 
 
 def test_n_prefills_the_prompt_once(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:

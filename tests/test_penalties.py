@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from zayaserve import LLM, SamplingParams
-from zayaserve.replicas.engine import llm_engine as engine_mod
 from zayaserve.replicas.engine import penalties as penalties_mod
 from zayaserve.replicas.engine import sampler as sampler_mod
+from zayaserve.replicas.engine import step_sampling as engine_mod
 from zayaserve.replicas.engine.penalties import apply_penalties
 from zayaserve.replicas.engine.sampler import SampledToken, SamplingRow, sample
 
@@ -25,9 +25,9 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def row(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-        generator: torch.Generator | None = None, num_logprobs: int | None = None,
+        seed: int = 0, num_logprobs: int | None = None,
         banned: tuple[int, ...] = (), **extras: Any) -> SamplingRow:
-    return SamplingRow(temperature, top_k, top_p, generator or gen(), num_logprobs,
+    return SamplingRow(temperature, top_k, top_p, seed, num_logprobs,
                        banned_token_ids=banned, **extras)
 
 
@@ -59,15 +59,15 @@ def mixed_rows(vocab: int) -> list[SamplingRow]:
         row(temperature=0.0),
         row(temperature=0.0, repetition_penalty=1.7, prompt_token_ids=ids[0][:20],
             output_token_ids=ids[0][20:]),
-        row(generator=gen(1), presence_penalty=1.5, output_token_ids=ids[1] + ids[1][:5]),
-        row(generator=gen(2), num_logprobs=3),
+        row(seed=1, presence_penalty=1.5, output_token_ids=ids[1] + ids[1][:5]),
+        row(seed=2, num_logprobs=3),
         row(temperature=0.0, frequency_penalty=-0.7, prompt_token_ids=ids[2],
             output_token_ids=ids[3] * 2),
-        row(generator=gen(3), repetition_penalty=0.6, presence_penalty=-2.0,
+        row(seed=3, repetition_penalty=0.6, presence_penalty=-2.0,
             frequency_penalty=2.0, prompt_token_ids=[*ids[4], vocab, vocab + 9, -1],
             output_token_ids=[*ids[5], vocab + 3]),
         row(temperature=0.0, repetition_penalty=1.3),  # nothing generated yet, empty prompt
-        row(generator=gen(4), frequency_penalty=1.0, output_token_ids=[], num_logprobs=2),
+        row(seed=4, frequency_penalty=1.0, output_token_ids=[], num_logprobs=2),
     ]
 
 
@@ -124,11 +124,11 @@ def test_penalties_edge_cases() -> None:
 def test_extreme_repetition_penalties_stay_samplable() -> None:
     logits = torch.tensor([[1.0, 0.0, -1.0, 3.0, 2.0]])
     seen = dict(prompt_token_ids=[0, 1, 2], output_token_ids=[])
-    tiny = [row(temperature=t, generator=gen(i), repetition_penalty=1e-300, **seen)
+    tiny = [row(temperature=t, seed=i, repetition_penalty=1e-300, **seen)
             for i, t in enumerate([0.0, 1e-5, 0.5, 1.0])]  # type: ignore[arg-type]
     out = sample(logits.expand(4, -1).contiguous(), tiny)
     assert [t.token_id for t in out] == [0, 0, 0, 0]  # 1.0 / tiny: huge, but finite
-    huge = [row(temperature=t, generator=gen(i), repetition_penalty=1e300, **seen)
+    huge = [row(temperature=t, seed=i, repetition_penalty=1e300, **seen)
             for i, t in enumerate([0.0, 0.7])]  # type: ignore[arg-type]
     pen = apply_penalties(logits, huge[:1])
     assert pen[0, 1] == 0.0 and pen[0, 2] < -1e38 and 0 < pen[0, 0] < 1e-30
@@ -177,9 +177,9 @@ def test_penalties_apply_before_temperature() -> None:
     extras = dict(frequency_penalty=0.6, presence_penalty=0.2, repetition_penalty=1.3,
                   prompt_token_ids=[4, 1], output_token_ids=outputs)
     n, temperature = 20000, 2.0
-    g = gen(11)
-    rows = [row(temperature, generator=g, **extras) for _ in range(n)]  # type: ignore[arg-type]
-    drawn = torch.tensor([t.token_id for t in sample(logits.expand(n, -1).contiguous(), rows)])
+    rows = [row(temperature, seed=11, **extras)] * n  # type: ignore[arg-type]
+    drawn = torch.tensor([t.token_id for t in sample(logits.expand(n, -1).contiguous(), rows,
+                                                     positions=range(n))])
     observed = torch.bincount(drawn, minlength=6).double()
     ref = reference_penalised(logits, rows[0])
     expected = torch.softmax(ref / temperature, dim=0) * n
@@ -223,7 +223,7 @@ def test_min_p_leaves_greedy_alone() -> None:
     out = sample(logits, [row(temperature=0.0, min_p=1.0)] * 8)
     assert [t.token_id for t in out] == logits.argmax(dim=1).tolist()
     # min_p=1 keeps only the top token, so even hot sampling is the argmax.
-    hot = sample(logits, [row(temperature=5.0, min_p=1.0, generator=gen(i)) for i in range(8)])
+    hot = sample(logits, [row(temperature=5.0, min_p=1.0, seed=i) for i in range(8)])
     assert [t.token_id for t in hot] == logits.argmax(dim=1).tolist()
 
 
@@ -234,16 +234,15 @@ def test_seeded_row_with_extras_independent_of_batch() -> None:
     history = dict(prompt_token_ids=list(range(0, 60, 3)), output_token_ids=[7, 7, 9, 300])
 
     def seeded() -> SamplingRow:
-        return row(0.9, top_p=0.95, generator=gen(77), num_logprobs=2, min_p=0.05,
+        return row(0.9, top_p=0.95, seed=77, num_logprobs=2, min_p=0.05,
                    repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.4,
                    **history)  # type: ignore[arg-type]
 
     alone = [sample(target, [seeded()])[0] for _ in range(2)]
     assert alone[0] == alone[1]
-    shared = gen(99)
-    mates = [row(generator=shared, repetition_penalty=1.5, output_token_ids=[1, 2]),
+    mates = [row(seed=99, repetition_penalty=1.5, output_token_ids=[1, 2]),
              row(temperature=0.0, frequency_penalty=1.0, output_token_ids=[3]),
-             row(generator=shared, min_p=0.2), row(generator=gen(5))]
+             row(seed=99, min_p=0.2), row(seed=5)]
     for pos in (0, 2, 4):
         rows = [*mates[:pos], seeded(), *mates[pos:]]
         batch = torch.cat([logits[:pos], target, logits[pos + 1:]])
@@ -305,8 +304,8 @@ def test_engine_rows_carry_the_sequence_history(llm: LLM,
     seen: list[tuple[torch.Tensor, list[SamplingRow], list[SampledToken]]] = []
 
     def spy(logits: torch.Tensor, rows: Sequence[SamplingRow],
-            mask: Any = None) -> list[SampledToken]:
-        out = sample(logits, rows, mask)
+            mask: Any = None, positions: Any = None) -> list[SampledToken]:
+        out = sample(logits, rows, mask, positions)
         seen.append((logits.clone(), list(rows), out))
         return out
 

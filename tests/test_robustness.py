@@ -279,7 +279,7 @@ async def _drain(stream: Any) -> list[int]:
 
 def test_a_failing_step_fails_its_requests_only(engine: AsyncLLMEngine, tiny_checkpoint: Any):
     runner = engine.engine.runner
-    real_run = runner.run
+    real_run = runner.execute
     failures = {"left": 1}
 
     def flaky_run(*args: Any, **kw: Any) -> Any:
@@ -288,7 +288,7 @@ def test_a_failing_step_fails_its_requests_only(engine: AsyncLLMEngine, tiny_che
             raise RuntimeError("injected fault")
         return real_run(*args, **kw)
 
-    runner.run = flaky_run  # type: ignore[method-assign]
+    runner.execute = flaky_run  # type: ignore[method-assign]
     with pytest.raises(RequestFailedError, match="RuntimeError") as info:
         _greedy_ids(engine, [2, 40, 41, 42])
     assert info.value.cause == "RuntimeError" and not info.value.retryable
@@ -301,7 +301,7 @@ def test_repeated_step_failures_mark_the_engine_dead(engine: AsyncLLMEngine):
     def broken(*args: Any, **kw: Any) -> Any:
         raise RuntimeError("always broken")
 
-    engine.engine.runner.run = broken  # type: ignore[method-assign]
+    engine.engine.runner.execute = broken  # type: ignore[method-assign]
     for _ in range(engine.max_consecutive_step_failures):
         with pytest.raises(RequestFailedError):
             _greedy_ids(engine, [2, 9, 10])
@@ -328,7 +328,7 @@ def test_peer_faults_fail_requests_with_503_but_never_kill(engine: AsyncLLMEngin
         retryable = True
 
     runner = engine.engine.runner
-    real_run = runner.run
+    real_run = runner.execute
     away = {"on": True}
 
     def run(*args: Any, **kw: Any) -> Any:
@@ -336,7 +336,7 @@ def test_peer_faults_fail_requests_with_503_but_never_kill(engine: AsyncLLMEngin
             raise ShardsAway("no live replica for experts [0]")
         return real_run(*args, **kw)
 
-    runner.run = run  # type: ignore[method-assign]
+    runner.execute = run  # type: ignore[method-assign]
     engine_client = LocalEngineClient(engine, MODEL)
     server = Server(build_openai_app(engine_client, served_model_names=[MODEL]))
     try:

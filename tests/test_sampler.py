@@ -19,13 +19,11 @@ def row(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     num_logprobs: int | None = None,
     banned: tuple[int, ...] = (),
 ) -> SamplingRow:
-    return SamplingRow(
-        temperature, top_k, top_p, generator or gen(), num_logprobs, banned_token_ids=banned
-    )
+    return SamplingRow(temperature, top_k, top_p, seed, num_logprobs, banned_token_ids=banned)
 
 
 def probs_to_logits(probs: list[float]) -> torch.Tensor:
@@ -33,10 +31,10 @@ def probs_to_logits(probs: list[float]) -> torch.Tensor:
 
 
 def draw_many(logits_row: torch.Tensor, n: int, seed: int = 0, **kw: object) -> list[int]:
-    """n samples of one row, as n batch rows sharing one generator (one multinomial call)."""
-    g = gen(seed)
-    rows = [row(generator=g, **kw) for _ in range(n)]  # type: ignore[arg-type]
-    return [t.token_id for t in sample(logits_row.expand(n, -1).contiguous(), rows)]
+    """n samples of one row: n batch rows of one seed at positions 0..n-1 (one call)."""
+    rows = [row(seed=seed, **kw)] * n  # type: ignore[arg-type]
+    return [t.token_id for t in sample(logits_row.expand(n, -1).contiguous(), rows,
+                                       positions=range(n))]
 
 
 def test_greedy_is_argmax() -> None:
@@ -68,15 +66,13 @@ def test_out_of_range_bans_ignored_and_all_banned_raises() -> None:
 
 def test_seeded_row_reproducible_across_calls() -> None:
     logits = torch.randn(1, 5000, generator=gen(2))
-    a = [sample(logits, [row(generator=gen(42))])[0].token_id for _ in range(3)]
-    b = []
-    g = gen(7)
-    for _ in range(20):
-        b.append(sample(logits, [row(generator=g)])[0].token_id)
-    g = gen(7)
-    b2 = [sample(logits, [row(generator=g)])[0].token_id for _ in range(20)]
+    a = [sample(logits, [row(seed=42)], positions=[9])[0].token_id for _ in range(3)]
+    b = [sample(logits, [row(seed=7)], positions=[p])[0].token_id for p in range(20)]
+    b2 = [sample(logits, [row(seed=7)], positions=[p])[0].token_id for p in range(20)]
+    other = [sample(logits, [row(seed=8)], positions=[p])[0].token_id for p in range(20)]
     assert len(set(a)) == 1
-    assert b == b2 and len(set(b)) > 1  # a stream, not one value repeated
+    assert b == b2 and len(set(b)) > 1  # a stream over positions, not one value repeated
+    assert other != b  # another seed, another stream
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 50, 0.9)])
@@ -86,16 +82,15 @@ def test_seeded_row_independent_of_batch(temperature: float, top_k: int, top_p: 
     target = logits[2:3]
 
     def seeded() -> SamplingRow:
-        return row(temperature, top_k, top_p, generator=gen(1234), num_logprobs=3)
+        return row(temperature, top_k, top_p, seed=1234, num_logprobs=3)
 
     alone = sample(target, [seeded()])[0]
-    shared = gen(99)
     mates = [
-        row(generator=shared),
+        row(seed=99),
         row(temperature=0.0),
-        row(generator=gen(5), top_k=10),
-        row(generator=shared, top_p=0.5),
-        row(generator=gen(6)),
+        row(seed=5, top_k=10),
+        row(seed=99, top_p=0.5),
+        row(seed=6),
     ]
     for pos in (0, 2, 5):
         rows = [*mates[:pos], seeded(), *mates[pos:]]
@@ -136,12 +131,12 @@ def reference_nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
     return kept
 
 
-@pytest.mark.parametrize("candidates", [4, 1024])
+@pytest.mark.parametrize("candidates", [(4,), (4, 16), (1024,), ()])
 def test_top_p_candidate_shortcut_matches_full_sort(
-    monkeypatch: pytest.MonkeyPatch, candidates: int
+    monkeypatch: pytest.MonkeyPatch, candidates: tuple[int, ...]
 ) -> None:
     # Peaked rows have their nucleus inside the first 4 candidates, flat rows spill past them
-    # and take the full-sort fallback; both must give the reference nucleus.
+    # (to 16, then to the full sort); every path must give the reference nucleus.
     monkeypatch.setattr(sampler_mod, "_NUCLEUS_CANDIDATES", candidates)
     base = torch.randn(6, 64, generator=gen(13))
     logits = base * torch.tensor([[6.0], [6.0], [0.3], [0.3], [1.0], [1.0]])
@@ -166,7 +161,7 @@ def test_top_p_applies_after_top_k_renormalisation() -> None:
 def test_tiny_temperature_matches_greedy() -> None:
     logits = torch.randn(32, 300, generator=gen(6))
     greedy = [t.token_id for t in sample(logits, [row(temperature=0.0)] * 32)]
-    cold = sample(logits, [row(temperature=1e-4, generator=gen(i)) for i in range(32)])
+    cold = sample(logits, [row(temperature=1e-4, seed=i) for i in range(32)])
     assert [t.token_id for t in cold] == greedy
     below_eps = sample(logits, [row(temperature=1e-7)] * 32)  # treated as greedy, no overflow
     assert [t.token_id for t in below_eps] == greedy
@@ -263,7 +258,7 @@ def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> No
     def rows() -> list[SamplingRow]:
         return [
             row(temperature=0.9, top_k=(i % 3) * 5, top_p=0.8 if i % 2 else 1.0,
-                generator=gen(i), num_logprobs=i % 4, banned=(i,))
+                seed=i, num_logprobs=i % 4, banned=(i,))
             for i in range(10)
         ]  # fmt: skip
 
@@ -294,3 +289,19 @@ def test_row_validation() -> None:
     with pytest.raises(ValueError, match="num_logprobs"):
         row(num_logprobs=-1)
     assert not row(temperature=0.5, top_k=0).is_greedy and row(temperature=0.5, top_k=1).is_greedy
+
+
+def test_counter_based_draws() -> None:
+    """A draw is a function of (seed, position) alone, uniform in [0, 1), and never picks a
+    token of probability 0."""
+    from zayaserve.replicas.engine.noise import draw, uniform
+
+    us = [uniform(s, p) for s in range(200) for p in range(50)]
+    assert all(0.0 <= u < 1.0 for u in us) and len(set(us)) == len(us)
+    assert abs(sum(us) / len(us) - 0.5) < 0.01
+    assert uniform(7, 3) == uniform(7, 3) != uniform(7, 4) != uniform(8, 3)
+    assert uniform(2**64 + 5, 1) == uniform(5, 1)  # seeds are taken modulo 2**64
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]]).expand(4000, -1)
+    picked = draw(probs, [uniform(1, p) for p in range(4000)])
+    counts = torch.bincount(picked, minlength=5).tolist()
+    assert counts[0] == counts[2] == counts[4] == 0 and 900 < counts[1] < 1100

@@ -91,6 +91,9 @@ class EngineSettings(BaseModel):
         1, ge=1, le=2, description="2 overlaps one micro-batch's attention with the other's "
         "expert round trip (useful with remote experts).")
 
+    async_scheduling: bool = Field(
+        True, description="Schedule the next decode step while the current one runs on the "
+        "device (outputs are the same as without).")
     enforce_eager: bool = Field(
         False, description="Run decode steps eagerly instead of replaying captured CUDA/HIP "
         "graphs (graphs are used on a GPU only).")

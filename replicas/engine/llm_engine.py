@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,21 +16,15 @@ from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.engine.engine_stats import engine_stats
 from zayaserve.replicas.engine.grammar import Grammars, no_compiles
 from zayaserve.replicas.engine.grammar_compile import CompiledGrammar
-from zayaserve.replicas.engine.logprobs import prompt_logprobs
-from zayaserve.replicas.engine.outputs import Logprob, StepDelta
+from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
 from zayaserve.replicas.engine.request_timeline import RequestTimeline
 from zayaserve.replicas.engine.runner import ModelRunner
-from zayaserve.replicas.engine.sampler import SamplingRow, sample
-from zayaserve.replicas.engine.scheduler import (
-    SampledStep,
-    Scheduler,
-    SchedulerConfig,
-    SchedulerOutput,
-    banned_tokens,
-)
+from zayaserve.replicas.engine.scheduler import Scheduler, SchedulerConfig
 from zayaserve.replicas.engine.sequence import Request, Sequence, Status
+from zayaserve.replicas.engine.step_pipeline import StepPipeline
+from zayaserve.replicas.engine.step_sampling import StepSampler, plan_logits
 from zayaserve.replicas.kv_tiers.hashing import (
     BlockHasher,
     cache_namespace,
@@ -44,15 +37,6 @@ from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
 from zayaserve.replicas.model.kv_cache import KVCache
 from zayaserve.replicas.model.loader import load_attention_side, load_expert_side
 from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer, Tokenizer
-
-
-@dataclass(slots=True)
-class _LogitsPlan:
-    """Which packed rows of this step need logits, and what each is for."""
-
-    rows: list[int]
-    prompt: list[tuple[Request, list[int], list[int]]]  # request, rows, next prompt tokens
-    samples: list[tuple[Sequence, int]]  # sequence, row
 
 
 class LLMEngine:
@@ -104,7 +88,9 @@ class LLMEngine:
         self.scheduler.kv.remote = self.remote
         self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches,
                                   self.decode_graphs())
-        self.generator = self._generator(config.seed)
+        self.sampler = StepSampler(self.grammars, self.eos_ids, config.seed)
+        self.pipeline = StepPipeline(self.scheduler, self.runner, self.sampler,
+                                     config.async_scheduling)
         self.requests: dict[str, Request] = {}
         # Constrained requests' compiled grammars, held to their end: matchers come from them.
         self.request_grammars: dict[str, CompiledGrammar] = {}
@@ -124,10 +110,6 @@ class LLMEngine:
         width = -(-longest // self.config.block_size)
         return DecodeGraphs(self.model, self.experts, self.cache,
                             min(self.config.max_num_seqs, 512), width, backend)
-
-    def _generator(self, seed: int) -> torch.Generator:
-        """Sampling draws on the engine's device (a generator elsewhere would copy rows)."""
-        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _remote_tier(self) -> RemoteTier:
         c = self.config
@@ -187,13 +169,12 @@ class LLMEngine:
 
     def _new_sequence(self, req: Request, index: int, tokens: list[int]) -> Sequence:
         p = req.params
-        seed = p.child_seed(index)
-        gen = self._generator(seed) if seed is not None else self.generator
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
                                            skip_special_tokens=p.skip_special_tokens)
-        seq = Sequence(next(self._seq_ids), req, index, tokens, gen, detok,
+        seq = Sequence(next(self._seq_ids), req, index, tokens,
+                       self.sampler.seed_for(p.child_seed(index)), detok,
                        logprobs=[] if p.logprobs is not None else None)
         seq.grammar = self.grammars.matcher(
             p.structured_outputs, self.request_grammars.get(req.request_id),
@@ -225,80 +206,32 @@ class LLMEngine:
 
     @no_compiles()  # a compile here would stall every running request: it raises
     def step(self) -> list[StepDelta]:
-        """schedule -> run -> update: one StepDelta per request that got tokens."""
+        """schedule -> run -> update: one StepDelta per request that got tokens. With async
+        scheduling the step after this one may be launched before this one's tokens arrive
+        (see step_pipeline)."""
         self.last_step_request_ids = None
-        sched = self.scheduler.schedule()
-        self.last_step_request_ids = {c.seq.request.request_id for c in sched.chunks}
-        if not sched.chunks:
-            if self.scheduler.fetching:  # only L2 fetches in flight: wait a moment, not spin
-                wait([s.remote_fetch[1] for s in self.scheduler.fetching], timeout=0.005,
-                     return_when=FIRST_COMPLETED)
-            return []
-        plan = self._plan_logits(sched)
-        logits = self.runner.run(sched, plan.rows)
-        deltas = self.scheduler.update_from_output(sched, self._sample(plan, logits))
+        pipeline = self.pipeline
+        current = pipeline.take_ahead()
+        if current is None:
+            sched = self.scheduler.schedule()
+            if not sched.chunks:
+                self.last_step_request_ids = set()
+                if self.scheduler.fetching:  # only L2 fetches in flight: wait, not spin
+                    wait([s.remote_fetch[1] for s in self.scheduler.fetching], timeout=0.005,
+                         return_when=FIRST_COMPLETED)
+                return []
+            current = pipeline.launch(sched, plan_logits(sched))
+        pipeline.launch_ahead(current)
+        self.last_step_request_ids = current.request_ids | (
+            pipeline.ahead.request_ids if pipeline.ahead is not None else set())
+        try:
+            sampled = current.result.result()
+        except BaseException:
+            pipeline.drain()  # the step after it fails with it
+            raise
+        deltas = self.scheduler.update_from_output(current.sched, sampled)
         for delta in deltas:
             if delta.finished:
                 del self.requests[delta.request_id]
                 self.request_grammars.pop(delta.request_id, None)
         return deltas
-
-    def _plan_logits(self, sched: SchedulerOutput) -> _LogitsPlan:
-        plan = _LogitsPlan([], [], [])
-        offset = 0
-        for c in sched.chunks:
-            seq, req = c.seq, c.seq.request
-            if req.prompt_logprobs is not None and seq.index == 0:
-                prompt = req.prompt_token_ids
-                done = len(req.prompt_logprobs) - 1  # positions already answered
-                positions = range(max(c.start, done), min(c.start + c.num_tokens,
-                                                           len(prompt) - 1))
-                if positions:
-                    rows = [offset + p - c.start for p in positions]
-                    plan.prompt.append((req, list(range(len(plan.rows),
-                                                        len(plan.rows) + len(rows))),
-                                        [prompt[p + 1] for p in positions]))
-                    plan.rows.extend(rows)
-            if c.start + c.num_tokens == seq.num_tokens:
-                plan.samples.append((seq, len(plan.rows)))
-                plan.rows.append(offset + c.num_tokens - 1)
-            offset += c.num_tokens
-        return plan
-
-    def _sample(self, plan: _LogitsPlan, logits: torch.Tensor) -> SampledStep:
-        """Prompt logprobs and one token per sampling row (n > 1: a row per child to fork)."""
-        prompt: list[tuple[Request, list[dict[int, Logprob] | None]]] = []
-        for req, prompt_rows, next_ids in plan.prompt:
-            k = req.params.prompt_logprobs
-            assert k is not None
-            prompt.append((req, list(prompt_logprobs(
-                logits[prompt_rows],
-                torch.tensor(next_ids, dtype=torch.int64, device=logits.device), k))))
-        rows: list[SamplingRow] = []
-        targets: list[tuple[Sequence, int]] = []  # (sequence, child index or -1 for itself)
-        row_ids: list[int] = []
-        for seq, row in plan.samples:
-            p = seq.params
-            banned = banned_tokens(seq, self.eos_ids)
-            # Token ids only for the penalties that read them (a reference, then a slice).
-            prompt_ids = seq.request.prompt_token_ids if p.repetition_penalty != 1.0 else ()
-            output_ids = seq.output_token_ids if p.has_penalties else ()
-            for child in range(-1, seq.forks_pending + 1):
-                if child == 0:
-                    continue  # index 0 is the sequence itself (child -1)
-                gen = seq.generator
-                if child > 0:
-                    seed = p.child_seed(child)
-                    gen = self._generator(seed) if seed is not None else self.generator
-                rows.append(SamplingRow(
-                    p.temperature, p.top_k, p.top_p, gen, p.logprobs, banned, min_p=p.min_p,
-                    repetition_penalty=p.repetition_penalty,
-                    presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                    prompt_token_ids=prompt_ids, output_token_ids=output_ids))
-                targets.append((seq, child))
-                row_ids.append(row)
-        # A child (n > 1) samples its first token from its parent's grammar state.
-        mask = self.grammars.step_mask([seq.grammar for seq, _ in targets])
-        sampled = sample(logits[row_ids], rows, mask) if rows else []
-        return SampledStep([(seq, child, row.generator, tok) for (seq, child), row, tok
-                            in zip(targets, rows, sampled, strict=True)], prompt)

@@ -6,16 +6,24 @@ waits on its experts (a remote round trip that releases the GIL), the other comp
 They touch disjoint cache slots and state slots, so they need no locking.
 
 Decode-only steps replay captured graphs when `graphs` is set (see `decode_graphs`).
+
+`prepare` reads what the step needs from the sequences (token ids, block tables, state slots)
+on the scheduling thread; `execute` may then run on another (async scheduling): it touches no
+sequence, so the scheduler can finish or grow them meanwhile. A token that the previous step is
+still sampling is not in its sequence yet: `execute` takes it from `fill` (sequence id -> token).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from zayaserve.replicas.engine.decode_graphs import DecodeGraphs
-from zayaserve.replicas.engine.scheduler import ScheduledChunk, SchedulerOutput
+from zayaserve.replicas.engine.request_timeline import RequestTimeline
+from zayaserve.replicas.engine.scheduler import SchedulerOutput
 from zayaserve.replicas.model.attention_side import AttentionSideModel
 from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.experts import ExpertBackend
@@ -37,16 +45,33 @@ class ModelRunner:
     def run(self, sched: SchedulerOutput, logits_rows: list[int]) -> torch.Tensor:
         """logits_rows (ascending) index the packed tokens of this step; returns fp32
         [len(rows), V]."""
-        for src, dst in sched.block_copies:
+        return self.execute(self.prepare(sched), logits_rows)
+
+    def prepare(self, sched: SchedulerOutput) -> PreparedStep:
+        """The step's inputs, copied out of its sequences (on the scheduling thread)."""
+        chunks = [_Chunk(c.seq.seq_id, c.seq.token_ids[c.start:c.start + c.num_tokens], c.start,
+                         c.num_tokens, list(c.seq.block_table), c.seq.state_slot,
+                         c.seq.request.timeline) for c in sched.chunks]
+        return PreparedStep(chunks, list(sched.block_copies), list(sched.reset_state_slots),
+                            list(sched.restore_states))
+
+    def execute(self, step: PreparedStep, logits_rows: list[int],
+                fill: Mapping[int, int] | None = None) -> torch.Tensor:
+        """Runs a prepared step; `fill`: tokens sampled by the step before, by sequence id."""
+        for c in step.chunks:
+            if len(c.tokens) < c.num_tokens:  # its last token is the previous step's sample
+                assert fill is not None and len(c.tokens) == c.num_tokens - 1, "missing tokens"
+                c.tokens = [*c.tokens, fill[c.seq_id]]
+        for src, dst in step.block_copies:
             self.cache.copy_block(src, dst)
-        for slot in sched.reset_state_slots:
+        for slot in step.reset_state_slots:
             self.cache.reset_state(slot)
-        for slot, block in sched.restore_states:
+        for slot, block in step.restore_states:
             self.cache.restore_state(slot, block)
-        split = _split_point(sched.chunks) if self._pool is not None else 0
+        split = _split_point(step.chunks) if self._pool is not None else 0
         if split == 0:
-            return self._forward(sched.chunks, logits_rows)
-        first, second = sched.chunks[:split], sched.chunks[split:]
+            return self._forward(step.chunks, logits_rows)
+        first, second = step.chunks[:split], step.chunks[split:]
         offset = sum(c.num_tokens for c in first)
         rows_a = [r for r in logits_rows if r < offset]
         rows_b = [r - offset for r in logits_rows if r >= offset]
@@ -55,18 +80,15 @@ class ModelRunner:
         fut_b = self._pool.submit(self._forward, second, rows_b)
         return torch.cat([fut_a.result(), fut_b.result()])
 
-    def _forward(self, chunks: list[ScheduledChunk], rows: list[int]) -> torch.Tensor:
-        set_step_requests(c.seq.request.timeline for c in chunks)  # for dispatch traces
+    def _forward(self, chunks: list[_Chunk], rows: list[int]) -> torch.Tensor:
+        set_step_requests(c.timeline for c in chunks)  # for dispatch traces
         try:
             return self._forward_chunks(chunks, rows)
         finally:
             end_step()
 
-    def _forward_chunks(self, chunks: list[ScheduledChunk], rows: list[int]) -> torch.Tensor:
-        packed = [
-            (c.seq.token_ids[c.start:c.start + c.num_tokens], c.start, c.seq.block_table,
-             c.seq.state_slot)
-            for c in chunks]
+    def _forward_chunks(self, chunks: list[_Chunk], rows: list[int]) -> torch.Tensor:
+        packed = [(c.tokens, c.start, c.block_table, c.state_slot) for c in chunks]
         snapshots = self._snapshot_rows(chunks) if self.cache.conv_snap is not None else None
         graphs = self.graphs
         if graphs is not None and graphs.can_run(packed):
@@ -75,18 +97,37 @@ class ModelRunner:
                                 snapshots=snapshots)
         return self.model(batch, self.cache, self.experts)
 
-    def _snapshot_rows(self, chunks: list[ScheduledChunk]) -> list[tuple[int, int]]:
+    def _snapshot_rows(self, chunks: list[_Chunk]) -> list[tuple[int, int]]:
         """(packed row, block) for every token that completes a block in this step."""
         bs, out, offset = self.cache.block_size, [], 0
         for c in chunks:
             end = c.start + c.num_tokens
             for p in range(c.start + (bs - 1 - c.start % bs), end, bs):
-                out.append((offset + p - c.start, c.seq.block_table[p // bs]))
+                out.append((offset + p - c.start, c.block_table[p // bs]))
             offset += c.num_tokens
         return out
 
 
-def _split_point(chunks: list[ScheduledChunk]) -> int:
+@dataclass(slots=True)
+class _Chunk:
+    seq_id: int
+    tokens: list[int]
+    start: int
+    num_tokens: int
+    block_table: list[int]
+    state_slot: int
+    timeline: RequestTimeline
+
+
+@dataclass(slots=True)
+class PreparedStep:
+    chunks: list[_Chunk]
+    block_copies: list[tuple[int, int]]
+    reset_state_slots: list[int]
+    restore_states: list[tuple[int, int]]
+
+
+def _split_point(chunks: list[_Chunk]) -> int:
     """Index splitting the chunks into two halves of about equal tokens (0: don't split)."""
     if len(chunks) < 2:
         return 0

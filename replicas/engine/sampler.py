@@ -16,21 +16,22 @@ from typing import NamedTuple, Protocol
 import torch
 
 from zayaserve.replicas.engine.logprobs import chunk_rows, logprob_dicts
+from zayaserve.replicas.engine.noise import draw, uniform
 from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.engine.params import SAMPLING_EPS
 from zayaserve.replicas.engine.penalties import apply_min_p, apply_penalties
 
-# How many of a row's most likely tokens to try before falling back to a full sort for top-p.
-_NUCLEUS_CANDIDATES = 1024
+# How many of a row's most likely tokens to try, in turn, before a full sort for top-p.
+_NUCLEUS_CANDIDATES = (64, 1024)
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingRow:
     """Per-row sampling settings for one step.
 
-    ``generator`` should live on the same device as the logits (a mismatch works but copies
-    the row to the generator's device). Seeded requests pass their own generator so their
-    draws do not depend on which other rows share the batch.
+    ``seed`` keys the row's random draw together with the position it samples (see `noise`):
+    the same seed and position always draw the same token from the same distribution,
+    whatever else shares the batch. Unseeded requests get a seed from the engine.
 
     The token ids are read only by the penalties: ``prompt_token_ids`` by a repetition
     penalty, ``output_token_ids`` (generated so far) by all three; rows without penalties may
@@ -40,7 +41,7 @@ class SamplingRow:
     temperature: float
     top_k: int  # <= 0 means off
     top_p: float  # 1.0 means off
-    generator: torch.Generator
+    seed: int
     num_logprobs: int | None  # None: no logprobs for this row
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS/stop ids while below min_tokens
     min_p: float = 0.0  # 0.0 means off
@@ -127,19 +128,22 @@ def _prefix_keep(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tenso
 def _nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """[R, V] bool mask of each row's top-p nucleus."""
     vocab = probs.shape[1]
-    # Sorting a 262k vocabulary per row is by far the most expensive step, and real nuclei are
-    # usually a few dozen tokens, so look among the top candidates first and sort the whole
-    # row only when the nucleus might extend past them.
-    cand = min(vocab, _NUCLEUS_CANDIDATES)
-    vals, ids = probs.topk(cand, dim=1)
-    keep_sorted = _prefix_keep(vals, top_p)
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, ids, keep_sorted)
-    if cand < vocab:
-        spill = keep_sorted[:, -1].nonzero().squeeze(1)
-        if spill.numel() > 0:
-            full_vals, order = probs[spill].sort(dim=1, descending=True)
-            full_keep = _prefix_keep(full_vals, top_p[spill])
-            keep[spill] = torch.zeros_like(full_keep).scatter(1, order, full_keep)
+    # Sorting a whole vocabulary per row is by far the most expensive step, and real nuclei are
+    # usually a few dozen tokens, so look among the top candidates first and widen the search
+    # (up to a sort of the whole row) only for rows whose nucleus might extend past them.
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    for cand in (*(c for c in _NUCLEUS_CANDIDATES if c < vocab), vocab):
+        vals, ids = probs[rows].topk(cand, dim=1) if cand < vocab else probs[rows].sort(
+            dim=1, descending=True)
+        keep_sorted = _prefix_keep(vals, top_p[rows])
+        keep[rows] = torch.zeros((len(rows), vocab), dtype=torch.bool,
+                                 device=probs.device).scatter(1, ids, keep_sorted)
+        if cand == vocab:
+            break
+        rows = rows[keep_sorted[:, -1]]  # the nucleus may go on past the candidates
+        if rows.numel() == 0:
+            break
     return keep
 
 
@@ -172,32 +176,13 @@ def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     return probs
 
 
-def _draw(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """One token per row, each row drawing only from its own generator."""
-    out = torch.empty(len(rows), dtype=torch.long, device=probs.device)
-    # Rows sharing a generator object (the engine's unseeded one) are drawn together; a seeded
-    # row is always drawn alone from a [1, V] tensor, so batch composition cannot move it.
-    groups: dict[int, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(id(row.generator), []).append(i)
-    for members in groups.values():
-        gen = rows[members[0]].generator
-        idx = torch.tensor(members, dtype=torch.long, device=probs.device)
-        group = probs[idx]
-        if gen.device != group.device:
-            # multinomial needs the generator on the data's device. Copying the rows over keeps
-            # a mismatched caller correct, but costs a transfer per group: prefer generators
-            # created on the logits' device.
-            group = group.to(gen.device)
-        out[idx] = torch.multinomial(group, 1, generator=gen).squeeze(1).to(out.device)
-    return out
-
-
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
-           mask: LogitsMask | None = None) -> list[SampledToken]:
+           mask: LogitsMask | None = None,
+           positions: Sequence[int] | None = None) -> list[SampledToken]:
     """Pick one next token per row of ``logits`` ([S, V]) using that row's settings; a
     ``mask`` (structured outputs) first limits its rows to the tokens their grammar allows.
-    Like bans, the mask shapes the draw, not the reported (raw) logprobs."""
+    Like bans, the mask shapes the draw, not the reported (raw) logprobs. ``positions``: the
+    position each row samples (its draw's counter with the row's seed; 0 when not given)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [S, V], got shape {tuple(logits.shape)}")
     if logits.shape[0] != len(rows):
@@ -227,7 +212,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
         members = rand[start : start + chunk]
         sub_rows = [rows[i] for i in members]
         idx = torch.tensor(members, dtype=torch.long, device=logits.device)
-        chosen[idx] = _draw(_filtered_probs(work[idx], sub_rows), sub_rows)
+        uniforms = [uniform(rows[i].seed, positions[i] if positions is not None else 0)
+                    for i in members]
+        chosen[idx] = draw(_filtered_probs(work[idx], sub_rows), uniforms)
 
     # The chosen token's logprob is needed for every row (cumulative_logprob), but the full
     # [S, V] logprob matrix only for rows that asked for a dict.

@@ -13,19 +13,21 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import torch
-
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.kv_manager import CacheOps, KVManager
-from zayaserve.replicas.engine.outputs import CompletionStep, Logprob, StepDelta
-from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.sampler import SampledToken
 from zayaserve.replicas.engine.sequence import Request, Sequence, Status
-from zayaserve.replicas.observability.safe_text import log_safe
+from zayaserve.replicas.engine.stop_rules import (
+    runs_ahead,
+    step_delta,
+    text_detokenizer,
+    update_text_and_check_stop,
+)
+from zayaserve.replicas.model.tokenizer import add_batch
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,42 @@ class Scheduler:
             budget -= n
         return out
 
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """Async scheduling: the next step, chosen while `prev` is still running, or None
+        when it must wait for `prev`'s tokens. It only ever continues decodes: every sequence
+        of `prev` samples a token and needs nothing of it before the next forward (see
+        `runs_ahead`), none waits to be admitted, and the next token's blocks are free (no
+        preemption). A sequence that `prev` certainly ends (its length) is left out; one that
+        `prev` ends otherwise (eos, a stop) computes one token that is then dropped."""
+        live = [c for c in prev.chunks if c.seq.status is not Status.FINISHED]
+        if self.waiting or self.fetching or len(live) != len(self.running):
+            return None
+        bs, out, need = self.config.block_size, SchedulerOutput(), 0
+        for c in live:
+            seq = c.seq
+            if (seq.status is not Status.RUNNING or c.start + c.num_tokens != seq.num_tokens
+                    or not runs_ahead(seq)):
+                return None
+            if self._ends_by_length(seq):
+                continue
+            end = c.start + c.num_tokens  # the position the next step computes
+            need += max(0, end // bs + 1 - len(seq.block_table))
+            out.chunks.append(ScheduledChunk(seq, end, 1))
+        if (not out.chunks or need > self.blocks.num_free
+                or len(out.chunks) > self.config.max_num_batched_tokens):
+            return None
+        for chunk in out.chunks:
+            seq = chunk.seq
+            seq.block_table.extend(self.blocks.allocate(
+                max(0, chunk.start // bs + 1 - len(seq.block_table))))
+        return out
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        """The token being sampled for `seq` is its last (max_tokens or the context limit)."""
+        p = seq.params
+        return ((p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens)
+                or seq.num_tokens + 1 >= self.config.max_model_len)
+
     def _release(self, seq: Sequence) -> None:
         self.kv.release(seq)
 
@@ -150,7 +188,14 @@ class Scheduler:
     # ---- after the forward ----------------------------------------------------------------
 
     def update_from_output(self, sched: SchedulerOutput, sampled: SampledStep) -> list[StepDelta]:
-        """Applies a step's results; returns one StepDelta per request that got tokens."""
+        """Applies a step's results; returns one StepDelta per request that got tokens. A
+        sequence that finished since the step was scheduled (async scheduling) is skipped."""
+        if any(c.seq.status is Status.FINISHED for c in sched.chunks):
+            sched = SchedulerOutput(chunks=[c for c in sched.chunks
+                                            if c.seq.status is not Status.FINISHED])
+            sampled = SampledStep([t for t in sampled.tokens
+                                   if t[0].status is not Status.FINISHED],
+                                  sampled.prompt_logprobs)
         for c in sched.chunks:
             if c.start < c.seq.prompt_len:
                 c.seq.request.timeline.on_prefill_chunk(c.start, c.num_tokens)
@@ -160,13 +205,17 @@ class Scheduler:
             assert req.prompt_logprobs is not None
             req.prompt_logprobs.extend(entries)
         # Children fork from the parent's state before anyone appends a token.
-        seqs = [self._fork(seq, child, gen) if child >= 0 else seq
-                for seq, child, gen, _ in sampled.tokens]
+        seqs = [self._fork(seq, child, seed) if child >= 0 else seq
+                for seq, child, seed, _ in sampled.tokens]
         touched: dict[str, tuple[Request, list[Sequence]]] = {}
+        tokens = [tok.token_id for _, _, _, tok in sampled.tokens]
         for seq, (_, _, _, tok) in zip(seqs, sampled.tokens, strict=True):
             seq.append(tok.token_id, tok.logprob, tok.logprobs)
-            update_text_and_check_stop(seq, tok.token_id, self.config.eos_token_ids,
-                                       self.config.max_model_len)
+        texts = add_batch([text_detokenizer(s, t) for s, t in zip(seqs, tokens, strict=True)],
+                          tokens)
+        for seq, tok_id, text in zip(seqs, tokens, texts, strict=True):
+            update_text_and_check_stop(seq, tok_id, self.config.eos_token_ids,
+                                       self.config.max_model_len, text)
             if seq.finish_reason is not None:
                 self.finish(seq)
             touched.setdefault(seq.request.request_id, (seq.request, []))[1].append(seq)
@@ -175,12 +224,12 @@ class Scheduler:
                 seq.forks_pending = 0
         return [step_delta(req, group) for req, group in touched.values()]
 
-    def _fork(self, parent: Sequence, index: int, generator: object) -> Sequence:
+    def _fork(self, parent: Sequence, index: int, seed: int) -> Sequence:
         """A child of an n > 1 request: shares the parent's prompt blocks and copies its CCA
         state, so the prompt is prefilled once (or, with no room now, recomputes later)."""
         assert self.spawn is not None, "forks need the engine's spawn"
         child = self.spawn(parent.request, index, list(parent.token_ids))
-        child.generator = generator  # type: ignore[assignment]
+        child.seed = seed
         if (parent.status is Status.RUNNING and len(self.running) < self.config.max_num_seqs
                 and self.kv.fork(parent, child)):
             child.status = Status.RUNNING
@@ -190,106 +239,10 @@ class Scheduler:
         return child
 
 
-# ---- stop rules and the step's deltas ----------------------------------------------------
-
-
-def banned_tokens(seq: Sequence, eos_ids: Sequence_[int]) -> tuple[int, ...]:
-    """Below min_tokens, no token that would stop the sequence may be sampled."""
-    p = seq.params
-    if seq.num_output_tokens >= p.min_tokens:
-        return ()
-    ids = list(p.stop_token_ids or [])
-    if not p.ignore_eos:
-        ids.extend(eos_ids)
-    return tuple(sorted(set(ids)))
-
-
-def update_text_and_check_stop(
-    seq: Sequence, token: int, eos_ids: Sequence_[int], max_model_len: int
-) -> None:
-    """Sets seq.finish_reason/stop_reason when the newly appended `token` ends the sequence."""
-    p = seq.params
-    # A stop token id that ends a constrained text is the grammar's stop token (grammar.py):
-    # like eos, it is not part of the text the grammar accepted.
-    grammar_stop = seq.grammar is not None and token in (p.stop_token_ids or ())
-    detok = seq.detokenizer
-    delta = detok.add(token) if detok is not None and not grammar_stop else ""
-    seq.text += delta
-    if seq.num_output_tokens >= p.min_tokens:
-        if not p.ignore_eos and token in eos_ids:
-            seq.finish_reason = "stop"
-        elif p.stop_token_ids and token in p.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-        if seq.finish_reason is None and p.stop and delta:
-            for stop in p.stop:
-                # Only the tail that this token could have completed needs searching.
-                at = seq.text.find(stop, max(0, len(seq.text) - len(delta) - len(stop) + 1))
-                if at >= 0:
-                    end = at + len(stop) if p.include_stop_str_in_output else at
-                    seq.text = seq.text[:end]
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-                    return
-    grammar = seq.grammar
-    if seq.finish_reason is None and grammar is not None and seq.grammar_broken:
-        # A token the grammar refused cannot pass the sampler's mask; should one, the text is
-        # not the grammar's: end it, and never call it complete.
-        logger.error("request %s: a token outside its grammar was sampled",
-                     log_safe(seq.request.request_id))
-        seq.finish_reason = "length"
-    elif seq.finish_reason is None and grammar is not None and grammar.is_terminated():
-        seq.finish_reason = "stop"  # it accepted its stop token (even with ignore_eos)
-    out_of_room = (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
-        seq.num_tokens >= max_model_len)
-    if seq.finish_reason is None and out_of_room:
-        # A constrained text is `stop` only where its grammar is complete.
-        complete = grammar is not None and grammar.is_completed()
-        seq.finish_reason = "stop" if complete else "length"
-    if seq.finish_reason is not None and seq.detokenizer is not None:
-        seq.text += seq.detokenizer.flush()  # bytes held back for an unfinished character
-
-
 class SampledStep(NamedTuple):
     """What a step's logits gave: the token of each sampled row — (sequence, child index or
-    -1 for the sequence itself, the generator that drew it, the token) — and each request's
+    -1 for the sequence itself, the seed that drew it, the token) — and each request's
     new prompt logprobs."""
 
-    tokens: list[tuple[Sequence, int, torch.Generator, SampledToken]]
+    tokens: list[tuple[Sequence, int, int, SampledToken]]
     prompt_logprobs: list[tuple[Request, list[dict[int, Logprob] | None]]]
-
-
-def _holdback(params: SamplingParams) -> int:
-    """Characters a running completion keeps back: a stop string completed by a later token
-    would cut them off, and what a client got is never taken back."""
-    if not params.stop or params.include_stop_str_in_output:
-        return 0
-    return max(len(s) for s in params.stop) - 1
-
-
-def step_delta(req: Request, seqs: list[Sequence]) -> StepDelta:
-    """The request's news from this step, for the sequences that got a token (O(new))."""
-    hold = _holdback(req.params)
-    steps = []
-    for s in sorted(seqs, key=lambda s: s.index):
-        start = s.prompt_len + s.sent_tokens
-        new_ids = tuple(s.token_ids[start:])
-        done = s.finish_reason is not None
-        visible = len(s.text) if done else max(s.sent_chars, len(s.text) - hold)
-        logprobs = tuple(s.logprobs[s.sent_tokens:]) if s.logprobs is not None else None
-        steps.append(CompletionStep(
-            s.index, new_ids, s.text[s.sent_chars:visible], logprobs,
-            s.cumulative_logprob if s.logprobs is not None else None,
-            s.finish_reason, s.stop_reason))
-        s.sent_tokens += len(new_ids)
-        s.sent_chars = max(s.sent_chars, visible)
-    first = not req.prompt_sent
-    req.prompt_sent = True
-    req.timeline.on_tokens()
-    done = req.finished
-    metrics = req.timeline.finish(
-        sum(s.num_output_tokens for s in req.seqs),
-        [s.finish_reason or "" for s in req.seqs]) if done else None
-    return StepDelta(
-        req.request_id, tuple(steps), done, req.num_cached_tokens,
-        tuple(req.prompt_token_ids) if first else None,
-        list(req.prompt_logprobs) if first and req.prompt_logprobs is not None else None,
-        metrics)

@@ -6,8 +6,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from zayaserve.replicas.engine.outputs import Logprob, PromptLogprobs, SampleLogprobs
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.engine.request_timeline import RequestTimeline
@@ -49,7 +47,7 @@ class Sequence:
     request: Request
     index: int  # completion index within its request
     token_ids: list[int]
-    generator: torch.Generator
+    seed: int  # keys its draws with the position sampled (see `noise`)
     detokenizer: IncrementalDetokenizer | None
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -73,6 +71,8 @@ class Sequence:
     # `grammar_broken` is set if a token it refused got through (a bug, never valid output).
     grammar: Any = None
     grammar_broken: bool = False
+    # Its sampling row, while the row does not change from step to step (see step_sampling).
+    sampling_row: Any = None
 
     @property
     def params(self) -> SamplingParams:

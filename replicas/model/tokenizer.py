@@ -139,6 +139,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
+    def decode_batch(self, windows: list[list[int]], skip_special_tokens: bool = True
+                     ) -> list[str]:
+        """`decode` of each window, in one call into the Rust tokenizer."""
+        return list(self.hf.decode_batch(windows, skip_special_tokens=skip_special_tokens))
+
     @cached_property
     def _chat(self) -> ChatRenderer:
         return ChatRenderer(self)
@@ -209,9 +214,16 @@ class IncrementalDetokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def windows(self) -> tuple[list[int], list[int]]:
+        """The two id windows the next delta compares: emitted-prefix context, and all."""
+        return self._ids[self._prefix : self._read], self._ids[self._prefix :]
+
     def _delta(self, allow_partial: bool) -> str:
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        full_text = self._decode(self._ids[self._prefix :])
+        prefix_ids, full_ids = self.windows()
+        return self.advance(self._decode(prefix_ids), self._decode(full_ids), allow_partial)
+
+    def advance(self, prefix_text: str, full_text: str, allow_partial: bool = False) -> str:
+        """The delta, given the decoded `windows()` (decoded here or in a batch)."""
         if len(full_text) <= len(prefix_text):
             return ""  # e.g. a skipped special token: keep the window and wait
         unfinished = full_text.endswith(REPLACEMENT_CHAR) and not allow_partial
@@ -231,6 +243,30 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         return self._delta(allow_partial=False)
 
+    def push(self, token_id: int) -> None:
+        """Take one id whose delta `add_batch` computes."""
+        self._ids.append(token_id)
+
     def flush(self) -> str:
         """At the end of generation, release held-back text even if it is an unfinished char."""
         return self._delta(allow_partial=True)
+
+
+def add_batch(detoks: Sequence[IncrementalDetokenizer | None], token_ids: Sequence[int]
+              ) -> list[str]:
+    """`detok.add(token)` for many detokenizers at once (None: no text, ""), with all their
+    windows decoded in one call per tokenizer and special-token setting."""
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, (d, t) in enumerate(zip(detoks, token_ids, strict=True)):
+        if d is not None:
+            d.push(t)
+            groups.setdefault((id(d.tokenizer), d.skip_special_tokens), []).append(i)
+    out = [""] * len(detoks)
+    for (_, skip), members in groups.items():
+        first = detoks[members[0]]
+        assert first is not None
+        windows = [w for i in members for w in detoks[i].windows()]  # type: ignore[union-attr]
+        texts = first.tokenizer.decode_batch(windows, skip_special_tokens=skip)
+        for j, i in enumerate(members):
+            out[i] = detoks[i].advance(texts[2 * j], texts[2 * j + 1])  # type: ignore[union-attr]
+    return out

@@ -1,0 +1,111 @@
+"""A simulated accelerator for host-path benchmarks (SIMULATION: never in the serving path).
+
+A device step is a timed sleep that releases the GIL, for as long as a real accelerator needs to
+read the bytes that step touches over its HBM bandwidth (decode is memory-bound): every
+attention-side parameter once (the tied embedding is read whole by the lm_head), per layer the
+distinct experts the batch routes to (top-1 over `num_experts` plus the skip expert, uniform),
+and the K/V of every visible position plus the CCA states. Shapes are ZAYA1-8B's (bf16), so the
+step is about 0.7 ms at batch 1 and 5 ms from batch 16 on with the `h100` preset.
+
+`SimulatedDevice.step(...)` is the device's stream: steps run one after another on their own
+thread, so a host that does not wait for a step overlaps it. Logits come from a fixed random
+table indexed by each row's input token (the tiny model's vocabulary), so outputs are a
+deterministic function of the tokens and sync and async runs can be compared token for token.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from zayaserve.replicas.devtools.checkpoint_presets import checkpoint_shapes, preset_config
+
+BANDWIDTH = {"h100": 3.35e12, "mi300x": 5.3e12}  # HBM bytes per second
+
+
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    """What a ZAYA1-8B step reads, by part (bytes)."""
+
+    dense: float  # every attention-side parameter (embedding, attention, routers, norms)
+    expert: float  # one expert of one layer (gate_up + down)
+    kv_per_token: float  # K and V of one cached position, all layers
+    state_per_seq: float  # CCA conv tail + delayed v of one sequence, all layers
+    num_layers: int
+    num_experts: int
+
+    @classmethod
+    def zaya1_8b(cls, bytes_per_param: int = 2) -> StepCost:
+        cfg = preset_config("zaya1-8b")
+        shapes = checkpoint_shapes(cfg)
+        expert_params = sum(math.prod(s) for k, s in shapes.items() if ".mlp.experts." in k)
+        dense = sum(math.prod(s) for s in shapes.values()) - expert_params
+        layers, experts = cfg["num_hidden_layers"], cfg["num_experts"]
+        kv = 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * layers
+        # conv tail (time0 + time1 - 1 steps of the conv channels) + the delayed v
+        heads = cfg["num_attention_heads"] + cfg["num_key_value_heads"]
+        conv = (cfg["cca_time0"] + cfg["cca_time1"] - 1) * heads * cfg["head_dim"]
+        v = cfg["num_key_value_heads"] * cfg["head_dim"] // 2
+        return cls(dense * bytes_per_param, expert_params / (layers * experts) * bytes_per_param,
+                   kv * bytes_per_param, (conv + v) * layers * bytes_per_param * 2,
+                   layers, experts)
+
+    def distinct_experts(self, tokens: int) -> float:
+        """Expected distinct experts per layer for `tokens` top-1 routes, uniform over the
+        experts and the skip expert (which reads nothing)."""
+        slots = self.num_experts + 1
+        return self.num_experts * (1.0 - (1.0 - 1.0 / slots) ** tokens)
+
+    def step_bytes(self, tokens: int, seqs: int, context: float) -> float:
+        return (self.dense + self.num_layers * self.distinct_experts(tokens) * self.expert
+                + seqs * (context * self.kv_per_token + self.state_per_seq))
+
+    def expert_bytes(self, rows: int, experts_here: int) -> float:
+        """One layer's expert compute on a shard holding `experts_here` experts."""
+        share = experts_here / self.num_experts
+        return self.distinct_experts(rows) * share * self.expert
+
+
+class SimulatedDevice:
+    """A single in-order stream of timed steps; counts the time it was busy."""
+
+    def __init__(self, preset: str = "h100", vocab: int = 512, seed: int = 0) -> None:
+        if preset not in BANDWIDTH:
+            raise ValueError(f"preset: {preset!r} is not one of {sorted(BANDWIDTH)}")
+        self.preset, self.bandwidth = preset, BANDWIDTH[preset]
+        self.cost = StepCost.zaya1_8b()
+        gen = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(vocab, vocab, generator=gen) * 3.0
+        self.busy_s = 0.0
+        self.steps = 0
+        self._lock = threading.Lock()
+        self._stream = ThreadPoolExecutor(1, "sim-device")
+
+    def seconds(self, tokens: int, seqs: int, context: float) -> float:
+        return self.cost.step_bytes(tokens, seqs, context) / self.bandwidth
+
+    def busy(self, seconds: float) -> None:
+        """Occupy the device for `seconds` (on the calling thread; the GIL is released)."""
+        t = time.perf_counter()
+        end = t + seconds
+        while (left := end - time.perf_counter()) > 0:
+            time.sleep(left)
+        with self._lock:
+            self.busy_s += time.perf_counter() - t
+            self.steps += 1
+
+    def logits(self, input_ids: list[int]) -> torch.Tensor:
+        return self.table[torch.tensor(input_ids, dtype=torch.long)]
+
+    def submit(self, seconds: float) -> Future[None]:
+        """Queue a step on the stream; the host goes on (the future is its completion)."""
+        return self._stream.submit(self.busy, seconds)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.busy_s, self.steps = 0.0, 0

@@ -1,0 +1,44 @@
+"""Counter-based sampling: a row's draw is a pure function of (seed, position), so it never
+depends on which other rows share the batch, on the order steps run in, or on how many draws
+came before (async scheduling, preemption and recompute all see the same numbers), and a whole
+batch is drawn with one cumulative sum and one search instead of a generator call per row.
+
+Each row takes one uniform number u in [0, 1) from a hash of its key (53 bits from two rounds
+of Chris Wellons' "lowbias32" finaliser) and picks the first token whose cumulative probability
+exceeds u times the row's total: inverse-CDF sampling, exact for any distribution, and a token
+with probability 0 can never be the first to exceed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B1
+
+
+def _mix(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform(seed: int, position: int) -> float:
+    """The uniform number in [0, 1) of a draw at `position` of a sequence seeded `seed`."""
+    seed &= (1 << 64) - 1
+    key = _mix(seed ^ _mix(seed >> 32)) ^ _mix(position + _GOLDEN)
+    hi, lo = _mix(key), _mix(key ^ _GOLDEN)
+    return ((hi << 21) ^ (lo >> 11)) * 2.0**-53
+
+
+def draw(probs: torch.Tensor, uniforms: Sequence[float]) -> torch.Tensor:
+    """One token per row of unnormalised `probs` [R, V] (cut tokens at 0), by inverse CDF."""
+    cdf = probs.double().cumsum(dim=1)
+    u = torch.tensor(uniforms, dtype=torch.float64, device=probs.device).unsqueeze(1)
+    target = u * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
