@@ -134,7 +134,7 @@ def run_async_engine(batch: int, preset: str, **engine_kw: Any) -> dict[str, Any
         return list(await asyncio.gather(*(one(f"{tag}{i}", ps[i]) for i in range(n))))
 
     try:
-        asyncio.run(all_of("w", 2))  # warm-up
+        asyncio.run(all_of("w", min(2, batch)))  # warm-up
         freeze_startup_objects()  # as the attention worker does
         device.reset()
         t, cpu = time.perf_counter(), time.process_time()
