@@ -83,6 +83,7 @@ class SimulatedDevice:
         self.table = torch.randn(vocab, vocab, generator=gen) * 3.0
         self.busy_s = 0.0
         self.steps = 0
+        self.sampling_s = 0.0  # the host's sampling maths, timed by the benchmark
         self._lock = threading.Lock()
         self._stream = ThreadPoolExecutor(1, "sim-device")
 
@@ -108,4 +109,4 @@ class SimulatedDevice:
 
     def reset(self) -> None:
         with self._lock:
-            self.busy_s, self.steps = 0.0, 0
+            self.busy_s, self.steps, self.sampling_s = 0.0, 0, 0.0

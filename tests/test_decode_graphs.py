@@ -67,6 +67,30 @@ def test_graphs_match_eager_greedy_and_sampled(pair: tuple[LLM, LLM, RerunBacken
     assert backend.replays > 20 * (layers + 1)  # and replayed on every decode step
 
 
+def test_whole_step_graphs_hold_the_experts(tiny_checkpoint: Path,
+                                            pair: tuple[LLM, LLM, RerunBackend]) -> None:
+    """With local experts in the graph (one capture per bucket, experts inside it), decode
+    gives what eager gives, snapshots included. On a GPU the Triton fused MoE makes this the
+    default, and tests/test_gpu.py replays it with host syncs made errors."""
+    eager = pair[0]
+    whole = LLM(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=96, max_model_len=256,
+                max_num_seqs=8)
+    backend = RerunBackend()
+    graphs = whole.engine.runner.graphs = whole.engine.decode_graphs(backend, whole_step=True)
+    assert graphs is not None and graphs.whole_step
+    assert not whole.engine.decode_graphs(RerunBackend()).whole_step  # torch MoE: split
+    calls: list[int] = []
+    experts = graphs.experts
+    graphs.experts = lambda layer, *a: calls.append(layer) or experts(layer, *a)  # type: ignore
+    params = SamplingParams(temperature=0.9, top_k=20, seed=5, n=2, max_tokens=12,
+                            ignore_eos=True, logprobs=1)
+    for prompts in (PROMPTS, PROMPTS[:3]):
+        assert _same(_run(whole, prompts, params), _run(eager, prompts, params))
+    assert backend.captures == len(graphs._graphs) == 2  # buckets 8 and 4, one graph each
+    layers = whole.engine.model_config.num_hidden_layers
+    assert backend.replays > 10 and len(calls) == layers * (backend.replays + backend.captures)
+
+
 def test_decode_snapshots_feed_the_prefix_cache(pair: tuple[LLM, LLM, RerunBackend]) -> None:
     """Blocks completed during (graph) decode keep their CCA states: a prompt that extends a
     finished sequence resumes from them and continues exactly as eager does."""

@@ -111,6 +111,48 @@ def test_graphs_on_and_off_give_identical_greedy_tokens(case: Any) -> None:
     assert results[0] == results[1]
 
 
+def test_a_local_expert_decode_step_is_one_graph_without_host_syncs(case: Any) -> None:
+    """With the Triton fused MoE (tokens grouped by expert on the device), a decode step with
+    in-process experts is one graph, and replaying it makes no host synchronisation: every
+    replay after its bucket's capture runs under `torch.cuda.set_sync_debug_mode("error")`.
+    Tokens are the eager engine's."""
+    path, _, _ = case
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(6, 320, (n,), generator=gen).tolist() for n in (4, 9, 21)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    eager = LLM(model=str(path), device=DEVICE, dtype="float32", enforce_eager=True)
+    want = [o.outputs[0].token_ids for o in eager.generate(batch, params)]  # type: ignore
+    llm = LLM(model=str(path), device=DEVICE, dtype="float32", enable_prefix_caching=False)
+    if not GPU:
+        from zayaserve.replicas.engine.decode_graphs import RerunBackend
+
+        # The CPU's fused MoE is torch's (it syncs): the wiring is what runs here.
+        llm.engine.runner.graphs = llm.engine.decode_graphs(RerunBackend(), whole_step=True)
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.whole_step  # on a GPU: the default
+    run, checked = graphs.run, []
+
+    def no_sync_run(chunks: Any, rows: Any, snapshots: Any) -> torch.Tensor:
+        if not GPU or graphs.bucket_for(len(chunks)) not in graphs._graphs:
+            return run(chunks, rows, snapshots)  # capturing (with its warm-up) may sync
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = run(chunks, rows, snapshots)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked.append(len(chunks))
+        return out
+
+    graphs.run = no_sync_run  # type: ignore[method-assign]
+    for _ in range(2):  # the second time every bucket is captured
+        got = [o.outputs[0].token_ids for o in llm.generate(batch, params)]  # type: ignore
+        assert got == want
+    assert len(graphs._graphs) >= 1 and all(not b.expert_inputs
+                                            for b in graphs._graphs.values())
+    assert checked or not GPU
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
     err = (a.float() - b.float()).abs().max().item()
     assert err < tol * (1 + b.float().abs().max().item()), err

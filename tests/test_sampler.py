@@ -138,6 +138,7 @@ def test_top_p_candidate_shortcut_matches_full_sort(
     # Peaked rows have their nucleus inside the first 4 candidates, flat rows spill past them
     # (to 16, then to the full sort); every path must give the reference nucleus.
     monkeypatch.setattr(sampler_mod, "_NUCLEUS_CANDIDATES", candidates)
+    monkeypatch.setattr(sampler_mod, "_FULL_SORT_VOCAB", 0)  # the tiers, on a small vocabulary
     base = torch.randn(6, 64, generator=gen(13))
     logits = base * torch.tensor([[6.0], [6.0], [0.3], [0.3], [1.0], [1.0]])
     top_ps = [0.5, 0.93, 0.5, 0.93, 0.7, 0.99]
@@ -305,3 +306,10 @@ def test_counter_based_draws() -> None:
     picked = draw(probs, [uniform(1, p) for p in range(4000)])
     counts = torch.bincount(picked, minlength=5).tolist()
     assert counts[0] == counts[2] == counts[4] == 0 and 900 < counts[1] < 1100
+
+
+def test_top_p_keeps_every_token_tied_with_the_last() -> None:
+    # 0.4 + 0.2 reaches 0.55 at a 0.2 that two tokens share: both stay, whatever sort order.
+    logits = probs_to_logits([0.2, 0.4, 0.1, 0.2, 0.1])
+    probs = sampler_mod._filtered_probs(logits.unsqueeze(0), [row(top_p=0.55)])
+    assert set(probs[0].nonzero().squeeze(1).tolist()) == {0, 1, 3}

@@ -1,10 +1,14 @@
-"""Decode steps replayed from captured CUDA/HIP graphs, split at the experts.
+"""Decode steps replayed from captured CUDA/HIP graphs: whole, or split at the experts.
 
 A decode step (one new token per sequence) launches a few hundred small kernels; at small
 batches launching them costs more than running them. As in vLLM, each padded batch size (a
-bucket) is captured once and replayed. The experts stay eager: grouping tokens by expert needs
-host-side sizes (fused MoE) or a network round trip (remote experts), neither of which a graph
-can hold. So a bucket is L + 1 graph segments around L eager expert calls:
+bucket) is captured once and replayed.
+
+With experts in this process and the Triton fused MoE (which groups tokens by expert on the
+device: no host-side sizes), the whole step is one graph (`whole_step`). Otherwise the experts
+stay eager: the torch fused MoE needs group sizes on the host, and remote experts a network
+round trip, neither of which a graph can hold. Then a bucket is L + 1 graph segments around L
+eager expert calls:
 
     segment 0      embed, RoPE tables, layer 0 up to its gate
     segment i      layer i-1's expert output into the residual, layer i up to its gate
@@ -31,7 +35,7 @@ from zayaserve.kernels.paged_attention_ref import static_decode_plan
 from zayaserve.kernels.registry import default_backend
 from zayaserve.replicas.model.attention_side import AttentionLayer, AttentionSideModel
 from zayaserve.replicas.model.batch import StepBatch
-from zayaserve.replicas.model.experts import ExpertBackend
+from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
 from zayaserve.replicas.model.kv_cache import KVCache
 
 Outputs = tuple[torch.Tensor, ...]
@@ -152,8 +156,11 @@ class _Bucket:
 class DecodeGraphs:
     def __init__(self, model: AttentionSideModel, experts: ExpertBackend, cache: KVCache,
                  max_batch: int, max_blocks_per_seq: int, backend: GraphBackend,
-                 buckets: Sequence[int] | None = None) -> None:
+                 buckets: Sequence[int] | None = None, whole_step: bool | None = None) -> None:
         self.model, self.experts, self.cache, self.backend = model, experts, cache, backend
+        # One graph per step when the experts can live inside it (see the module docstring).
+        self.whole_step = (isinstance(experts, LocalExpertBackend)
+                           and default_backend() == "triton") if whole_step is None else whole_step
         self.buckets = sorted(buckets or default_buckets(max_batch))
         self.width = max_blocks_per_seq
         # The experts' output, read by the next segment (shared by all buckets).
@@ -178,7 +185,9 @@ class DecodeGraphs:
         assert size is not None, "not a graph step (the runner checks can_run)"
         bucket = self._graphs.get(size) or self._capture(size)
         bucket.inputs.fill(chunks, self.cache)
-        for layer, replay in enumerate(bucket.segments):
+        if not bucket.expert_inputs:  # the whole step in one graph
+            bucket.segments[0]()
+        for layer, replay in enumerate(bucket.segments if bucket.expert_inputs else ()):
             replay()
             if layer < len(bucket.expert_inputs):
                 x, ids, weights = bucket.expert_inputs[layer]
@@ -216,6 +225,8 @@ class DecodeGraphs:
             tables = tuple(t for kind in kinds for t in ropes[kind])
             return (*_attend(layers[0], residual, None, ropes, batch, cache), *tables)
 
+        if self.whole_step:
+            return self._capture_whole(size, inputs, batch, first)
         segments, expert_inputs = [], []
         with torch.inference_mode():
             replay, out = self.backend.capture(first)
@@ -242,6 +253,30 @@ class DecodeGraphs:
             replay, (logits,) = self.backend.capture(last)
             segments.append(replay)
         self._graphs[size] = _Bucket(inputs, segments, expert_inputs, logits)
+        return self._graphs[size]
+
+
+    def _capture_whole(self, size: int, inputs: _Inputs, batch: StepBatch,
+                       first: Segment) -> _Bucket:
+        """One graph for the whole step: every layer's experts run inside it. `batch` is the
+        one `first` fills per replay (its derived tensors are memoised on it)."""
+        model, cache, layers, experts = self.model, self.cache, self.model.layers, self.experts
+        kinds = sorted(self.model.ropes_kinds())
+
+        def whole() -> Outputs:
+            out = first()
+            tables = out[5:]
+            ropes = {kind: (tables[2 * j], tables[2 * j + 1]) for j, kind in enumerate(kinds)}
+            for layer in layers[1:]:
+                prev = layers[layer.layer_idx - 1]
+                y = experts(prev.layer_idx, *out[2:5])
+                out = _attend(layer, prev.finish(y, out[0]), out[1], ropes, batch, cache)
+            y = experts(layers[-1].layer_idx, *out[2:5])
+            return (model.head(layers[-1].finish(y, out[0]), batch.logits_indices),)
+
+        with torch.inference_mode():
+            replay, (logits,) = self.backend.capture(whole)
+        self._graphs[size] = _Bucket(inputs, [replay], [], logits)
         return self._graphs[size]
 
 

@@ -100,8 +100,10 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
 
-    def decode_graphs(self, backend: GraphBackend | None = None) -> DecodeGraphs | None:
-        """Graphs for decode steps: on a GPU unless enforce_eager (or with a given backend)."""
+    def decode_graphs(self, backend: GraphBackend | None = None,
+                      whole_step: bool | None = None) -> DecodeGraphs | None:
+        """Graphs for decode steps: on a GPU unless enforce_eager (or with a given backend);
+        `whole_step`: one graph per step (default: when the experts can be in it)."""
         if backend is None:
             if self.config.enforce_eager or self.device.type != "cuda":
                 return None
@@ -109,7 +111,8 @@ class LLMEngine:
         longest = min(self.max_model_len, self.config.max_seq_len_to_capture)
         width = -(-longest // self.config.block_size)
         return DecodeGraphs(self.model, self.experts, self.cache,
-                            min(self.config.max_num_seqs, 512), width, backend)
+                            min(self.config.max_num_seqs, 512), width, backend,
+                            whole_step=whole_step)
 
     def _remote_tier(self) -> RemoteTier:
         c = self.config

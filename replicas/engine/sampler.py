@@ -10,19 +10,22 @@ top-k/top-p, so they describe the model rather than the sampler.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 
 from zayaserve.replicas.engine.logprobs import chunk_rows, logprob_dicts
-from zayaserve.replicas.engine.noise import draw, uniform
+from zayaserve.replicas.engine.noise import draw, seed_key, uniforms
 from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.engine.params import SAMPLING_EPS
 from zayaserve.replicas.engine.penalties import apply_min_p, apply_penalties
 
-# How many of a row's most likely tokens to try, in turn, before a full sort for top-p.
+# How many of a row's most likely tokens to try, in turn, before a full sort for top-p, on a
+# vocabulary larger than _FULL_SORT_VOCAB (a smaller one is sorted whole at once).
 _NUCLEUS_CANDIDATES = (64, 1024)
+_FULL_SORT_VOCAB = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +54,10 @@ class SamplingRow:
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
 
+    seed_key: int = field(init=False, repr=False, compare=False)  # noise.seed_key(seed)
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "seed_key", seed_key(self.seed))
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -125,26 +131,39 @@ def _prefix_keep(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tenso
     return keep
 
 
+def _sorted_desc(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's k largest values, descending (numpy's sort on the CPU: torch's CPU sort and
+    topk are several times slower at these sizes)."""
+    if k < probs.shape[1]:
+        return probs.topk(k, dim=1).values
+    if probs.device.type == "cpu":
+        ascending = np.sort(probs.numpy(), axis=1)
+        return torch.from_numpy(np.ascontiguousarray(ascending[:, ::-1]))
+    return probs.sort(dim=1, descending=True).values
+
+
 def _nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """[R, V] bool mask of each row's top-p nucleus."""
+    """[R, V] bool mask of each row's top-p nucleus: the tokens at least as likely as the
+    last token of the shortest most-likely-first prefix reaching top_p (a token tied with
+    that one is kept too, so the nucleus never depends on how a sort orders ties)."""
     vocab = probs.shape[1]
-    # Sorting a whole vocabulary per row is by far the most expensive step, and real nuclei are
-    # usually a few dozen tokens, so look among the top candidates first and widen the search
-    # (up to a sort of the whole row) only for rows whose nucleus might extend past them.
-    keep = torch.zeros_like(probs, dtype=torch.bool)
+    # On a large vocabulary a full sort per row is by far the most expensive step, and real
+    # nuclei are usually a few dozen tokens: look among the top candidates first and widen
+    # the search (up to the whole row) only for rows whose nucleus may extend past them.
+    tiers = [c for c in _NUCLEUS_CANDIDATES if c < vocab] if vocab > _FULL_SORT_VOCAB else []
+    threshold = torch.empty(probs.shape[0], dtype=probs.dtype, device=probs.device)
     rows = torch.arange(probs.shape[0], device=probs.device)
-    for cand in (*(c for c in _NUCLEUS_CANDIDATES if c < vocab), vocab):
-        vals, ids = probs[rows].topk(cand, dim=1) if cand < vocab else probs[rows].sort(
-            dim=1, descending=True)
-        keep_sorted = _prefix_keep(vals, top_p[rows])
-        keep[rows] = torch.zeros((len(rows), vocab), dtype=torch.bool,
-                                 device=probs.device).scatter(1, ids, keep_sorted)
+    for cand in (*tiers, vocab):
+        vals = _sorted_desc(probs[rows] if len(rows) < probs.shape[0] else probs, cand)
+        keep = _prefix_keep(vals, top_p[rows])
+        last = keep.sum(dim=1, keepdim=True) - 1  # keep is a prefix of each row
+        threshold[rows] = vals.gather(1, last).squeeze(1)
         if cand == vocab:
             break
-        rows = rows[keep_sorted[:, -1]]  # the nucleus may go on past the candidates
+        rows = rows[keep[:, -1]]  # the nucleus may go on past the candidates
         if rows.numel() == 0:
             break
-    return keep
+    return probs >= threshold.unsqueeze(1)
 
 
 def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -212,9 +231,10 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
         members = rand[start : start + chunk]
         sub_rows = [rows[i] for i in members]
         idx = torch.tensor(members, dtype=torch.long, device=logits.device)
-        uniforms = [uniform(rows[i].seed, positions[i] if positions is not None else 0)
-                    for i in members]
-        chosen[idx] = draw(_filtered_probs(work[idx], sub_rows), uniforms)
+        u = uniforms([rows[i].seed_key for i in members],
+                     [positions[i] for i in members] if positions is not None else
+                     [0] * len(members))
+        chosen[idx] = draw(_filtered_probs(work[idx], sub_rows), u)
 
     # The chosen token's logprob is needed for every row (cumulative_logprob), but the full
     # [S, V] logprob matrix only for rows that asked for a dict.

@@ -57,10 +57,14 @@ class ExpertWeights:
         table = torch.full((max(self.expert_ids, default=-1) + 2,), -1, dtype=torch.int64)
         table[self.expert_ids] = torch.arange(len(self.expert_ids))
         self._row_table = table
+        self._device_tables: dict[torch.device, torch.Tensor] = {}
 
     def local_rows(self, expert_ids: torch.Tensor) -> torch.Tensor:
-        """[T] local rows, -1 for the skip class and for experts held elsewhere."""
-        table = self._row_table.to(expert_ids.device)
+        """[T] local rows, -1 for the skip class and for experts held elsewhere. The table is
+        copied to each device once, so a decode step makes no host copy (graphs can hold it)."""
+        table = self._device_tables.get(expert_ids.device)
+        if table is None:
+            table = self._device_tables[expert_ids.device] = self._row_table.to(expert_ids.device)
         return table[expert_ids.clamp(max=table.numel() - 1)]
 
     @property
