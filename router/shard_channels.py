@@ -1,13 +1,14 @@
 """The token router's connections to expert shards: one channel per address, reused, with the
 rows in flight and a back-off per address that recently failed, and the deployment's RPC token
-sent on every call (`call_metadata`)."""
+sent on every call (`call_metadata`). Dispatches go on one persistent stream per address
+(`shard_stream`), or as unary calls (traced dispatches, which carry their trace context)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import grpc
 from zayaserve.router.dispatch_tracing import trace_metadata
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
 from zayaserve.router.router_stats import ShardLatency
+from zayaserve.router.shard_stream import ShardStream
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
 AUTH_HEADER = "authorization"  # what router.shard_server checks
@@ -64,6 +66,7 @@ class ShardChannels:
         self.metadata = call_metadata(token)
         self._options = channel_options(max_message_bytes)
         self._stubs: dict[str, tuple[grpc.aio.Channel, Any]] = {}
+        self._streams: dict[str, ShardStream] = {}
         self._in_flight: defaultdict[str, int] = defaultdict(int)  # address -> rows
         self._cooling: dict[str, _Cooldown] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -87,6 +90,20 @@ class ShardChannels:
             request, timeout=timeout, metadata=metadata)
         self.latency.observe(self.shard_of.get(address, address), time.monotonic() - start)
         return reply
+
+    async def dispatch_stream(self, address: str, build: Callable[[int], bytes],
+                              timeout: float) -> bytes:
+        """One message on `address`'s dispatch stream (opened on first use, with the token);
+        raises `StreamCallError`."""
+        stream = self._streams.get(address)
+        if stream is None:
+            self.stub(address)
+            stream = self._streams[address] = ShardStream(self._stubs[address][0],
+                                                          self.metadata)
+        start = time.monotonic()
+        answer = await stream.request(build, timeout)
+        self.latency.observe(self.shard_of.get(address, address), time.monotonic() - start)
+        return answer
 
     def usable(self, address: str, now: float) -> bool:
         cooldown = self._cooling.get(address)
@@ -114,6 +131,9 @@ class ShardChannels:
             self._forget(address)
 
     def _forget(self, address: str) -> None:
+        stream = self._streams.pop(address, None)
+        if stream is not None:
+            stream.close()
         channel, _ = self._stubs.pop(address)
         self._cooling.pop(address, None)
         # Calls still in flight on it may finish (grace) without holding up the caller.

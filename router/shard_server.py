@@ -13,12 +13,11 @@ capped at what one engine step can need (`dispatch_message_limit`).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
 
 import grpc
 import torch
@@ -27,12 +26,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from zayaserve.router.dispatch_tracing import ShardSpans, tracing_on
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
+from zayaserve.router.shard_auth import UNAUTHENTICATED_DETAILS, TokenAuthInterceptor
 from zayaserve.router.shard_channels import AUTH_HEADER
+from zayaserve.router.shard_stream_server import stream_handler
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES, TensorCodecError, decode, encode
 
 SERVICE_NAME = "zayaserve.expert.v1.ExpertShard"
-_OPEN_METHOD = f"/{grpc_health.SERVICE_NAME}/Check"  # probes need no token (Watch does)
-UNAUTHENTICATED_DETAILS = "missing or invalid shard RPC token"
 # Per routed row: a hidden row and its weight as float32 (the widest float on the wire) and its
 # expert id as a protobuf varint (at most 10 bytes). The response's out rows are no larger.
 _FLOAT_BYTES, _ID_BYTES = 4, 10
@@ -43,6 +42,14 @@ _FLOAT_BYTES, _ID_BYTES = 4, 10
 ComputeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # The experts held: the same set for every layer, or one set per layer.
 _Held = frozenset[int] | dict[int, frozenset[int]]
+
+
+class Refusal(Exception):
+    """A dispatch the shard refuses: the status and details its caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
 
 
 def _held_in(held: _Held, layer: int) -> frozenset[int]:
@@ -78,6 +85,8 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
         self.tokens_served: Counter[tuple[int, int]] = Counter()  # (layer, expert) -> rows
         self.requests = 0
         self.rows_in_flight = 0
+        self.calls_in_flight = 0
+        self.max_concurrent_calls: int | None = None  # set by serve_shard
         self.max_placement_version = 0
 
     def set_holding(self, held: Mapping[int, Sequence[int]] | Sequence[int],
@@ -111,31 +120,53 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
     async def _dispatch(
         self, request: expert_pb2.DispatchRequest, context: grpc.aio.ServicerContext
     ) -> expert_pb2.DispatchResponse:
-        layer = request.layer
-        if self.num_layers and layer >= self.num_layers:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"layer: {layer} out of range, shard {self.shard_id} has "
-                         f"{self.num_layers} layers")
         try:
             hidden = decode(request.hidden, "hidden", expect_ndim=2)  # [n, H]
             weights = decode(request.weights, "weights", expect_ndim=1)  # [n]
+            expert_ids = torch.tensor(list(request.expert_ids), dtype=torch.int64)  # [n]
+            out = await self.serve_rows(request.layer, hidden, expert_ids, weights,
+                                        request.placement_version)
         except TensorCodecError as e:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        expert_ids = torch.tensor(list(request.expert_ids), dtype=torch.int64)  # [n]
+        except Refusal as r:
+            await _abort(context, r.code, r.details)
+        return expert_pb2.DispatchResponse(out=encode(out, "out"), shard_id=self.shard_id)
+
+    async def serve_rows(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                         weights: torch.Tensor, placement_version: int) -> torch.Tensor:
+        """One layer's rows, checked and computed (a unary call's or a stream message's);
+        raises `Refusal` with the status the caller gets."""
+        if self.num_layers and layer >= self.num_layers:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"layer: {layer} out of range, shard {self.shard_id} has "
+                          f"{self.num_layers} layers")
         n = hidden.shape[0]
         if expert_ids.numel() != n or weights.numel() != n:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"expert_ids/weights: {expert_ids.numel()} ids and {weights.numel()} "
-                         f"weights for {n} hidden rows")
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"expert_ids/weights: {expert_ids.numel()} ids and {weights.numel()} "
+                          f"weights for {n} hidden rows")
+        cap = self.max_concurrent_calls
+        if cap is not None and self.calls_in_flight >= cap:
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"shard {self.shard_id} is busy: {cap} calls in flight")
+        self.calls_in_flight += 1
+        try:
+            return await self._serve(layer, hidden, expert_ids, weights, placement_version)
+        finally:
+            self.calls_in_flight -= 1
+
+    async def _serve(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                     weights: torch.Tensor, placement_version: int) -> torch.Tensor:
+        n = hidden.shape[0]
         present, counts = torch.unique(expert_ids, return_counts=True)
         held_map, compute = self._holding  # one snapshot for the check and the compute
         held = _held_in(held_map, layer)
         foreign = [e for e in present.tolist() if e not in held]
         if foreign:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                         f"expert_ids: shard {self.shard_id} does not hold experts {foreign} of "
-                         f"layer {layer} (holds {sorted(held)})")
-        self.max_placement_version = max(self.max_placement_version, request.placement_version)
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"expert_ids: shard {self.shard_id} does not hold experts {foreign} of "
+                          f"layer {layer} (holds {sorted(held)})")
+        self.max_placement_version = max(self.max_placement_version, placement_version)
         if n == 0:
             out = hidden.new_zeros(hidden.shape)
         else:
@@ -144,18 +175,19 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
                 self.rows_in_flight += n
                 out = await asyncio.to_thread(compute, layer, hidden, expert_ids, weights)
             except Exception as e:  # the shard stays up; the caller sees why
-                await _abort(context, grpc.StatusCode.INTERNAL,
-                             f"shard {self.shard_id} layer {layer}: {type(e).__name__}: {e}")
+                raise Refusal(grpc.StatusCode.INTERNAL,
+                              f"shard {self.shard_id} layer {layer}: {type(e).__name__}: {e}"
+                              ) from None
             finally:
                 self.rows_in_flight -= n
         if tuple(out.shape) != tuple(hidden.shape):
-            await _abort(context, grpc.StatusCode.INTERNAL,
-                         f"shard {self.shard_id}: compute returned {list(out.shape)} for "
-                         f"{list(hidden.shape)}")
+            raise Refusal(grpc.StatusCode.INTERNAL,
+                          f"shard {self.shard_id}: compute returned {list(out.shape)} for "
+                          f"{list(hidden.shape)}")
         self.requests += 1
         for expert, count in zip(present.tolist(), counts.tolist(), strict=True):
             self.tokens_served[(layer, expert)] += count
-        return expert_pb2.DispatchResponse(out=encode(out, "out"), shard_id=self.shard_id)
+        return out
 
     async def Info(  # noqa: N802 - gRPC method name
         self, request: expert_pb2.InfoRequest, context: grpc.aio.ServicerContext
@@ -181,55 +213,6 @@ def dispatch_message_limit(max_rows: int, hidden_size: int) -> int:
         raise ValueError("max_rows/hidden_size: must be >= 1")
     payload = max_rows * (hidden_size * _FLOAT_BYTES + _FLOAT_BYTES + _ID_BYTES)
     return payload + payload // 4 + 2**20
-
-
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses a call whose metadata lacks `authorization: Bearer <token>` with UNAUTHENTICATED,
-    before its request is read (a stream-unary handler runs before any message arrives), so a
-    stalled or huge request holds no slot of the concurrency cap. The token is compared in
-    constant time and never echoed.
-
-    grpc.health.v1's Check stays open for probes, answered the same way, unread: SERVING, as
-    every service here is while the server answers (the token gets the full health service)."""
-
-    def __init__(self, token: str) -> None:
-        if not token:
-            raise ValueError("token: must not be empty")
-        self._expected = f"Bearer {token}".encode()
-        self._deny = grpc.stream_unary_rpc_method_handler(_deny_unauthenticated)
-        self._open_check = grpc.stream_unary_rpc_method_handler(
-            _serving, response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        details = handler_call_details
-        if self.allows(details.invocation_metadata):
-            return await continuation(details)
-        if details.method == _OPEN_METHOD:
-            return self._open_check
-        return self._deny
-
-    def allows(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
-        given = [v for k, v in metadata or () if k == AUTH_HEADER]
-        if len(given) != 1:
-            return False
-        value = given[0]
-        try:
-            raw = value if isinstance(value, bytes) else value.encode()
-        except UnicodeEncodeError:
-            return False
-        return hmac.compare_digest(raw, self._expected)
-
-
-async def _deny_unauthenticated(requests: Any, context: grpc.aio.ServicerContext) -> NoReturn:
-    await _abort(context, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
-
-
-async def _serving(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-    return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
 
 async def _abort(
@@ -259,8 +242,10 @@ async def serve_shard(
     servicer's `address` (reported by Info) becomes `advertise_host:port`, by default the bind
     host or, for a wildcard bind, this machine's name. With a `token`, every call but a health
     Check needs it (UNAUTHENTICATED); without one (in-process tests) nothing is checked. Over
-    `max_message_bytes` messages and calls beyond `max_concurrent_rpcs` (None: no cap) get
-    RESOURCE_EXHAUSTED. Stop it with `await server.stop(grace)`.
+    `max_message_bytes` messages and dispatches beyond `max_concurrent_rpcs` at once (None: no
+    cap), unary calls and stream messages alike, get RESOURCE_EXHAUSTED. The cap counts work
+    in flight, not open streams (each worker keeps one open per shard); gRPC itself refuses
+    RPCs past twice the cap plus 8, a backstop. Stop it with `await server.stop(grace)`.
     """
     server = grpc.aio.server(
         options=[
@@ -269,8 +254,11 @@ async def serve_shard(
             ("grpc.so_reuseport", 0),  # port 0 must give a port nobody else holds
         ],
         interceptors=None if token is None else [TokenAuthInterceptor(token)],
-        maximum_concurrent_rpcs=max_concurrent_rpcs)
+        maximum_concurrent_rpcs=None if max_concurrent_rpcs is None
+        else 2 * max_concurrent_rpcs + 8)
+    servicer.max_concurrent_calls = max_concurrent_rpcs
     expert_pb2_grpc.add_ExpertShardServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((stream_handler(servicer),))
     health = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bound = server.add_insecure_port(_host_port(host, port))
@@ -286,6 +274,6 @@ async def serve_shard(
     return server, bound
 
 
-__all__ = ["AUTH_HEADER", "SERVICE_NAME", "UNAUTHENTICATED_DETAILS",
+__all__ = ["AUTH_HEADER", "SERVICE_NAME", "Refusal", "UNAUTHENTICATED_DETAILS",
            "ComputeFn", "ExpertShardServicer", "TokenAuthInterceptor", "dispatch_message_limit",
            "serve_shard"]

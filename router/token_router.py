@@ -14,21 +14,19 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 import torch
 
 from zayaserve.router.dispatch_plan import plan_rows
 from zayaserve.router.placement import PlacementMap
-from zayaserve.router.protos import expert_pb2
 from zayaserve.router.router_stats import LayerLatency, RouterStats
+from zayaserve.router.shard_calls import ShardCalls, ShardFailure
 from zayaserve.router.shard_channels import ShardChannels
 from zayaserve.router.tensor_codec import (
     MAX_MESSAGE_BYTES,
     WIRE_DTYPES,
-    decode,
-    encode,
     pinned_host_copy,
 )
 
@@ -68,12 +66,6 @@ class ExpertShardError(ExpertDispatchError):
     """A shard refused the rows for a reason retrying does not fix, or failed too often."""
 
 
-class _Failure(NamedTuple):
-    address: str
-    code: grpc.StatusCode
-    details: str
-
-
 @dataclass(slots=True)
 class _Attempt:
     """The dispatch-wide retry budget: the wait clock and the count of real failures."""
@@ -92,7 +84,9 @@ class TokenRouter:
     `max_retries`, each call by `deadline_s`. Use from one asyncio loop (channels belong to it).
     `placement_source()` must be cheap and non-blocking: it is read at every dispatch. Every call
     carries `token` (the deployment's shard RPC token; None: none is sent); one larger than
-    `max_message_bytes` (the shards' cap) fails at once instead of being sent.
+    `max_message_bytes` (the shards' cap) fails at once instead of being sent. With `stream`
+    (the default) rows travel on one persistent stream per shard as raw messages; a traced
+    dispatch (which carries its trace context per call) and `stream=False` use unary calls.
     """
 
     def __init__(
@@ -106,6 +100,7 @@ class TokenRouter:
         poll_interval_s: float = 0.05,
         token: str | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        stream: bool = True,
     ) -> None:
         if min(deadline_s, poll_interval_s, num_experts) <= 0:
             raise ValueError("deadline_s/poll_interval_s/num_experts: must be > 0")
@@ -117,10 +112,12 @@ class TokenRouter:
         self.wait_for_replica_s = wait_for_replica_s
         self.max_retries = max_retries
         self.poll_interval_s = poll_interval_s
+        self.stream = stream  # one persistent dispatch stream per shard (else unary calls)
         self.stats = RouterStats()
         self._placement: PlacementMap | None = None
         self._channels = ShardChannels(close_grace_s=deadline_s, token=token,
                                        max_message_bytes=max_message_bytes)
+        self._calls = ShardCalls(self._channels, self.stats, deadline_s, stream)
         self._turns: defaultdict[int, int] = defaultdict(int)  # expert -> ties broken so far
 
     async def dispatch(
@@ -150,7 +147,8 @@ class TokenRouter:
             placement = self._refresh()
             plan, unplaced = self._plan(layer, placement, pending, expert_ids)
             results = await asyncio.gather(*(
-                self._call(address, layer, hidden, expert_ids, weights, rows, placement.version)
+                self._calls.call(address, layer, hidden, expert_ids, weights, rows,
+                                 placement.version)
                 for address, rows in plan.items()))
             retry = [unplaced]
             for rows, result in zip(plan.values(), results, strict=True):
@@ -214,42 +212,7 @@ class TokenRouter:
 
         return plan_rows(pending, expert_ids, copies_of, self._channels.load, self._turns)
 
-    async def _call(
-        self, address: str, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-        weights: torch.Tensor, rows: torch.Tensor, version: int,
-    ) -> torch.Tensor | _Failure:
-        request = expert_pb2.DispatchRequest(
-            layer=layer, hidden=encode(hidden[rows], "hidden"),
-            expert_ids=expert_ids[rows].tolist(), weights=encode(weights[rows], "weights"),
-            placement_version=version)
-        n, size = rows.numel(), request.ByteSize()
-        if size > self._channels.max_message_bytes:  # the shard would refuse it: a config error
-            return _Failure(address, grpc.StatusCode.INVALID_ARGUMENT, f"{n} rows: {size} bytes, "
-                            f"over shard_max_message_bytes={self._channels.max_message_bytes}")
-        self.stats.calls += 1
-        self.stats.rows_sent += n
-        self.stats.bytes_sent += size
-        self._channels.add_in_flight(address, n)
-        try:
-            reply = await self._channels.dispatch(address, request, self.deadline_s)
-        except grpc.aio.AioRpcError as e:
-            return _Failure(address, e.code(), e.details() or "")
-        except grpc.aio.UsageError as e:  # the channel was closed under us by a map change
-            return _Failure(address, grpc.StatusCode.UNAVAILABLE, str(e))
-        finally:
-            self._channels.add_in_flight(address, -n)
-        self.stats.bytes_received += reply.ByteSize()
-        self._channels.succeeded(address)
-        try:
-            out = decode(reply.out, "out", expect_dtype=hidden.dtype, expect_ndim=2)
-        except ValueError as e:
-            return _Failure(address, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if tuple(out.shape) != (n, hidden.shape[1]):
-            return _Failure(address, grpc.StatusCode.INVALID_ARGUMENT,
-                            f"out: shape {list(out.shape)} for {n} rows")
-        return out
-
-    def _on_failure(self, layer: int, failure: _Failure, rows: torch.Tensor,
+    def _on_failure(self, layer: int, failure: ShardFailure, rows: torch.Tensor,
                     expert_ids: torch.Tensor, attempt: _Attempt) -> None:
         experts = sorted(set(expert_ids[rows].tolist()))
         message = f"{failure.address}: {failure.code.name}: {failure.details}"

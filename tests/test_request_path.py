@@ -43,13 +43,15 @@ CONTROL = [
     "replicas/engine/scheduler.py", "replicas/engine/stop_rules.py",
     "replicas/engine/kv_manager.py", "replicas/engine/runner.py",
     "replicas/model/attention_side.py", "replicas/model/experts.py", "router/token_router.py",
-    "router/shard_server.py", "replicas/engine/step_sampling.py", "replicas/engine/sampler.py",
+    "router/shard_calls.py", "router/shard_stream.py", "router/shard_server.py",
+    "router/shard_stream_server.py", "replicas/engine/step_sampling.py",
+    "replicas/engine/sampler.py",
 ]
 RAY_SIDE = ["router/request_router.py", "replicas/attention_worker.py", "replicas/expert_shard.py"]
 # Data, validation, model maths and kernels: called on the path, deciding nothing about it.
 SUPPORT = {
-    "replicas/engine/noise.py", "cluster/api_keys.py", "cluster/frontend_errors.py",
-    "cluster/logprob_format.py",
+    "replicas/engine/noise.py", "router/stream_wire.py", "cluster/api_keys.py",
+    "cluster/frontend_errors.py", "cluster/logprob_format.py",
     "cluster/metrics.py", "cluster/chat_options.py", "cluster/reasoning.py",
     "cluster/structured_request.py", "cluster/tool_calls.py", "replicas/engine/grammar.py",
     "replicas/model/chat_template.py",
