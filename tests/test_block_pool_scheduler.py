@@ -5,6 +5,7 @@ copy-on-write."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -492,3 +493,22 @@ def test_l2_fetch_runs_off_the_schedule_and_admits_when_done() -> None:
     assert len(installed) == 3 and cached.request.num_cached_tokens == 12
     complete_step(out)
     check_accounting(sched)
+
+
+def test_micro_batch_split_is_balanced_and_keeps_order() -> None:
+    from types import SimpleNamespace
+
+    from zayaserve.replicas.engine.runner import _split
+
+    def chunks(*sizes: int) -> list[Any]:
+        return [SimpleNamespace(num_tokens=n, i=i) for i, n in enumerate(sizes)]
+
+    for sizes, parts in (((1,) * 10, 3), ((5, 1, 1, 1, 1, 1), 2), ((1, 1), 4), ((3,), 2),
+                         ((2, 9, 1, 1, 7, 1), 4), ((1,) * 64, 8), ((100, 1, 1), 3)):
+        groups = _split(chunks(*sizes), parts)  # type: ignore[arg-type]
+        assert [c.i for g in groups for c in g] == list(range(len(sizes)))  # order, all
+        assert 1 <= len(groups) <= min(parts, len(sizes)) and all(groups)
+        tokens = [sum(c.num_tokens for c in g) for g in groups]
+        assert max(tokens) - min(tokens) <= max(sizes)  # as even as the chunks allow
+        if len(set(sizes)) == 1:
+            assert len(groups) == min(parts, len(sizes))

@@ -86,8 +86,10 @@ def test_random_weights_make_continuations_differ(case: Any) -> None:
     assert len({tuple(tokens) for _, tokens in refs}) == len(refs)
 
 
-def test_micro_batch_overlap_is_exact(case: Any) -> None:
-    """Two micro-batches on two threads (the disaggregated overlap mode) change nothing."""
+@pytest.mark.parametrize("micro_batches", [2, 3, 4])
+def test_micro_batch_overlap_is_exact(case: Any, micro_batches: int) -> None:
+    """N micro-batches on N threads (the disaggregated overlap mode) change nothing."""
     path, prompts, refs = case
-    llm = LLM(model=str(path), block_size=3, max_num_batched_tokens=9, micro_batches=2)
+    llm = LLM(model=str(path), block_size=3, max_num_batched_tokens=9,
+              micro_batches=micro_batches)
     _check(llm, prompts, refs)

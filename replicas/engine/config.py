@@ -88,8 +88,8 @@ class EngineSettings(BaseModel):
         "entries do not outlive it). Never logged.")
     kv_cache_ttl_s: int | None = Field(3600, ge=1, description="Lifetime of an L2 entry.")
     micro_batches: int = Field(
-        1, ge=1, le=2, description="2 overlaps one micro-batch's attention with the other's "
-        "expert round trip (useful with remote experts).")
+        1, ge=1, le=8, description="N > 1 splits each step into N micro-batches on N threads: "
+        "the others' attention overlaps one's expert round trip (useful with remote experts).")
 
     async_scheduling: bool = Field(
         True, description="Schedule the next decode step while the current one runs on the "

@@ -1,9 +1,10 @@
 """Turns a scheduler decision into model forwards: packs the chunks into StepBatches, applies
 pending cache copies and state resets, and returns the logits that were asked for.
 
-With `micro_batches=2` the step is split into two micro-batches run on two threads: while one
-waits on its experts (a remote round trip that releases the GIL), the other computes attention.
-They touch disjoint cache slots and state slots, so they need no locking.
+With `micro_batches=N` (N > 1) the step is split into N micro-batches of about equal tokens, run
+on N threads: while one waits on its experts (a remote round trip that releases the GIL), the
+others compute attention, so N - 1 micro-batches' attention can hide one's dispatch. They touch
+disjoint cache slots and state slots, so they need no locking.
 
 Decode-only steps replay captured graphs when `graphs` is set (see `decode_graphs`).
 
@@ -39,7 +40,8 @@ class ModelRunner:
         self.experts = experts
         self.cache = cache
         self.micro_batches = micro_batches
-        self._pool = ThreadPoolExecutor(2, "zayaserve-mb") if micro_batches > 1 else None
+        self._pool = (ThreadPoolExecutor(micro_batches, "zayaserve-mb") if micro_batches > 1
+                      else None)
         cache.initial_v_state.copy_(model.initial_v_states())
 
     def run(self, sched: SchedulerOutput, logits_rows: list[int]) -> torch.Tensor:
@@ -68,17 +70,17 @@ class ModelRunner:
             self.cache.reset_state(slot)
         for slot, block in step.restore_states:
             self.cache.restore_state(slot, block)
-        split = _split_point(step.chunks) if self._pool is not None else 0
-        if split == 0:
+        parts = _split(step.chunks, self.micro_batches) if self._pool is not None else []
+        if len(parts) < 2:
             return self._forward(step.chunks, logits_rows)
-        first, second = step.chunks[:split], step.chunks[split:]
-        offset = sum(c.num_tokens for c in first)
-        rows_a = [r for r in logits_rows if r < offset]
-        rows_b = [r - offset for r in logits_rows if r >= offset]
         assert self._pool is not None
-        fut_a = self._pool.submit(self._forward, first, rows_a)
-        fut_b = self._pool.submit(self._forward, second, rows_b)
-        return torch.cat([fut_a.result(), fut_b.result()])
+        futures, offset = [], 0
+        for part in parts:
+            end = offset + sum(c.num_tokens for c in part)
+            rows = [r - offset for r in logits_rows if offset <= r < end]
+            futures.append(self._pool.submit(self._forward, part, rows))
+            offset = end
+        return torch.cat([f.result() for f in futures])
 
     def _forward(self, chunks: list[_Chunk], rows: list[int]) -> torch.Tensor:
         set_step_requests(c.timeline for c in chunks)  # for dispatch traces
@@ -127,14 +129,16 @@ class PreparedStep:
     restore_states: list[tuple[int, int]]
 
 
-def _split_point(chunks: list[_Chunk]) -> int:
-    """Index splitting the chunks into two halves of about equal tokens (0: don't split)."""
-    if len(chunks) < 2:
-        return 0
+def _split(chunks: list[_Chunk], parts: int) -> list[list[_Chunk]]:
+    """The chunks in at most `parts` consecutive, non-empty groups of about equal tokens: each
+    chunk goes to the share of the step its middle token falls in."""
     total = sum(c.num_tokens for c in chunks)
+    if parts < 2 or len(chunks) < 2 or total == 0:
+        return [chunks]
+    groups: dict[int, list[_Chunk]] = {}
     acc = 0
-    for i, c in enumerate(chunks[:-1]):
+    for c in chunks:
+        share = min(parts - 1, (2 * acc + c.num_tokens) * parts // (2 * total))
+        groups.setdefault(share, []).append(c)
         acc += c.num_tokens
-        if acc * 2 >= total:
-            return i + 1
-    return len(chunks) - 1
+    return list(groups.values())
