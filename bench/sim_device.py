@@ -26,6 +26,7 @@ import torch
 from zayaserve.replicas.devtools.checkpoint_presets import checkpoint_shapes, preset_config
 
 BANDWIDTH = {"h100": 3.35e12, "mi300x": 5.3e12}  # HBM bytes per second
+PEAK_FLOPS = {"h100": 989e12, "mi300x": 1307e12}  # dense bf16 FLOP/s
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,8 @@ class StepCost:
     state_per_seq: float  # CCA conv tail + delayed v of one sequence, all layers
     num_layers: int
     num_experts: int
+    vocab: int = 262272
+    hidden: int = 2048
 
     @classmethod
     def zaya1_8b(cls, bytes_per_param: int = 2) -> StepCost:
@@ -53,7 +56,7 @@ class StepCost:
         v = cfg["num_key_value_heads"] * cfg["head_dim"] // 2
         return cls(dense * bytes_per_param, expert_params / (layers * experts) * bytes_per_param,
                    kv * bytes_per_param, (conv + v) * layers * bytes_per_param * 2,
-                   layers, experts)
+                   layers, experts, cfg["vocab_size"], cfg["hidden_size"])
 
     def distinct_experts(self, tokens: int) -> float:
         """Expected distinct experts per layer for `tokens` top-1 routes, uniform over the
@@ -66,9 +69,27 @@ class StepCost:
                 + seqs * (context * self.kv_per_token + self.state_per_seq))
 
     def expert_bytes(self, rows: int, experts_here: int) -> float:
-        """One layer's expert compute on a shard holding `experts_here` experts."""
-        share = experts_here / self.num_experts
-        return self.distinct_experts(rows) * share * self.expert
+        """One layer's expert weights read on a shard holding `experts_here` experts, for
+        `rows` routed there (uniform routing over what it holds)."""
+        distinct = experts_here * (1.0 - (1.0 - 1.0 / experts_here) ** rows) if rows else 0.0
+        return distinct * self.expert
+
+    def expert_flops(self, rows: int) -> float:
+        """One layer's expert FLOPs for `rows` routed tokens (gate_up and down GEMMs)."""
+        return rows * self.expert  # 2 FLOPs per weight, 2 bytes per weight
+
+    def attention_bytes(self, tokens: int, context: float) -> float:
+        """One layer's attention side (its share of the dense weights but the embedding) and
+        the K/V its tokens read."""
+        per_layer = (self.dense - self.embedding) / self.num_layers
+        return per_layer + tokens * context * self.kv_per_token / self.num_layers
+
+    @property
+    def embedding(self) -> float:
+        return self.vocab * self.hidden * 2.0
+
+    def head_bytes(self) -> float:
+        return self.embedding  # tied: the lm_head reads the whole embedding
 
 
 class SimulatedDevice:

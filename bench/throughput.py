@@ -59,17 +59,17 @@ def run_zayaserve(path: Path, work: Workload, args: argparse.Namespace) -> tuple
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=16)
     runner = llm.engine.runner
     decode_times: list[tuple[float, int, int]] = []  # (seconds, batch size, context tokens)
-    run = runner.run
+    execute = runner.execute
 
-    def timed_run(sched, rows):  # type: ignore[no-untyped-def]
+    def timed_execute(step, rows, fill=None):  # type: ignore[no-untyped-def]
         t = time.perf_counter()
-        logits = run(sched, rows)
-        if all(c.num_tokens == 1 for c in sched.chunks):  # a pure decode step
-            decode_times.append((time.perf_counter() - t, len(sched.chunks),
-                                 sum(c.start + 1 for c in sched.chunks)))
+        logits = execute(step, rows, fill)
+        if all(c.num_tokens == 1 for c in step.chunks):  # a pure decode step
+            decode_times.append((time.perf_counter() - t, len(step.chunks),
+                                 sum(c.start + 1 for c in step.chunks)))
         return logits
 
-    runner.run = timed_run  # type: ignore[method-assign]
+    runner.execute = timed_execute  # type: ignore[method-assign]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
               for n in work.output_lens]
     t = time.perf_counter()

@@ -73,14 +73,15 @@ class Sequence:
     grammar_broken: bool = False
     # Its sampling row, while the row does not change from step to step (see step_sampling).
     sampling_row: Any = None
+    prompt_len: int = field(init=False)  # the request's prompt length (it never changes)
+
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.request.prompt_token_ids)
 
     @property
     def params(self) -> SamplingParams:
         return self.request.params
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -102,10 +102,12 @@ def step_delta(req: Request, seqs: list[Sequence]) -> StepDelta:
     """The request's news from this step, for the sequences that got a token (O(new))."""
     hold = _holdback(req.params)
     steps = []
-    for s in sorted(seqs, key=lambda s: s.index):
+    ended = False
+    for s in (sorted(seqs, key=lambda s: s.index) if len(seqs) > 1 else seqs):
         start = s.prompt_len + s.sent_tokens
         new_ids = tuple(s.token_ids[start:])
         done = s.finish_reason is not None
+        ended |= done
         visible = len(s.text) if done else max(s.sent_chars, len(s.text) - hold)
         logprobs = tuple(s.logprobs[s.sent_tokens:]) if s.logprobs is not None else None
         steps.append(CompletionStep(
@@ -117,7 +119,7 @@ def step_delta(req: Request, seqs: list[Sequence]) -> StepDelta:
     first = not req.prompt_sent
     req.prompt_sent = True
     req.timeline.on_tokens()
-    done = req.finished
+    done = ended and req.finished  # a request can only end in a step that ended a sequence
     metrics = req.timeline.finish(
         sum(s.num_output_tokens for s in req.seqs),
         [s.finish_reason or "" for s in req.seqs]) if done else None
