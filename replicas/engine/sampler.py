@@ -171,8 +171,12 @@ def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     tokens at 0. (min-p and top-k are both cuts of the tempered logits, so they commute;
     top-p then works on what they leave, renormalised, as in vLLM v1.)"""
     device = logits.device
-    temps = torch.tensor([r.temperature for r in rows], dtype=logits.dtype, device=device)
-    scaled = logits / temps.unsqueeze(1)
+    temperatures = [r.temperature for r in rows]
+    if len(set(temperatures)) == 1:  # the common case: one temperature for the whole batch
+        scaled = logits / temperatures[0]
+    else:
+        temps = torch.tensor(temperatures, dtype=logits.dtype, device=device)
+        scaled = logits / temps.unsqueeze(1)
     vocab = scaled.shape[1]
     apply_min_p(scaled, [r.min_p for r in rows])
 
@@ -189,9 +193,12 @@ def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
 
     nucleus = [i for i, r in enumerate(rows) if r.top_p < 1.0]
     if nucleus:
-        idx = torch.tensor(nucleus, dtype=torch.long, device=device)
         top_p = torch.tensor([rows[i].top_p for i in nucleus], dtype=probs.dtype, device=device)
-        probs[idx] = probs[idx].masked_fill(~_nucleus_mask(probs[idx], top_p), 0.0)
+        if len(nucleus) == len(rows):  # every row: no gather, no scatter
+            probs.masked_fill_(~_nucleus_mask(probs, top_p), 0.0)
+        else:
+            idx = torch.tensor(nucleus, dtype=torch.long, device=device)
+            probs[idx] = probs[idx].masked_fill(~_nucleus_mask(probs[idx], top_p), 0.0)
     return probs
 
 
@@ -230,10 +237,13 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     for start in range(0, len(rand), chunk):
         members = rand[start : start + chunk]
         sub_rows = [rows[i] for i in members]
-        idx = torch.tensor(members, dtype=torch.long, device=logits.device)
         u = uniforms([rows[i].seed_key for i in members],
                      [positions[i] for i in members] if positions is not None else
                      [0] * len(members))
+        if len(members) == len(rows):  # every row samples: no gather, no scatter
+            chosen = draw(_filtered_probs(work, sub_rows), u)
+            continue
+        idx = torch.tensor(members, dtype=torch.long, device=logits.device)
         chosen[idx] = draw(_filtered_probs(work[idx], sub_rows), u)
 
     # The chosen token's logprob is needed for every row (cumulative_logprob), but the full
