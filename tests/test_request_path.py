@@ -50,7 +50,8 @@ CONTROL = [
 RAY_SIDE = ["router/request_router.py", "replicas/attention_worker.py", "replicas/expert_shard.py"]
 # Data, validation, model maths and kernels: called on the path, deciding nothing about it.
 SUPPORT = {
-    "replicas/engine/noise.py", "router/stream_wire.py", "cluster/api_keys.py",
+    "replicas/engine/noise.py", "replicas/engine/sampling_plan.py", "router/stream_wire.py",
+    "cluster/api_keys.py",
     "cluster/frontend_errors.py", "cluster/logprob_format.py",
     "cluster/metrics.py", "cluster/chat_options.py", "cluster/reasoning.py",
     "cluster/structured_request.py", "cluster/tool_calls.py", "replicas/engine/grammar.py",

@@ -21,6 +21,7 @@ from zayaserve.replicas.engine.noise import draw, seed_key, uniforms
 from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.engine.params import SAMPLING_EPS
 from zayaserve.replicas.engine.penalties import apply_min_p, apply_penalties
+from zayaserve.replicas.engine.sampling_plan import plan_for
 
 # How many of a row's most likely tokens to try, in turn, before a full sort for top-p, on a
 # vocabulary larger than _FULL_SORT_VOCAB (a smaller one is sorted whole at once).
@@ -216,28 +217,30 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     if not rows:
         return []
     logits = logits.float()
+    plan = plan_for(rows)
     work = logits
     constrained: frozenset[int] = frozenset()
     if mask is not None and mask.rows:
         work = logits.clone()
         mask.apply(work)
         constrained = frozenset(mask.rows)
-    work = _apply_bans(work, rows, inplace=work is not logits, constrained=constrained)
-    # Penalise in place only when banning already made a copy: `logits` stays raw for logprobs.
-    work = apply_penalties(work, rows, inplace=work is not logits)
+    if plan.any_bans:
+        work = _apply_bans(work, rows, inplace=work is not logits, constrained=constrained)
+    if plan.any_penalties:
+        # In place only when masking or banning already made a copy: `logits` stays raw.
+        work = apply_penalties(work, rows, inplace=work is not logits)
     chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
 
-    greedy = [i for i, r in enumerate(rows) if r.is_greedy]
-    if greedy:
-        g = torch.tensor(greedy, dtype=torch.long, device=logits.device)
+    if plan.greedy:
+        g = torch.tensor(plan.greedy, dtype=torch.long, device=logits.device)
         chosen[g] = work[g].argmax(dim=1)
 
-    rand = [i for i, r in enumerate(rows) if not r.is_greedy]
+    rand = plan.random
     chunk = chunk_rows(logits.shape[1])
     for start in range(0, len(rand), chunk):
         members = rand[start : start + chunk]
         sub_rows = [rows[i] for i in members]
-        u = uniforms([rows[i].seed_key for i in members],
+        u = uniforms(plan.seed_keys[start : start + chunk],
                      [positions[i] for i in members] if positions is not None else
                      [0] * len(members))
         if len(members) == len(rows):  # every row samples: no gather, no scatter
@@ -253,11 +256,11 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     # One device-to-host copy for the ids and their logprobs (float64 holds both exactly).
     host_ids, token_lps = torch.stack([chosen.double(), chosen_lps.double()]).tolist()
     token_ids = [int(t) for t in host_ids]
-    wants = [i for i, r in enumerate(rows) if r.num_logprobs is not None]
     dicts: list[dict[int, Logprob] | None] = [None] * len(rows)
-    ks = [rows[i].num_logprobs or 0 for i in wants]
-    for i, d in zip(wants, logprob_dicts(logits, chosen, ks, wants), strict=True):
-        dicts[i] = d
+    if plan.wants:
+        for i, d in zip(plan.wants, logprob_dicts(logits, chosen, plan.wanted_k, plan.wants),
+                        strict=True):
+            dicts[i] = d
     return [
         SampledToken(t, lp, d) for t, lp, d in zip(token_ids, token_lps, dicts, strict=True)
     ]
