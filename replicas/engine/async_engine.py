@@ -31,34 +31,21 @@ from zayaserve.replicas.engine.admission import Admission, Reservation
 from zayaserve.replicas.engine.admission import (  # re-exported: the front ends catch it
     EngineOverloadedError as EngineOverloadedError,
 )
+from zayaserve.replicas.engine.engine_errors import (  # re-exported: the front ends catch them
+    EngineDeadError as EngineDeadError,
+)
+from zayaserve.replicas.engine.engine_errors import (
+    RequestFailedError as RequestFailedError,
+)
+from zayaserve.replicas.engine.engine_errors import (
+    StreamStalledError as StreamStalledError,
+)
 from zayaserve.replicas.engine.grammar import forbid_compiles
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 
 log = logging.getLogger("zayaserve.engine")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped on an error; nothing more can be served by this replica."""
-
-
-class RequestFailedError(RuntimeError):
-    """The engine step that ran this request failed. `cause` is the class name of what failed
-    (for the client; the traceback goes to the log). `retryable` marks failures of a peer that
-    may come back (an expert shard), which front ends answer with 503 and Retry-After."""
-
-    def __init__(self, message: str, cause: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.cause = cause
-        self.retryable = retryable
-
-    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries (Ray) intact
-        return type(self), (str(self), self.cause, self.retryable)
-
-
-class StreamStalledError(RuntimeError):
-    """The consumer stopped reading this stream; the request was aborted."""
 
 
 @dataclass(slots=True)
@@ -121,8 +108,7 @@ class AsyncLLMEngine:
             return
         self.steps += 1
         self._failures_in_a_row = 0
-        for out in outputs:
-            self._deliver(out.request_id, out, finished=out.finished)
+        self._deliver_all([(out.request_id, out, out.finished) for out in outputs])
 
     def _on_step_failure(self, err: Exception) -> None:
         """Ends the failed step's requests (all requests, if the step failed before it knew
@@ -158,30 +144,50 @@ class AsyncLLMEngine:
             return [f"{s.label}({rid})" if (s := self._streams.get(rid)) else rid for rid in ids]
 
     def _deliver(self, request_id: str, item: StepDelta | BaseException, finished: bool):
-        stalled = False
+        self._deliver_all([(request_id, item, finished)])
+
+    def _deliver_all(self, items: list[tuple[str, StepDelta | BaseException, bool]]) -> None:
+        """Posts each item to its stream: one wake-up per consumer event loop per step, not
+        one per request (a step of 256 streams is one call into the front end's loop)."""
+        posts: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
+        owners: dict[int, str] = {}  # id(stream) -> request id, to forget a dead loop's streams
+        stalled: list[str] = []
         with self._lock:
-            stream = self._streams.get(request_id)
-            if stream is None:
-                return
-            if isinstance(item, StepDelta):
-                item = replace(item, request_id=stream.label)
-                if isinstance(stream.latest, StepDelta):
-                    stream.unread += 1
-                    if stream.unread > self.max_unread_steps and not finished:
-                        stalled, finished = True, True
-                        item = StreamStalledError(
-                            f"the client read none of the last {stream.unread} steps "
-                            f"(max_unread_steps={self.max_unread_steps}); request aborted")
-            if finished:
-                self._streams.pop(request_id, None)
-        try:
-            stream.loop.call_soon_threadsafe(self._post, stream, item)
-        except RuntimeError:  # the consumer's event loop is closed: nobody will ever read
-            stalled = stalled or not finished
-            with self._lock:
-                self._streams.pop(request_id, None)
-        if stalled:
+            for request_id, item, finished in items:
+                stream = self._streams.get(request_id)
+                if stream is None:
+                    continue
+                if isinstance(item, StepDelta):
+                    item = replace(item, request_id=stream.label)
+                    if isinstance(stream.latest, StepDelta):
+                        stream.unread += 1
+                        if stream.unread > self.max_unread_steps and not finished:
+                            stalled.append(request_id)
+                            finished = True
+                            item = StreamStalledError(
+                                f"the client read none of the last {stream.unread} steps "
+                                f"(max_unread_steps={self.max_unread_steps}); request aborted")
+                if finished:
+                    self._streams.pop(request_id, None)
+                else:
+                    owners[id(stream)] = request_id
+                posts.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in posts.items():
+            try:
+                loop.call_soon_threadsafe(self._post_all, batch)
+            except RuntimeError:  # the consumer's event loop is closed: nobody will ever read
+                with self._lock:
+                    for stream, _ in batch:
+                        rid = owners.get(id(stream))
+                        if rid is not None and self._streams.pop(rid, None) is not None:
+                            stalled.append(rid)
+        for request_id in stalled:
             self.engine.abort_request(request_id)
+
+    @classmethod
+    def _post_all(cls, batch: list[tuple[_Stream, Any]]) -> None:
+        for stream, item in batch:
+            cls._post(stream, item)
 
     @staticmethod
     def _post(stream: _Stream, item: StepDelta | BaseException) -> None:
