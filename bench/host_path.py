@@ -68,16 +68,16 @@ def simulate(engine: Any, preset: str) -> SimulatedDevice:
     sampler (its tensor maths stands in for the sampling kernels of a real device)."""
     device = SimulatedDevice(preset, vocab=engine.model_config.vocab_size)
     engine.runner = engine.pipeline.runner = SimulatedRunner(device)
-    sample = engine.sampler.sample
+    run = engine.sampler.run
 
     def timed(*args: Any) -> Any:
         t = time.perf_counter()
         try:
-            return sample(*args)
+            return run(*args)
         finally:
             device.sampling_s += time.perf_counter() - t
 
-    engine.sampler.sample = timed
+    engine.sampler.run = timed
     return device
 
 

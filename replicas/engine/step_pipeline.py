@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 from zayaserve.replicas.engine.runner import ModelRunner, PreparedStep
 from zayaserve.replicas.engine.scheduler import SampledStep, Scheduler, SchedulerOutput
-from zayaserve.replicas.engine.step_sampling import LogitsPlan, StepSampler, decode_plan
+from zayaserve.replicas.engine.step_sampling import (
+    LogitsPlan,
+    PreparedSampling,
+    StepSampler,
+    decode_plan,
+)
 
 
 @dataclass(slots=True)
@@ -44,15 +49,16 @@ class StepPipeline:
     def launch(self, sched: SchedulerOutput, plan: LogitsPlan,
                prev: InFlight | None = None) -> InFlight:
         step = self.runner.prepare(sched)
+        sampling = self.sampler.prepare(plan)
         if self._device is None:
             done: Future[SampledStep] = Future()
             try:
-                done.set_result(self._execute(step, plan, None))
+                done.set_result(self._execute(step, sampling, None))
             except BaseException as err:
                 done.set_exception(err)
             return InFlight(sched, done)
         return InFlight(sched, self._device.submit(
-            self._execute, step, plan, prev.result if prev is not None else None))
+            self._execute, step, sampling, prev.result if prev is not None else None))
 
     def launch_ahead(self, current: InFlight) -> None:
         """Schedules and launches the step after `current` when it can go before its tokens."""
@@ -74,11 +80,11 @@ class StepPipeline:
             with contextlib.suppress(BaseException):  # the failure raised is its predecessor's
                 ahead.result.result()
 
-    def _execute(self, step: PreparedStep, plan: LogitsPlan,
+    def _execute(self, step: PreparedStep, sampling: PreparedSampling,
                  prev: Future[SampledStep] | None) -> SampledStep:
         fill = None
         if prev is not None:  # done: the device thread runs steps in order
             fill = {seq.seq_id: tok.token_id for seq, child, _, tok in prev.result().tokens
                     if child < 0}
-        logits = self.runner.execute(step, plan.rows, fill)
-        return self.sampler.sample(plan, logits)
+        logits = self.runner.execute(step, sampling.plan.rows, fill)
+        return self.sampler.run(sampling, logits)

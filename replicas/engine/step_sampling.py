@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -85,13 +86,13 @@ class StepSampler:
 
     def sample(self, plan: LogitsPlan, logits: torch.Tensor) -> SampledStep:
         """Prompt logprobs and one token per sampling row (n > 1: a row per child to fork)."""
-        prompt: list[tuple[Request, list[dict[int, Logprob] | None]]] = []
-        for req, prompt_rows, next_ids in plan.prompt:
-            k = req.params.prompt_logprobs
-            assert k is not None
-            prompt.append((req, list(prompt_logprobs(
-                logits[prompt_rows],
-                torch.tensor(next_ids, dtype=torch.int64, device=logits.device), k))))
+        return self.run(self.prepare(plan), logits)
+
+    def prepare(self, plan: LogitsPlan) -> PreparedSampling:
+        """The rows to sample and what each is for, read from the sequences: on the engine
+        thread when the step is launched (before the forward), so the device thread only runs
+        tensor maths. A child (n > 1) samples its first token from its parent's grammar state,
+        and its seed (when unseeded) is drawn here, in step order."""
         rows: list[SamplingRow] = []
         positions: list[int] = []
         targets: list[tuple[Sequence, int]] = []  # (sequence, child index or -1 for itself)
@@ -113,14 +114,35 @@ class StepSampler:
                 positions.append(position)
                 targets.append((seq, child))
                 row_ids.append(logit_row)
-        # A child (n > 1) samples its first token from its parent's grammar state.
         mask = self.grammars.step_mask([seq.grammar for seq, _ in targets])
+        return PreparedSampling(plan, rows, positions, targets, row_ids, mask)
+
+    def run(self, prepared: PreparedSampling, logits: torch.Tensor) -> SampledStep:
+        """Prompt logprobs and the tokens of a prepared step, from its logits."""
+        prompt: list[tuple[Request, list[dict[int, Logprob] | None]]] = []
+        for req, prompt_rows, next_ids in prepared.plan.prompt:
+            k = req.params.prompt_logprobs
+            assert k is not None
+            prompt.append((req, list(prompt_logprobs(
+                logits[prompt_rows],
+                torch.tensor(next_ids, dtype=torch.int64, device=logits.device), k))))
+        rows, row_ids = prepared.rows, prepared.row_ids
         if not rows:
             return SampledStep([], prompt)
         picked = logits if row_ids == list(range(logits.shape[0])) else logits[row_ids]
-        sampled = sample(picked, rows, mask, positions)
+        sampled = sample(picked, rows, prepared.mask, prepared.positions)
         return SampledStep([(seq, child, row.seed, tok) for (seq, child), row, tok
-                            in zip(targets, rows, sampled, strict=True)], prompt)
+                            in zip(prepared.targets, rows, sampled, strict=True)], prompt)
+
+
+@dataclass(slots=True)
+class PreparedSampling:
+    plan: LogitsPlan
+    rows: list[SamplingRow]
+    positions: list[int]
+    targets: list[tuple[Sequence, int]]
+    row_ids: list[int]
+    mask: Any
 
 
 def decode_plan(sched: SchedulerOutput) -> LogitsPlan:
