@@ -304,8 +304,9 @@ def test_engine_rows_carry_the_sequence_history(llm: LLM,
     seen: list[tuple[torch.Tensor, list[SamplingRow], list[SampledToken]]] = []
 
     def spy(logits: torch.Tensor, rows: Sequence[SamplingRow],
-            mask: Any = None, positions: Any = None) -> list[SampledToken]:
-        out = sample(logits, rows, mask, positions)
+            mask: Any = None, positions: Any = None, draws: Any = None
+            ) -> list[SampledToken]:
+        out = sample(logits, rows, mask, positions, draws)
         seen.append((logits.clone(), list(rows), out))
         return out
 

@@ -313,3 +313,15 @@ def test_top_p_keeps_every_token_tied_with_the_last() -> None:
     logits = probs_to_logits([0.2, 0.4, 0.1, 0.2, 0.1])
     probs = sampler_mod._filtered_probs(logits.unsqueeze(0), [row(top_p=0.55)])
     assert set(probs[0].nonzero().squeeze(1).tolist()) == {0, 1, 3}
+
+
+def test_draws_computed_ahead_are_the_ones_sample_uses() -> None:
+    logits = torch.randn(6, 300, generator=gen(21))
+    rows = [row(temperature=0.0 if i == 2 else 0.9, seed=40 + i, top_p=0.9) for i in range(6)]
+    positions = [7, 8, 9, 10, 11, 12]
+    draws = sampler_mod.random_draws(rows, positions)
+    assert draws.shape == (5,)  # one per non-greedy row
+    assert sample(logits, rows, None, positions, draws) == sample(logits, rows, None, positions)
+    other = sample(logits, rows, None, positions, 1.0 - draws)
+    assert [t.token_id for t in other] != [t.token_id for t in sample(logits, rows, None,
+                                                                     positions)]

@@ -203,13 +203,22 @@ def _filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     return probs
 
 
+def random_draws(rows: Sequence[SamplingRow], positions: Sequence[int]) -> torch.Tensor:
+    """The uniform numbers `sample` draws with, one per non-greedy row in order: computable
+    before the logits exist (the engine does it while the forward runs)."""
+    plan = plan_for(rows)
+    return uniforms(plan.seed_keys, [positions[i] for i in plan.random])
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
            mask: LogitsMask | None = None,
-           positions: Sequence[int] | None = None) -> list[SampledToken]:
+           positions: Sequence[int] | None = None,
+           draws: torch.Tensor | None = None) -> list[SampledToken]:
     """Pick one next token per row of ``logits`` ([S, V]) using that row's settings; a
     ``mask`` (structured outputs) first limits its rows to the tokens their grammar allows.
     Like bans, the mask shapes the draw, not the reported (raw) logprobs. ``positions``: the
-    position each row samples (its draw's counter with the row's seed; 0 when not given)."""
+    position each row samples (its draw's counter with the row's seed; 0 when not given);
+    ``draws``: their uniform numbers already computed (`random_draws`), one per random row."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [S, V], got shape {tuple(logits.shape)}")
     if logits.shape[0] != len(rows):
@@ -240,9 +249,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     for start in range(0, len(rand), chunk):
         members = rand[start : start + chunk]
         sub_rows = [rows[i] for i in members]
-        u = uniforms(plan.seed_keys[start : start + chunk],
-                     [positions[i] for i in members] if positions is not None else
-                     [0] * len(members))
+        u = draws[start : start + chunk] if draws is not None else uniforms(
+            plan.seed_keys[start : start + chunk],
+            [positions[i] for i in members] if positions is not None else [0] * len(members))
         if len(members) == len(rows):  # every row samples: no gather, no scatter
             chosen = draw(_filtered_probs(work, sub_rows), u)
             continue

@@ -20,7 +20,7 @@ import torch
 from zayaserve.replicas.engine.grammar import Grammars
 from zayaserve.replicas.engine.logprobs import prompt_logprobs
 from zayaserve.replicas.engine.outputs import Logprob
-from zayaserve.replicas.engine.sampler import SamplingRow, sample
+from zayaserve.replicas.engine.sampler import SamplingRow, random_draws, sample
 from zayaserve.replicas.engine.scheduler import SampledStep, SchedulerOutput
 from zayaserve.replicas.engine.sequence import Request, Sequence
 from zayaserve.replicas.engine.stop_rules import banned_tokens
@@ -115,7 +115,8 @@ class StepSampler:
                 targets.append((seq, child))
                 row_ids.append(logit_row)
         mask = self.grammars.step_mask([seq.grammar for seq, _ in targets])
-        return PreparedSampling(plan, rows, positions, targets, row_ids, mask)
+        return PreparedSampling(plan, rows, positions, targets, row_ids, mask,
+                                random_draws(rows, positions) if rows else None)
 
     def run(self, prepared: PreparedSampling, logits: torch.Tensor) -> SampledStep:
         """Prompt logprobs and the tokens of a prepared step, from its logits."""
@@ -130,7 +131,7 @@ class StepSampler:
         if not rows:
             return SampledStep([], prompt)
         picked = logits if row_ids == list(range(logits.shape[0])) else logits[row_ids]
-        sampled = sample(picked, rows, prepared.mask, prepared.positions)
+        sampled = sample(picked, rows, prepared.mask, prepared.positions, prepared.draws)
         return SampledStep([(seq, child, row.seed, tok) for (seq, child), row, tok
                             in zip(prepared.targets, rows, sampled, strict=True)], prompt)
 
@@ -143,6 +144,7 @@ class PreparedSampling:
     targets: list[tuple[Sequence, int]]
     row_ids: list[int]
     mask: Any
+    draws: torch.Tensor | None  # the random rows' uniform numbers (sampler.random_draws)
 
 
 def decode_plan(sched: SchedulerOutput) -> LogitsPlan:
