@@ -191,3 +191,33 @@ def test_a_failing_step_also_ends_the_step_launched_after_it(tiny_checkpoint: Pa
     again = _pair(tiny_checkpoint, enable_prefix_caching=False)[0]
     assert _flat(llm.generate(_ids(PROMPTS[:2]), params)) == _flat(
         again.generate(_ids(PROMPTS[:2]), params))
+
+
+def test_stream_deltas_and_their_reasoning_split_match(tiny_checkpoint: Path) -> None:
+    """Step by step, each request gets the same deltas (tokens, text, finish) in both modes,
+    so what a front end makes of the stream, e.g. the reasoning split of a `<think>` opened by
+    the prompt, is the same too."""
+    from zayaserve.cluster.reasoning import ThinkParser
+
+    def deltas(llm: LLM) -> dict[str, list[tuple[Any, ...]]]:
+        engine = llm.engine
+        params = SamplingParams(temperature=0.9, seed=3, max_tokens=28, stop=["e"],
+                                ignore_eos=True)
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(f"r{i}", p, params)
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        while engine.has_unfinished_requests():
+            for d in engine.step():
+                out.setdefault(d.request_id, []).extend(
+                    (c.token_ids, c.text, c.finish_reason) for c in d.completions)
+        return out
+
+    sync, fast = _pair(tiny_checkpoint, enable_prefix_caching=False)
+    a, b = deltas(sync), deltas(fast)
+    assert a == b and fast.engine.pipeline.steps_ahead > 0
+
+    def split(stream: list[tuple[Any, ...]]) -> list[tuple[str, str]]:
+        parser = ThinkParser(thinking=True)
+        return [parser.feed(text) for _, text, _ in stream]
+
+    assert {r: split(s) for r, s in a.items()} == {r: split(s) for r, s in b.items()}
