@@ -56,9 +56,10 @@ def _mix_t(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniforms(keys: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-    """`uniform` of many rows at once from their `seed_key`s, as float64 (same values)."""
-    k = torch.tensor(keys, dtype=torch.int64)
-    key = k ^ _mix_t(torch.tensor(positions, dtype=torch.int64) + _GOLDEN)
+    """`uniform` of many rows at once from their `seed_key`s, as float64 (same values). On the
+    host, on purpose: the engine computes them while the device runs the forward."""
+    k = torch.tensor(keys, dtype=torch.int64, device="cpu")
+    key = k ^ _mix_t(torch.tensor(positions, dtype=torch.int64, device="cpu") + _GOLDEN)
     hi, lo = _mix_t(key), _mix_t(key ^ _GOLDEN)
     return ((hi << 21) ^ (lo >> 11)).double() * 2.0**-53
 
@@ -67,6 +68,6 @@ def draw(probs: torch.Tensor, u: Sequence[float] | torch.Tensor) -> torch.Tensor
     """One token per row of unnormalised `probs` [R, V] (cut tokens at 0), by inverse CDF on
     the rows' uniform numbers `u`."""
     cdf = probs.double().cumsum(dim=1)
-    u = torch.as_tensor(u, dtype=torch.float64).to(probs.device).unsqueeze(1)
+    u = torch.as_tensor(u, dtype=torch.float64, device=probs.device).unsqueeze(1)
     target = u * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)

@@ -9,9 +9,10 @@ disjoint cache slots and state slots, so they need no locking.
 Decode-only steps replay captured graphs when `graphs` is set (see `decode_graphs`).
 
 `prepare` reads what the step needs from the sequences (token ids, block tables, state slots)
-on the scheduling thread; `execute` may then run on another (async scheduling): it touches no
-sequence, so the scheduler can finish or grow them meanwhile. A token that the previous step is
-still sampling is not in its sequence yet: `execute` takes it from `fill` (sequence id -> token).
+on the scheduling thread (`prepare` says why a block table need not be copied); `execute` may
+then run on another (async scheduling): it touches no sequence, so the scheduler can finish or
+grow them meanwhile. A token that the previous step is still sampling is not in its sequence
+yet: `execute` takes it from `fill` (sequence id -> token).
 """
 
 from __future__ import annotations
@@ -50,9 +51,12 @@ class ModelRunner:
         return self.execute(self.prepare(sched), logits_rows)
 
     def prepare(self, sched: SchedulerOutput) -> PreparedStep:
-        """The step's inputs, copied out of its sequences (on the scheduling thread)."""
+        """The step's inputs, read from its sequences (on the scheduling thread). A block
+        table is taken by reference, not copied: while a step is in flight its sequence's
+        table only grows at the end (a finished sequence gets a new, empty list), and a step
+        never reads past its own positions."""
         chunks = [_Chunk(c.seq.seq_id, c.seq.token_ids[c.start:c.start + c.num_tokens], c.start,
-                         c.num_tokens, list(c.seq.block_table), c.seq.state_slot,
+                         c.num_tokens, c.seq.block_table, c.seq.state_slot,
                          c.seq.request.timeline) for c in sched.chunks]
         return PreparedStep(chunks, list(sched.block_copies), list(sched.reset_state_slots),
                             list(sched.restore_states))
