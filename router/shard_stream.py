@@ -43,20 +43,27 @@ class ShardStream:
     async def request(self, build: Callable[[int], bytes], timeout: float) -> bytes:
         """Sends `build(call_id)` and returns its answer; raises `StreamCallError`."""
         call_id = next(self._ids)
-        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout  # the whole message: the write (a peer that stopped
+        answer: asyncio.Future[bytes] = loop.create_future()  # reading blocks it) and answer
         self._waiting[call_id] = answer
         try:
-            async with self._lock:
-                call = self._open()
-                try:
-                    await call.write(build(call_id))
-                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError
-                        ) as e:
-                    code = e.code() if isinstance(e, grpc.aio.AioRpcError) else \
-                        grpc.StatusCode.UNAVAILABLE
-                    self._fail(call, code, f"write: {e}")
+            call = None
             try:
-                return await asyncio.wait_for(asyncio.shield(answer), timeout)
+                async with asyncio.timeout(timeout):
+                    async with self._lock:
+                        call = self._open()
+                        await call.write(build(call_id))
+            except TimeoutError:
+                self._give_up(answer, call or self._call, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"the message was not taken within {timeout:.3g} s")
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+                code = e.code() if isinstance(e, grpc.aio.AioRpcError) else \
+                    grpc.StatusCode.UNAVAILABLE
+                self._give_up(answer, call, code, f"write: {e}")
+            try:
+                left = max(deadline - loop.time(), 0.0)
+                return await asyncio.wait_for(asyncio.shield(answer), left)
             except TimeoutError:
                 # The shard may be stuck: end the stream (others waiting on it are retried).
                 self._fail(self._call, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -64,6 +71,14 @@ class ShardStream:
                 return await answer  # raises what _fail set
         finally:
             self._waiting.pop(call_id, None)
+
+    def _give_up(self, answer: asyncio.Future[bytes], call: Any, code: grpc.StatusCode,
+                 details: str) -> None:
+        """A message that could not be sent: its stream ends, and so does the message (also
+        when the stream had already been replaced)."""
+        self._fail(call, code, details)
+        if not answer.done():
+            answer.set_exception(StreamCallError(code, details))
 
     def _open(self) -> Any:
         if self._call is None:

@@ -83,8 +83,8 @@ def test_dotted_serve_args() -> None:
 @pytest.mark.parametrize(("values", "message"), [
     (dict(engine={"block_size": 0}),
      "engine.block_size: Input should be greater than or equal to 1"),
-    (dict(engine={"micro_batches": 3}),
-     "engine.micro_batches: Input should be less than or equal to 2"),
+    (dict(engine={"micro_batches": 9}),
+     "engine.micro_batches: Input should be less than or equal to 8"),
     (dict(engine={"limits": {"max_n": 0}}),
      "engine.limits.max_n: Input should be greater than or equal to 1"),
     (dict(engine={"redis_url": "redis://x"}), "engine.redis_url: Extra inputs are not permitted"),

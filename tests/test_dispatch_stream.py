@@ -171,3 +171,35 @@ def test_an_answer_past_the_deadline_ends_the_stream_and_is_retried() -> None:
         await server.stop(None)
 
     _run(main())
+
+
+def test_a_shard_that_stops_reading_cannot_hang_a_dispatch() -> None:
+    """A peer that takes the stream and never reads it (a frozen process): large messages
+    fill the flow-control window, so even the write must be bounded by the deadline."""
+    from zayaserve.router.shard_stream_server import STREAM_SERVICE
+
+    async def main() -> None:
+        stuck = asyncio.Event()
+
+        async def never_reads(requests: Any, context: Any) -> Any:
+            await stuck.wait()
+            yield b""
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            STREAM_SERVICE, {"Dispatch": grpc.stream_stream_rpc_method_handler(never_reads)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        router = TokenRouter(lambda: _placement(f"127.0.0.1:{port}"), E, deadline_s=0.5,
+                             max_retries=1, wait_for_replica_s=5.0)
+        hidden, ids, w = torch.randn(20000, H), torch.ones(20000, dtype=torch.int64), \
+            torch.rand(20000)  # ~5 MB a message
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(ExpertShardError, match="DEADLINE_EXCEEDED"):
+            await router.dispatch(1, hidden, ids, w)
+        assert asyncio.get_running_loop().time() - start < 5
+        stuck.set()
+        await router.close()
+        await server.stop(None)
+
+    _run(main())
