@@ -26,7 +26,7 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     steps = [line.split()[0] for line in summary.splitlines()]
     assert steps == ["pytest_gpu", "kernels", "decode_triton", "decode_torch"]
     assert all(" rc=0 " in line for line in summary.splitlines())
-    assert "5 passed" in (tmp_path / "pytest_gpu.log").read_text()
+    assert "6 passed" in (tmp_path / "pytest_gpu.log").read_text()
     kernels = json.loads((tmp_path / "kernels.json").read_text())
     assert kernels["ok"] and kernels["complete"]
     for backend in ("triton", "torch"):
