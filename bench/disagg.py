@@ -28,36 +28,14 @@ from typing import Any
 import torch
 
 from zayaserve.bench import dispatch
-from zayaserve.bench.sim_device import BANDWIDTH, PEAK_FLOPS, StepCost
+from zayaserve.bench.sim_device import BANDWIDTH, StepCost, device_seconds, hold
 
 CONTEXT = 1024  # tokens of context per sequence
 
 
-def device_s(preset: str, nbytes: float, flops: float) -> float:
-    return max(nbytes / BANDWIDTH[preset], flops / PEAK_FLOPS[preset])
-
-
-def sleep(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while (left := end - time.perf_counter()) > 0:
-        time.sleep(left)
-
-
 def colocated_step_s(cost: StepCost, preset: str, tokens: int) -> float:
     flops = tokens * (cost.dense + cost.num_layers * cost.expert)  # active weights, 2 FLOP each
-    return device_s(preset, cost.step_bytes(tokens, tokens, CONTEXT), flops)
-
-
-class _Shards:
-    """Two shard processes whose compute sleeps for its simulated device time."""
-
-    def __init__(self, preset: str) -> None:
-        dispatch.COMPUTE = f"sim:{preset}"
-        self.procs, self.placement = dispatch.start_shards(2)
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.kill()
+    return device_seconds(preset, cost.step_bytes(tokens, tokens, CONTEXT), flops)
 
 
 def disaggregated_step_s(backend: Any, cost: StepCost, preset: str, m: int, n: int,
@@ -67,17 +45,17 @@ def disaggregated_step_s(backend: Any, cost: StepCost, preset: str, m: int, n: i
     hidden = torch.randn(m, dispatch.HIDDEN, generator=g).to(torch.bfloat16)
     ids = torch.randint(0, dispatch.EXPERTS + 1, (m,), generator=g)
     weights = torch.rand(m, generator=g)
-    attn = device_s(preset, cost.attention_bytes(m, CONTEXT),
+    attn = device_seconds(preset, cost.attention_bytes(m, CONTEXT),
                     m * (cost.dense - cost.embedding) / cost.num_layers)
-    head = device_s(preset, cost.head_bytes(), m * cost.embedding)
+    head = device_seconds(preset, cost.head_bytes(), m * cost.embedding)
 
     def micro_batch() -> None:
         for layer in range(cost.num_layers):
             with device:
-                sleep(attn)
+                hold(attn)
             backend(layer, hidden, ids, weights)
         with device:
-            sleep(head)
+            hold(head)
 
     pool = ThreadPoolExecutor(n)
     list(pool.map(lambda _: micro_batch(), range(n)))  # warm-up
@@ -91,11 +69,11 @@ def disaggregated_step_s(backend: Any, cost: StepCost, preset: str, m: int, n: i
 def free_network_step_s(cost: StepCost, preset: str, m: int, n: int) -> float:
     """The bound, computed (a sleep cannot time microseconds): the step if dispatch cost
     nothing, i.e. the busiest device's work, or one micro-batch's chain of layers."""
-    attn = device_s(preset, cost.attention_bytes(m, CONTEXT),
+    attn = device_seconds(preset, cost.attention_bytes(m, CONTEXT),
                     m * (cost.dense - cost.embedding) / cost.num_layers)
-    head = device_s(preset, cost.head_bytes(), m * cost.embedding)
+    head = device_seconds(preset, cost.head_bytes(), m * cost.embedding)
     rows = m * dispatch.EXPERTS // (dispatch.EXPERTS + 1) // 2  # per shard, skip rows left out
-    shard = device_s(preset, cost.expert_bytes(rows, dispatch.EXPERTS // 2),
+    shard = device_seconds(preset, cost.expert_bytes(rows, dispatch.EXPERTS // 2),
                      cost.expert_flops(rows))
     layers = cost.num_layers
     return max(n * (layers * attn + head), n * layers * shard, layers * (attn + shard) + head)
@@ -111,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     cost = StepCost.zaya1_8b()
-    shards = _Shards(args.device)
-    backend = RemoteExpertBackend(lambda: shards.placement, dispatch.EXPERTS)
+    procs, placement = dispatch.start_shards(2, compute=f"sim:{args.device}")
+    backend = RemoteExpertBackend(lambda: placement, dispatch.EXPERTS)
     try:
         print(f"\nsimulated {args.device} devices (SIMULATION), real gRPC dispatch over "
               f"loopback, 2 shards, context {CONTEXT}\n")
@@ -136,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\ncrossover (tokens per micro-batch where disaggregated tok/s/device reaches "
               f"colocated): {crossover if crossover is not None else 'not within the sweep'}")
     finally:
-        shards.close()
+        for proc in procs:
+            proc.kill()
 
 
 if __name__ == "__main__":

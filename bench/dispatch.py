@@ -23,13 +23,10 @@ import torch
 HIDDEN = 2048  # ZAYA1-8B
 EXPERTS = 16
 LAYERS = 40
-# What a shard's compute does: "none" (hidden * weight: the host path alone), or "sim:<preset>"
-# (also sleeps for its simulated device's time: bench/disagg.py).
-COMPUTE = "none"
 
 
 def _shard_main(shard_id: str, experts: list[int], ready: Any, mode: str) -> None:
-    from zayaserve.bench.sim_device import BANDWIDTH, PEAK_FLOPS, StepCost
+    from zayaserve.bench.sim_device import StepCost, device_seconds, hold
     from zayaserve.router.shard_server import ExpertShardServicer, serve_shard
 
     torch.set_num_threads(1)
@@ -39,11 +36,8 @@ def _shard_main(shard_id: str, experts: list[int], ready: Any, mode: str) -> Non
                 weights: torch.Tensor) -> torch.Tensor:
         if mode.startswith("sim:"):
             preset, rows = mode[4:], hidden.shape[0]
-            seconds = max(cost.expert_bytes(rows, len(experts)) / BANDWIDTH[preset],
-                          cost.expert_flops(rows) / PEAK_FLOPS[preset])
-            end = time.perf_counter() + seconds
-            while (left := end - time.perf_counter()) > 0:
-                time.sleep(left)
+            hold(device_seconds(preset, cost.expert_bytes(rows, len(experts)),
+                                cost.expert_flops(rows)))
         return hidden * weights.unsqueeze(1).to(hidden.dtype)
 
     async def main() -> None:
@@ -55,15 +49,17 @@ def _shard_main(shard_id: str, experts: list[int], ready: Any, mode: str) -> Non
     asyncio.run(main())
 
 
-def start_shards(num: int = 2) -> tuple[list[Any], Any]:
-    """`num` shard processes splitting the experts; returns them and the placement map."""
+def start_shards(num: int = 2, compute: str = "none") -> tuple[list[Any], Any]:
+    """`num` shard processes splitting the experts; returns them and the placement map.
+    `compute`: "none" (hidden * weight: the host path alone), or "sim:<preset>" (also sleeps
+    for its simulated device's time: bench/disagg.py)."""
     from zayaserve.router.placement import PlacementMap
 
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
     per = EXPERTS // num
     held = {f"s{i}": list(range(i * per, (i + 1) * per)) for i in range(num)}
-    procs = [ctx.Process(target=_shard_main, args=(s, e, ready, COMPUTE), daemon=True)
+    procs = [ctx.Process(target=_shard_main, args=(s, e, ready, compute), daemon=True)
              for s, e in held.items()]
     for p in procs:
         p.start()

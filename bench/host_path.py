@@ -59,9 +59,6 @@ class SimulatedRunner:
         self.device.busy(seconds)
         return self.device.logits([packed[r] for r in rows])
 
-    def run(self, sched: Any, rows: list[int]) -> Any:
-        return self.execute(self.prepare(sched), rows)
-
 
 def simulate(engine: Any, preset: str) -> SimulatedDevice:
     """Puts a simulated device under `engine` in place of its model runner, and times the

@@ -29,6 +29,18 @@ BANDWIDTH = {"h100": 3.35e12, "mi300x": 5.3e12}  # HBM bytes per second
 PEAK_FLOPS = {"h100": 989e12, "mi300x": 1307e12}  # dense bf16 FLOP/s
 
 
+def device_seconds(preset: str, nbytes: float, flops: float) -> float:
+    """A device's time for work reading `nbytes` and doing `flops`: the slower of the two."""
+    return max(nbytes / BANDWIDTH[preset], flops / PEAK_FLOPS[preset])
+
+
+def hold(seconds: float) -> None:
+    """Sleep (releasing the GIL) until `seconds` have passed, however early a sleep wakes."""
+    end = time.perf_counter() + seconds
+    while (left := end - time.perf_counter()) > 0:
+        time.sleep(left)
+
+
 @dataclass(frozen=True, slots=True)
 class StepCost:
     """What a ZAYA1-8B step reads, by part (bytes)."""
@@ -114,9 +126,7 @@ class SimulatedDevice:
     def busy(self, seconds: float) -> None:
         """Occupy the device for `seconds` (on the calling thread; the GIL is released)."""
         t = time.perf_counter()
-        end = t + seconds
-        while (left := end - time.perf_counter()) > 0:
-            time.sleep(left)
+        hold(seconds)
         with self._lock:
             self.busy_s += time.perf_counter() - t
             self.steps += 1

@@ -36,9 +36,7 @@ def seed_key(seed: int) -> int:
 
 def uniform(seed: int, position: int) -> float:
     """The uniform number in [0, 1) of a draw at `position` of a sequence seeded `seed`."""
-    key = seed_key(seed) ^ _mix(position + _GOLDEN)
-    hi, lo = _mix(key), _mix(key ^ _GOLDEN)
-    return ((hi << 21) ^ (lo >> 11)) * 2.0**-53
+    return float(uniforms([seed_key(seed)], [position])[0])
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -45,11 +45,6 @@ class ModelRunner:
                       else None)
         cache.initial_v_state.copy_(model.initial_v_states())
 
-    def run(self, sched: SchedulerOutput, logits_rows: list[int]) -> torch.Tensor:
-        """logits_rows (ascending) index the packed tokens of this step; returns fp32
-        [len(rows), V]."""
-        return self.execute(self.prepare(sched), logits_rows)
-
     def prepare(self, sched: SchedulerOutput) -> PreparedStep:
         """The step's inputs, read from its sequences (on the scheduling thread). A block
         table is taken by reference, not copied: while a step is in flight its sequence's
@@ -63,7 +58,9 @@ class ModelRunner:
 
     def execute(self, step: PreparedStep, logits_rows: list[int],
                 fill: Mapping[int, int] | None = None) -> torch.Tensor:
-        """Runs a prepared step; `fill`: tokens sampled by the step before, by sequence id."""
+        """Runs a prepared step; returns fp32 logits [len(logits_rows), V], the rows (ascending)
+        indexing the step's packed tokens. `fill`: tokens the step before sampled, by sequence
+        id."""
         for c in step.chunks:
             if len(c.tokens) < c.num_tokens:  # its last token is the previous step's sample
                 assert fill is not None and len(c.tokens) == c.num_tokens - 1, "missing tokens"

@@ -22,6 +22,7 @@ from zayaserve.replicas.engine.outputs import Logprob, StepDelta
 from zayaserve.replicas.engine.sampler import SampledToken
 from zayaserve.replicas.engine.sequence import Request, Sequence, Status
 from zayaserve.replicas.engine.stop_rules import (
+    out_of_room,
     runs_ahead,
     step_delta,
     text_detokenizer,
@@ -137,31 +138,24 @@ class Scheduler:
         live = [c for c in prev.chunks if c.seq.status is not Status.FINISHED]
         if self.waiting or self.fetching or len(live) != len(self.running):
             return None
-        bs, out, need = self.config.block_size, SchedulerOutput(), 0
+        bs, out = self.config.block_size, SchedulerOutput()
+        new_blocks: list[int] = []  # per chunk: blocks its next position needs
         for c in live:
             seq = c.seq
             if (seq.status is not Status.RUNNING or c.start + c.num_tokens != seq.num_tokens
                     or not runs_ahead(seq)):
                 return None
-            if self._ends_by_length(seq):
-                continue
+            if out_of_room(seq, self.config.max_model_len, pending=1):
+                continue  # the token being sampled is its last
             end = c.start + c.num_tokens  # the position the next step computes
-            need += max(0, end // bs + 1 - len(seq.block_table))
+            new_blocks.append(max(0, end // bs + 1 - len(seq.block_table)))
             out.chunks.append(ScheduledChunk(seq, end, 1))
-        if (not out.chunks or need > self.blocks.num_free
+        if (not out.chunks or sum(new_blocks) > self.blocks.num_free
                 or len(out.chunks) > self.config.max_num_batched_tokens):
             return None
-        for chunk in out.chunks:
-            seq = chunk.seq
-            seq.block_table.extend(self.blocks.allocate(
-                max(0, chunk.start // bs + 1 - len(seq.block_table))))
+        for chunk, n in zip(out.chunks, new_blocks, strict=True):
+            chunk.seq.block_table.extend(self.blocks.allocate(n))
         return out
-
-    def _ends_by_length(self, seq: Sequence) -> bool:
-        """The token being sampled for `seq` is its last (max_tokens or the context limit)."""
-        p = seq.params
-        return ((p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens)
-                or seq.num_tokens + 1 >= self.config.max_model_len)
 
     def _release(self, seq: Sequence) -> None:
         self.kv.release(seq)

@@ -84,10 +84,6 @@ class StepSampler:
         seq.sampling_row = None if varies else row
         return row
 
-    def sample(self, plan: LogitsPlan, logits: torch.Tensor) -> SampledStep:
-        """Prompt logprobs and one token per sampling row (n > 1: a row per child to fork)."""
-        return self.run(self.prepare(plan), logits)
-
     def prepare(self, plan: LogitsPlan) -> PreparedSampling:
         """The rows to sample and what each is for, read from the sequences: on the engine
         thread when the step is launched (before the forward), so the device thread only runs

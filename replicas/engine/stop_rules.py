@@ -46,6 +46,14 @@ def text_detokenizer(seq: Sequence, token: int) -> IncrementalDetokenizer | None
     return seq.detokenizer
 
 
+def out_of_room(seq: Sequence, max_model_len: int, pending: int = 0) -> bool:
+    """The sequence has no room left (max_tokens or the context limit) once `pending` more
+    tokens, being sampled now, are appended."""
+    p = seq.params
+    return ((p.max_tokens is not None and seq.num_output_tokens + pending >= p.max_tokens)
+            or seq.num_tokens + pending >= max_model_len)
+
+
 def update_text_and_check_stop(
     seq: Sequence, token: int, eos_ids: Sequence_[int], max_model_len: int,
     delta: str | None = None,
@@ -80,9 +88,7 @@ def update_text_and_check_stop(
         seq.finish_reason = "length"
     elif seq.finish_reason is None and grammar is not None and grammar.is_terminated():
         seq.finish_reason = "stop"  # it accepted its stop token (even with ignore_eos)
-    out_of_room = (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
-        seq.num_tokens >= max_model_len)
-    if seq.finish_reason is None and out_of_room:
+    if seq.finish_reason is None and out_of_room(seq, max_model_len):
         # A constrained text is `stop` only where its grammar is complete.
         complete = grammar is not None and grammar.is_completed()
         seq.finish_reason = "stop" if complete else "length"
