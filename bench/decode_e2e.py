@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_len = -(-(a.prompt_len + max_tokens) // bs) * bs
     llm = LLM(a.model, device=a.device, max_num_seqs=max_b, max_num_batched_tokens=budget,
               max_model_len=max_len, num_kv_blocks=max_b * (max_len // bs) + 8, block_size=bs,
-              enable_prefix_caching=False, seed=0)
+              enable_prefix_caching=False, seed=0, output_thread=False)  # deltas per step
     engine = llm.engine
     graphs = engine.runner.graphs
     if engine.device.type != "cuda":  # the CPU stand-in for graphs: same path, no driver

@@ -14,9 +14,11 @@ Reported per batch size: device busy (simulated device seconds / wall seconds of
 steps), exposed host work per sequence per step ((wall - device) / steps / batch), and the host
 CPU time per sequence per step (all threads: what overlap can hide, not remove).
 
-Paths: `offline, sync` (async_scheduling off: the baseline), `offline, async`, and
-`async-engine` (AsyncLLMEngine with a streaming asyncio consumer per request, the worker's
-engine path). The tokens of every path are compared (they must be identical).
+Paths: `offline, sync` (async_scheduling and output_thread off: the baseline), `offline, async`
+(async scheduling, outputs made inline after each step), `offline, async+output` (the default:
+both on, outputs made on the output thread) and `async-engine` (AsyncLLMEngine with a
+streaming asyncio consumer per request, the worker's engine path). The tokens of every path
+are compared (they must be identical).
 
     python -m zayaserve.bench.host_path [--batches 1 16 64 256] [--device h100|mi300x]
 """
@@ -174,8 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     p.add_argument("--device", default="h100", choices=sorted(BANDWIDTH))
-    p.add_argument("--paths", nargs="+", default=["sync", "async", "async-engine"],
-                   choices=["sync", "async", "async-engine"])
+    p.add_argument("--paths", nargs="+",
+                   default=["sync", "async", "async+output", "async-engine"],
+                   choices=["sync", "async", "async+output", "async-engine"])
     args = p.parse_args(argv)
     import torch
 
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append((path, run_async_engine(batch, args.device)))
             else:
                 rows.append((f"offline, {path}", run_offline(
-                    batch, args.device, async_scheduling=path == "async")))
+                    batch, args.device, async_scheduling=path != "sync",
+                    output_thread=path == "async+output")))
         outs = {name: r["tokens"] for name, r in rows}
         same = all(t == rows[0][1]["tokens"] for t in outs.values())
         sync = next((r for name, r in rows if name == "offline, sync"), None)

@@ -12,7 +12,7 @@ from zayaserve.replicas.engine.sequence import Request
 
 
 def make_output(req: Request) -> RequestOutput:
-    outs = [CompletionOutput(s.index, s.text, s.output_token_ids,
+    outs = [CompletionOutput(s.index, s.output.text, s.output_token_ids,
                              s.cumulative_logprob if s.logprobs is not None else None,
                              list(s.logprobs) if s.logprobs is not None else None,
                              s.finish_reason, s.stop_reason)

@@ -24,7 +24,8 @@ def measure(batch: int, steps: int, warmup: int = 5) -> dict[str, float]:
     torch.manual_seed(0)
     llm = LLM(model=str(resolve_model("tiny")), max_num_seqs=batch,
               max_num_batched_tokens=max(2048, batch * 8), num_kv_blocks=batch * 8 + 8,
-              enable_prefix_caching=False, async_scheduling=False)
+              enable_prefix_caching=False, async_scheduling=False,
+              output_thread=False)
     engine = llm.engine
     runner = engine.runner
     forward_s: list[float] = []

@@ -1,8 +1,10 @@
-"""Async scheduling gives the synchronous engine's outputs, byte for byte: every case runs on
-two engines over the same checkpoint, one with `async_scheduling=False`, and compares whole
-outputs (token ids, text, logprobs, finish and stop reasons, cached tokens). Each case also
-checks that steps really were scheduled ahead where they can be, so a pipeline that silently
-fell back to synchronous steps could not pass."""
+"""Async scheduling and the output thread give the synchronous engine's outputs, byte for
+byte: every case runs on two engines over the same checkpoint, one with `async_scheduling=False`
+and its outputs made inline after each step (`output_thread=False`), the other with both on,
+and compares whole outputs (token ids, text, logprobs, finish and stop reasons, cached tokens).
+Each case also checks that steps really were scheduled ahead where they can be, so a pipeline
+that silently fell back to synchronous steps could not pass (`test_output_thread.py` shows the
+output thread's outputs really are made off the step loop)."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ PROMPTS = [[2, *range(30 + i, 40 + 3 * i)] for i in range(6)]
 
 
 def _pair(ckpt: Path, **kw: Any) -> tuple[LLM, LLM]:
-    return (LLM(model=str(ckpt), async_scheduling=False, **kw),
-            LLM(model=str(ckpt), async_scheduling=True, **kw))
+    return (LLM(model=str(ckpt), async_scheduling=False, output_thread=False, **kw),
+            LLM(model=str(ckpt), async_scheduling=True, output_thread=True, **kw))
 
 
 def _flat(outs: list[Any]) -> list[Any]:
@@ -33,7 +35,8 @@ def _same(sync: LLM, fast: LLM, prompts: Any, params: Any, ahead: bool = True) -
     a = sync.generate(prompts, params)
     b = fast.generate(prompts, params)
     assert _flat(a) == _flat(b)
-    assert sync.engine.pipeline.steps_ahead == 0
+    assert sync.engine.pipeline.steps_ahead == 0 and sync.engine.output_thread is None
+    assert fast.engine.output_thread is not None
     assert (fast.engine.pipeline.steps_ahead > before) == ahead
     return a
 

@@ -8,7 +8,6 @@ import itertools
 from typing import Any
 
 import pytest
-import torch
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.params import SamplingParams
@@ -22,7 +21,7 @@ def make_seq(num_prompt_tokens: int) -> Sequence:
     seq_id = next(_ids)
     prompt = [10 + i for i in range(num_prompt_tokens)]
     req = Request(f"r{seq_id}", None, prompt, SamplingParams(), arrival=seq_id)
-    seq = Sequence(seq_id, req, 0, list(prompt), torch.Generator(), None)
+    seq = Sequence(seq_id, req, 0, list(prompt), seq_id)
     req.seqs.append(seq)
     return seq
 

@@ -1,7 +1,9 @@
 """Runs an `LLMEngine` on its own thread and streams each request's outputs to asyncio callers.
 
 The engine is single-threaded by design: every call into it happens on the loop thread, which
-takes commands (add, abort) from a queue between steps and blocks when there is no work.
+takes commands (add, abort) from a queue between steps and blocks when there is no work. The
+engine's output thread (`output_thread`) turns each step's tokens into deltas and posts them
+to the streams itself, so the loop goes on to the next step meanwhile.
 
 Failure domains: a request's failure ends that request, a step's failure ends that step's
 requests, and only `max_consecutive_step_failures` failed steps in a row (or the loop itself
@@ -18,6 +20,7 @@ taken as gone: the request is aborted with `StreamStalledError` and its blocks f
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import queue
@@ -76,6 +79,8 @@ class AsyncLLMEngine:
         self.steps = 0
         self.failed_steps = 0
         self._failures_in_a_row = 0
+        if engine.output_thread is not None:  # its deltas go out from the output thread
+            engine.output_thread.sink = self._deliver_deltas
         self._thread = threading.Thread(target=self._loop, name="zayaserve-engine", daemon=True)
         self._thread.start()
 
@@ -108,7 +113,10 @@ class AsyncLLMEngine:
             return
         self.steps += 1
         self._failures_in_a_row = 0
-        self._deliver_all([(out.request_id, out, out.finished) for out in outputs])
+        self._deliver_deltas(outputs)
+
+    def _deliver_deltas(self, deltas: list[StepDelta]) -> None:
+        self._deliver_all([(d.request_id, d, d.finished) for d in deltas])
 
     def _on_step_failure(self, err: Exception) -> None:
         """Ends the failed step's requests (all requests, if the step failed before it knew
@@ -123,6 +131,8 @@ class AsyncLLMEngine:
         failure = RequestFailedError(
             f"the engine step serving this request failed ({type(err).__name__})",
             type(err).__name__, retryable)
+        if self.engine.output_thread is not None:
+            self.engine.output_thread.join()  # their earlier deltas go out before the error
         for rid in victims:
             self.engine.abort_request(rid)
             self._deliver(rid, failure, finished=True)
@@ -181,8 +191,8 @@ class AsyncLLMEngine:
                         rid = owners.get(id(stream))
                         if rid is not None and self._streams.pop(rid, None) is not None:
                             stalled.append(rid)
-        for request_id in stalled:
-            self.engine.abort_request(request_id)
+        for request_id in stalled:  # (this may be the output thread: the engine's own does it)
+            self._call(functools.partial(self.engine.abort_request, request_id))
 
     @classmethod
     def _post_all(cls, batch: list[tuple[_Stream, Any]]) -> None:

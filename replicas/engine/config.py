@@ -94,6 +94,9 @@ class EngineSettings(BaseModel):
     async_scheduling: bool = Field(
         True, description="Schedule the next decode step while the current one runs on the "
         "device (outputs are the same as without).")
+    output_thread: bool = Field(
+        True, description="Detokenize, cut stop strings and make outputs on a thread of "
+        "their own, off the step loop (outputs are the same as without).")
     enforce_eager: bool = Field(
         False, description="Run decode steps eagerly instead of replaying captured CUDA/HIP "
         "graphs (graphs are used on a GPU only).")

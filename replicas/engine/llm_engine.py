@@ -16,6 +16,8 @@ from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.engine.engine_stats import engine_stats
 from zayaserve.replicas.engine.grammar import Grammars, no_compiles
 from zayaserve.replicas.engine.grammar_compile import CompiledGrammar
+from zayaserve.replicas.engine.output_processor import OutputProcessor, TokenRecord
+from zayaserve.replicas.engine.output_thread import OutputThread
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
@@ -36,7 +38,7 @@ from zayaserve.replicas.kv_tiers.remote_tier import RemoteTier, cache_secret
 from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
 from zayaserve.replicas.model.kv_cache import KVCache
 from zayaserve.replicas.model.loader import load_attention_side, load_expert_side
-from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from zayaserve.replicas.model.tokenizer import Tokenizer
 
 
 class LLMEngine:
@@ -91,6 +93,8 @@ class LLMEngine:
         self.sampler = StepSampler(self.grammars, self.eos_ids, config.seed)
         self.pipeline = StepPipeline(self.scheduler, self.runner, self.sampler,
                                      config.async_scheduling)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.output_thread = OutputThread(self.outputs) if config.output_thread else None
         self.requests: dict[str, Request] = {}
         # Constrained requests' compiled grammars, held to their end: matchers come from them.
         self.request_grammars: dict[str, CompiledGrammar] = {}
@@ -172,12 +176,8 @@ class LLMEngine:
 
     def _new_sequence(self, req: Request, index: int, tokens: list[int]) -> Sequence:
         p = req.params
-        detok = None
-        if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
-                                           skip_special_tokens=p.skip_special_tokens)
         seq = Sequence(next(self._seq_ids), req, index, tokens,
-                       self.sampler.seed_for(p.child_seed(index)), detok,
+                       self.sampler.seed_for(p.child_seed(index)),
                        logprobs=[] if p.logprobs is not None else None)
         seq.grammar = self.grammars.matcher(
             p.structured_outputs, self.request_grammars.get(req.request_id),
@@ -191,6 +191,9 @@ class LLMEngine:
         return seq
 
     def abort_request(self, request_id: str) -> None:
+        if self.output_thread is not None:  # outputs made before the abort are not sent
+            self.output_thread.join()
+            self.output_thread.discard(request_id)
         req = self.requests.pop(request_id, None)
         self.request_grammars.pop(request_id, None)
         if req is None:
@@ -203,15 +206,53 @@ class LLMEngine:
                             [s.finish_reason or "" for s in req.seqs])  # ends its span
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests in the engine, or outputs of theirs the output thread still owes."""
+        return bool(self.requests) or (
+            self.output_thread is not None and self.output_thread.pending)
+
+    def _retire(self, req: Request) -> None:
+        """Forgets a request all of whose sequences have finished."""
+        if req.finished and self.requests.get(req.request_id) is req:
+            del self.requests[req.request_id]
+            self.request_grammars.pop(req.request_id, None)
+
+    def _apply_stops(self) -> None:
+        """Finishes the sequences the output processor found a stop string in (their later
+        tokens, already computed, it drops)."""
+        stops = self.outputs.stops
+        while stops:
+            seq, stop = stops.popleft()
+            if seq.status is not Status.FINISHED:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                self.scheduler.finish(seq)
+                self._retire(seq.request)
 
     # ---- the step -------------------------------------------------------------------------
 
     @no_compiles()  # a compile here would stall every running request: it raises
     def step(self) -> list[StepDelta]:
-        """schedule -> run -> update: one StepDelta per request that got tokens. With async
-        scheduling the step after this one may be launched before this one's tokens arrive
-        (see step_pipeline)."""
+        """schedule -> run -> update, then the output processor: StepDeltas for the requests
+        that got tokens. With async scheduling the step after this one may be launched before
+        this one's tokens arrive (see step_pipeline); with the output thread the deltas are
+        made there, and a step returns those ready (see output_thread)."""
+        self._apply_stops()
+        records = self._run_step()
+        thread = self.output_thread
+        if thread is None:
+            deltas = self.outputs.process(records)
+            self._apply_stops()
+            return deltas
+        if records:
+            thread.submit(records)
+        if not self.requests:
+            thread.join()  # nothing left to run: wait for the last outputs
+        deltas, failure = thread.take()
+        if failure is not None:
+            self.last_step_request_ids = failure.request_ids
+            raise failure.error
+        return deltas
+
+    def _run_step(self) -> list[TokenRecord]:
         self.last_step_request_ids = None
         pipeline = self.pipeline
         current = pipeline.take_ahead()
@@ -232,9 +273,8 @@ class LLMEngine:
         except BaseException:
             pipeline.drain()  # the step after it fails with it
             raise
-        deltas = self.scheduler.update_from_output(current.sched, sampled)
-        for delta in deltas:
-            if delta.finished:
-                del self.requests[delta.request_id]
-                self.request_grammars.pop(delta.request_id, None)
-        return deltas
+        records = self.scheduler.update_from_output(current.sched, sampled)
+        for rec in records:
+            if rec.finish_reason is not None:
+                self._retire(rec.seq.request)
+        return records

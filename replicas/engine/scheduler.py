@@ -5,8 +5,9 @@ most recently admitted running sequence is preempted and later recomputed.
 
 A step is `schedule()` -> the model runs -> `update_from_output()`, which owns everything after
 the forward: computed-token counts, sealing, prompt logprobs, forks, appending, stop checks,
-finishing, and the step's `StepDelta`s (only what is new, with stop-string holdback). What
-each sequence holds in the cache is the `KVManager`'s business."""
+finishing by token ids and limits, and the step's `TokenRecord`s for the output processor
+(which owns the text and stop strings). What each sequence holds in the cache is the
+`KVManager`'s business."""
 
 from __future__ import annotations
 
@@ -18,17 +19,11 @@ from typing import NamedTuple
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.kv_manager import CacheOps, KVManager
-from zayaserve.replicas.engine.outputs import Logprob, StepDelta
+from zayaserve.replicas.engine.output_processor import TokenRecord
+from zayaserve.replicas.engine.outputs import Logprob
 from zayaserve.replicas.engine.sampler import SampledToken
 from zayaserve.replicas.engine.sequence import Request, Sequence, Status
-from zayaserve.replicas.engine.stop_rules import (
-    out_of_room,
-    runs_ahead,
-    step_delta,
-    text_detokenizer,
-    update_text_and_check_stop,
-)
-from zayaserve.replicas.model.tokenizer import add_batch
+from zayaserve.replicas.engine.stop_rules import check_token_stop, out_of_room, runs_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +65,7 @@ class Scheduler:
         self.fetching: list[Sequence] = []  # waiting for L2 blocks; admitted when they arrive
         self.num_preemptions = 0
         # Makes the child sequence of an n > 1 request (the engine's, which owns generators,
-        # detokenizers and hashers): (request, completion index, token ids) -> Sequence.
+        # seeds and hashers): (request, completion index, token ids) -> Sequence.
         self.spawn: Callable[[Request, int, list[int]], Sequence] | None = None
 
     def add(self, seq: Sequence, front: bool = False) -> None:
@@ -181,9 +176,11 @@ class Scheduler:
 
     # ---- after the forward ----------------------------------------------------------------
 
-    def update_from_output(self, sched: SchedulerOutput, sampled: SampledStep) -> list[StepDelta]:
-        """Applies a step's results; returns one StepDelta per request that got tokens. A
-        sequence that finished since the step was scheduled (async scheduling) is skipped."""
+    def update_from_output(self, sched: SchedulerOutput, sampled: SampledStep
+                           ) -> list[TokenRecord]:
+        """Applies a step's results: one TokenRecord per sequence that got a token, for the
+        output processor. A sequence that finished since the step was scheduled (async
+        scheduling, or a stop string heard late) is skipped."""
         if any(c.seq.status is Status.FINISHED for c in sched.chunks):
             sched = SchedulerOutput(chunks=[c for c in sched.chunks
                                             if c.seq.status is not Status.FINISHED])
@@ -201,22 +198,21 @@ class Scheduler:
         # Children fork from the parent's state before anyone appends a token.
         seqs = [self._fork(seq, child, seed) if child >= 0 else seq
                 for seq, child, seed, _ in sampled.tokens]
-        touched: dict[str, tuple[Request, list[Sequence]]] = {}
-        tokens = [tok.token_id for _, _, _, tok in sampled.tokens]
+        eos, max_len = self.config.eos_token_ids, self.config.max_model_len
+        records = []
         for seq, (_, _, _, tok) in zip(seqs, sampled.tokens, strict=True):
             seq.append(tok.token_id, tok.logprob, tok.logprobs)
-        texts = add_batch([text_detokenizer(s, t) for s, t in zip(seqs, tokens, strict=True)],
-                          tokens)
-        for seq, tok_id, text in zip(seqs, tokens, texts, strict=True):
-            update_text_and_check_stop(seq, tok_id, self.config.eos_token_ids,
-                                       self.config.max_model_len, text)
+            by_token = check_token_stop(seq, tok.token_id, eos, max_len)
             if seq.finish_reason is not None:
                 self.finish(seq)
-            touched.setdefault(seq.request.request_id, (seq.request, []))[1].append(seq)
+            seq.request.timeline.on_tokens()
+            records.append(TokenRecord(
+                seq, tok.token_id, tok.logprobs if seq.logprobs is not None else None,
+                seq.cumulative_logprob, seq.finish_reason, seq.stop_reason, by_token))
         for seq, child, _, _ in sampled.tokens:
             if child < 0:
                 seq.forks_pending = 0
-        return [step_delta(req, group) for req, group in touched.values()]
+        return records
 
     def _fork(self, parent: Sequence, index: int, seed: int) -> Sequence:
         """A child of an n > 1 request: shares the parent's prompt blocks and copies its CCA

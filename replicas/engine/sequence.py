@@ -10,7 +10,6 @@ from zayaserve.replicas.engine.outputs import Logprob, PromptLogprobs, SampleLog
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.engine.request_timeline import RequestTimeline
 from zayaserve.replicas.kv_tiers.hashing import BlockHasher
-from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
@@ -30,7 +29,7 @@ class Request:
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     seqs: list[Sequence] = field(default_factory=list)
-    prompt_sent: bool = False  # the first StepDelta (which carries the prompt) is out
+    output: Any = None  # the output processor's state (output_processor.RequestState)
     timeline: RequestTimeline = field(default_factory=RequestTimeline)
 
     @property
@@ -48,7 +47,6 @@ class Sequence:
     index: int  # completion index within its request
     token_ids: list[int]
     seed: int  # keys its draws with the position sampled (see `noise`)
-    detokenizer: IncrementalDetokenizer | None
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     state_slot: int = -1
@@ -58,9 +56,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    text: str = ""
-    sent_tokens: int = 0  # output tokens already in a StepDelta
-    sent_chars: int = 0  # characters of `text` already in a StepDelta
+    output: Any = None  # the output processor's state: its text (output_processor.TextState)
     hasher: BlockHasher | None = None  # prefix caching: chain hash of full blocks
     block_hashes: list[bytes] = field(default_factory=list)
     # L2 prefix fetch: in flight (asked hashes, Future), then its result (hash -> payload)
