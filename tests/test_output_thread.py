@@ -216,3 +216,74 @@ def test_an_abort_drops_outputs_not_yet_taken(tiny_checkpoint: Path) -> None:
     while engine.has_unfinished_requests():
         ids |= {d.request_id for d in engine.step()}
     assert ids == {"kept"}
+
+
+def _reference(tok: Any, prompt: list[int], tokens: list[int], params: SamplingParams
+               ) -> tuple[str, str, Any, int]:
+    """Stop strings searched in the whole text, token by token (the engine's rule before the
+    output processor kept only a window): text, finish reason, stop reason, tokens taken."""
+    from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=True)
+    text = ""
+    for i, t in enumerate(tokens):
+        delta = detok.add(t)
+        text += delta
+        for stop in params.stop or () if delta else ():
+            at = text.find(stop, max(0, len(text) - len(delta) - len(stop) + 1))
+            if at >= 0:
+                end = at + len(stop) if params.include_stop_str_in_output else at
+                return text[:end], "stop", stop, i + 1
+    return text + detok.flush(), "length", None, len(tokens)
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "gemma", "special"])
+def test_stop_strings_cut_like_a_whole_text_search(kind: str) -> None:
+    """A property, over many seeds and every tokenizer kind: the output processor's deltas,
+    joined, are the whole-text rule's output (stop strings of 1-8 characters, one or several,
+    kept or not, cut across any number of deltas), and no delta is ever taken back."""
+    import random
+
+    import tokenizer_kinds
+
+    from zayaserve.replicas.engine.output_processor import OutputProcessor, TokenRecord
+    from zayaserve.replicas.engine.sequence import Request, Sequence
+
+    tok = tokenizer_kinds.load(kind)
+    specials = set(tok.all_special_ids)
+    vocab = [i for i in range(tok.vocab_size) if i not in specials]
+    stopped = 0
+    for seed in range(60):
+        rng = random.Random(seed)
+        prompt = [rng.choice(vocab) for _ in range(4)]
+        tokens = [rng.choice(vocab) for _ in range(rng.randint(5, 40))]
+        free, _, _, _ = _reference(tok, prompt, tokens, SamplingParams(max_tokens=1))
+        stops = []
+        for _ in range(rng.randint(1, 3)):
+            n = rng.randint(1, 8)
+            at = rng.randrange(max(1, len(free) - n + 1))
+            stops.append(free[at:at + n] or "x")
+        if rng.random() < 0.2:
+            stops = ["\u0000never"]
+        params = SamplingParams(max_tokens=len(tokens), stop=stops,
+                                include_stop_str_in_output=rng.random() < 0.3)
+        want = _reference(tok, prompt, tokens, params)
+        processor = OutputProcessor(tok)
+        req = Request(f"p{seed}", None, prompt, params, 0)
+        seq = Sequence(0, req, 0, list(prompt), seed)
+        req.seqs.append(seq)
+        text, reason, stop_reason, taken = "", None, None, 0
+        for i, t in enumerate(tokens):
+            last = i == len(tokens) - 1
+            deltas = processor.process([TokenRecord(
+                seq, t, None, 0.0, "length" if last else None, None, False)])
+            for d in deltas:
+                (c,) = d.completions
+                text += c.text
+                taken += len(c.token_ids)
+                reason, stop_reason = c.finish_reason, c.stop_reason
+            if reason is not None:
+                break
+        assert (text, reason, stop_reason, taken) == want, (kind, seed, stops)
+        stopped += reason == "stop"
+    assert stopped >= 30  # most cases really end by a stop string

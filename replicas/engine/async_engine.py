@@ -27,7 +27,7 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from zayaserve.replicas.engine.admission import Admission, Reservation
@@ -168,7 +168,7 @@ class AsyncLLMEngine:
                 if stream is None:
                     continue
                 if isinstance(item, StepDelta):
-                    item = replace(item, request_id=stream.label)
+                    item = item.relabeled(stream.label)
                     if isinstance(stream.latest, StepDelta):
                         stream.unread += 1
                         if stream.unread > self.max_unread_steps and not finished:

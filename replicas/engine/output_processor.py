@@ -39,11 +39,13 @@ class TokenRecord(NamedTuple):
 
 @dataclass(slots=True, eq=False)
 class TextState:
-    """A completion's text as clients see it (the output processor's, per sequence)."""
+    """A completion's text as clients see it (the output processor's, per sequence). Only a
+    window of it is kept: what is not sent yet, after the last characters sent that a stop
+    string could still begin in (so a long completion never copies its whole text)."""
 
     detokenizer: IncrementalDetokenizer | None
-    text: str = ""
-    sent_chars: int = 0  # characters of `text` already in a StepDelta
+    text: str = ""  # the window
+    sent_chars: int = 0  # characters of the window already in a StepDelta
     num_tokens: int = 0  # output tokens taken (the ones after a stop are dropped)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -53,6 +55,8 @@ class TextState:
 class RequestState:
     """Which of a request's completions have ended, and whether its prompt went out."""
 
+    hold: int  # characters a running completion keeps back (`holdback`)
+    keep: int  # sent characters its window keeps: where a stop string may yet begin
     completions: dict[int, TextState] = field(default_factory=dict)
     prompt_sent: bool = False
     ended: int = 0
@@ -65,6 +69,11 @@ def holdback(params: SamplingParams) -> int:
     if not params.stop or params.include_stop_str_in_output:
         return 0
     return max(len(s) for s in params.stop) - 1
+
+
+def _request_state(params: SamplingParams) -> RequestState:
+    longest = max((len(s) for s in params.stop), default=1) if params.stop else 1
+    return RequestState(holdback(params), longest - 1)
 
 
 class OutputProcessor:
@@ -84,7 +93,7 @@ class OutputProcessor:
             state = seq.output = TextState(detok)
             req_state = seq.request.output
             if req_state is None:
-                req_state = seq.request.output = RequestState()
+                req_state = seq.request.output = _request_state(seq.params)
             req_state.completions[seq.index] = state
         assert isinstance(state, TextState)
         return state
@@ -99,33 +108,34 @@ class OutputProcessor:
         for rec in records:
             req = rec.seq.request
             if req.output is None:
-                req.output = RequestState()
+                req.output = _request_state(req.params)
             req.output.failed = True
         return {rec.seq.request.request_id for rec in records}
 
-    @staticmethod
-    def _adds_text(rec: TokenRecord, state: TextState) -> IncrementalDetokenizer | None:
-        """The detokenizer the token goes to: none when it adds no text. A stop token id that
-        ends a constrained text is the grammar's stop token (grammar.py): like eos, it is not
-        part of the text the grammar accepted."""
-        if rec.seq.grammar is not None and rec.token in (rec.seq.params.stop_token_ids or ()):
-            return None
-        return state.detokenizer
-
     def process(self, records: list[TokenRecord]) -> list[StepDelta]:
         """One step's records -> one StepDelta per request that got visible news."""
-        live = []
+        live: list[tuple[TokenRecord, TextState]] = []
+        detoks: list[IncrementalDetokenizer | None] = []
         for rec in records:
-            state = self.text_state(rec.seq)
-            if state.finish_reason is None:  # else: computed after a stop string ended it
-                live.append((rec, state))
-        texts = add_batch([self._adds_text(rec, st) for rec, st in live],
-                          [rec.token for rec, _ in live])
+            seq = rec.seq
+            state = seq.output or self.text_state(seq)
+            if state.finish_reason is not None:  # computed after a stop string ended it
+                continue
+            live.append((rec, state))
+            # A stop token id that ends a constrained text is the grammar's stop token
+            # (grammar.py): like eos, it is not part of the text the grammar accepted.
+            detoks.append(None if seq.grammar is not None and rec.token in (
+                seq.params.stop_token_ids or ()) else state.detokenizer)
+        texts = add_batch(detoks, [rec.token for rec, _ in live])
         touched: dict[int, tuple[Request, list[tuple[TokenRecord, TextState]]]] = {}
         for (rec, state), delta in zip(live, texts, strict=True):
             self._take(rec, state, delta)
             req = rec.seq.request
-            touched.setdefault(id(req), (req, []))[1].append((rec, state))
+            group = touched.get(id(req))
+            if group is None:
+                touched[id(req)] = (req, [(rec, state)])
+            else:
+                group[1].append((rec, state))
         return [self.request_delta(req, group) for req, group in touched.values()]
 
     def _take(self, rec: TokenRecord, state: TextState, delta: str) -> None:
@@ -151,23 +161,27 @@ class OutputProcessor:
     def request_delta(self, req: Request, group: list[tuple[TokenRecord, TextState]]
                       ) -> StepDelta:
         """The request's news from this step, for the completions that got a token (O(new))."""
-        hold = holdback(req.params)
+        req_state: RequestState = req.output
+        hold, keep = req_state.hold, req_state.keep
         wants_logprobs = req.params.logprobs is not None
         steps = []
-        req_state: RequestState = req.output
         if len(group) > 1:
             group.sort(key=lambda g: g[0].seq.index)
         for rec, s in group:
             done = s.finish_reason is not None
             req_state.ended += done
-            visible = len(s.text) if done else max(s.sent_chars, len(s.text) - hold)
+            text = s.text
+            visible = len(text) if done else max(s.sent_chars, len(text) - hold)
             steps.append(CompletionStep(
-                rec.seq.index, (rec.token,), s.text[s.sent_chars:visible],
+                rec.seq.index, (rec.token,), text[s.sent_chars:visible],
                 None if not wants_logprobs else (
                     (rec.logprobs,) if rec.logprobs is not None else ()),
                 rec.cumulative_logprob if wants_logprobs else None,
                 s.finish_reason, s.stop_reason))
-            s.sent_chars = max(s.sent_chars, visible)
+            if visible > keep:  # what is sent, less the tail a stop string may begin in
+                s.text, s.sent_chars = text[visible - keep:], keep
+            else:
+                s.sent_chars = visible
         first = not req_state.prompt_sent
         req_state.prompt_sent = True
         finished = req_state.ended == req.params.n

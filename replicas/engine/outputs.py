@@ -122,6 +122,12 @@ class StepDelta:
     prompt_logprobs: PromptLogprobs | None = None  # first delta only
     metrics: RequestMetrics | None = None  # last delta only: where its time went
 
+    def relabeled(self, request_id: str) -> StepDelta:
+        """This delta under its caller's name for the request. In place: a delta is made for
+        one stream, and the async engine names it before any reader can see it."""
+        object.__setattr__(self, "request_id", request_id)
+        return self
+
     def merged(self, later: StepDelta) -> StepDelta:
         """This delta followed by `later`, as one (for a reader that fell behind)."""
         steps = {c.index: c for c in self.completions}
