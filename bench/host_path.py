@@ -15,9 +15,9 @@ steps), exposed host work per sequence per step ((wall - device) / steps / batch
 CPU time per sequence per step (all threads: what overlap can hide, not remove).
 
 Paths: `offline, sync` (async_scheduling and output_thread off: the baseline), `offline, async`
-(async scheduling, outputs made inline after each step), `offline, async+output` (the default:
-both on, outputs made on the output thread) and `async-engine` (AsyncLLMEngine with a
-streaming asyncio consumer per request, the worker's engine path). The tokens of every path
+(the default: async scheduling, outputs made inline after each step), `offline, async+output`
+(outputs made on the output thread), `async-engine` (AsyncLLMEngine with a streaming asyncio
+consumer per request, the worker's engine path) and `async-engine+output`. The tokens of every path
 are compared (they must be identical).
 
     python -m zayaserve.bench.host_path [--batches 1 16 64 256] [--device h100|mi300x]
@@ -177,8 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     p.add_argument("--device", default="h100", choices=sorted(BANDWIDTH))
     p.add_argument("--paths", nargs="+",
-                   default=["sync", "async", "async+output", "async-engine"],
-                   choices=["sync", "async", "async+output", "async-engine"])
+                   default=["sync", "async", "async+output", "async-engine",
+                            "async-engine+output"],
+                   choices=["sync", "async", "async+output", "async-engine",
+                            "async-engine+output"])
     args = p.parse_args(argv)
     import torch
 
@@ -186,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     for batch in args.batches:
         rows: list[tuple[str, dict[str, Any]]] = []
         for path in args.paths:
-            if path == "async-engine":
-                rows.append((path, run_async_engine(batch, args.device)))
+            if path.startswith("async-engine"):
+                rows.append((path, run_async_engine(batch, args.device,
+                                                    output_thread=path.endswith("+output"))))
             else:
                 rows.append((f"offline, {path}", run_offline(
                     batch, args.device, async_scheduling=path != "sync",

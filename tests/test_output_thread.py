@@ -92,7 +92,7 @@ def _slowed(llm: LLM, seconds: float) -> dict[str, int]:
 def test_stops_heard_late_cost_tokens_not_outputs(tiny_checkpoint: Path, inline: LLM) -> None:
     params = _stop_params(inline)
     expected = inline.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-    threaded = LLM(model=str(tiny_checkpoint), enable_prefix_caching=False)
+    threaded = LLM(model=str(tiny_checkpoint), enable_prefix_caching=False, output_thread=True)
     seen = _slowed(threaded, 0.004)
     engine = threaded.engine
     computed: dict[tuple[str, int], int] = {}
@@ -123,7 +123,8 @@ def test_async_engine_streams_from_the_output_thread(tiny_checkpoint: Path,
                                                      inline: LLM) -> None:
     params = _stop_params(inline)
     expected = inline.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-    engine = LLM(model=str(tiny_checkpoint), enable_prefix_caching=False).engine
+    engine = LLM(model=str(tiny_checkpoint), enable_prefix_caching=False,
+                 output_thread=True).engine
     assert engine.output_thread is not None
     async_engine = AsyncLLMEngine(engine)
     delivered_on: set[str] = set()
@@ -159,7 +160,7 @@ def test_async_engine_streams_from_the_output_thread(tiny_checkpoint: Path,
 
 
 def test_a_failure_in_the_output_thread_ends_only_its_requests(tiny_checkpoint: Path) -> None:
-    llm = LLM(model=str(tiny_checkpoint), enable_prefix_caching=False)
+    llm = LLM(model=str(tiny_checkpoint), enable_prefix_caching=False, output_thread=True)
     engine = llm.engine
     async_engine = AsyncLLMEngine(engine)
     thread = engine.output_thread
@@ -200,7 +201,7 @@ def test_a_failure_in_the_output_thread_ends_only_its_requests(tiny_checkpoint: 
 
 
 def test_an_abort_drops_outputs_not_yet_taken(tiny_checkpoint: Path) -> None:
-    llm = LLM(model=str(tiny_checkpoint), enable_prefix_caching=False)
+    llm = LLM(model=str(tiny_checkpoint), enable_prefix_caching=False, output_thread=True)
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     engine.add_request("gone", PROMPTS[0], params)

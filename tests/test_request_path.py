@@ -41,7 +41,7 @@ CONTROL = [
     "cluster/engine_client.py", "replicas/engine/async_engine.py",
     "replicas/engine/llm_engine.py", "replicas/engine/step_pipeline.py",
     "replicas/engine/scheduler.py", "replicas/engine/stop_rules.py",
-    "replicas/engine/output_thread.py", "replicas/engine/output_processor.py",
+    "replicas/engine/output_processor.py",
     "replicas/engine/kv_manager.py", "replicas/engine/runner.py",
     "replicas/model/attention_side.py", "replicas/model/experts.py", "router/token_router.py",
     "router/shard_calls.py", "router/shard_stream.py", "router/shard_server.py",

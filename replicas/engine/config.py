@@ -95,8 +95,10 @@ class EngineSettings(BaseModel):
         True, description="Schedule the next decode step while the current one runs on the "
         "device (outputs are the same as without).")
     output_thread: bool = Field(
-        True, description="Detokenize, cut stop strings and make outputs on a thread of "
-        "their own, off the step loop (outputs are the same as without).")
+        False, description="Detokenize, cut stop strings and make outputs on a thread of "
+        "their own, off the step loop (same tokens and text as without). Off by default: in "
+        "one CPython process it competes with the step for the GIL, which cost 7-13 points "
+        "of device busy in bench/host_path.py.")
     enforce_eager: bool = Field(
         False, description="Run decode steps eagerly instead of replaying captured CUDA/HIP "
         "graphs (graphs are used on a GPU only).")

@@ -93,7 +93,7 @@ class RequestMetrics:
         return self.prefill_s + self.decode_s
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CompletionStep:
     """What one step added to one completion: only new tokens, text and logprobs.
 
@@ -109,10 +109,12 @@ class CompletionStep:
     stop_reason: int | str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepDelta:
     """One request's news from one engine step; made once, in the engine, and carried
-    unchanged to the front ends. The first delta of a request also carries its prompt."""
+    unchanged to the front ends. The first delta of a request also carries its prompt.
+    (Not frozen, as are its `CompletionStep`s: a frozen dataclass costs 4x to construct, and
+    the engine makes one per request and step; nothing changes one after it is posted.)"""
 
     request_id: str
     completions: tuple[CompletionStep, ...]
@@ -125,7 +127,7 @@ class StepDelta:
     def relabeled(self, request_id: str) -> StepDelta:
         """This delta under its caller's name for the request. In place: a delta is made for
         one stream, and the async engine names it before any reader can see it."""
-        object.__setattr__(self, "request_id", request_id)
+        self.request_id = request_id
         return self
 
     def merged(self, later: StepDelta) -> StepDelta:
