@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -39,27 +40,25 @@ def uniform(seed: int, position: int) -> float:
     return float(uniforms([seed_key(seed)], [position])[0])
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for 0 <= x, c < 2**32 in int64 without overflow (16-bit halves)."""
-    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
-
-
-def _mix_t(x: torch.Tensor) -> torch.Tensor:
+def _mix_np(x: np.ndarray) -> np.ndarray:
+    """`_mix` of many uint64 values at once (uint64 products wrap mod 2**64, so masking them
+    to 32 bits gives the products mod 2**32)."""
     x = x & _M32
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & np.uint64(_M32)
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & np.uint64(_M32)
+    return x ^ (x >> np.uint64(16))
 
 
 def uniforms(keys: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
     """`uniform` of many rows at once from their `seed_key`s, as float64 (same values). On the
     host, on purpose: the engine computes them while the device runs the forward."""
-    k = torch.tensor(keys, dtype=torch.int64, device="cpu")
-    key = k ^ _mix_t(torch.tensor(positions, dtype=torch.int64, device="cpu") + _GOLDEN)
-    hi, lo = _mix_t(key), _mix_t(key ^ _GOLDEN)
-    return ((hi << 21) ^ (lo >> 11)).double() * 2.0**-53
+    golden = np.uint64(_GOLDEN)
+    key = np.array(keys, dtype=np.uint64) ^ _mix_np(
+        np.array(positions, dtype=np.uint64) + golden)
+    bits = (_mix_np(key) << np.uint64(21)) ^ (_mix_np(key ^ golden) >> np.uint64(11))
+    return torch.from_numpy(bits.astype(np.float64) * 2.0**-53)
 
 
 def draw(probs: torch.Tensor, u: Sequence[float] | torch.Tensor) -> torch.Tensor:
