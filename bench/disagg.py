@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--device", default="h100", choices=sorted(BANDWIDTH))
     args = p.parse_args(argv)
-    from zayaserve.replicas.model.experts import RemoteExpertBackend
+    from zayaserve.router.remote_experts import RemoteExpertBackend
 
     torch.set_num_threads(1)
     cost = StepCost.zaya1_8b()

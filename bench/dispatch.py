@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=200)
     p.add_argument("--shards", type=int, default=2)
     args = p.parse_args(argv)
-    from zayaserve.replicas.model.experts import RemoteExpertBackend
+    from zayaserve.router.remote_experts import RemoteExpertBackend
 
     torch.set_num_threads(1)
     procs, placement = start_shards(args.shards)

@@ -22,8 +22,8 @@ class InProcessCluster:
         from zayaserve.replicas.engine.llm_engine import LLMEngine
         from zayaserve.replicas.model.checkpoint_paths import resolve_model
         from zayaserve.replicas.model.config import ZayaConfig
-        from zayaserve.replicas.model.experts import RemoteExpertBackend
         from zayaserve.router.placement import PlacementMap, compute_placement
+        from zayaserve.router.remote_experts import RemoteExpertBackend
 
         path = resolve_model(model)
         num_experts = ZayaConfig.from_pretrained(path).num_experts

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zayaserve.replicas.devtools.checkpoint_presets import checkpoint_shapes, preset_config
+from zayaserve.replicas.model.builtin.presets import checkpoint_shapes, preset_config
 
 BANDWIDTH = {"h100": 3.35e12, "mi300x": 5.3e12}  # HBM bytes per second
 PEAK_FLOPS = {"h100": 989e12, "mi300x": 1307e12}  # dense bf16 FLOP/s

@@ -82,7 +82,7 @@ def run_zayaserve(path: Path, work: Workload, args: argparse.Namespace) -> tuple
 def run_transformers(path: Path, work: Workload, batch: int) -> float:
     from transformers import ZayaForCausalLM
 
-    from zayaserve.replicas.devtools.random_checkpoint import restore_hf_balancing_biases_
+    from zayaserve.replicas.model.builtin.random_checkpoint import restore_hf_balancing_biases_
 
     model = ZayaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     # transformers 5.23 resets the skip-class balancing bias on load; same model for both.

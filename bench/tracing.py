@@ -71,7 +71,7 @@ def off_path_cost(steps: int = 20000) -> dict[str, float]:
     from zayaserve.replicas.engine.params import SamplingParams
     from zayaserve.replicas.engine.request_timeline import RequestTimeline
     from zayaserve.replicas.observability import tracing
-    from zayaserve.router.dispatch_tracing import (
+    from zayaserve.replicas.observability.dispatch_tracing import (
         dispatch_group,
         end_step,
         set_step_requests,

@@ -28,13 +28,13 @@ from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
-from zayaserve.replicas.model.experts import RemoteExpertBackend
 from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
 from zayaserve.replicas.observability.tracing import flush as flush_traces
 from zayaserve.replicas.rsa.events import RSAEvent, RSAJob
 from zayaserve.replicas.rsa.serving import engine_rsa_events, rsa_gate, rsa_limits
 from zayaserve.router.placement import PlacementMap
+from zayaserve.router.remote_experts import RemoteExpertBackend
 from zayaserve.router.tensor_codec import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("zayaserve.attention_worker")

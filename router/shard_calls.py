@@ -10,7 +10,7 @@ from typing import NamedTuple
 import grpc
 import torch
 
-from zayaserve.router.dispatch_tracing import trace_metadata
+from zayaserve.replicas.observability.dispatch_tracing import trace_metadata
 from zayaserve.router.protos import expert_pb2
 from zayaserve.router.router_stats import RouterStats
 from zayaserve.router.shard_channels import ShardChannels

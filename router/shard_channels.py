@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from zayaserve.router.dispatch_tracing import trace_metadata
+from zayaserve.replicas.observability.dispatch_tracing import trace_metadata
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
 from zayaserve.router.router_stats import ShardLatency
 from zayaserve.router.shard_stream import ShardStream

@@ -24,7 +24,7 @@ import torch
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from zayaserve.router.dispatch_tracing import ShardSpans, tracing_on
+from zayaserve.replicas.observability.dispatch_tracing import ShardSpans, tracing_on
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
 from zayaserve.router.shard_auth import UNAUTHENTICATED_DETAILS, TokenAuthInterceptor
 from zayaserve.router.shard_channels import AUTH_HEADER

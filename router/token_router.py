@@ -1,5 +1,5 @@
 """Dispatch/combine over gRPC for the attention side when experts live elsewhere (its expert
-backend, `replicas.model.experts.RemoteExpertBackend`, calls `TokenRouter.dispatch`).
+backend, `router.remote_experts.RemoteExpertBackend`, calls `TokenRouter.dispatch`).
 
 One `dispatch` per (micro-batch, layer): drop skip tokens, group the rest by the shard chosen for
 their expert, send every shard its rows at once, and put the answers back in token order. A

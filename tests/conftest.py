@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """The built-in tiny preset, written once per session."""
-    from zayaserve.replicas.devtools.random_checkpoint import init_checkpoint
+    from zayaserve.replicas.model.builtin.random_checkpoint import init_checkpoint
 
     return init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
 

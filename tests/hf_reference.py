@@ -13,7 +13,7 @@ def build_hf_checkpoint(path: Path, seed: int = 0, **overrides: Any) -> Any:
     save_pretrained. Returns the (eval, eager-attention) transformers model."""
     from transformers import ZayaConfig, ZayaForCausalLM
 
-    from zayaserve.replicas.devtools.random_checkpoint import randomize_hf_model_
+    from zayaserve.replicas.model.builtin.random_checkpoint import randomize_hf_model_
 
     cfg: dict[str, Any] = dict(
         vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,

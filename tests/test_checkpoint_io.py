@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from zayaserve.replicas.devtools import random_checkpoint as ci
-from zayaserve.replicas.devtools.checkpoint_presets import (
+from zayaserve.replicas.model.builtin import random_checkpoint as ci
+from zayaserve.replicas.model.builtin.presets import (
     checkpoint_shapes,
     count_params,
     preset_config,

@@ -12,8 +12,8 @@ import yaml
 from zayaserve.cluster.cli import build_parser
 from zayaserve.cluster.config import ClusterConfig, ClusterConfigError
 from zayaserve.cluster.serve_cli import config_from_args
-from zayaserve.replicas.devtools.checkpoint_presets import preset_config
 from zayaserve.replicas.engine.config import EngineConfig, EngineSettings
+from zayaserve.replicas.model.builtin.presets import preset_config
 from zayaserve.replicas.model.config import ConfigError, ZayaConfig
 
 

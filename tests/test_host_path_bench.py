@@ -8,7 +8,7 @@ import pytest
 
 from zayaserve.bench import host_path
 from zayaserve.bench.sim_device import BANDWIDTH, SimulatedDevice, StepCost
-from zayaserve.replicas.devtools.checkpoint_presets import count_params
+from zayaserve.replicas.model.builtin.presets import count_params
 
 
 def test_step_cost_counts_zaya1_8b() -> None:

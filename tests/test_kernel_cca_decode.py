@@ -24,9 +24,9 @@ import torch  # noqa: E402
 from zayaserve.kernels.cca_decode_ref import cca_decode_ref  # noqa: E402
 from zayaserve.kernels.cca_decode_triton import cca_decode_triton  # noqa: E402
 from zayaserve.kernels.registry import get_op  # noqa: E402
-from zayaserve.replicas.devtools.checkpoint_presets import preset_config  # noqa: E402
-from zayaserve.replicas.devtools.random_checkpoint import init_tensor  # noqa: E402
 from zayaserve.replicas.model.batch import StepBatch  # noqa: E402
+from zayaserve.replicas.model.builtin.presets import preset_config  # noqa: E402
+from zayaserve.replicas.model.builtin.random_checkpoint import init_tensor  # noqa: E402
 from zayaserve.replicas.model.cca import CCAProjection, qk_l2_norm  # noqa: E402
 from zayaserve.replicas.model.config import ZayaConfig  # noqa: E402
 from zayaserve.replicas.model.layers import apply_partial_rope, rope_cos_sin  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from zayaserve import LLM, SamplingParams
-from zayaserve.replicas.devtools.checkpoint_presets import count_params
-from zayaserve.replicas.devtools.random_weights import RandomWeights, is_random, parse
+from zayaserve.replicas.model.builtin.presets import count_params
+from zayaserve.replicas.model.builtin.random_weights import RandomWeights, is_random, parse
 from zayaserve.replicas.model.checkpoint_errors import MissingTensorError, TensorShapeError
 from zayaserve.replicas.model.checkpoint_io import CheckpointReader
 

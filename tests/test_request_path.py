@@ -27,8 +27,8 @@ from zayaserve.cluster.openai_api import build_openai_app
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.llm_engine import LLMEngine
-from zayaserve.replicas.model.experts import RemoteExpertBackend
 from zayaserve.router.placement import PlacementMap
+from zayaserve.router.remote_experts import RemoteExpertBackend
 
 ROOT = Path(zayaserve.__file__).resolve().parent
 DOC = ROOT / "docs" / "structure.md"
@@ -43,7 +43,7 @@ CONTROL = [
     "replicas/engine/scheduler.py", "replicas/engine/stop_rules.py",
     "replicas/engine/output_processor.py",
     "replicas/engine/kv_manager.py", "replicas/engine/runner.py",
-    "replicas/model/attention_side.py", "replicas/model/experts.py", "router/token_router.py",
+    "replicas/model/attention_side.py", "router/remote_experts.py", "router/token_router.py",
     "router/shard_calls.py", "router/shard_stream.py", "router/shard_server.py",
     "router/shard_stream_server.py", "replicas/engine/step_sampling.py",
     "replicas/engine/sampler.py",
@@ -72,7 +72,7 @@ SUPPORT = {
     "router/tensor_codec.py", "router/protos/expert_pb2_grpc.py",
     # Metrics and traces: they watch the path (docs/structure.md lists them apart).
     "cluster/request_tracker.py", "replicas/engine/request_timeline.py",
-    "replicas/observability/tracing.py", "router/dispatch_tracing.py",
+    "replicas/observability/tracing.py", "replicas/observability/dispatch_tracing.py",
 }
 
 

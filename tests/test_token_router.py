@@ -16,15 +16,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from zayaserve.replicas.model.experts import (
-    ExpertWeights,
-    LocalExpertBackend,
-    RemoteExpertBackend,
-    run_grouped,
-)
+from zayaserve.replicas.model.experts import ExpertWeights, LocalExpertBackend, run_grouped
 from zayaserve.replicas.model.loader import load_expert_side
 from zayaserve.router.placement import PlacementMap, compute_placement
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
+from zayaserve.router.remote_experts import RemoteExpertBackend
 from zayaserve.router.shard_server import SERVICE_NAME, ExpertShardServicer, serve_shard
 from zayaserve.router.tensor_codec import encode
 from zayaserve.router.token_router import ExpertShardError, NoExpertReplicaError, TokenRouter

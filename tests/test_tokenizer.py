@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from zayaserve.replicas.devtools import tokenizer_train
-from zayaserve.replicas.devtools.tokenizer_train import (
+from zayaserve.replicas.model.builtin import tokenizer_train
+from zayaserve.replicas.model.builtin.tokenizer_train import (
     BOS_TOKEN,
     END_OF_TURN,
     PAD_TOKEN,

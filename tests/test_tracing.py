@@ -148,7 +148,7 @@ class _Router:
         self.metadata: list[Any] = []
 
     async def dispatch(self, layer: int, hidden: torch.Tensor, *_: Any) -> torch.Tensor:
-        from zayaserve.router.dispatch_tracing import trace_metadata
+        from zayaserve.replicas.observability.dispatch_tracing import trace_metadata
 
         self.metadata.append(dict(trace_metadata()))
         return hidden
@@ -161,7 +161,7 @@ class _Timeline:
 
 def _step(requests: list[SpanContext | None], layers: int = 3) -> _Router:
     """One micro-batch's forward as the runner and the expert backend drive the hooks."""
-    from zayaserve.router.dispatch_tracing import (
+    from zayaserve.replicas.observability.dispatch_tracing import (
         dispatch_group,
         end_step,
         set_step_requests,
@@ -226,7 +226,11 @@ def test_a_step_of_many_requests_links_to_each() -> None:
 
 
 def test_untraced_steps_make_no_group(exported: InMemorySpanExporter) -> None:
-    from zayaserve.router.dispatch_tracing import dispatch_group, end_step, set_step_requests
+    from zayaserve.replicas.observability.dispatch_tracing import (
+        dispatch_group,
+        end_step,
+        set_step_requests,
+    )
 
     set_step_requests([_Timeline(None), _Timeline(None)])
     assert dispatch_group(0) is None
@@ -235,7 +239,7 @@ def test_untraced_steps_make_no_group(exported: InMemorySpanExporter) -> None:
 
 
 def test_a_shard_keeps_one_span_per_group_and_shard(exported: InMemorySpanExporter) -> None:
-    from zayaserve.router.dispatch_tracing import ShardSpans
+    from zayaserve.replicas.observability.dispatch_tracing import ShardSpans
 
     spans = ShardSpans("shard-1", idle_s=0.05)
     metadata = list(tracing.inject(_context()).items()) + [("authorization", "Bearer x")]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from zayaserve.replicas.devtools.random_checkpoint import init_checkpoint
 from zayaserve.replicas.kv_tiers import hashing
 from zayaserve.replicas.kv_tiers.hashing import model_fingerprint, weights_identity
+from zayaserve.replicas.model.builtin.random_checkpoint import init_checkpoint
 
 WINDOW = 1024  # what the old identity read at the start, middle and end of each tensor
 

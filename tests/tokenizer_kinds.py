@@ -31,9 +31,9 @@ from tokenizers import (
     trainers,
 )
 
-from zayaserve.replicas.devtools import tokenizer_train as tt
-from zayaserve.replicas.devtools.checkpoint_presets import preset_config
-from zayaserve.replicas.devtools.random_checkpoint import init_checkpoint
+from zayaserve.replicas.model.builtin import tokenizer_train as tt
+from zayaserve.replicas.model.builtin.presets import preset_config
+from zayaserve.replicas.model.builtin.random_checkpoint import init_checkpoint
 from zayaserve.replicas.model.tokenizer import Tokenizer as ZTokenizer
 
 KINDS = ("bytelevel", "gemma", "special")

@@ -1,3 +1,2 @@
-"""Developer tooling, not used while serving: a deterministic BPE tokenizer trainer and the
-random-weight checkpoint writer behind `zayaserve init-checkpoint`, the built-in `tiny`/`small`
-models, the tests and the benchmarks."""
+"""Developer tooling, never imported while serving: checkpoints made for tests and benchmarks
+(a skewed router for the load-balancing tests). The built-in models are `replicas/model/builtin`."""

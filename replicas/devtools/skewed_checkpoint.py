@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from zayaserve.replicas.devtools.random_checkpoint import init_checkpoint
+from zayaserve.replicas.model.builtin.random_checkpoint import init_checkpoint
 from zayaserve.replicas.model.checkpoint_io import SINGLE_FILE
 
 

@@ -30,7 +30,7 @@ from zayaserve.replicas.model.attention_side import AttentionSideModel
 from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.experts import ExpertBackend
 from zayaserve.replicas.model.kv_cache import KVCache
-from zayaserve.router.dispatch_tracing import end_step, set_step_requests
+from zayaserve.replicas.observability.dispatch_tracing import end_step, set_step_requests
 
 
 class ModelRunner:

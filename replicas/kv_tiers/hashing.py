@@ -276,7 +276,7 @@ def _save_results(updates: dict[str, dict[str, Any]]) -> None:
 def weights_identity_of(model: str, device: Any) -> str:
     """`weights_identity` of a checkpoint folder, or of `random:` weights made on `device`."""
     if model.startswith("random:"):
-        from zayaserve.replicas.devtools.random_weights import RandomWeights
+        from zayaserve.replicas.model.builtin.random_weights import RandomWeights
 
         return RandomWeights(model, device).identity()
     return weights_identity(Path(model))

@@ -22,7 +22,7 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
     if name in BUILTIN:
         target = cache_root() / "checkpoints" / name
         if not (target / "config.json").is_file():
-            from zayaserve.replicas.devtools.random_checkpoint import init_checkpoint
+            from zayaserve.replicas.model.builtin.random_checkpoint import init_checkpoint
 
             # Write aside and rename, so concurrent first uses never see half a checkpoint.
             tmp = target.with_name(f".{name}.{os.getpid()}.tmp")

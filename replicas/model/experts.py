@@ -2,28 +2,19 @@
 side calls.
 
 The seam between attention and experts is one call, `experts(layer, hidden, expert_ids,
-weights)`. In one process it is `LocalExpertBackend`; in the cluster `RemoteExpertBackend`
-makes the same call over gRPC, through the token router (`zayaserve.router.token_router`).
+weights)`. In one process it is `LocalExpertBackend`; in the cluster the attention worker
+injects `zayaserve.router.remote_experts.RemoteExpertBackend`, which makes the same call over
+gRPC through the token router. The model and engine know only this interface.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
 
 import torch
 
 from zayaserve.kernels.registry import get_op
-from zayaserve.router.dispatch_tracing import dispatch_group, traced_dispatch
-
-if TYPE_CHECKING:
-    from zayaserve.router.placement import PlacementMap
-
-T = TypeVar("T")
 
 
 class ExpertBackend(ABC):
@@ -99,64 +90,3 @@ class LocalExpertBackend(ExpertBackend):
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         return run_grouped(self.layers[layer], hidden, expert_ids, weights)
-
-
-class RemoteExpertBackend(ExpertBackend):
-    """Experts on the expert shards, reached over gRPC by a `TokenRouter`.
-
-    The router is asyncio code; it runs on a loop of its own, on a daemon thread. The engine
-    thread blocks on each dispatch there, which releases the GIL, so the other micro-batch can
-    compute meanwhile. `router_options` go to `TokenRouter` (deadline, waits, retries, the
-    shards' RPC `token` and `max_message_bytes`).
-    """
-
-    def __init__(self, placement_source: Callable[[], PlacementMap], num_experts: int, *,
-                 timeout_s: float | None = None, **router_options: Any) -> None:
-        # Imported here: the offline engine never needs gRPC.
-        from zayaserve.router.token_router import ExpertDispatchError, TokenRouter
-
-        self.router = TokenRouter(placement_source, num_experts, **router_options)
-        self.num_experts = num_experts
-        self.timeout_s = timeout_s  # the router bounds every dispatch; this is a backstop
-        self._timeout_error = ExpertDispatchError
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                        name="zayaserve-token-router")
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Runs a coroutine on the router's loop (gRPC objects belong to the loop they use)."""
-        if _running_loop() is self.loop:
-            raise RuntimeError("RemoteExpertBackend used on its own event loop (would deadlock)")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()  # do not leave the work running for nobody
-            raise
-
-    def __call__(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
-        group = dispatch_group(layer)  # None unless the micro-batch has traced requests
-        dispatch = (self.router.dispatch(layer, hidden, expert_ids, weights) if group is None
-                    else traced_dispatch(self.router, group, layer, hidden, expert_ids, weights))
-        try:
-            return self.run(dispatch, self.timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise self._timeout_error(
-                f"layer {layer}: no answer within {self.timeout_s} s") from None
-
-    def close(self) -> None:
-        """Closes the router's channels and stops its loop; the backend is unusable after."""
-        if not self.loop.is_closed():
-            self.run(self.router.close(), timeout=10)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join()
-            self.loop.close()
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

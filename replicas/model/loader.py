@@ -38,9 +38,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: ZayaConfig) -> torch.
 def open_weights(model: str | Path, device: str | torch.device = "cpu"
                  ) -> tuple[ZayaConfig, Any]:
     """The config and a reader of a checkpoint folder, or of `random:<preset>[@seed]` weights
-    generated on `device` (devtools' RandomWeights, with CheckpointReader's read methods)."""
+    generated on `device` (`builtin.random_weights.RandomWeights`, with CheckpointReader's read
+    methods)."""
     if isinstance(model, str) and model.startswith("random:"):
-        from zayaserve.replicas.devtools.random_weights import RandomWeights
+        from zayaserve.replicas.model.builtin.random_weights import RandomWeights
 
         weights = RandomWeights(model, device)
         return weights.config, weights

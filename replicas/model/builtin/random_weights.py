@@ -15,13 +15,13 @@ from types import TracebackType
 
 import torch
 
-from zayaserve.replicas.devtools.checkpoint_presets import (
+from zayaserve.replicas.model.builtin.presets import (
     DEFAULT_SCALE,
     PRESETS,
     checkpoint_shapes,
     preset_config,
 )
-from zayaserve.replicas.devtools.random_checkpoint import init_tensor
+from zayaserve.replicas.model.builtin.random_checkpoint import init_tensor
 from zayaserve.replicas.model.checkpoint_errors import MissingTensorError, TensorShapeError
 from zayaserve.replicas.model.config import ConfigError, ZayaConfig
 

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from zayaserve.replicas.devtools.checkpoint_presets import (
+from zayaserve.replicas.model.builtin.presets import (
     DEFAULT_SCALE,
     MODEL_DTYPES,
     checkpoint_shapes,
     preset_config,
 )
-from zayaserve.replicas.devtools.tokenizer_train import write_tokenizer_files
+from zayaserve.replicas.model.builtin.tokenizer_train import write_tokenizer_files
 from zayaserve.replicas.model.checkpoint_io import INDEX_FILE, SINGLE_FILE, CheckpointReader
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
