@@ -52,6 +52,7 @@ RAY_SIDE = ["router/request_router.py", "replicas/attention_worker.py", "replica
 # Data, validation, model maths and kernels: called on the path, deciding nothing about it.
 SUPPORT = {
     "replicas/engine/noise.py", "replicas/engine/sampling_plan.py", "router/stream_wire.py",
+    "replicas/model/experts.py",  # the ExpertBackend interface the remote backend implements
     "cluster/api_keys.py",
     "cluster/frontend_errors.py", "cluster/logprob_format.py",
     "cluster/metrics.py", "cluster/chat_options.py", "cluster/reasoning.py",
