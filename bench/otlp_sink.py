@@ -1,5 +1,6 @@
 """A real OTLP/gRPC trace receiver (opentelemetry-proto's `TraceService` on a free port) that
-keeps every span it is sent: the tracing benchmark's collector and the e2e tests'. It needs
+keeps every span it is sent: the tracing benchmark's collector and the e2e tests'; and a
+metrics receiver (`MetricsService`) that keeps every histogram point. They need
 the `opentelemetry-proto` package, which the OTLP exporter brings."""
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
@@ -78,6 +83,56 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                 return True
             time.sleep(0.2)
         return check()
+
+    def stop(self) -> None:
+        self._server.stop(grace=None)
+
+
+@dataclass
+class ReceivedPoint:
+    """One histogram data point of one export."""
+
+    metric: str
+    unit: str
+    attributes: dict[str, Any]
+    count: int
+    sum: float
+    resource: dict[str, Any]
+
+
+class OtlpMetricsReceiver(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """A real OTLP/gRPC metrics receiver (`MetricsService`) that keeps every histogram point."""
+
+    def __init__(self) -> None:
+        self.points: list[ReceivedPoint] = []
+        self._lock = threading.Lock()
+        self._server = grpc.server(futures.ThreadPoolExecutor(2))
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method name
+        got: list[ReceivedPoint] = []
+        for rm in request.resource_metrics:
+            resource = {a.key: _value(a.value) for a in rm.resource.attributes}
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.WhichOneof("data") != "histogram":
+                        continue
+                    got.extend(ReceivedPoint(
+                        m.name, m.unit, {a.key: _value(a.value) for a in p.attributes},
+                        p.count, p.sum, resource) for p in m.histogram.data_points)
+        with self._lock:
+            self.points.extend(got)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    def of(self, metric: str) -> list[ReceivedPoint]:
+        with self._lock:
+            return [p for p in self.points if p.metric == metric]
 
     def stop(self) -> None:
         self._server.stop(grace=None)

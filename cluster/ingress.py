@@ -15,6 +15,7 @@ from zayaserve.cluster.engine_client import ClusterEngineClient
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.tokenizer import Tokenizer
+from zayaserve.replicas.observability import genai_metrics
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
 from zayaserve.replicas.observability.tracing import flush as flush_traces
 from zayaserve.replicas.rsa.serving import RSALimits, rsa_limits
@@ -31,6 +32,7 @@ class Ingress:
     ) -> None:
         self.config = ClusterConfig.create(**config)
         configure_tracing(self.config.tracing, "ingress")
+        genai_metrics.configure(self.config.tracing, "ingress")
         key = self.config.api_key
         # Keys from the config, the key file and $ZAYASERVE_API_KEY, read here (in the pod
         # that serves), never passed around.

@@ -22,7 +22,7 @@ from zayaserve.replicas.engine.outputs import RequestMetrics, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.engine.request_timeline import metrics_attributes
 from zayaserve.replicas.observability import attributes as attr
-from zayaserve.replicas.observability import tracing
+from zayaserve.replicas.observability import genai_metrics, tracing
 
 if TYPE_CHECKING:
     from zayaserve.cluster.metrics import MetricsCollector
@@ -62,6 +62,7 @@ class RequestTracker:
         self.prompt_tokens = self.generated_tokens = 0
         self.finish_reasons: list[str] = []
         self.span: Any = None
+        self.operation, self.model = operation, model or ""
         if operation is not None and (tracer := tracing.tracer()) is not None:
             self.span = _start_span(tracer, operation, model or "", endpoint, carrier)
         _TRACE_CONTEXT.set(None if self.span is None else tracing.inject(self.span))
@@ -142,6 +143,10 @@ class RequestTracker:
             m.request_generation_tokens.labels(e).observe(self.generated_tokens)
             for reason in self.finish_reasons:
                 m.request_success.labels(e, reason).inc()
+        genai = genai_metrics.current()
+        if genai is not None and self.operation is not None and (served or error is not None):
+            genai.record(self.operation, self.model, elapsed, self.ttft, self.generated_tokens,
+                         None if error is None else type(error).__name__)
         span, self.span = self.span, None
         if span is None:
             return

@@ -73,6 +73,12 @@ class TracingConfig(BaseModel):
         default=None, description="service.name of every span (unset: $OTEL_SERVICE_NAME, else "
         "zayaserve).")
     disabled: bool = Field(default=False, description="Off whatever the environment says.")
+    otlp_metrics_endpoint: str | None = Field(
+        default=None, description="OTLP/gRPC collector for OpenTelemetry's GenAI server metrics "
+        "(unset: $OTEL_EXPORTER_OTLP_METRICS_ENDPOINT; none: not exported; /metrics serves "
+        "Prometheus either way).")
+    metrics_export_interval_s: float = Field(
+        default=10.0, gt=0, description="How often the GenAI metrics are pushed.")
     dispatch_span_layers: int = Field(
         default=0, ge=0, description="Layers per expert-dispatch span of a traced step (0: "
         "all, one span per micro-batch step; each layer is an event on it).")
@@ -104,7 +110,10 @@ class TracingConfig(BaseModel):
             otlp_traces_endpoint=endpoint, sampler=sampler,  # type: ignore[arg-type]
             sampler_arg=arg, service_name=self.service_name or env.get("OTEL_SERVICE_NAME"),
             disabled=off, dispatch_span_layers=self.dispatch_span_layers,
-            trust_client_sampling=self.trust_client_sampling)
+            trust_client_sampling=self.trust_client_sampling,
+            otlp_metrics_endpoint=(self.otlp_metrics_endpoint
+                                   or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or None),
+            metrics_export_interval_s=self.metrics_export_interval_s)
 
     @property
     def enabled(self) -> bool:
