@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from zayaserve import LLM
     from zayaserve.kernels.registry import default_backend
-    from zayaserve.replicas.engine.decode_graphs import RerunBackend
+    from zayaserve.replicas.engine.decode_graphs import RerunCapture
 
     backend, max_b, budget, bs = default_backend(), max(a.batches), a.max_num_batched_tokens, 16
     if budget <= max_b:
@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = llm.engine
     graphs = engine.runner.graphs
     if engine.device.type != "cuda":  # the CPU stand-in for graphs: same path, no driver
-        graphs = engine.decode_graphs(RerunBackend())
+        graphs = engine.decode_graphs(RerunCapture())
     if "on" in a.graphs and graphs is None:
         ap.error("--graphs on: the engine built no decode graphs")
     a.copy_gbs = copy_bandwidth_gbs(engine.device, a.copy_mib)

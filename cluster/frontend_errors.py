@@ -153,7 +153,7 @@ def build_sampling_params(fields: dict[str, Any], renames: dict[str, str] | None
         raise as_frontend_error(err, renames) from None
 
 
-def resolve_model(requested: str | None, served: Sequence[str]) -> str:
+def served_model(requested: str | None, served: Sequence[str]) -> str:
     """The model name to answer with; a name this server does not serve is a 404."""
     if not requested:
         return served[0]

@@ -20,7 +20,7 @@ from zayaserve.cluster.frontend_errors import (
     check_context_length,
     check_token_ids,
     internal_error,
-    resolve_model,
+    served_model,
 )
 from zayaserve.cluster.grpc_messages import delta_pb, usage_pb
 from zayaserve.cluster.grpc_params import RENAMES, sampling_params
@@ -83,7 +83,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _prepare(self, request: pb.GenerateRequest, tenant: str | None
                  ) -> tuple[str, str, str | None, list[int], SamplingParams]:
         """(model, request id, prompt text, prompt ids, params), or a FrontendError."""
-        model = resolve_model(request.model or None, self.served_model_names)
+        model = served_model(request.model or None, self.served_model_names)
         tokenizer = self.client.tokenizer
         which = request.WhichOneof("input")
         text: str | None
@@ -145,7 +145,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         failure: Exception | None = None
         try:
             if request.HasField("rsa"):
-                model = resolve_model(request.model or None, self.served_model_names)
+                model = served_model(request.model or None, self.served_model_names)
                 job, bound = rsa_job(request, self.client, tenant, self.rsa_limits)
                 iterator = tenant_limited(self.client, tenant,
                                           self.rsa_limits.max_runs_per_tenant,
@@ -203,7 +203,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         tracker = self._track(endpoint, request, context)
         try:
             if request.HasField("rsa"):
-                model = resolve_model(request.model or None, self.served_model_names)
+                model = served_model(request.model or None, self.served_model_names)
                 job, bound = rsa_job(request, self.client, tenant, self.rsa_limits)
                 answer = await rsa_unary(self.client, tenant_limited(
                     self.client, tenant, self.rsa_limits.max_runs_per_tenant,

@@ -20,7 +20,7 @@ from zayaserve.cluster.frontend_errors import (
     check_context_length,
     check_prompt_logprobs,
     internal_error,
-    resolve_model,
+    served_model,
 )
 from zayaserve.cluster.json_chunks import chunked_json
 from zayaserve.cluster.logprob_format import chat_logprobs, prompt_logprobs_out
@@ -111,7 +111,7 @@ def _prompt(body: ChatCompletionRequest, ctx: ServingContext,
 
 async def create_chat_completion(body: ChatCompletionRequest, ctx: ServingContext,
                                  request: Request, tenant: str | None = None) -> Response:
-    model = resolve_model(body.model, ctx.served_model_names)
+    model = served_model(body.model, ctx.served_model_names)
     plan = ToolPlan.of(body, ctx.tool_call_parser)
     text, ids = _prompt(body, ctx, plan)
     check_context_length(ctx.client, len(ids), None, "messages")

@@ -21,7 +21,7 @@ from zayaserve.cluster.frontend_errors import (
     check_prompt_logprobs,
     check_token_ids,
     internal_error,
-    resolve_model,
+    served_model,
 )
 from zayaserve.cluster.json_chunks import chunked_json
 from zayaserve.cluster.logprob_format import completion_logprobs, prompt_logprobs_out
@@ -109,7 +109,7 @@ def _params(body: CompletionRequest, salt: str | None, echo: Echo) -> SamplingPa
 
 async def create_completion(body: CompletionRequest, ctx: ServingContext,
                             request: Request, tenant: str | None = None) -> Response:
-    model = resolve_model(body.model, ctx.served_model_names)
+    model = served_model(body.model, ctx.served_model_names)
     echo = Echo.of(body)
     params = _params(body, cache_salt(tenant, body.cache_salt), echo)
     # Tokenizing up to a megabyte of prompts is work for a thread, not the event loop.

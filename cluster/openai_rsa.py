@@ -20,7 +20,7 @@ from zayaserve.cluster.chat_options import check_chat_options, message_dict
 from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
     as_frontend_error,
-    resolve_model,
+    served_model,
 )
 from zayaserve.cluster.openai_chat import ENDPOINT, stream_choices
 from zayaserve.cluster.openai_chat_protocol import (
@@ -61,7 +61,7 @@ from zayaserve.cluster.tool_calls import ToolPlan, ToolStream
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.rsa.events import RSAAnswerDelta, RSADone, RSAEvent, RSAJob, RSAProgress
 from zayaserve.replicas.rsa.params import RSAParams
-from zayaserve.replicas.rsa.runner import round_params
+from zayaserve.replicas.rsa.rounds import round_params
 from zayaserve.replicas.rsa.serving import preflight
 
 # Request fields that make sense with a run; any other field set to a non-default value is
@@ -142,7 +142,7 @@ def _progress(event: RSAProgress) -> RSAProgressOut:
 async def create_rsa_chat_completion(body: ChatCompletionRequest, params: RSAParams,
                                      ctx: ServingContext, request: Request,
                                      tenant: str | None) -> Response:
-    model = resolve_model(body.model, ctx.served_model_names)
+    model = served_model(body.model, ctx.served_model_names)
     chat_id = f"chatcmpl-{uuid.uuid4().hex}"
     job = _job(body, params, ctx, tenant, chat_id)
     try:

@@ -18,7 +18,7 @@ from zayaserve.cluster.frontend_errors import (
     InvalidRequestError,
     as_frontend_error,
     check_token_ids,
-    resolve_model,
+    served_model,
 )
 from zayaserve.cluster.logprob_format import token_text
 from zayaserve.cluster.openai_chat_protocol import ChatMessageParam
@@ -74,7 +74,7 @@ def add_utility_routes(app: FastAPI, ctx: ServingContext, authorize: Callable[[R
         authorize(request)
         tokenizer = ctx.client.tokenizer
         body: TokenizeRequest = await read_body(request, TokenizeRequest)
-        resolve_model(body.model, ctx.served_model_names)
+        served_model(body.model, ctx.served_model_names)
         if (body.prompt is None) == (body.messages is None):
             raise as_frontend_error(ValueError("prompt: give exactly one of prompt or messages"),
                                     default_param="prompt")
@@ -104,7 +104,7 @@ def add_utility_routes(app: FastAPI, ctx: ServingContext, authorize: Callable[[R
     async def detokenize(request: Request) -> JSONResponse:
         authorize(request)
         body: DetokenizeRequest = await read_body(request, DetokenizeRequest)
-        resolve_model(body.model, ctx.served_model_names)
+        served_model(body.model, ctx.served_model_names)
         check_token_ids(ctx.client, list(body.tokens), "tokens")
         text = ctx.client.tokenizer.decode(list(body.tokens), skip_special_tokens=False)
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())

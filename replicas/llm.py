@@ -11,7 +11,7 @@ from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.rsa.params import RSAParams
-from zayaserve.replicas.rsa.runner import RSAResult
+from zayaserve.replicas.rsa.rounds import RSAResult
 
 PromptInput = str | dict[str, Any]
 

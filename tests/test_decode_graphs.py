@@ -13,7 +13,7 @@ import torch
 
 from zayaserve import LLM, SamplingParams
 from zayaserve.replicas.engine.config import EngineConfig
-from zayaserve.replicas.engine.decode_graphs import DecodeGraphs, RerunBackend, default_buckets
+from zayaserve.replicas.engine.decode_graphs import DecodeGraphs, RerunCapture, default_buckets
 
 PROMPTS = [list(range(7, 7 + n)) for n in (3, 17, 30, 9, 40)]  # 5 sequences: bucket 8
 
@@ -34,25 +34,25 @@ def _same(a: list[tuple], b: list[tuple]) -> bool:
 
 
 def _llm(checkpoint: Path, graphs: bool, **settings: object
-         ) -> tuple[LLM, RerunBackend | None]:
+         ) -> tuple[LLM, RerunCapture | None]:
     llm = LLM(model=str(checkpoint), device="cpu", num_kv_blocks=96, max_model_len=256,
               max_num_seqs=8, **settings)
     if not graphs:
         return llm, None
-    backend = RerunBackend()
+    backend = RerunCapture()
     llm.engine.runner.graphs = llm.engine.decode_graphs(backend)
     return llm, backend
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_checkpoint: Path) -> tuple[LLM, LLM, RerunBackend]:
+def pair(tiny_checkpoint: Path) -> tuple[LLM, LLM, RerunCapture]:
     eager, _ = _llm(tiny_checkpoint, False)
     graphs, backend = _llm(tiny_checkpoint, True)
     assert backend is not None
     return eager, graphs, backend
 
 
-def test_graphs_match_eager_greedy_and_sampled(pair: tuple[LLM, LLM, RerunBackend]) -> None:
+def test_graphs_match_eager_greedy_and_sampled(pair: tuple[LLM, LLM, RerunCapture]) -> None:
     eager, graphs, backend = pair
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
     sampled = SamplingParams(temperature=0.9, top_k=20, seed=5, n=2, max_tokens=12,
@@ -68,17 +68,17 @@ def test_graphs_match_eager_greedy_and_sampled(pair: tuple[LLM, LLM, RerunBacken
 
 
 def test_whole_step_graphs_hold_the_experts(tiny_checkpoint: Path,
-                                            pair: tuple[LLM, LLM, RerunBackend]) -> None:
+                                            pair: tuple[LLM, LLM, RerunCapture]) -> None:
     """With local experts in the graph (one capture per bucket, experts inside it), decode
     gives what eager gives, snapshots included. On a GPU the Triton fused MoE makes this the
     default, and tests/test_gpu.py replays it with host syncs made errors."""
     eager = pair[0]
     whole = LLM(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=96, max_model_len=256,
                 max_num_seqs=8)
-    backend = RerunBackend()
+    backend = RerunCapture()
     graphs = whole.engine.runner.graphs = whole.engine.decode_graphs(backend, whole_step=True)
     assert graphs is not None and graphs.whole_step
-    assert not whole.engine.decode_graphs(RerunBackend()).whole_step  # torch MoE: split
+    assert not whole.engine.decode_graphs(RerunCapture()).whole_step  # torch MoE: split
     calls: list[int] = []
     experts = graphs.experts
     graphs.experts = lambda layer, *a: calls.append(layer) or experts(layer, *a)  # type: ignore
@@ -91,7 +91,7 @@ def test_whole_step_graphs_hold_the_experts(tiny_checkpoint: Path,
     assert backend.replays > 10 and len(calls) == layers * (backend.replays + backend.captures)
 
 
-def test_decode_snapshots_feed_the_prefix_cache(pair: tuple[LLM, LLM, RerunBackend]) -> None:
+def test_decode_snapshots_feed_the_prefix_cache(pair: tuple[LLM, LLM, RerunCapture]) -> None:
     """Blocks completed during (graph) decode keep their CCA states: a prompt that extends a
     finished sequence resumes from them and continues exactly as eager does."""
     eager, graphs, _ = pair
@@ -105,7 +105,7 @@ def test_decode_snapshots_feed_the_prefix_cache(pair: tuple[LLM, LLM, RerunBacke
     assert graphs.engine.stats()["prefix_cache_local_hit_tokens"] >= hits + 16
 
 
-def test_graph_steps_leave_no_state_behind(pair: tuple[LLM, LLM, RerunBackend]) -> None:
+def test_graph_steps_leave_no_state_behind(pair: tuple[LLM, LLM, RerunCapture]) -> None:
     """Padding rows write only the scratch block and state slot, which no sequence owns."""
     _, graphs, _ = pair
     eng = graphs.engine
@@ -122,7 +122,7 @@ def test_graphs_are_off_on_the_cpu_and_with_enforce_eager(tiny_checkpoint: Path)
     with pytest.raises(ValueError, match="enforce_eager"):
         EngineConfig.create(model="x", enforce_eager="sometimes")
     two = LLM(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=16, micro_batches=2)
-    graphs = two.engine.decode_graphs(RerunBackend())
+    graphs = two.engine.decode_graphs(RerunCapture())
     assert isinstance(graphs, DecodeGraphs)
     two.engine.runner.__init__(two.engine.model, two.engine.experts,  # type: ignore[misc]
                                two.engine.cache, 2, graphs)
@@ -136,7 +136,7 @@ def test_buckets() -> None:
     assert default_buckets(20) == [1, 2, 4, 8, 16, 20]
 
 
-def test_bucket_choice_and_overflow_run_eager(pair: tuple[LLM, LLM, RerunBackend]) -> None:
+def test_bucket_choice_and_overflow_run_eager(pair: tuple[LLM, LLM, RerunCapture]) -> None:
     _, graphs, _ = pair
     runner = graphs.engine.runner.graphs
     assert runner is not None
@@ -156,7 +156,7 @@ def test_graph_steps_create_no_tensor_without_a_device(tiny_checkpoint: Path) ->
     assert not guard.violations, sorted(set(guard.violations))
 
 
-def test_longer_contexts_than_captured_run_eager(pair: tuple[LLM, LLM, RerunBackend],
+def test_longer_contexts_than_captured_run_eager(pair: tuple[LLM, LLM, RerunCapture],
                                                   tiny_checkpoint: Path) -> None:
     """max_seq_len_to_capture=32: the graphs hold 2 blocks of table; a step with a longer
     sequence runs eagerly, and results still match (tables also shrink and grow between steps

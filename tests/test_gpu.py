@@ -98,9 +98,9 @@ def test_graphs_on_and_off_give_identical_greedy_tokens(case: Any) -> None:
     for eager in (True, False):
         llm = LLM(model=str(path), device=DEVICE, dtype="float32", enforce_eager=eager)
         if not GPU and not eager:
-            from zayaserve.replicas.engine.decode_graphs import RerunBackend
+            from zayaserve.replicas.engine.decode_graphs import RerunCapture
 
-            llm.engine.runner.graphs = llm.engine.decode_graphs(RerunBackend())
+            llm.engine.runner.graphs = llm.engine.decode_graphs(RerunCapture())
         assert (llm.engine.runner.graphs is None) == eager
         results.append([[o.outputs[0].token_ids for o in llm.generate(
             [{"prompt_token_ids": p} for p in batch], params)]  # type: ignore[misc]
@@ -125,10 +125,10 @@ def test_a_local_expert_decode_step_is_one_graph_without_host_syncs(case: Any) -
     want = [o.outputs[0].token_ids for o in eager.generate(batch, params)]  # type: ignore
     llm = LLM(model=str(path), device=DEVICE, dtype="float32", enable_prefix_caching=False)
     if not GPU:
-        from zayaserve.replicas.engine.decode_graphs import RerunBackend
+        from zayaserve.replicas.engine.decode_graphs import RerunCapture
 
         # The CPU's fused MoE is torch's (it syncs): the wiring is what runs here.
-        llm.engine.runner.graphs = llm.engine.decode_graphs(RerunBackend(), whole_step=True)
+        llm.engine.runner.graphs = llm.engine.decode_graphs(RerunCapture(), whole_step=True)
     graphs = llm.engine.runner.graphs
     assert graphs is not None and graphs.whole_step  # on a GPU: the default
     run, checked = graphs.run, []

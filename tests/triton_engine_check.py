@@ -14,7 +14,7 @@ from hf_reference import build_hf_checkpoint, reference_greedy, reference_prompt
 
 from zayaserve import LLM, SamplingParams
 from zayaserve.kernels.registry import default_backend
-from zayaserve.replicas.engine.decode_graphs import RerunBackend
+from zayaserve.replicas.engine.decode_graphs import RerunCapture
 
 path = Path(sys.argv[1])
 model = build_hf_checkpoint(path, seed=3, num_hidden_layers=2,
@@ -33,7 +33,7 @@ for p, out, (ref_lp, ref_tokens) in zip(prompts, outs, refs, strict=True):
     worst = max(worst, float((got - ref_lp).abs().max()))
     same &= out.outputs[0].token_ids == ref_tokens
 graphs = LLM(model=str(path), block_size=4, max_num_batched_tokens=6)
-graphs.engine.runner.graphs = graphs.engine.decode_graphs(RerunBackend())
+graphs.engine.runner.graphs = graphs.engine.decode_graphs(RerunCapture())
 graph_outs = graphs.generate([{"prompt_token_ids": p} for p in prompts],
                              SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
 graphs_same = all(o.outputs[0].token_ids == ref for o, (_, ref) in zip(graph_outs, refs,

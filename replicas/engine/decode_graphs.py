@@ -19,7 +19,7 @@ rows decode a dummy token into the cache's scratch block and scratch state slot,
 sequence owns. Prefix-cache snapshots are taken after the replay, for all layers at once (a
 decode step moves each state exactly once, so the slot holds what the block needs).
 
-`GraphBackend` is what captures: `CudaGraphBackend` on a GPU; tests use a backend that re-runs
+`GraphCapture` is what captures: `CudaGraphCapture` on a GPU; tests use one that re-runs
 the segment's Python against the same static buffers, which checks everything but the driver.
 """
 
@@ -42,12 +42,12 @@ Outputs = tuple[torch.Tensor, ...]
 Segment = Callable[[], Outputs]
 
 
-class GraphBackend(Protocol):
+class GraphCapture(Protocol):
     def capture(self, segment: Segment) -> tuple[Callable[[], None], Outputs]:
         """Captures `segment`; returns (replay, the outputs every replay rewrites)."""
 
 
-class CudaGraphBackend:
+class CudaGraphCapture:
     """torch.cuda graphs (HIP graphs on ROCm builds), all in one memory pool."""
 
     def __init__(self, device: torch.device) -> None:
@@ -68,7 +68,7 @@ class CudaGraphBackend:
         return graph.replay, outputs
 
 
-class RerunBackend:
+class RerunCapture:
     """Replays by re-running the segment's Python and copying into the first run's outputs:
     what a graph does, minus the driver. For tests on machines without a GPU."""
 
@@ -155,9 +155,9 @@ class _Bucket:
 
 class DecodeGraphs:
     def __init__(self, model: AttentionSideModel, experts: ExpertBackend, cache: KVCache,
-                 max_batch: int, max_blocks_per_seq: int, backend: GraphBackend,
+                 max_batch: int, max_blocks_per_seq: int, capture: GraphCapture,
                  buckets: Sequence[int] | None = None, whole_step: bool | None = None) -> None:
-        self.model, self.experts, self.cache, self.backend = model, experts, cache, backend
+        self.model, self.experts, self.cache, self.capture = model, experts, cache, capture
         # One graph per step when the experts can live inside it (see the module docstring).
         self.whole_step = (isinstance(experts, LocalExpertBackend)
                            and default_backend() == "triton") if whole_step is None else whole_step
@@ -229,7 +229,7 @@ class DecodeGraphs:
             return self._capture_whole(size, inputs, batch, first)
         segments, expert_inputs = [], []
         with torch.inference_mode():
-            replay, out = self.backend.capture(first)
+            replay, out = self.capture.capture(first)
             segments.append(replay)
             tables = out[5:]
             ropes = {kind: (tables[2 * j], tables[2 * j + 1]) for j, kind in enumerate(kinds)}
@@ -243,14 +243,14 @@ class DecodeGraphs:
                     res = prev.finish(y, residual)
                     return _attend(layer, res, state, ropes, batch, cache)
 
-                replay, out = self.backend.capture(step)
+                replay, out = self.capture.capture(step)
                 segments.append(replay)
             expert_inputs.append(out[2:5])
 
             def last(residual: torch.Tensor = out[0]) -> Outputs:
                 return (model.head(layers[-1].finish(y, residual), batch.logits_indices),)
 
-            replay, (logits,) = self.backend.capture(last)
+            replay, (logits,) = self.capture.capture(last)
             segments.append(replay)
         self._graphs[size] = _Bucket(inputs, segments, expert_inputs, logits)
         return self._graphs[size]
@@ -275,7 +275,7 @@ class DecodeGraphs:
             return (model.head(layers[-1].finish(y, out[0]), batch.logits_indices),)
 
         with torch.inference_mode():
-            replay, (logits,) = self.backend.capture(whole)
+            replay, (logits,) = self.capture.capture(whole)
         self._graphs[size] = _Bucket(inputs, [replay], [], logits)
         return self._graphs[size]
 

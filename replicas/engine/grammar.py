@@ -30,7 +30,7 @@ from zayaserve.replicas.validation_errors import ParamError
 if TYPE_CHECKING:
     from zayaserve.replicas.model.tokenizer import Tokenizer
 
-__all__ = ["CompileOnEngineThreadError", "GrammarBackend", "GrammarMask", "INSTALL_HINT",
+__all__ = ["CompileOnEngineThreadError", "GrammarCompiler", "GrammarMask", "INSTALL_HINT",
            "forbid_compiles", "no_compiles"]
 
 INSTALL_HINT = "pip install 'zayaserve[structured]'"
@@ -91,7 +91,7 @@ def _ebnf_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-class GrammarBackend:
+class GrammarCompiler:
     """Compiles constraints for one tokenizer and vocabulary (the model's logits width)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Sequence[int],
@@ -171,20 +171,20 @@ class Grammars:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
-        self._backend: GrammarBackend | None = None
+        self._backend: GrammarCompiler | None = None
         self._lock = threading.Lock()
         limits = limits if limits is not None else RequestLimits.model_validate({})
         self.compiles = CompilePool(lambda spec: self.backend().compile(spec),
                                     limits.max_concurrent_grammar_compiles,
                                     limits.max_grammar_compile_s)
 
-    def backend(self) -> GrammarBackend:
+    def backend(self) -> GrammarCompiler:
         with self._lock:
             if self._backend is None:
                 if self.tokenizer is None:
                     raise ParamError("structured_outputs", "structured outputs need a "
                                      "tokenizer and this model has none")
-                self._backend = GrammarBackend(self.tokenizer, self.vocab_size,
+                self._backend = GrammarCompiler(self.tokenizer, self.vocab_size,
                                                self.stop_token_ids)
             return self._backend
 

@@ -11,7 +11,7 @@ import torch
 
 from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.config import EngineConfig
-from zayaserve.replicas.engine.decode_graphs import CudaGraphBackend, DecodeGraphs, GraphBackend
+from zayaserve.replicas.engine.decode_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
 from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.engine.engine_stats import engine_stats
 from zayaserve.replicas.engine.grammar import Grammars, no_compiles
@@ -104,18 +104,18 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
 
-    def decode_graphs(self, backend: GraphBackend | None = None,
+    def decode_graphs(self, capture: GraphCapture | None = None,
                       whole_step: bool | None = None) -> DecodeGraphs | None:
-        """Graphs for decode steps: on a GPU unless enforce_eager (or with a given backend);
+        """Graphs for decode steps: on a GPU unless enforce_eager (or with a given capture);
         `whole_step`: one graph per step (default: when the experts can be in it)."""
-        if backend is None:
+        if capture is None:
             if self.config.enforce_eager or self.device.type != "cuda":
                 return None
-            backend = CudaGraphBackend(self.device)
+            capture = CudaGraphCapture(self.device)
         longest = min(self.max_model_len, self.config.max_seq_len_to_capture)
         width = -(-longest // self.config.block_size)
         return DecodeGraphs(self.model, self.experts, self.cache,
-                            min(self.config.max_num_seqs, 512), width, backend,
+                            min(self.config.max_num_seqs, 512), width, capture,
                             whole_step=whole_step)
 
     def _remote_tier(self) -> RemoteTier:

@@ -65,20 +65,20 @@ class AttentionLayer(nn.Module):
     def forward(
         self,
         residual: torch.Tensor,  # [T, H] fp32
-        router_state: torch.Tensor | None,
+        gate_state: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         batch: StepBatch,
         cache: KVCache,
         experts: ExpertBackend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        residual, x, routing = self.attend(residual, router_state, rope, batch, cache)
+        residual, x, routing = self.attend(residual, gate_state, rope, batch, cache)
         y = experts(self.layer_idx, x, routing.expert_ids, routing.weights)
         return self.finish(y, residual), routing.state
 
     def attend(
         self,
         residual: torch.Tensor,
-        router_state: torch.Tensor | None,
+        gate_state: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         batch: StepBatch,
         cache: KVCache,
@@ -108,7 +108,7 @@ class AttentionLayer(nn.Module):
         o = attn.o_proj(o.reshape(o.shape[0], -1))
         residual = self.post_attention_residual_scale(o, residual)
         x = self.post_attention_layernorm(residual.to(dtype))
-        return residual, x, self.mlp.gate(x, router_state)
+        return residual, x, self.mlp.gate(x, gate_state)
 
     def finish(self, expert_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The experts' output joins the residual stream."""
@@ -207,8 +207,8 @@ class AttentionSideModel(nn.Module):
         """Runs the new tokens of every sequence through the model, writing their K/V and CCA
         states; returns fp32 logits [L, V] for the rows in `batch.logits_indices`."""
         residual, ropes = self.embed(batch)
-        router_state: torch.Tensor | None = None
+        gate_state: torch.Tensor | None = None
         for layer in self.layers:
-            residual, router_state = layer(
-                residual, router_state, ropes[layer.layer_type], batch, cache, experts)
+            residual, gate_state = layer(
+                residual, gate_state, ropes[layer.layer_type], batch, cache, experts)
         return self.head(residual, batch.logits_indices)

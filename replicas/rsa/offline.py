@@ -1,5 +1,5 @@
 """A Markovian RSA run on the offline engine (`LLM.rsa`): the synchronous `LLMEngine` driven
-from an asyncio loop, so the same runner that serves the workers batches the round's calls
+from an asyncio loop, so the same rounds code that serves the workers batches the round's calls
 here too."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 from zayaserve.replicas.rsa.events import RSAJob
-from zayaserve.replicas.rsa.runner import RSAResult
+from zayaserve.replicas.rsa.rounds import RSAResult
 from zayaserve.replicas.rsa.serving import run_job
 
 

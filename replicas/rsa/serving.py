@@ -21,7 +21,7 @@ from zayaserve.replicas.model.tokenizer import Tokenizer
 from zayaserve.replicas.rsa.events import RSADone, RSAEvent, RSAJob
 from zayaserve.replicas.rsa.params import call_counts, check_budget, max_context
 from zayaserve.replicas.rsa.prompts import aggregation_prompt
-from zayaserve.replicas.rsa.runner import Generate, Render, RSAResult, RSARun
+from zayaserve.replicas.rsa.rounds import Generate, Render, RSAResult, RSARun
 from zayaserve.replicas.validation_errors import ParamError
 
 # Tokens allowed per carried tail for re-tokenization at its edges (a tail's first and last

@@ -16,7 +16,7 @@ from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.rsa.params import RSAParams, max_context
 from zayaserve.replicas.rsa.prompts import aggregation_prompt, carry_tail
-from zayaserve.replicas.rsa.runner import RSARun
+from zayaserve.replicas.rsa.rounds import RSARun
 from zayaserve.replicas.rsa.seeds import choose_subsets
 
 PROBLEM = "What is the sum of the first ten odd numbers? Explain every step of it carefully."
