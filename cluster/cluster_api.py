@@ -23,7 +23,7 @@ from zayaserve.cluster.frontend_errors import (
     internal_error,
 )
 from zayaserve.cluster.openapi_schema import openapi_responses
-from zayaserve.cluster.streams import ServingContext
+from zayaserve.cluster.serving_context import ServingContext
 
 ROUTE = "/v1/cluster/placement"
 SCALE_ROUTE, OPERATIONS_ROUTE = "/v1/cluster/scale", "/v1/cluster/operations/{op_id}"

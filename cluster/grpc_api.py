@@ -17,10 +17,7 @@ from zayaserve.cluster.frontend_errors import (
     FrontendError,
     InvalidRequestError,
     as_frontend_error,
-    check_context_length,
-    check_token_ids,
     internal_error,
-    served_model,
 )
 from zayaserve.cluster.grpc_messages import delta_pb, usage_pb
 from zayaserve.cluster.grpc_params import RENAMES, sampling_params
@@ -28,6 +25,7 @@ from zayaserve.cluster.grpc_rsa import rsa_job, rsa_messages, rsa_unary
 from zayaserve.cluster.metrics import MetricsCollector
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
+from zayaserve.cluster.request_checks import check_context_length, check_token_ids, served_model
 from zayaserve.cluster.request_tracker import RequestTracker
 from zayaserve.cluster.response_budget import (
     DEFAULT_MAX_RESPONSE_LOGPROBS,

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from zayaserve.cluster.api_keys import cache_salt
-from zayaserve.cluster.frontend_errors import InvalidRequestError, build_sampling_params
+from zayaserve.cluster.frontend_errors import InvalidRequestError
 from zayaserve.cluster.protos import generation_pb2 as pb
+from zayaserve.cluster.request_checks import build_sampling_params
 from zayaserve.replicas.engine.params import SamplingParams
 
 _OPTIONAL_SAMPLING_FIELDS = (

@@ -60,7 +60,8 @@ from zayaserve.cluster.openapi_schema import (
 )
 from zayaserve.cluster.response_budget import DEFAULT_MAX_RESPONSE_LOGPROBS
 from zayaserve.cluster.rsa_request import rsa_params_of
-from zayaserve.cluster.streams import ServingContext, error_response_of
+from zayaserve.cluster.serving_context import ServingContext
+from zayaserve.cluster.streams import error_response_of
 from zayaserve.cluster.utility_api import add_utility_routes
 from zayaserve.replicas.observability.safe_text import log_safe
 from zayaserve.replicas.rsa.serving import RSALimits

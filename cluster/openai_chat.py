@@ -13,15 +13,7 @@ from starlette.responses import Response
 
 from zayaserve.cluster.api_keys import cache_salt
 from zayaserve.cluster.chat_options import check_chat_options, message_dict, open_final_message
-from zayaserve.cluster.frontend_errors import (
-    InvalidRequestError,
-    as_frontend_error,
-    build_sampling_params,
-    check_context_length,
-    check_prompt_logprobs,
-    internal_error,
-    served_model,
-)
+from zayaserve.cluster.frontend_errors import InvalidRequestError, as_frontend_error, internal_error
 from zayaserve.cluster.json_chunks import chunked_json
 from zayaserve.cluster.logprob_format import chat_logprobs, prompt_logprobs_out
 from zayaserve.cluster.openai_chat_protocol import (
@@ -35,13 +27,18 @@ from zayaserve.cluster.openai_chat_protocol import (
     DeltaMessage,
 )
 from zayaserve.cluster.reasoning import ReasoningMode, ThinkParser
+from zayaserve.cluster.request_checks import (
+    build_sampling_params,
+    check_context_length,
+    check_prompt_logprobs,
+    served_model,
+)
 from zayaserve.cluster.request_tracker import RequestTracker, w3c_headers
 from zayaserve.cluster.response_budget import check_response_budget, logprob_entries
+from zayaserve.cluster.serving_context import ServingContext
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
-    ServingContext,
-    UsageCounter,
     close_streams,
     collect,
     merge_streams,
@@ -50,11 +47,11 @@ from zayaserve.cluster.streams import (
     stream_closer,
     stream_error_event,
     unless_disconnected,
-    usage_of,
 )
 from zayaserve.cluster.structured_request import constraint_renames, structured_spec
 from zayaserve.cluster.tool_calls import ToolPlan, ToolStream
 from zayaserve.cluster.tool_protocol import ToolCall
+from zayaserve.cluster.usage import UsageCounter, usage_of
 from zayaserve.replicas.engine.outputs import RequestOutput, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 

@@ -17,11 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from zayaserve.cluster.api_keys import cache_salt
 from zayaserve.cluster.chat_options import check_chat_options, message_dict
-from zayaserve.cluster.frontend_errors import (
-    InvalidRequestError,
-    as_frontend_error,
-    served_model,
-)
+from zayaserve.cluster.frontend_errors import InvalidRequestError, as_frontend_error
 from zayaserve.cluster.openai_chat import ENDPOINT, stream_choices
 from zayaserve.cluster.openai_chat_protocol import (
     ChatChoice,
@@ -31,6 +27,7 @@ from zayaserve.cluster.openai_chat_protocol import (
     DeltaMessage,
 )
 from zayaserve.cluster.reasoning import ReasoningMode, ThinkParser
+from zayaserve.cluster.request_checks import served_model
 from zayaserve.cluster.request_tracker import RequestTracker, w3c_headers
 from zayaserve.cluster.rsa_protocol import (
     PromptTokensDetails,
@@ -48,10 +45,10 @@ from zayaserve.cluster.rsa_request import (
     tenant_limited,
     unfinished,
 )
+from zayaserve.cluster.serving_context import ServingContext
 from zayaserve.cluster.streams import (
     SSE_DONE,
     ClosingStreamingResponse,
-    ServingContext,
     aclose_quietly,
     sse,
     stream_error_event,

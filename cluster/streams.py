@@ -1,7 +1,8 @@
 """Moving a request's `StepDelta`s from the engine client to the client's socket: opening
 streams so that admission errors come before a 200, merging the streams of several prompts,
 cancelling the engine's work whenever the client goes away, and REST's server-sent events
-(chunks, in-band errors after a 200, usage)."""
+(chunks, in-band errors after a 200). The handlers' context is `serving_context`, usage
+`usage`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -24,31 +24,15 @@ from zayaserve.cluster.frontend_errors import (
     as_frontend_error,
     internal_error,
 )
-from zayaserve.cluster.metrics import MetricsCollector, RequestTracker
-from zayaserve.cluster.openai_protocol import ErrorDetail, ErrorResponse, UsageInfo
-from zayaserve.cluster.response_budget import DEFAULT_MAX_RESPONSE_LOGPROBS
+from zayaserve.cluster.metrics import RequestTracker
+from zayaserve.cluster.openai_protocol import ErrorDetail, ErrorResponse
 from zayaserve.replicas.engine.outputs import RequestOutput, RequestOutputBuilder, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
-from zayaserve.replicas.rsa.serving import RSALimits
 
 T = TypeVar("T")
 
 
 SSE_DONE = b"data: [DONE]\n\n"
-
-
-@dataclass(slots=True)
-class ServingContext:
-    """What every endpoint handler needs."""
-
-    client: EngineClient
-    served_model_names: list[str]
-    metrics: MetricsCollector
-    max_prompts: int = 64  # prompts in one completions request
-    reasoning_parser: str | None = None  # "think": <think>...</think> -> reasoning_content
-    tool_call_parser: str | None = "hermes"  # tool_choice auto: <tool_call>{...}</tool_call>
-    rsa_limits: RSALimits = field(default_factory=RSALimits)  # limits.max_rsa_*
-    max_response_logprobs: int = DEFAULT_MAX_RESPONSE_LOGPROBS  # response_budget.py
 
 
 # ---- engine streams ------------------------------------------------------------------------
@@ -195,31 +179,6 @@ def sse(payload: BaseModel | dict[str, Any]) -> bytes:
     # Every field is written, nulls included, as OpenAI's own chunks do.
     body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
     return f"data: {body}\n\n".encode()
-
-
-class UsageCounter:
-    """Usage of a streamed response, counted from its deltas (O(1) per delta)."""
-
-    def __init__(self) -> None:
-        self.prompt = self.completion = 0
-
-    def add(self, delta: StepDelta, count_completion: bool = True) -> None:
-        if delta.prompt_token_ids is not None:
-            self.prompt += len(delta.prompt_token_ids)
-        if count_completion:  # not when scoring a prompt (the one token is dropped)
-            self.completion += sum(len(c.token_ids) for c in delta.completions)
-
-    def usage(self) -> UsageInfo:
-        return UsageInfo(prompt_tokens=self.prompt, completion_tokens=self.completion,
-                         total_tokens=self.prompt + self.completion)
-
-
-def usage_of(outputs: Sequence[RequestOutput]) -> UsageInfo:
-    """Each prompt counts once however many completions it has, as OpenAI counts it."""
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

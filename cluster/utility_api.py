@@ -14,17 +14,13 @@ from starlette.responses import JSONResponse
 
 from zayaserve import __version__
 from zayaserve.cluster.chat_options import message_dict
-from zayaserve.cluster.frontend_errors import (
-    InvalidRequestError,
-    as_frontend_error,
-    check_token_ids,
-    served_model,
-)
+from zayaserve.cluster.frontend_errors import InvalidRequestError, as_frontend_error
 from zayaserve.cluster.logprob_format import token_text
 from zayaserve.cluster.openai_chat_protocol import ChatMessageParam
 from zayaserve.cluster.openai_protocol import TokenId, _Request
 from zayaserve.cluster.openapi_schema import openapi_request_body, openapi_responses
-from zayaserve.cluster.streams import ServingContext
+from zayaserve.cluster.request_checks import check_token_ids, served_model
+from zayaserve.cluster.serving_context import ServingContext
 from zayaserve.cluster.tool_protocol import ChatTool
 
 

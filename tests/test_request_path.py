@@ -53,7 +53,8 @@ RAY_SIDE = ["router/request_router.py", "replicas/attention_worker.py", "replica
 SUPPORT = {
     "replicas/engine/noise.py", "replicas/engine/sampling_plan.py", "router/stream_wire.py",
     "replicas/model/experts.py",  # the ExpertBackend interface the remote backend implements
-    "cluster/api_keys.py",
+    "cluster/api_keys.py", "cluster/request_checks.py", "cluster/serving_context.py",
+    "cluster/usage.py",
     "cluster/frontend_errors.py", "cluster/logprob_format.py",
     "cluster/metrics.py", "cluster/chat_options.py", "cluster/reasoning.py",
     "cluster/structured_request.py", "cluster/tool_calls.py", "replicas/engine/grammar.py",
@@ -73,7 +74,8 @@ SUPPORT = {
     "router/tensor_codec.py", "router/protos/expert_pb2_grpc.py",
     # Metrics and traces: they watch the path (docs/structure.md lists them apart).
     "cluster/request_tracker.py", "replicas/engine/request_timeline.py",
-    "replicas/observability/tracing.py", "replicas/observability/dispatch_tracing.py",
+    "replicas/observability/tracing.py", "replicas/observability/genai_metrics.py",
+    "replicas/observability/dispatch_tracing.py",
 }
 
 
