@@ -15,8 +15,8 @@ import torch
 
 class InProcessCluster:
     def __init__(self, model: str, num_shards: int = 2, **engine_kw: Any) -> None:
-        from zayaserve.cluster.engine_client import LocalEngineClient
-        from zayaserve.cluster.openai_api import build_openai_app
+        from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+        from zayaserve.cluster.frontend.openai_api import build_openai_app
         from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
         from zayaserve.replicas.engine.config import EngineConfig
         from zayaserve.replicas.engine.llm_engine import LLMEngine

@@ -264,8 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.max_model_len = args.max_model_len or max(2048, -(-need // 256) * 256)
     args.num_kv_blocks = args.num_kv_blocks or max(2048, (args.n + 1) * args.max_model_len // 16)
 
-    from zayaserve.cluster.engine_client import LocalEngineClient
-    from zayaserve.cluster.openai_api import build_openai_app
+    from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+    from zayaserve.cluster.frontend.openai_api import build_openai_app
     from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
     from zayaserve.replicas.engine.config import EngineConfig
     from zayaserve.replicas.engine.llm_engine import LLMEngine

@@ -19,14 +19,14 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from zayaserve.cluster.config import ClusterConfig
-from zayaserve.cluster.elastic_config import pool_bounds
-from zayaserve.cluster.ingress import Ingress
-from zayaserve.cluster.placement_controller import PlacementController
-from zayaserve.cluster.serve_autoscaling import (
+from zayaserve.cluster.control.elastic_config import pool_bounds
+from zayaserve.cluster.control.placement_controller import PlacementController
+from zayaserve.cluster.control.serve_autoscaling import (
     SHARD_METRIC,
     WORKER_METRIC,
     serve_autoscaling_config,
 )
+from zayaserve.cluster.ingress import Ingress
 from zayaserve.replicas.attention_worker import AttentionWorker
 from zayaserve.replicas.expert_shard import ExpertShard
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
@@ -34,7 +34,7 @@ from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.router.shard_server import dispatch_message_limit
 
 # Serve imports the request router class by its dotted path.
-REQUEST_ROUTER = "zayaserve.router.request_router.PrefixAwareRequestRouter"
+REQUEST_ROUTER = "zayaserve.replicas.serve_request_router.PrefixAwareRequestRouter"
 
 
 def build_app(args: dict[str, Any] | ClusterConfig) -> Application:

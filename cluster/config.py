@@ -28,9 +28,9 @@ from pydantic import (
     model_validator,
 )
 
-from zayaserve.cluster.autoscale_policy import AutoscalingConfig
-from zayaserve.cluster.elastic_config import EplbConfig
-from zayaserve.cluster.response_budget import DEFAULT_MAX_RESPONSE_LOGPROBS
+from zayaserve.cluster.control.autoscale_policy import AutoscalingConfig
+from zayaserve.cluster.control.elastic_config import EplbConfig
+from zayaserve.cluster.frontend.response_budget import DEFAULT_MAX_RESPONSE_LOGPROBS
 from zayaserve.replicas.engine.config import EngineSettings
 from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.validation_errors import format_validation_error

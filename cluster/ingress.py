@@ -8,11 +8,11 @@ from typing import Any
 
 from ray import serve
 
-from zayaserve.cluster.admin_auth import load_admin_keys
-from zayaserve.cluster.api_keys import load_api_keys
 from zayaserve.cluster.config import ClusterConfig
-from zayaserve.cluster.engine_client import ClusterEngineClient
-from zayaserve.cluster.metrics import MetricsCollector
+from zayaserve.cluster.control.admin_auth import load_admin_keys
+from zayaserve.cluster.frontend.api_keys import load_api_keys
+from zayaserve.cluster.frontend.engine_client import ClusterEngineClient
+from zayaserve.cluster.frontend.metrics import MetricsCollector
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.tokenizer import Tokenizer
 from zayaserve.replicas.observability import genai_metrics
@@ -50,7 +50,7 @@ class Ingress:
         self.metrics = MetricsCollector()
         self.grpc_server = None
         if self.config.grpc_port:
-            from zayaserve.cluster.grpc_server import start_grpc_server
+            from zayaserve.cluster.frontend.grpc_server import start_grpc_server
 
             self.grpc_server = await start_grpc_server(
                 self.client, self.config.grpc_port, host=self.config.http_host,
@@ -66,7 +66,7 @@ class Ingress:
         return rsa_limits(self.config.engine.limits)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from zayaserve.cluster.openai_api import build_openai_app
+        from zayaserve.cluster.frontend.openai_api import build_openai_app
 
         return build_openai_app(self.client, api_keys=self.api_keys,
                                 metrics_need_key=self.config.metrics_require_api_key,

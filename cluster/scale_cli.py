@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from zayaserve.cluster.admin_auth import ADMIN_ENV_VAR
+from zayaserve.cluster.control.admin_auth import ADMIN_ENV_VAR
 
 
 def add_scale_parser(sub: Any) -> None:

@@ -162,7 +162,7 @@ class AttentionWorker:
 
     def record_routing_stats(self) -> dict[str, float]:
         """Serve's hook for the request router: an RSA run is one request to Serve but many
-        calls in the engine; the router counts the calls (router/request_router.py)."""
+        calls in the engine; the router counts the calls (replicas/serve_request_router.py)."""
         gate = rsa_gate(self.engine)
         return {"rsa_calls": float(gate.calls), "rsa_runs": float(gate.runs)}
 

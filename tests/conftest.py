@@ -37,7 +37,7 @@ def server(engine_client: Any) -> Iterator[Any]:
     served by uvicorn on a free port."""
     from test_openai_api import Server
 
-    from zayaserve.cluster.openai_api import build_openai_app
+    from zayaserve.cluster.frontend.openai_api import build_openai_app
 
     s = Server(build_openai_app(engine_client))
     yield s

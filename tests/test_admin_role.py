@@ -14,15 +14,15 @@ from typing import Any
 import httpx
 import pytest
 
-from zayaserve.cluster.admin_auth import ADMIN_ENV_VAR, load_admin_keys
-from zayaserve.cluster.openai_api import build_openai_app
-from zayaserve.cluster.placement_state import ExpertPlacement
-from zayaserve.cluster.scale_ops import (
+from zayaserve.cluster.control.admin_auth import ADMIN_ENV_VAR, load_admin_keys
+from zayaserve.cluster.control.placement_state import ExpertPlacement
+from zayaserve.cluster.control.scale_ops import (
     ScaleOperations,
     ScaleRefused,
     ScaleTooSoon,
     peak_experts_per_shard,
 )
+from zayaserve.cluster.frontend.openai_api import build_openai_app
 
 TENANT, ADMIN = "tenant-key-0001", "admin-key-00001"
 PLACEMENT = "/v1/cluster/placement"

@@ -16,11 +16,11 @@ import openai
 import pytest
 from test_openai_api import MODEL, Server, free_port, wait_idle
 
-from zayaserve.cluster.api_keys import ApiKeys, cache_salt, load_api_keys
-from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.frontend_errors import AuthenticationError
-from zayaserve.cluster.grpc_server import start_grpc_server
-from zayaserve.cluster.openai_api import build_openai_app
+from zayaserve.cluster.frontend.api_keys import ApiKeys, cache_salt, load_api_keys
+from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+from zayaserve.cluster.frontend.frontend_errors import AuthenticationError
+from zayaserve.cluster.frontend.grpc_server import start_grpc_server
+from zayaserve.cluster.frontend.openai_api import build_openai_app
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
 

@@ -200,7 +200,7 @@ def test_stream_deltas_and_their_reasoning_split_match(tiny_checkpoint: Path) ->
     """Step by step, each request gets the same deltas (tokens, text, finish) in both modes,
     so what a front end makes of the stream, e.g. the reasoning split of a `<think>` opened by
     the prompt, is the same too."""
-    from zayaserve.cluster.reasoning import ThinkParser
+    from zayaserve.cluster.frontend.reasoning import ThinkParser
 
     def deltas(llm: LLM) -> dict[str, list[tuple[Any, ...]]]:
         engine = llm.engine

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from zayaserve.cluster.autoscale_policy import (
+from zayaserve.cluster.control.autoscale_policy import (
     AttentionTargets,
     AutoscalingConfig,
     Decision,

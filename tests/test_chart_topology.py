@@ -107,7 +107,7 @@ def offline_outputs(checkpoint: Path) -> dict[str, tuple[str, list[Any]]]:
     """The offline engine's answers to rest_requests: text, and each token's text (legacy
     completions) or bytes (chat)."""
     from zayaserve import LLM, SamplingParams
-    from zayaserve.cluster.logprob_format import token_bytes, token_text
+    from zayaserve.cluster.frontend.logprob_format import token_bytes, token_text
 
     llm = LLM(model=str(checkpoint))
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)

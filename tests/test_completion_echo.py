@@ -16,7 +16,7 @@ from hf_reference import build_hf_checkpoint, reference_prompt_logprobs
 from test_openai_api import MODEL, Server, make_engine_client
 
 from zayaserve import LLM, SamplingParams
-from zayaserve.cluster.openai_api import build_openai_app
+from zayaserve.cluster.frontend.openai_api import build_openai_app
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 
 PROMPT_IDS = [2, 40, 17, 300, 5, 77, 123, 9, 450, 31, 64, 200]

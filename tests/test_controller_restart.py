@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from test_placement_controller import Sim
 
-from zayaserve.cluster.controller_state import ControllerState
-from zayaserve.cluster.controller_store import (
+from zayaserve.cluster.control.controller_state import ControllerState
+from zayaserve.cluster.control.controller_store import (
     SCHEMA_VERSION,
     ControllerRecord,
     GcsControllerStore,
@@ -21,7 +21,7 @@ from zayaserve.cluster.controller_store import (
     decode,
     encode,
 )
-from zayaserve.cluster.scale_ops import ScaleTooSoon
+from zayaserve.cluster.control.scale_ops import ScaleTooSoon
 from zayaserve.router.placement import PlacementMap
 
 WALL = 1_700_000_000.0  # wall clock = WALL + the simulation's clock (+ downtime)
@@ -275,7 +275,7 @@ def test_token_router_never_routes_by_an_older_map() -> None:
 
 def test_controller_deployment_resumes_from_its_store() -> None:
     """The Serve deployment's class itself, constructed as Serve does, twice on one store."""
-    from zayaserve.cluster.placement_controller import PlacementController
+    from zayaserve.cluster.control.placement_controller import PlacementController
 
     cls: Any = PlacementController.func_or_class  # type: ignore[attr-defined]
     store = MemoryControllerStore()

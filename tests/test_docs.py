@@ -74,7 +74,7 @@ def test_links_resolve() -> None:
 
 
 def test_http_paths_are_routes() -> None:
-    from zayaserve.cluster.openai_api import build_openai_app
+    from zayaserve.cluster.frontend.openai_api import build_openai_app
 
     app = build_openai_app(SimpleNamespace(model_name="tiny", max_model_len=64))
     routes = [re.sub(r"\{[^}]+\}", "[^/]+", r.path) for r in app.routes]  # type: ignore[attr-defined]

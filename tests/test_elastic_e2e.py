@@ -13,8 +13,8 @@ import httpx
 import pytest
 from cluster_harness import Cluster, Load, deploy, undeploy, wait_for
 
-from zayaserve.cluster.admin_auth import ADMIN_ENV_VAR
 from zayaserve.cluster.cli import main as cli_main
+from zayaserve.cluster.control.admin_auth import ADMIN_ENV_VAR
 
 pytestmark = pytest.mark.e2e
 KEY, TENANT = "elastic-admin-key", "elastic-tenant-key"

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from zayaserve.router.eplb import (
+from zayaserve.cluster.control.eplb import (
     LoadTracker,
     balancedness,
     moves,

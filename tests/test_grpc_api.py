@@ -19,8 +19,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from zayaserve import LLM, SamplingParams
 from zayaserve.client import AsyncZayaClient, ZayaClient
-from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.grpc_server import start_grpc_server
+from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+from zayaserve.cluster.frontend.grpc_server import start_grpc_server
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine

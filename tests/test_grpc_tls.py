@@ -13,8 +13,8 @@ import grpc
 import pytest
 from test_openai_api import free_port
 
-from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.grpc_server import start_grpc_server
+from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+from zayaserve.cluster.frontend.grpc_server import start_grpc_server
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
 

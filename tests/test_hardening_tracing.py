@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from test_grpc_api import GrpcServer, wait_idle
 
-from zayaserve.cluster import grpc_api
+from zayaserve.cluster.frontend import grpc_api
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
 from zayaserve.replicas.observability import tracing

@@ -28,7 +28,7 @@ FLOORS = [
     ("router/", 3, "token dispatch"),
     ("replicas/attention_worker.py", 4, "deployments"),
     ("replicas/expert_shard.py", 4, "deployments"),
-    ("router/request_router.py", 4, "deployments"),
+    ("replicas/serve_request_router.py", 4, "deployments"),
     ("cluster/", 5, "front end and control plane"),
     ("client.py", 5, "front end and control plane"),
     ("cluster/cli.py", 6, "command line"),

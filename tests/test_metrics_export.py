@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from zayaserve.cluster.metrics import MetricsCollector
-from zayaserve.cluster.worker_totals import WorkerTotals
+from zayaserve.cluster.control.worker_totals import WorkerTotals
+from zayaserve.cluster.frontend.metrics import MetricsCollector
 from zayaserve.router.router_stats import ShardLatency
 
 

@@ -18,8 +18,8 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from zayaserve import LLM, SamplingParams
-from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.openai_api import build_openai_app
+from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+from zayaserve.cluster.frontend.openai_api import build_openai_app
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.llm_engine import LLMEngine

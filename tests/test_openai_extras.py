@@ -12,8 +12,8 @@ import pytest
 from test_openai_api import MODEL, Server
 
 import zayaserve
-from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.openai_api import build_openai_app
+from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+from zayaserve.cluster.frontend.openai_api import build_openai_app
 
 
 def test_tokenize_detokenize_version(server: Server, engine_client: LocalEngineClient) -> None:

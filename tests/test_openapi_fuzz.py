@@ -26,8 +26,8 @@ from schemathesis.checks import (
 )
 from test_openai_api import MODEL, Server, make_engine_client, wait_idle
 
-from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.openai_api import build_openai_app
+from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+from zayaserve.cluster.frontend.openai_api import build_openai_app
 
 pytestmark = pytest.mark.slow
 

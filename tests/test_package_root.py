@@ -14,7 +14,7 @@ import zayaserve
 
 CHECK = '''
 import json, sys
-import zayaserve, zayaserve.kernels.registry, zayaserve.router.request_router
+import zayaserve, zayaserve.kernels.registry, zayaserve.replicas.serve_request_router
 before = {"engine": "zayaserve.replicas.engine.llm_engine" in sys.modules,
           "llm": "zayaserve.replicas.llm" in sys.modules, "torch": "torch" in sys.modules}
 llm = zayaserve.LLM

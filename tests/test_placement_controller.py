@@ -9,11 +9,11 @@ import random
 
 import pytest
 
-from zayaserve.cluster.autoscale_policy import AutoscalingConfig
-from zayaserve.cluster.controller_state import ControllerState
-from zayaserve.cluster.elastic_config import EplbConfig
-from zayaserve.cluster.placement_state import ExpertPlacement
-from zayaserve.cluster.scale_ops import ScaleConflict, ScaleError
+from zayaserve.cluster.control.autoscale_policy import AutoscalingConfig
+from zayaserve.cluster.control.controller_state import ControllerState
+from zayaserve.cluster.control.elastic_config import EplbConfig
+from zayaserve.cluster.control.placement_state import ExpertPlacement
+from zayaserve.cluster.control.scale_ops import ScaleConflict, ScaleError
 
 
 class Sim:

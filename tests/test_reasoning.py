@@ -15,8 +15,8 @@ import openai
 import pytest
 from test_openai_api import MODEL, Server, make_engine_client
 
-from zayaserve.cluster.openai_api import build_openai_app
-from zayaserve.cluster.reasoning import ThinkParser, split_reasoning
+from zayaserve.cluster.frontend.openai_api import build_openai_app
+from zayaserve.cluster.frontend.reasoning import ThinkParser, split_reasoning
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 
 THINKING_TEMPLATE = (

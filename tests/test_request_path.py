@@ -22,8 +22,8 @@ from test_openai_api import ENGINE_KW, MODEL, httpx
 from test_token_router import E, start_cluster
 
 import zayaserve
-from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.openai_api import build_openai_app
+from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+from zayaserve.cluster.frontend.openai_api import build_openai_app
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.llm_engine import LLMEngine
@@ -37,8 +37,9 @@ DOC = ROOT / "docs" / "structure.md"
 # each one; the three Ray-side files run only under Serve, so this in-process run cannot see
 # them and the doc's list holds them in addition.
 CONTROL = [
-    "cluster/openai_api.py", "cluster/openai_chat.py", "cluster/streams.py",
-    "cluster/engine_client.py", "replicas/engine/async_engine.py",
+    "cluster/frontend/openai_api.py", "cluster/frontend/openai_chat.py",
+    "cluster/frontend/streams.py",
+    "cluster/frontend/engine_client.py", "replicas/engine/async_engine.py",
     "replicas/engine/llm_engine.py", "replicas/engine/step_pipeline.py",
     "replicas/engine/scheduler.py", "replicas/engine/stop_rules.py",
     "replicas/engine/output_processor.py",
@@ -48,22 +49,26 @@ CONTROL = [
     "router/shard_stream_server.py", "replicas/engine/step_sampling.py",
     "replicas/engine/sampler.py",
 ]
-RAY_SIDE = ["router/request_router.py", "replicas/attention_worker.py", "replicas/expert_shard.py"]
+RAY_SIDE = ["replicas/serve_request_router.py", "replicas/attention_worker.py",
+            "replicas/expert_shard.py"]
 # Data, validation, model maths and kernels: called on the path, deciding nothing about it.
 SUPPORT = {
     "replicas/engine/noise.py", "replicas/engine/sampling_plan.py", "router/stream_wire.py",
     "replicas/model/experts.py",  # the ExpertBackend interface the remote backend implements
-    "cluster/api_keys.py", "cluster/request_checks.py", "cluster/serving_context.py",
-    "cluster/usage.py",
-    "cluster/frontend_errors.py", "cluster/logprob_format.py",
-    "cluster/metrics.py", "cluster/chat_options.py", "cluster/reasoning.py",
-    "cluster/structured_request.py", "cluster/tool_calls.py", "replicas/engine/grammar.py",
+    "cluster/frontend/api_keys.py", "cluster/frontend/request_checks.py",
+    "cluster/frontend/serving_context.py",
+    "cluster/frontend/usage.py",
+    "cluster/frontend/frontend_errors.py", "cluster/frontend/logprob_format.py",
+    "cluster/frontend/metrics.py", "cluster/frontend/chat_options.py",
+    "cluster/frontend/reasoning.py",
+    "cluster/frontend/structured_request.py", "cluster/frontend/tool_calls.py",
+    "replicas/engine/grammar.py",
     "replicas/model/chat_template.py",
-    "cluster/openai_protocol.py", "cluster/openai_chat_protocol.py",
-    "cluster/rsa_request.py", "replicas/rsa/params.py",  # reads the (absent) RSA fields
+    "cluster/frontend/openai_protocol.py", "cluster/frontend/openai_chat_protocol.py",
+    "cluster/frontend/rsa_request.py", "replicas/rsa/params.py",  # reads the (absent) RSA fields
     "replicas/engine/params.py", "replicas/engine/request_limits.py",
     "replicas/engine/admission.py",  # the queue bound, a limit like request_limits
-    "cluster/response_budget.py",  # the logprob budget, a limit like request_limits
+    "cluster/frontend/response_budget.py",  # the logprob budget, a limit like request_limits
     "replicas/engine/sequence.py", "replicas/engine/block_pool.py",
     "replicas/engine/outputs.py", "replicas/engine/penalties.py", "replicas/engine/logprobs.py",
     "replicas/kv_tiers/hashing.py", "replicas/model/batch.py",
@@ -73,7 +78,7 @@ SUPPORT = {
     "router/dispatch_plan.py",
     "router/tensor_codec.py", "router/protos/expert_pb2_grpc.py",
     # Metrics and traces: they watch the path (docs/structure.md lists them apart).
-    "cluster/request_tracker.py", "replicas/engine/request_timeline.py",
+    "cluster/frontend/request_tracker.py", "replicas/engine/request_timeline.py",
     "replicas/observability/tracing.py", "replicas/observability/genai_metrics.py",
     "replicas/observability/dispatch_tracing.py",
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zayaserve.router.request_router import PrefixTable, prompt_block_hashes
+from zayaserve.replicas.serve_request_router import PrefixTable, prompt_block_hashes
 
 
 def test_block_hashes_are_chained_and_full_blocks_only() -> None:

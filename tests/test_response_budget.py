@@ -16,8 +16,11 @@ import httpx
 import pytest
 from test_openai_api import MODEL
 
-from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.response_budget import DEFAULT_MAX_RESPONSE_LOGPROBS, logprob_entries
+from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+from zayaserve.cluster.frontend.response_budget import (
+    DEFAULT_MAX_RESPONSE_LOGPROBS,
+    logprob_entries,
+)
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.llm_engine import LLMEngine

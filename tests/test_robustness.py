@@ -23,8 +23,8 @@ from test_openai_api import (
 )
 
 from zayaserve import LLM, SamplingParams
-from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.openai_api import build_openai_app
+from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+from zayaserve.cluster.frontend.openai_api import build_openai_app
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
 from zayaserve.replicas.engine.async_engine import (

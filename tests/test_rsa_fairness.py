@@ -16,8 +16,8 @@ import pytest
 from test_grpc_api import wait_idle
 from test_openai_api import Server
 
-from zayaserve.cluster.engine_client import LocalEngineClient
-from zayaserve.cluster.openai_api import build_openai_app
+from zayaserve.cluster.frontend.engine_client import LocalEngineClient
+from zayaserve.cluster.frontend.openai_api import build_openai_app
 from zayaserve.replicas.engine.admission import EngineOverloadedError
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
 from zayaserve.replicas.engine.config import EngineConfig

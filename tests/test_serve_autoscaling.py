@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import pytest
 from cluster_harness import Cluster, Load, deploy, undeploy, wait_for
 
-from zayaserve.cluster.autoscale_policy import WorkerSample
-from zayaserve.cluster.serve_autoscaling import (
+from zayaserve.cluster.control.autoscale_policy import WorkerSample
+from zayaserve.cluster.control.serve_autoscaling import (
     SHARD_METRIC,
     WORKER_METRIC,
     FollowTarget,

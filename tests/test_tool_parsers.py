@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from zayaserve.cluster.tool_parsers import (
+from zayaserve.cluster.frontend.tool_parsers import (
     CLOSE,
     OPEN,
     TOOL_PARSERS,

@@ -266,8 +266,8 @@ def test_a_shard_keeps_one_span_per_group_and_shard(exported: InMemorySpanExport
 def test_resize_and_epoch_commit_become_spans(exported: InMemorySpanExporter) -> None:
     from test_placement_controller import Sim
 
-    from zayaserve.cluster.controller_state import ControllerState
-    from zayaserve.cluster.placement_tracing import PlacementTracer
+    from zayaserve.cluster.control.controller_state import ControllerState
+    from zayaserve.cluster.control.placement_tracing import PlacementTracer
 
     st = ControllerState(num_experts=8, num_shards=2, replication=1, grace_s=2)
     sim, spans = Sim(st), PlacementTracer()

@@ -1,0 +1,199 @@
+"""What the front ends (REST, gRPC) talk to: an `EngineClient` over whatever generates, in one
+process an `AsyncLLMEngine` (`LocalEngineClient`), in the cluster the attention workers behind
+Serve handles (`ClusterEngineClient`).
+
+Workers stream the engine's `StepDelta`s unchanged, and the cluster client passes them on.
+Errors raised in a worker come back wrapped by Ray; they are unwrapped to the types the front
+ends map to status codes (ValueError -> 400, EngineOverloadedError -> 429).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+from zayaserve.cluster.frontend.request_tracker import current_trace_context
+from zayaserve.replicas.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestFailedError,
+    StreamStalledError,
+)
+from zayaserve.replicas.engine.outputs import StepDelta
+from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.model.tokenizer import Tokenizer
+from zayaserve.replicas.rsa.events import RSADone, RSAEvent, RSAJob
+from zayaserve.replicas.rsa.serving import engine_rsa_events, rsa_limits
+
+
+class EngineClient(ABC):
+    """Contract: `generate` yields the request's `StepDelta`s (only what is new), the last one
+    with `finished=True`; raises `ValueError` for bad input (the message names the field),
+    `EngineOverloadedError` when its bounded queue is full. Closing the iterator early
+    (client gone) cancels the request and frees its cache."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+
+    @abstractmethod
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        prompt: str | None = None,
+    ) -> AsyncIterator[StepDelta]: ...
+
+    @abstractmethod
+    def rsa(self, job: RSAJob) -> AsyncIterator[RSAEvent]:
+        """A whole Markovian RSA run in one engine: its events (`RSADone` last). Raises like
+        `generate`; closing the iterator early aborts every call of the run."""
+
+    @abstractmethod
+    async def stats(self) -> dict[str, Any]:
+        """Flat numeric stats for /metrics (names without the zayaserve_ prefix)."""
+
+    @abstractmethod
+    async def check_health(self) -> None:
+        """Returns when a live engine can take requests; raises otherwise."""
+
+    async def placement(self) -> dict[str, Any]:
+        """GET /v1/cluster/placement: one process holds every expert (no shards, no map)."""
+        return {"epoch": 0, "num_experts": None, "experts_in_workers": True, "shards": [],
+                "balancedness": None, "expert_load": None}
+
+
+    async def scale(self, expert_shards: int | None,
+                    attention_workers: int | None) -> dict[str, Any]:
+        """POST /v1/cluster/scale: one process has nothing to resize."""
+        return {"error": "invalid", "message": "expert_shards: this server runs one engine "
+                "in its own process; resizing needs the Ray Serve cluster (zayaserve serve)"}
+
+    async def operation(self, op_id: str) -> dict[str, Any] | None:
+        return None
+
+
+class LocalEngineClient(EngineClient):
+    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_model_len = engine.engine.max_model_len
+        tok = engine.engine.tokenizer
+        if tok is None:
+            raise ValueError("model: serving needs a checkpoint with tokenizer.json")
+        self.tokenizer = tok
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        prompt: str | None = None,
+    ) -> AsyncIterator[StepDelta]:
+        return self.engine.generate(request_id, prompt_token_ids, params, prompt,
+                                    current_trace_context())
+
+    def rsa(self, job: RSAJob) -> AsyncIterator[RSAEvent]:
+        return engine_rsa_events(self.engine, self.tokenizer, job, current_trace_context(),
+                                 rsa_limits(self.engine.engine.config.limits))
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.engine.run_on_engine(lambda engine: engine.stats())  # type: ignore[no-any-return]
+
+    async def check_health(self) -> None:
+        await self.engine.run_on_engine(lambda engine: None)  # raises once the engine is dead
+
+
+# What a worker raises on purpose, each with its own status code in the front ends.
+_WORKER_ERRORS = (ValueError, EngineOverloadedError, EngineDeadError, RequestFailedError,
+                  StreamStalledError)
+# Ray's ways of saying that the worker replica itself is gone (crashed, being replaced).
+_REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError",
+                 "ActorUnschedulableError")
+
+
+def unwrap_remote_error(err: BaseException) -> BaseException:
+    """The exception a worker raised, an overload error for Serve's back-pressure, or an
+    EngineDeadError for a worker replica that is gone."""
+    name = type(err).__name__
+    if name in ("BackPressureError", "DeploymentUnavailableError"):
+        return EngineOverloadedError("the attention workers' queue is full")
+    if name in _REPLICA_GONE:
+        return EngineDeadError("the attention worker serving this request went away")
+    cause = getattr(err, "cause", None) or err.__cause__
+    seen = 0
+    while cause is not None and seen < 5:
+        if isinstance(cause, _WORKER_ERRORS):
+            return cause
+        cause = getattr(cause, "cause", None) or cause.__cause__
+        seen += 1
+    return err
+
+
+class ClusterEngineClient(EngineClient):
+    def __init__(self, workers: Any, controller: Any, tokenizer: Tokenizer, model_name: str,
+                 max_model_len: int) -> None:
+        self.workers = workers
+        self.controller = controller
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.in_flight = 0
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        prompt: str | None = None,
+    ) -> AsyncIterator[StepDelta]:
+        stream = self.workers.options(stream=True).generate.remote(
+            request_id, prompt_token_ids, params, prompt, current_trace_context())
+        finished = False
+        self.in_flight += 1
+        try:
+            async for delta in stream:
+                finished = delta.finished
+                yield delta
+        except Exception as err:
+            raise unwrap_remote_error(err) from err
+        finally:
+            self.in_flight -= 1
+            if not finished:  # the client left: cancel in the worker, which frees the blocks
+                stream.cancel()
+
+    async def rsa(self, job: RSAJob) -> AsyncIterator[RSAEvent]:
+        # The whole run goes to one worker: its calls batch there and share its prefix cache.
+        stream = self.workers.options(stream=True).rsa.remote(job, current_trace_context())
+        finished = False
+        self.in_flight += 1
+        try:
+            async for event in stream:
+                finished = isinstance(event, RSADone)
+                yield event
+        except Exception as err:
+            raise unwrap_remote_error(err) from err
+        finally:
+            self.in_flight -= 1
+            if not finished:  # the client left: cancel the run in the worker
+                stream.cancel()
+
+    async def check_health(self) -> None:
+        try:
+            await self.workers.health.remote()
+        except Exception as err:
+            raise unwrap_remote_error(err) from err
+
+    async def placement(self) -> dict[str, Any]:
+        view: dict[str, Any] = await self.controller.view.remote()
+        return view
+
+    async def scale(self, expert_shards: int | None,
+                    attention_workers: int | None) -> dict[str, Any]:
+        answer: dict[str, Any] = await self.controller.scale.remote(expert_shards,
+                                                                    attention_workers)
+        return answer
+
+    async def operation(self, op_id: str) -> dict[str, Any] | None:
+        op: dict[str, Any] | None = await self.controller.operation.remote(op_id)
+        return op
+
+    async def stats(self) -> dict[str, Any]:
+        # The placement controller sums the stats every worker reports (shards or not).
+        stats: dict[str, Any] = await self.controller.stats.remote()
+        stats["ingress_requests_in_flight"] = self.in_flight
+        return stats
