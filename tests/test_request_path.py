@@ -1,10 +1,10 @@
 """The request path that docs/structure.md describes is the one the code takes.
 
 A streaming chat request goes through the REST app, the engine and the token router to two
-in-process expert shards over real gRPC, with a profiler on every thread. Every hand-written
-file that runs code for it must be classified here, as control flow (listed, in order, in
-docs/structure.md) or as support (data, validation, model maths, kernels); a file on the path
-that nobody classified, or a listed file the request never reaches, fails the test."""
+in-process expert shards over real gRPC, with a profiler on every thread. The files that ran
+must be exactly the page's list of every file one request runs (kernels aside: which run
+depends on the implementation chosen), and each file the list marks as deciding must be
+described in the page's walk-through of the path. The page is the only list."""
 
 from __future__ import annotations
 
@@ -33,55 +33,16 @@ from zayaserve.router.remote_experts import RemoteExpertBackend
 ROOT = Path(zayaserve.__file__).resolve().parent
 DOC = ROOT / "docs" / "structure.md"
 
-# Files that decide what happens to the request, in the order it meets them. The doc lists
-# each one; the three Ray-side files run only under Serve, so this in-process run cannot see
-# them and the doc's list holds them in addition.
-CONTROL = [
-    "cluster/frontend/openai_api.py", "cluster/frontend/openai_chat.py",
-    "cluster/frontend/streams.py",
-    "cluster/frontend/engine_client.py", "replicas/engine/async_engine.py",
-    "replicas/engine/llm_engine.py", "replicas/engine/step_pipeline.py",
-    "replicas/engine/scheduler.py", "replicas/engine/stop_rules.py",
-    "replicas/engine/output_processor.py",
-    "replicas/engine/kv_manager.py", "replicas/engine/runner.py",
-    "replicas/model/attention_side.py", "router/remote_experts.py", "router/token_router.py",
-    "router/shard_calls.py", "router/shard_stream.py", "router/shard_server.py",
-    "router/shard_stream_server.py", "replicas/engine/step_sampling.py",
-    "replicas/engine/sampler.py",
-]
-RAY_SIDE = ["replicas/serve_request_router.py", "replicas/attention_worker.py",
-            "replicas/expert_shard.py"]
-# Data, validation, model maths and kernels: called on the path, deciding nothing about it.
-SUPPORT = {
-    "replicas/engine/noise.py", "replicas/engine/sampling_plan.py", "router/stream_wire.py",
-    "replicas/model/experts.py",  # the ExpertBackend interface the remote backend implements
-    "cluster/frontend/api_keys.py", "cluster/frontend/request_checks.py",
-    "cluster/frontend/serving_context.py",
-    "cluster/frontend/usage.py",
-    "cluster/frontend/frontend_errors.py", "cluster/frontend/logprob_format.py",
-    "cluster/frontend/metrics.py", "cluster/frontend/chat_options.py",
-    "cluster/frontend/reasoning.py",
-    "cluster/frontend/structured_request.py", "cluster/frontend/tool_calls.py",
-    "replicas/engine/grammar.py",
-    "replicas/model/chat_template.py",
-    "cluster/frontend/openai_protocol.py", "cluster/frontend/openai_chat_protocol.py",
-    "cluster/frontend/rsa_request.py", "replicas/rsa/params.py",  # reads the (absent) RSA fields
-    "replicas/engine/params.py", "replicas/engine/request_limits.py",
-    "replicas/engine/admission.py",  # the queue bound, a limit like request_limits
-    "cluster/frontend/response_budget.py",  # the logprob budget, a limit like request_limits
-    "replicas/engine/sequence.py", "replicas/engine/block_pool.py",
-    "replicas/engine/outputs.py", "replicas/engine/penalties.py", "replicas/engine/logprobs.py",
-    "replicas/kv_tiers/hashing.py", "replicas/model/batch.py",
-    "replicas/model/cca.py", "replicas/model/config.py", "replicas/model/gate.py",
-    "replicas/model/kv_cache.py", "replicas/model/layers.py", "replicas/model/tokenizer.py",
-    "router/placement.py", "router/router_stats.py", "router/shard_channels.py",
-    "router/dispatch_plan.py",
-    "router/tensor_codec.py", "router/protos/expert_pb2_grpc.py",
-    # Metrics and traces: they watch the path (docs/structure.md lists them apart).
-    "cluster/frontend/request_tracker.py", "replicas/engine/request_timeline.py",
-    "replicas/observability/tracing.py", "replicas/observability/genai_metrics.py",
-    "replicas/observability/dispatch_tracing.py",
-}
+
+
+def page() -> dict[str, str]:
+    """docs/structure.md's list of every file one request runs: path -> its role ("decides",
+    "supports", "decides, Ray only")."""
+    section = DOC.read_text().split("## Every file one request runs", 1)[1].split("\n## ", 1)[0]
+    found = re.findall(r"^- `([\w/]+\.py)` \((decides|supports|decides, Ray only)\)", section,
+                       re.M)
+    assert len(found) > 40, "docs/structure.md lost its list of the files a request runs"
+    return dict(found)
 
 
 class _Tracer:
@@ -152,20 +113,20 @@ def test_streaming_chat_path_is_the_documented_one(tiny_checkpoint: Path,
     assert sum(s.servicer.rows_served for s in shards.values()) > 0, "no expert shard was used"
 
     traced = {f for f in tracer.files if not _is_kernel(f)}
-    unclassified = traced - set(CONTROL) - SUPPORT
-    assert not unclassified, f"files on the path that nobody classified: {sorted(unclassified)}"
-    unreached = set(CONTROL) - traced
-    assert not unreached, f"listed as on the path, never reached: {sorted(unreached)}"
+    listed = {f for f, role in page().items() if not _is_kernel(f) and "Ray only" not in role}
+    assert not traced - listed, f"ran, but not in docs/structure.md: {sorted(traced - listed)}"
+    assert not listed - traced, f"in docs/structure.md, but never ran: {sorted(listed - traced)}"
 
 
-def test_doc_lists_the_control_files_in_order() -> None:
+def test_the_path_describes_every_deciding_file() -> None:
+    """Each file the list marks as deciding is described in the path's walk-through."""
     doc = DOC.read_text()
     path_section = doc.split("## The path", 1)[1].split("\n## ", 1)[0]
-    mentioned = re.findall(r"`([a-z_/]+\.py)`", path_section)
-    listed = [f for f in dict.fromkeys(mentioned) if f in CONTROL or f in RAY_SIDE]
-    missing = [f for f in CONTROL + RAY_SIDE if f not in listed]
-    assert not missing, f"docs/structure.md does not list {missing}"
-    in_doc_order = [f for f in listed if f in CONTROL]
-    assert in_doc_order == CONTROL, "the doc lists the control files in another order"
-    count = re.search(r"Control flow runs through (\d+) files", doc)
-    assert count is not None and int(count.group(1)) == len(CONTROL) + len(RAY_SIDE)
+    described = set(re.findall(r"`([a-z_/]+\.py)`", path_section))
+    deciding = [f for f, role in page().items() if role.startswith("decides")]
+    missing = [f for f in deciding if f not in described]
+    assert not missing, f"the path in docs/structure.md does not describe {missing}"
+    count = re.search(r"runs code in (\d+) hand-written files \(the list\s+below\); (\d+) of",
+                      doc)
+    assert count is not None
+    assert (int(count.group(1)), int(count.group(2))) == (len(page()), len(deciding))
