@@ -44,18 +44,28 @@ class ReceivedSpan:
         return str(self.resource.get("zayaserve.component", ""))
 
 
-class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
-        self.spans: list[ReceivedSpan] = []
+class _Served:
+    """A gRPC server on a free loopback port serving `self` through `add_to_server`."""
+
+    def _serve(self, add_to_server: Callable[[Any, Any], None], threads: int) -> None:
         self._lock = threading.Lock()
-        self._server = grpc.server(futures.ThreadPoolExecutor(4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        self._server = grpc.server(futures.ThreadPoolExecutor(threads))
+        add_to_server(self, self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._server.stop(grace=None)
+
+
+class OtlpReceiver(_Served, trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.spans: list[ReceivedSpan] = []
+        self._serve(trace_service_pb2_grpc.add_TraceServiceServicer_to_server, 4)
 
     def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method name
         got = []
@@ -84,9 +94,6 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             time.sleep(0.2)
         return check()
 
-    def stop(self) -> None:
-        self._server.stop(grace=None)
-
 
 @dataclass
 class ReceivedPoint:
@@ -100,20 +107,12 @@ class ReceivedPoint:
     resource: dict[str, Any]
 
 
-class OtlpMetricsReceiver(metrics_service_pb2_grpc.MetricsServiceServicer):
+class OtlpMetricsReceiver(_Served, metrics_service_pb2_grpc.MetricsServiceServicer):
     """A real OTLP/gRPC metrics receiver (`MetricsService`) that keeps every histogram point."""
 
     def __init__(self) -> None:
         self.points: list[ReceivedPoint] = []
-        self._lock = threading.Lock()
-        self._server = grpc.server(futures.ThreadPoolExecutor(2))
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self._serve(metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server, 2)
 
     def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method name
         got: list[ReceivedPoint] = []
@@ -133,9 +132,6 @@ class OtlpMetricsReceiver(metrics_service_pb2_grpc.MetricsServiceServicer):
     def of(self, metric: str) -> list[ReceivedPoint]:
         with self._lock:
             return [p for p in self.points if p.metric == metric]
-
-    def stop(self) -> None:
-        self._server.stop(grace=None)
 
 
 class SinkProcess:
