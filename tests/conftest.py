@@ -24,7 +24,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def engine_client(tiny_checkpoint: Any) -> Iterator[Any]:
     """A LocalEngineClient on the tiny checkpoint (the front ends' tests), one per module."""
-    from test_openai_api import make_engine_client
+    from openai_helpers import make_engine_client
 
     client = make_engine_client(str(tiny_checkpoint))
     yield client
@@ -35,7 +35,7 @@ def engine_client(tiny_checkpoint: Any) -> Iterator[Any]:
 def server(engine_client: Any) -> Iterator[Any]:
     """The REST app over the module's `engine_client` (a module may override that fixture),
     served by uvicorn on a free port."""
-    from test_openai_api import Server
+    from openai_helpers import Server
 
     from zayaserve.cluster.frontend.openai_api import build_openai_app
 

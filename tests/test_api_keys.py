@@ -14,7 +14,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from test_openai_api import MODEL, Server, free_port, wait_idle
+from openai_helpers import MODEL, Server, free_port, wait_idle
 
 from zayaserve.cluster.frontend.api_keys import ApiKeys, cache_salt, load_api_keys
 from zayaserve.cluster.frontend.engine_client import LocalEngineClient

@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 from hf_reference import build_hf_checkpoint, reference_prompt_logprobs
-from test_openai_api import MODEL, Server, make_engine_client
+from openai_helpers import MODEL, Server, make_engine_client
 
 from zayaserve import LLM, SamplingParams
 from zayaserve.cluster.frontend.openai_api import build_openai_app

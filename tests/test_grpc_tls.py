@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_openai_api import free_port
+from openai_helpers import free_port
 
 from zayaserve.cluster.frontend.engine_client import LocalEngineClient
 from zayaserve.cluster.frontend.grpc_server import start_grpc_server

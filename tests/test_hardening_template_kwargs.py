@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_openai_api import MODEL, Server
+from openai_helpers import MODEL, Server
 
 from zayaserve.replicas.model.chat_template import BUILTIN_NAMES, RESERVED_VARIABLES
 from zayaserve.replicas.model.checkpoint_paths import resolve_model

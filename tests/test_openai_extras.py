@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from test_openai_api import MODEL, Server
+from openai_helpers import MODEL, Server
 
 import zayaserve
 from zayaserve.cluster.frontend.engine_client import LocalEngineClient
@@ -130,7 +130,7 @@ def test_chat_template_kwargs_and_metadata(server: Server) -> None:
 
 
 def test_penalties_and_min_p_reach_the_engine(server: Server, tiny_checkpoint: Any) -> None:
-    from test_openai_api import ENGINE_KW
+    from openai_helpers import ENGINE_KW
 
     from zayaserve import LLM, SamplingParams
 
@@ -152,7 +152,7 @@ def test_penalties_and_min_p_reach_the_engine(server: Server, tiny_checkpoint: A
 
 def test_prompt_logprobs_on_both_endpoints(server: Server, tiny_checkpoint: Any,
                                            engine_client: LocalEngineClient) -> None:
-    from test_openai_api import ENGINE_KW
+    from openai_helpers import ENGINE_KW
 
     from zayaserve import LLM, SamplingParams
 

@@ -12,7 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from test_openai_api import MODEL, Server
+from openai_helpers import MODEL, Server
 
 from zayaserve.cluster.frontend.engine_client import LocalEngineClient
 from zayaserve.cluster.frontend.openai_api import build_openai_app

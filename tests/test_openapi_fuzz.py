@@ -16,6 +16,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from openai_helpers import MODEL, Server, make_engine_client, wait_idle
 from schemathesis.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -24,7 +25,6 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from test_openai_api import MODEL, Server, make_engine_client, wait_idle
 
 from zayaserve.cluster.frontend.engine_client import LocalEngineClient
 from zayaserve.cluster.frontend.openai_api import build_openai_app

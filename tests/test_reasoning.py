@@ -13,7 +13,7 @@ from typing import Any
 
 import openai
 import pytest
-from test_openai_api import MODEL, Server, make_engine_client
+from openai_helpers import MODEL, Server, make_engine_client
 
 from zayaserve.cluster.frontend.openai_api import build_openai_app
 from zayaserve.cluster.frontend.reasoning import ThinkParser, split_reasoning

@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any
 
 import pytest
-from test_openai_api import ENGINE_KW, MODEL, httpx
+from openai_helpers import ENGINE_KW, MODEL, httpx
 from test_token_router import E, start_cluster
 
 import zayaserve

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_openai_api import MODEL
+from openai_helpers import MODEL
 
 from zayaserve.cluster.frontend.engine_client import LocalEngineClient
 from zayaserve.cluster.frontend.response_budget import (

@@ -13,14 +13,14 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from test_grpc_api import GrpcServer
-from test_openai_api import (
+from openai_helpers import (
     ENGINE_KW,
     MODEL,
     Server,
     make_engine_client,
     wait_idle,
 )
+from test_grpc_api import GrpcServer
 
 from zayaserve import LLM, SamplingParams
 from zayaserve.cluster.frontend.engine_client import LocalEngineClient

@@ -13,8 +13,8 @@ import grpc
 import httpx
 import openai
 import pytest
+from openai_helpers import Server
 from test_grpc_api import GrpcServer, wait_idle
-from test_openai_api import Server
 
 from zayaserve.cluster.frontend.engine_client import LocalEngineClient
 from zayaserve.cluster.frontend.openai_api import build_openai_app

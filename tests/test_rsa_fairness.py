@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+from openai_helpers import Server
 from test_grpc_api import wait_idle
-from test_openai_api import Server
 
 from zayaserve.cluster.frontend.engine_client import LocalEngineClient
 from zayaserve.cluster.frontend.openai_api import build_openai_app

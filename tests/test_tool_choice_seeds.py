@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 import xgrammar  # noqa: F401  (the `structured` extra: tests/run.sh installs it)
-from test_openai_api import MODEL
+from openai_helpers import MODEL
 from test_openai_structured import client, engine_client  # noqa: F401  (module fixtures)
 
 CALLS = 32
