@@ -1,10 +1,11 @@
-"""Tokenizer wrapper, locally built BPE, chat template and streaming detokenizer."""
+"""The tokenizer wrapper and the locally built BPE: exact vocab and special ids, determinism,
+round trips, special tokens, and config files (chat templates: test_chat_template.py; the
+streaming detokenizer: test_detokenizer.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tokenizer_helpers import TEXTS, _write
 
 from zayaserve.replicas.model.builtin import tokenizer_train
 from zayaserve.replicas.model.builtin.tokenizer_train import (
@@ -21,49 +23,7 @@ from zayaserve.replicas.model.builtin.tokenizer_train import (
     START_OF_TURN,
     write_tokenizer_files,
 )
-from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer, Tokenizer
-
-TEXTS = [
-    "Hello, world! The quick brown fox jumps over 13 lazy dogs.",
-    "  leading spaces, tabs\tand\nnew lines\r\n",
-    "café naïve über straße niño Ærøskøbing",
-    "日本語のテキスト、東京タワー。中文也可以",
-    "emoji 🙂🚀 with modifiers 👍🏽 and ZWJ 👩‍👩‍👧 ❤️",
-    "mixed: Привет мир, مرحبا, γειά σου — \u00a0nbsp",
-    "",
-]
-
-
-def _write(tmp_path: Path, vocab: int = 512, eos: int = 1, config: dict | None = None) -> Path:
-    write_tokenizer_files(tmp_path, vocab, bos_token_id=2, eos_token_id=eos, pad_token_id=0)
-    if config is not None:
-        (tmp_path / "config.json").write_text(json.dumps(config))
-    return tmp_path
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int], Tokenizer]:
-    """Builds each (vocab, eos) shape once per module; the 8192 build takes a second or two."""
-    cache: dict[tuple[int, int], Tokenizer] = {}
-
-    def get(vocab: int, eos: int) -> Tokenizer:
-        if (vocab, eos) not in cache:
-            path = _write(tmp_path_factory.mktemp(f"tok{vocab}"), vocab, eos)
-            cache[vocab, eos] = Tokenizer.from_pretrained(path)
-        return cache[vocab, eos]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def tiny(built: Callable[[int, int], Tokenizer]) -> Tokenizer:
-    return built(512, 1)
-
-
-@pytest.fixture(scope="module")
-def small(built: Callable[[int, int], Tokenizer]) -> Tokenizer:
-    return built(8192, 106)
-
+from zayaserve.replicas.model.tokenizer import Tokenizer
 
 # --- building --------------------------------------------------------------------------------
 
@@ -263,157 +223,3 @@ def test_chat_template_jinja_file_wins(tmp_path: Path) -> None:
 
 
 # --- chat template ---------------------------------------------------------------------------
-
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi there "},
-    {"role": "assistant", "content": "Hello!"},
-    {"role": "user", "content": [{"type": "text", "text": "日本"}, {"type": "text", "text": "?"}]},
-]
-
-
-def test_chat_template_renders_turns(tiny: Tokenizer) -> None:
-    text = tiny.apply_chat_template(CONVERSATION)
-    assert text == (
-        "<bos>"
-        "<start_of_turn>system\nBe brief.<end_of_turn>\n"
-        "<start_of_turn>user\nHi there<end_of_turn>\n"
-        "<start_of_turn>model\nHello!<end_of_turn>\n"
-        "<start_of_turn>user\n日本\n?<end_of_turn>\n"
-        "<start_of_turn>model\n"
-    )
-    ids = tiny.encode(text, add_special_tokens=False)
-    assert ids[0] == tiny.bos_token_id and ids.count(tiny.bos_token_id) == 1  # type: ignore[arg-type]
-    assert tiny.decode(ids, skip_special_tokens=False) == text
-
-
-def test_chat_template_without_generation_prompt(tiny: Tokenizer) -> None:
-    text = tiny.apply_chat_template(CONVERSATION[:2], add_generation_prompt=False)
-    assert text.endswith("<start_of_turn>user\nHi there<end_of_turn>\n")
-    assert "<start_of_turn>model" not in text
-
-
-def test_chat_template_matches_transformers(tmp_path: Path) -> None:
-    import transformers
-    path = _write(tmp_path)
-    ours = Tokenizer.from_pretrained(path)
-    theirs = transformers.AutoTokenizer.from_pretrained(str(path))
-    messages = CONVERSATION[:3]
-    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
-    for text in TEXTS:
-        assert ours.encode(text) == theirs(text)["input_ids"]
-
-
-@pytest.mark.parametrize(
-    "messages, field",
-    [
-        ([{"content": "hi"}], r"messages\[0\]\.role"),
-        ([{"role": "user", "content": "a"}, {"role": "user"}], r"messages\[1\]\.content"),
-        ([{"role": "user", "content": 5}], r"messages\[0\]\.content"),
-        ([{"role": "user", "content": [{"type": "image_url"}]}], r"messages\[0\]\.content\[0\]"),
-        ([{"role": "user", "content": [{"type": "text", "text": 1}]}], r"content\[0\]\.text"),
-        (["hello"], r"messages\[0\]"),
-    ],
-)
-def test_bad_messages(tiny: Tokenizer, messages: list, field: str) -> None:
-    with pytest.raises(ValueError, match=field):
-        tiny.apply_chat_template(messages)
-
-
-def test_unknown_role_raises_from_template(tiny: Tokenizer) -> None:
-    with pytest.raises(ValueError, match="unsupported role: robot"):
-        tiny.apply_chat_template([{"role": "robot", "content": "x"}])
-
-
-def test_extra_template_variables(tiny: Tokenizer) -> None:
-    tiny_copy = Tokenizer(tiny.hf, chat_template="{{ greeting }} {{ messages | length }}")
-    assert tiny_copy.apply_chat_template([], greeting="hey") == "hey 0"
-
-
-@pytest.mark.parametrize(
-    "template",
-    [
-        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-        "{{ messages.append({'role': 'x'}) }}",
-        "{{ raise_exception.__globals__ }}",
-    ],
-)
-def test_template_is_sandboxed(tiny: Tokenizer, template: str) -> None:
-    tok = Tokenizer(tiny.hf, chat_template=template)
-    try:
-        rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}])
-    except ValueError as e:  # a SecurityError or UndefinedError, wrapped
-        assert "chat template" in str(e)
-    else:
-        assert "class" not in rendered and "builtins" not in rendered
-
-
-def test_template_security_error_is_chained(tiny: Tokenizer) -> None:
-    from jinja2.exceptions import SecurityError
-
-    tok = Tokenizer(tiny.hf, chat_template="{{ messages.append(1) }}")
-    with pytest.raises(ValueError) as info:
-        tok.apply_chat_template([{"role": "user", "content": "hi"}])
-    assert isinstance(info.value.__cause__, SecurityError)
-
-
-# --- incremental detokenizer -----------------------------------------------------------------
-
-
-def _stream(tok: Tokenizer, prompt: list[int], ids: list[int], **kw: bool) -> list[str]:
-    detok = IncrementalDetokenizer(tok, prompt, **kw)
-    deltas = [detok.add(i) for i in ids]
-    assert detok.text == "".join(deltas)
-    return deltas
-
-
-@pytest.mark.parametrize("text", TEXTS)
-def test_stream_matches_full_decode(tiny: Tokenizer, small: Tokenizer, text: str) -> None:
-    for tok in (tiny, small):
-        prompt = tok.encode("A prompt: ")
-        ids = tok.encode(text, add_special_tokens=False)
-        deltas = _stream(tok, prompt, ids)
-        assert "".join(deltas) == tok.decode(ids) == text
-        assert not any("\ufffd" in d for d in deltas)
-
-
-def test_multibyte_chars_are_split_across_tokens(tiny: Tokenizer) -> None:
-    # With only ~250 merges most of these characters need several byte tokens, so the
-    # detokenizer must hold back partial characters.
-    text = "🙂🚀👍🏽日本語"
-    ids = tiny.encode(text, add_special_tokens=False)
-    assert len(ids) > len(text)
-    assert any("\ufffd" in tiny.decode([i]) for i in ids)
-    deltas = _stream(tiny, [], ids)
-    assert "".join(deltas) == text
-    assert "" in deltas and not any("\ufffd" in d for d in deltas)
-
-
-def test_stream_skips_special_tokens(tiny: Tokenizer) -> None:
-    eot = tiny.token_to_id(END_OF_TURN)
-    assert eot is not None
-    ids = [*tiny.encode("héllo", add_special_tokens=False), eot]
-    assert "".join(_stream(tiny, [2], ids)) == "héllo"
-    kept = "".join(_stream(tiny, [2], ids, skip_special_tokens=False))
-    assert kept == "héllo<end_of_turn>"
-
-
-def test_stream_of_random_ids_matches_decode(small: Tokenizer) -> None:
-    # Random ids (as a random-weight model samples) include invalid byte sequences; flush()
-    # releases whatever was held back at the end.
-    rng = random.Random(0)
-    for _ in range(20):
-        ids = [rng.randrange(small.vocab_size) for _ in range(rng.randint(1, 60))]
-        detok = IncrementalDetokenizer(small, [])
-        text = "".join(detok.add(i) for i in ids) + detok.flush()
-        assert text == detok.text == small.decode(ids)
-
-
-def test_long_stream_keeps_window_small(tiny: Tokenizer) -> None:
-    text = "Streaming 🙂 text, über and 日本. " * 50
-    ids = tiny.encode(text, add_special_tokens=False)
-    detok = IncrementalDetokenizer(tiny, list(range(100)))
-    assert "".join(detok.add(i) for i in ids) == text
-    assert len(detok._ids) < 2 * IncrementalDetokenizer._TRIM_AT
