@@ -10,15 +10,13 @@ from typing import Any
 
 import pytest
 import torch
+from test_penalties import reference_penalised
 
 from zayaserve import LLM, SamplingParams
 from zayaserve.replicas.engine import step_sampling as engine_mod
 from zayaserve.replicas.engine.sampler import SampledToken, SamplingRow, sample
 
-# ---- the engine ---------------------------------------------------------------------------
-
 PROMPTS = [[2, 40, 41, 42], [5, 6, 7, 8, 9], [3, 100, 3, 100, 3]]
-from test_penalties import reference_penalised
 
 
 def greedy(max_tokens: int = 32, **kwargs: Any) -> SamplingParams:
