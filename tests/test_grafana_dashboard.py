@@ -23,6 +23,7 @@ METRIC = re.compile(r"zayaserve_[a-z0-9_]+")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 CONFIGMAP = f"{RELEASE}-zayaserve-dashboard"
 TRACING = {"tracing.otlpEndpoint": "http://otel:4317",
+           "tracing.otlpMetricsEndpoint": "http://otel-metrics:4317",
            "tracing.sampler": "parentbased_traceidratio", "tracing.samplerArg": "0.1"}
 
 
@@ -185,6 +186,7 @@ def test_tracing_variables_in_every_ray_container(sampler_arg):
     for name, container in containers.items():
         env = env_of(container)
         assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://otel:4317", name
+        assert env["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"] == "http://otel-metrics:4317", name
         assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio", name
         assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.1", name
         assert "OTEL_SERVICE_NAME" not in env, name
@@ -209,8 +211,9 @@ def test_tracing_variables_are_what_zayaserve_reads():
         tracing__serviceName="zs")).items() if name.startswith("head/")]
     env = {k: v for k, v in env_of(head).items() if k.startswith("OTEL_")}
     cfg = TracingConfig().resolved(env)
-    assert (cfg.otlp_traces_endpoint, cfg.sampler, cfg.sampler_arg, cfg.service_name) == (
-        "http://otel:4317", "parentbased_traceidratio", 0.1, "zs")
+    assert (cfg.otlp_traces_endpoint, cfg.sampler, cfg.sampler_arg, cfg.service_name,
+            cfg.otlp_metrics_endpoint) == (
+        "http://otel:4317", "parentbased_traceidratio", 0.1, "zs", "http://otel-metrics:4317")
 
 
 def test_schema_sampler_enum_is_zayaserves():

@@ -71,6 +71,11 @@ Call: include "zayaserve.rayEnv" (list $ "head")
 - name: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
   value: {{ .otlpEndpoint | quote }}
 {{- end }}
+{{- if .otlpMetricsEndpoint }}
+# OpenTelemetry's GenAI server metrics, pushed by the ingress (beside Prometheus' /metrics).
+- name: OTEL_EXPORTER_OTLP_METRICS_ENDPOINT
+  value: {{ .otlpMetricsEndpoint | quote }}
+{{- end }}
 {{- with .sampler }}
 - name: OTEL_TRACES_SAMPLER
   value: {{ . | quote }}
