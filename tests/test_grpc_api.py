@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from openai_helpers import ENGINE_KW, MODEL, free_port, make_engine_client
 
 from zayaserve import LLM, SamplingParams
 from zayaserve.client import AsyncZayaClient, ZayaClient
@@ -23,25 +23,9 @@ from zayaserve.cluster.frontend.engine_client import LocalEngineClient
 from zayaserve.cluster.frontend.grpc_server import start_grpc_server
 from zayaserve.cluster.protos import generation_pb2 as pb
 from zayaserve.cluster.protos import generation_pb2_grpc as pb_grpc
-from zayaserve.replicas.engine.async_engine import AsyncLLMEngine
-from zayaserve.replicas.engine.config import EngineConfig
-from zayaserve.replicas.engine.llm_engine import LLMEngine
 
-MODEL = "zaya-tiny"
-ENGINE_KW: dict[str, Any] = dict(num_kv_blocks=128, max_model_len=256)
 PROMPTS = ["hello world", "the quick brown fox", "abc", "Zyphra"]
 CHAT = [{"role": "user", "content": "hi there"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_engine_client(path: str, **async_kw: Any) -> LocalEngineClient:
-    engine = LLMEngine(EngineConfig(model=path, **ENGINE_KW))
-    return LocalEngineClient(AsyncLLMEngine(engine, **async_kw), MODEL)
 
 
 class GrpcServer:

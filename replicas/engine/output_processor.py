@@ -55,7 +55,7 @@ class TextState:
 class RequestState:
     """Which of a request's completions have ended, and whether its prompt went out."""
 
-    hold: int  # characters a running completion keeps back (`holdback`)
+    hold: int  # characters a running completion keeps back (see `request_state`)
     keep: int  # sent characters its window keeps: where a stop string may yet begin
     completions: dict[int, TextState] = field(default_factory=dict)
     prompt_sent: bool = False
@@ -63,17 +63,13 @@ class RequestState:
     failed: bool = False  # processing its outputs raised: the engine ends it, nothing more
 
 
-def holdback(params: SamplingParams) -> int:
-    """Characters a running completion keeps back: a stop string completed by a later token
-    would cut them off, and what a client got is never taken back."""
-    if not params.stop or params.include_stop_str_in_output:
-        return 0
-    return max(len(s) for s in params.stop) - 1
-
-
-def _request_state(params: SamplingParams) -> RequestState:
-    longest = max((len(s) for s in params.stop), default=1) if params.stop else 1
-    return RequestState(holdback(params), longest - 1)
+def request_state(params: SamplingParams) -> RequestState:
+    """A new request's state. A stop string may begin up to its length - 1 characters before
+    the text a token adds, so that many sent characters stay in each window; unless the stop
+    string is kept in the output, as many are held back from the client, since a stop string
+    completed later would cut them off and what a client got is never taken back."""
+    keep = max(len(s) for s in params.stop) - 1 if params.stop else 0
+    return RequestState(0 if params.include_stop_str_in_output else keep, keep)
 
 
 class OutputProcessor:
@@ -93,7 +89,7 @@ class OutputProcessor:
             state = seq.output = TextState(detok)
             req_state = seq.request.output
             if req_state is None:
-                req_state = seq.request.output = _request_state(seq.params)
+                req_state = seq.request.output = request_state(seq.params)
             req_state.completions[seq.index] = state
         assert isinstance(state, TextState)
         return state
@@ -108,7 +104,7 @@ class OutputProcessor:
         for rec in records:
             req = rec.seq.request
             if req.output is None:
-                req.output = _request_state(req.params)
+                req.output = request_state(req.params)
             req.output.failed = True
         return {rec.seq.request.request_id for rec in records}
 

@@ -38,7 +38,7 @@ class OutputThread:
         self._lock = threading.Lock()
         self._ready: list[StepDelta] = []
         self._failures: list[OutputFailure] = []
-        # The thread holds only a weak reference: an engine dropped without `close` ends it.
+        # The thread holds only a weak reference: when the engine is dropped, the thread ends.
         threading.Thread(target=_serve, args=(weakref.ref(self), self._inbox),
                          name="zayaserve-output", daemon=True).start()
 
@@ -94,8 +94,9 @@ def _serve(ref: weakref.ref[OutputThread], inbox: queue.Queue[list[TokenRecord]]
             continue
         owner = ref()
         try:
-            if owner is not None:
-                owner._process(records)
+            if owner is None:
+                return
+            owner._process(records)
         finally:
             del owner
             inbox.task_done()

@@ -64,8 +64,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.fetching: list[Sequence] = []  # waiting for L2 blocks; admitted when they arrive
         self.num_preemptions = 0
-        # Makes the child sequence of an n > 1 request (the engine's, which owns generators,
-        # seeds and hashers): (request, completion index, token ids) -> Sequence.
+        # Makes the child sequence of an n > 1 request (the engine's, which owns seeds and
+        # hashers): (request, completion index, token ids) -> Sequence.
         self.spawn: Callable[[Request, int, list[int]], Sequence] | None = None
 
     def add(self, seq: Sequence, front: bool = False) -> None:
