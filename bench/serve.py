@@ -104,7 +104,7 @@ def run_mode(name: str, args: argparse.Namespace, prompts: list[list[int]],
     try:
         if cfg.expert_shards:
             ctl = serve.get_deployment_handle("PlacementController", app_name=APP_NAME)
-            while len(ctl.placement.remote().result()["addresses"]) < cfg.expert_shards:
+            while len(ctl.placement.remote().result().addresses) < cfg.expert_shards:
                 time.sleep(0.5)
         seconds, results = asyncio.run(_drive(f"http://127.0.0.1:{cfg.http_port}",
                                               cfg.model_name, prompts, args.output_len))

@@ -58,7 +58,7 @@ def deploy_modes(args: argparse.Namespace, endpoint: str) -> None:
         serve.run(build_app(cfg), name=_app(name), route_prefix=f"/{_app(name)}",
                   logging_config=quiet)
         ctl = serve.get_deployment_handle("PlacementController", app_name=_app(name))
-        while len(ctl.placement.remote().result()["addresses"]) < 2:
+        while len(ctl.placement.remote().result().addresses) < 2:
             time.sleep(0.5)
 
 

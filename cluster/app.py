@@ -21,13 +21,10 @@ from ray.serve.config import RequestRouterConfig
 from zayaserve.cluster.config import ClusterConfig
 from zayaserve.cluster.control.elastic_config import pool_bounds
 from zayaserve.cluster.control.placement_controller import PlacementController
-from zayaserve.cluster.control.serve_autoscaling import (
-    SHARD_METRIC,
-    WORKER_METRIC,
-    serve_autoscaling_config,
-)
+from zayaserve.cluster.control.serve_autoscaling import serve_autoscaling_config
 from zayaserve.cluster.ingress import Ingress
 from zayaserve.replicas.attention_worker import AttentionWorker
+from zayaserve.replicas.cluster_messages import SHARD_METRIC, WORKER_METRIC
 from zayaserve.replicas.expert_shard import ExpertShard
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig

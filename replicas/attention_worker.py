@@ -20,6 +20,12 @@ from typing import Any
 
 from ray import serve
 
+from zayaserve.replicas.cluster_messages import (
+    AutoscalingReport,
+    PlacementUpdate,
+    WorkerAnswer,
+    WorkerReport,
+)
 from zayaserve.replicas.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from zayaserve.replicas.engine.config import EngineConfig, EngineSettings
 from zayaserve.replicas.engine.gc_freeze import freeze_startup_objects
@@ -41,21 +47,8 @@ log = logging.getLogger("zayaserve.attention_worker")
 POLL_S = 0.5
 
 
-def placement_from_dict(d: dict[str, Any]) -> PlacementMap:
-    return PlacementMap(
-        version=int(d["version"]), num_experts=int(d["num_experts"]),
-        replicas={int(e): tuple(s) for e, s in d["replicas"].items()},
-        addresses=dict(d["addresses"]))
-
-
-def map_order(d: dict[str, Any]) -> tuple[int, int]:
-    """How maps are ordered: the controller's generation (one more at each of its starts),
-    then the version within it (a controller without generations counts as 0)."""
-    return int(d.get("generation", 0)), int(d["version"])
-
-
 class PlacementHolder:
-    """The map this worker routes by. A map replaces it only if newer by `map_order`: an
+    """The map this worker routes by. A map replaces it only if newer by its order: an
     older one (an answer from a controller replica Serve is replacing, or one delayed in
     flight) is refused, never adopted over a newer one."""
 
@@ -64,16 +57,16 @@ class PlacementHolder:
         self.order: tuple[int, int] = (-1, -1)
         self.refused = 0  # older maps offered and ignored
 
-    def offer(self, d: dict[str, Any]) -> bool:
-        """True if `d` was adopted (newer than the one held)."""
-        order = map_order(d)
+    def offer(self, update: PlacementUpdate) -> bool:
+        """True if `update` was adopted (newer than the one held)."""
+        order = update.order
         if order <= self.order:
             if order < self.order:
                 self.refused += 1
                 log.warning("placement map %s refused: older than the %s held", order,
                             self.order)
             return False
-        self.map, self.order = placement_from_dict(d), order
+        self.map, self.order = update.routing_map(), order
         return True
 
 
@@ -122,18 +115,18 @@ class AttentionWorker:
         while not self._stop.is_set():
             time.sleep(1.0)
             try:
-                answer = self.controller.report_worker.remote(
-                    self.replica, self._stats()).result(timeout_s=10)
-                self.desired_workers = float(answer["desired_workers"])
+                answer: WorkerAnswer = self.controller.report_worker.remote(
+                    self.replica, self.report()).result(timeout_s=10)
+                self.desired_workers = float(answer.desired_workers)
             except Exception as err:
                 log.warning("stats report failed: %r", err)
 
-    def _stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = {**self.engine.engine.stats(),
-                                 "engine_steps_total": self.engine.steps}
-        if self.experts is not None:
-            stats.update(self.experts.router.stats_dict())
-        return stats
+    def report(self) -> WorkerReport:
+        """This worker's numbers for the controller (and, summed, for /metrics)."""
+        router = self.experts.router if self.experts is not None else None
+        return WorkerReport(self.engine.engine.engine_stats(), self.engine.steps,
+                            router.stats.snapshot() if router else None,
+                            router.latency_samples() if router else {})
 
     def describe(self) -> dict[str, Any]:
         e = self.engine.engine
@@ -167,12 +160,13 @@ class AttentionWorker:
         return {"rsa_calls": float(gate.calls), "rsa_runs": float(gate.runs)}
 
     def stats(self) -> dict[str, Any]:
-        return self._stats()
+        """`report()` flat, under the /metrics names (for operators and tests)."""
+        return self.report().samples()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook: the worker count the placement controller wants (Serve's policy for
-        this deployment follows it; the controller reads the load from `_stats` reports)."""
-        return {} if self.desired_workers is None else {"desired_workers": self.desired_workers}
+        this deployment follows it; the controller reads the load from `report`s)."""
+        return AutoscalingReport(desired_workers=self.desired_workers).metrics()
 
     def check_health(self) -> None:
         """Serve calls this periodically: a dead engine makes the replica unhealthy, and Serve

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from zayaserve.replicas.cluster_messages import AutoscalingReport, ShardAnswer, ShardReport
 from zayaserve.replicas.engine.device import dtype_for, free_memory_bytes, resolve_device
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
@@ -123,9 +124,9 @@ class ExpertShard:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                answer = await self.controller.heartbeat.remote(
-                    self.replica, self.slot, self.info())
-                if not answer["ok"] and not self._leaving:
+                answer: ShardAnswer = await self.controller.heartbeat.remote(
+                    self.replica, self.slot, self.report())
+                if not answer.ok and not self._leaving:
                     # We were presumed dead: take the slot back if it is free, else a new one.
                     if not await self.controller.register.remote(
                             self.replica, self.slot, self.address, self.experts):
@@ -135,23 +136,26 @@ class ExpertShard:
                         await self.controller.register.remote(self.replica, self.slot,
                                                               self.address, self.experts)
                     continue
-                self.desired_shards = float(answer["desired_shards"])
-                if sorted(answer["hold"]) != self.experts and (
+                self.desired_shards = float(answer.desired_shards)
+                if sorted(answer.hold) != self.experts and (
                         self._loading is None or self._loading.done()):
                     self._loading = asyncio.get_running_loop().create_task(
-                        self._hold(list(answer["hold"])))
+                        self._hold(list(answer.hold)))
             except Exception as err:  # the controller restarting must not kill the shard
                 log.warning("heartbeat failed: %r", err)
+
+    def report(self) -> ShardReport:
+        """The heartbeat's content."""
+        return ShardReport(tuple(self.experts), self.servicer.rows_in_flight,
+                           self.capacity_experts(), dict(self.servicer.tokens_served))
 
     def info(self) -> dict[str, Any]:
         """What this replica holds: asked by tests and operators."""
         return {"slot": self.slot, "address": self.address, "experts": list(self.experts),
-                "held": list(self.experts), "num_layers": self.servicer.num_layers,
+                "num_layers": self.servicer.num_layers,
                 "expert_bytes": self.servicer.expert_bytes, "pid": os.getpid(),
                 "queue_rows": self.servicer.rows_in_flight,
-                "capacity_experts": self.capacity_experts(),
-                "tokens": {f"{layer}:{e}": n
-                           for (layer, e), n in self.servicer.tokens_served.items()}}
+                "capacity_experts": self.capacity_experts()}
 
     def capacity_experts(self) -> int | None:
         """The most experts this shard could hold: what it holds plus what 80% of the free
@@ -167,10 +171,8 @@ class ExpertShard:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook: the shard count the placement controller wants (Serve's policy for
         this deployment follows it) and this shard's queued rows."""
-        stats = {"queue_rows": float(self.servicer.rows_in_flight)}
-        if self.desired_shards is not None:
-            stats["desired_shards"] = self.desired_shards
-        return stats
+        return AutoscalingReport(desired_shards=self.desired_shards,
+                                 queue_rows=float(self.servicer.rows_in_flight)).metrics()
 
     async def check_health(self) -> None:
         if self._beat.done():

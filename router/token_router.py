@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import torch
@@ -244,9 +243,9 @@ class TokenRouter:
                                        placement.version, attempt.last_error)
         return self.wait_for_replica_s - waited
 
-    def stats_dict(self) -> dict[str, Any]:
-        """The counters as flat numbers (for the worker's metrics report)."""
-        return {**self.stats.as_dict(), **self._channels.latency.samples()}
+    def latency_samples(self) -> dict[str, list[dict[str, str | float]]]:
+        """The per-shard round-trip histogram as labelled samples (for the worker's report)."""
+        return self._channels.latency.samples()
 
     async def close(self) -> None:
         """Close the channels (on the router's loop); the router is not used afterwards."""

@@ -13,6 +13,7 @@ import httpx
 import openai
 
 from zayaserve.cluster.config import ClusterConfig
+from zayaserve.replicas.cluster_messages import PlacementUpdate
 from zayaserve.router.protos import expert_pb2, expert_pb2_grpc
 from zayaserve.router.shard_channels import call_metadata
 
@@ -34,7 +35,7 @@ class Cluster:
         self.base = f"http://127.0.0.1:{cfg.http_port}"
         self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0)
 
-    def placement(self) -> dict[str, Any]:
+    def placement(self) -> PlacementUpdate:
         from ray import serve
 
         handle = serve.get_deployment_handle("PlacementController", app_name="zayaserve")
@@ -68,7 +69,7 @@ class Cluster:
     def shard_infos(self) -> list[Any]:
         metadata = call_metadata(self.shard_token())
         infos = []
-        for address in self.placement()["addresses"].values():
+        for address in self.placement().addresses.values():
             with grpc.insecure_channel(address) as ch:
                 infos.append(expert_pb2_grpc.ExpertShardStub(ch).Info(
                     expert_pb2.InfoRequest(), timeout=10, metadata=metadata))
@@ -77,7 +78,7 @@ class Cluster:
     def wait_all_shards(self, timeout: float = 120) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if len(self.placement()["addresses"]) == self.cfg.expert_shards:
+            if len(self.placement().addresses) == self.cfg.expert_shards:
                 return
             time.sleep(0.5)
         raise TimeoutError("expert shards did not all register")

@@ -95,7 +95,7 @@ def test_placement_view_shows_shards_and_their_load(replicated: Cluster) -> None
             break
         time.sleep(1)
     m = replicated.placement()
-    assert view["epoch"] == m["epoch"] == 1 and view["version"] <= m["version"]
+    assert view["epoch"] == m.epoch == 1 and view["version"] <= m.version
     assert not view["experts_in_workers"] and view["num_experts"] == num_experts
     shards = view["shards"]
     assert [s["state"] for s in shards] == ["serving", "serving"], shards

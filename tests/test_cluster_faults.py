@@ -124,7 +124,7 @@ def test_strangers_are_refused_and_their_flood_changes_no_token(
 
     from zayaserve.replicas.model.tokenizer import Tokenizer
 
-    addresses = list(cluster.placement()["addresses"].values())
+    addresses = list(cluster.placement().addresses.values())
     node_ip, token = ray.util.get_node_ip_address(), cluster.shard_token()
     assert {a.rsplit(":", 1)[0].strip("[]") for a in addresses} == {node_ip}
     hidden = ZayaConfig.from_pretrained(resolve_model("tiny")).hidden_size

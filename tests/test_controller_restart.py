@@ -22,6 +22,8 @@ from zayaserve.cluster.control.controller_store import (
     encode,
 )
 from zayaserve.cluster.control.scale_ops import ScaleTooSoon
+from zayaserve.replicas.cluster_messages import PlacementUpdate, WorkerReport
+from zayaserve.replicas.engine.engine_stats import EngineStats
 from zayaserve.router.placement import PlacementMap
 
 WALL = 1_700_000_000.0  # wall clock = WALL + the simulation's clock (+ downtime)
@@ -51,8 +53,9 @@ def restart(sim: Sim, store: MemoryControllerStore, rec: ControllerRecord,
 
 
 def routing(st: ControllerState, now: float) -> tuple[Any, Any]:
-    m = st.placement.placement(now)
-    return m["replicas"], m["addresses"]
+    st.placement.refresh(now)
+    m = st.placement.update(generation=1)
+    return m.replicas, m.addresses
 
 
 def test_store_round_trip_and_schema() -> None:
@@ -166,15 +169,15 @@ def test_a_resize_in_flight_resumes_after_a_restart(step: str) -> None:
         sim.stop(next(iter(sim.shards)))  # Serve's pick
         sim.run_until(lambda: st.ops.current.step == "settle")  # type: ignore[union-attr]
     at = st.ops.current.step  # type: ignore[union-attr]
-    desired = st.placement.desired
+    desired = st.desired.shards
     rec, _ = restart(sim, store, rec, num_shards=shards)
     st = sim.state
     resumed = st.ops.get(op["id"])
     assert resumed is not None and resumed["phase"] in ("preparing", "committing")
-    assert st.ops.current.step == at and st.placement.desired == desired  # type: ignore[union-attr]
+    assert st.ops.current.step == at and st.desired.shards == desired  # type: ignore[union-attr]
     assert "restarted (generation 2); resuming" in resumed["history"][-1]
     for _ in range(100):  # Serve follows the desired count (a removed replica's leave lost)
-        if len(sim.shards) > st.placement.desired:
+        if len(sim.shards) > st.desired.shards:
             sim.stop(next(iter(sim.shards)), graceful=False)
         if st.ops.get(op["id"])["phase"] == "done":  # type: ignore[index]
             break
@@ -183,7 +186,7 @@ def test_a_resize_in_flight_resumes_after_a_restart(step: str) -> None:
     assert st.ops.get(op["id"])["phase"] == "done"  # type: ignore[index]
     assert st.placement.epoch > epoch and len(st.placement.committed) == 5 - shards
     assert all(len(r) == 1 for r in sim.routed().values())
-    assert st.placement.desired == 5 - shards
+    assert st.desired.shards == 5 - shards
 
 
 def test_cooldown_deadline_and_desired_workers_survive_a_restart() -> None:
@@ -195,9 +198,9 @@ def test_cooldown_deadline_and_desired_workers_survive_a_restart() -> None:
     st.ops.start(None, 3, sim.now, WALL + sim.now, cooldown_s=60)
     rec, _ = restart(sim, store, rec, down_s=10.0)  # the cooldown counts the downtime
     st = sim.state
-    assert st.desired_workers(sim.now) == 3 and st.ops.busy()
+    assert st.desired.workers == 3 and st.ops.busy()
     for w in ("w1", "w2", "w3"):
-        st.report_worker(w, {}, sim.now)
+        st.report_worker(w, WorkerReport(EngineStats(), 0), sim.now)
     st.tick(sim.now)
     assert not st.ops.busy()
     with pytest.raises(ScaleTooSoon) as soon:
@@ -243,12 +246,10 @@ def test_an_unknown_step_fails_visibly_and_another_deployment_starts_afresh() ->
 def test_worker_refuses_an_older_map() -> None:
     from zayaserve.replicas.attention_worker import PlacementHolder
 
-    def d(generation: int | None, version: int, address: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"version": version, "num_experts": 2,
-                               "replicas": {"0": ["s"], "1": ["s"]}, "addresses": {"s": address}}
-        if generation is not None:
-            out["generation"] = generation
-        return out
+    def d(generation: int, version: int, address: str) -> PlacementUpdate:
+        return PlacementUpdate(generation, version, epoch=1, num_experts=2,
+                               replicas={0: ("s",), 1: ("s",)}, addresses={"s": address},
+                               assignment={"s": (0, 1)}, desired_workers=1)
 
     h = PlacementHolder(2)
     assert h.map.version == -1
@@ -257,7 +258,7 @@ def test_worker_refuses_an_older_map() -> None:
     assert not h.offer(d(1, 5, "a:5")) and h.refused == 1  # the same map: nothing to do
     assert h.offer(d(2, 6, "b:6")) and h.order == (2, 6)
     assert not h.offer(d(1, 9, "old:9"))  # the replaced controller's answer, late
-    assert not h.offer(d(None, 7, "x"))  # no generation: older than any generation
+    assert not h.offer(d(0, 7, "x"))  # generation 0: older than any later generation
     assert h.map.addresses["s"] == "b:6" and h.refused == 3
 
 
@@ -296,9 +297,8 @@ def test_controller_deployment_resumes_from_its_store() -> None:
         c._tick.cancel()
         c2 = await start()  # the replica died; Serve started another
         again = await c2.placement()
-        assert (again["generation"], again["version"]) > (first["generation"],
-                                                          first["version"])
-        assert again["epoch"] == first["epoch"] and again["addresses"] == first["addresses"]
+        assert again.order > first.order
+        assert again.epoch == first.epoch and again.addresses == first.addresses
         view = await c2.view()
         assert view["desired_shards"] == 3 and view["operation"] == op["operation"]["id"]
         got = await c2.operation(op["operation"]["id"])

@@ -27,6 +27,7 @@ FLOORS = [
     ("replicas/__init__.py", 2, "engine"),
     ("router/", 3, "token dispatch"),
     ("replicas/attention_worker.py", 4, "deployments"),
+    ("replicas/cluster_messages.py", 4, "deployments"),
     ("replicas/expert_shard.py", 4, "deployments"),
     ("replicas/serve_request_router.py", 4, "deployments"),
     ("cluster/", 5, "front end and control plane"),

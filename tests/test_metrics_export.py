@@ -6,7 +6,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zayaserve.cluster.control.worker_totals import WorkerTotals
 from zayaserve.cluster.frontend.metrics import MetricsCollector
-from zayaserve.router.router_stats import ShardLatency
+from zayaserve.replicas.cluster_messages import WorkerReport
+from zayaserve.replicas.engine.engine_stats import EngineStats
+from zayaserve.router.router_stats import RouterStats, ShardLatency
 
 
 def _families(stats: dict) -> dict[str, object]:
@@ -46,26 +48,26 @@ def test_counters_gauges_histograms_and_kv_usage() -> None:
     assert "zayaserve_dispatch_latency_seconds_bucket" not in fams  # not a stray gauge
 
 
+def _report(running: int, preemptions: int, calls: int) -> WorkerReport:
+    return WorkerReport(EngineStats(num_requests_running=running, num_preemptions=preemptions),
+                        engine_steps=0, router=RouterStats(calls=calls))
+
+
 def test_cluster_counters_never_go_down_when_workers_leave() -> None:
     totals = WorkerTotals(live_s=3.0, forget_s=10.0)
-    totals.report("a", {"num_requests_running": 2, "num_preemptions": 5,
-                        "router_calls_total": 100}, now=0.0)
-    totals.report("b", {"num_requests_running": 1, "num_preemptions": 1,
-                        "router_calls_total": 50}, now=0.0)
+    totals.report("a", _report(2, 5, 100), now=0.0)
+    totals.report("b", _report(1, 1, 50), now=0.0)
     t = totals.totals(now=1.0)
     assert (t["num_requests_running"], t["num_preemptions"], t["router_calls_total"]) == (
         3, 6, 150)
-    totals.report("b", {"num_requests_running": 1, "num_preemptions": 2,
-                        "router_calls_total": 60}, now=5.0)
+    totals.report("b", _report(1, 2, 60), now=5.0)
     t = totals.totals(now=5.5)  # a stopped reporting: its gauge is gone, its counts stay
     assert (t["num_requests_running"], t["num_preemptions"], t["router_calls_total"]) == (
         1, 7, 160)
-    totals.report("c", {"num_requests_running": 0, "num_preemptions": 0,
-                        "router_calls_total": 0}, now=20.0)  # a's replacement starts at 0
+    totals.report("c", _report(0, 0, 0), now=20.0)  # a's replacement starts at 0
     t = totals.totals(now=20.5)  # a forgotten; b too (silent since 5 s): both retired
     assert t["num_preemptions"] == 7 and t["router_calls_total"] == 160
-    totals.report("b", {"num_requests_running": 0, "num_preemptions": 3,
-                        "router_calls_total": 70}, now=21.0)  # b was alive after all
+    totals.report("b", _report(0, 3, 70), now=21.0)  # b was alive after all
     t = totals.totals(now=21.5)
     assert t["num_preemptions"] == 8 and t["router_calls_total"] == 170  # counted once
 
@@ -73,7 +75,8 @@ def test_cluster_counters_never_go_down_when_workers_leave() -> None:
 def test_labelled_samples_sum_per_label_set() -> None:
     totals = WorkerTotals()
     for worker, n in (("a", 3), ("b", 4)):
-        totals.report(worker, {"dispatch_latency_seconds_count": [
-            {"shard": "shard-0", "value": n}, {"shard": "shard-1", "value": 1}]}, now=0.0)
+        latency = {"dispatch_latency_seconds_count": [
+            {"shard": "shard-0", "value": float(n)}, {"shard": "shard-1", "value": 1.0}]}
+        totals.report(worker, WorkerReport(EngineStats(), 0, dispatch_latency=latency), now=0.0)
     [s0, s1] = totals.totals(now=1.0)["dispatch_latency_seconds_count"]
     assert (s0["shard"], s0["value"], s1["shard"], s1["value"]) == ("shard-0", 7, "shard-1", 2)

@@ -14,6 +14,8 @@ from zayaserve.cluster.control.controller_state import ControllerState
 from zayaserve.cluster.control.elastic_config import EplbConfig
 from zayaserve.cluster.control.placement_state import ExpertPlacement
 from zayaserve.cluster.control.scale_ops import ScaleConflict, ScaleError
+from zayaserve.replicas.cluster_messages import ShardReport, WorkerReport
+from zayaserve.replicas.engine.engine_stats import EngineStats
 
 
 class Sim:
@@ -34,16 +36,16 @@ class Sim:
         self.state.placement.register(replica, slot, f"h:{self.n}", hold, self.now)
         return replica
 
-    def step(self, dt: float = 0.5, tokens: dict[str, dict[str, int]] | None = None,
+    def step(self, dt: float = 0.5, tokens: dict[str, dict[tuple[int, int], int]] | None = None,
              queue_rows: int = 0) -> None:
         self.now += dt
         for replica, (slot, held) in list(self.shards.items()):
-            stats = {"held": sorted(held), "tokens": (tokens or {}).get(slot, {}),
-                     "queue_rows": queue_rows}
-            answer = self.state.heartbeat(replica, slot, stats, self.now)
-            if answer["ok"]:
+            report = ShardReport(tuple(sorted(held)), queue_rows,
+                                 tokens=(tokens or {}).get(slot, {}))
+            answer = self.state.heartbeat(replica, slot, report, self.now)
+            if answer.ok:
                 held.clear()
-                held.update(answer["hold"])  # loaded by the next beat
+                held.update(answer.hold)  # loaded by the next beat
         self.state.tick(self.now)
         self.check_routes()
 
@@ -56,15 +58,17 @@ class Sim:
 
     def check_routes(self) -> None:
         """The invariant: a route names only a live shard that holds the expert."""
-        m = self.state.placement.placement(self.now)
+        self.state.placement.refresh(self.now)
+        m = self.state.placement.update(generation=1)
         held_by_slot = {**self.dead, **{slot: held for slot, held in self.shards.values()}}
-        for expert, slots in m["replicas"].items():
+        for expert, slots in m.replicas.items():
             for slot in slots:
-                assert slot in m["addresses"], (expert, slot)
+                assert slot in m.addresses, (expert, slot)
                 assert expert in held_by_slot.get(slot, set()), (expert, slot, m)
 
     def routed(self) -> dict[int, list[str]]:
-        return self.state.placement.placement(self.now)["replicas"]
+        self.state.placement.refresh(self.now)
+        return self.state.placement.routing()
 
     def run_until(self, check, steps: int = 100) -> None:  # type: ignore[no-untyped-def]
         for _ in range(steps):
@@ -103,7 +107,7 @@ def test_a_joining_shard_commits_a_new_epoch_only_once_loaded() -> None:
     sim.step()
     epoch = st.placement.epoch
     op, created = st.ops.start(3, None, sim.now, 0.0)
-    assert created and op["phase"] == "preparing" and st.placement.desired == 3
+    assert created and op["phase"] == "preparing" and st.desired.shards == 3
     # Serve starts the third replica: it claims a new slot and is planned in, not yet routed.
     slot, hold = st.placement.claim("late", sim.now)
     assert slot == "shard-2" and hold and st.placement.pending is not None
@@ -130,8 +134,8 @@ def test_scale_down_survives_serve_removing_any_replica(seed: int) -> None:
         sim.start()
     sim.step()
     op, _ = st.ops.start(2, None, sim.now, 0.0)
-    assert st.placement.desired == 3  # not lowered before every expert has a second copy
-    sim.run_until(lambda: st.placement.desired == 2)
+    assert st.desired.shards == 3  # not lowered before every expert has a second copy
+    sim.run_until(lambda: st.desired.shards == 2)
     assert all(len(r) >= 2 for r in sim.routed().values())
     sim.stop(rng.choice(list(sim.shards)), graceful=rng.random() < 0.7)  # Serve's pick
     for _ in range(60):
@@ -165,7 +169,7 @@ def test_operations_are_idempotent_conflict_and_bounded() -> None:
     st.ops.advance(1.0)
     failed = st.ops.get(op["id"])
     assert failed["phase"] == "failed" and "timed out" in failed["error"]
-    assert st.placement.desired == 2  # Serve is no longer asked for the shard that never came
+    assert st.desired.shards == 2  # Serve is no longer asked for the shard that never came
     assert st.ops.start(2, None, 2, 0)[1]  # the next one may start
 
 
@@ -174,9 +178,9 @@ def test_no_shards_refuses_a_shard_resize_but_scales_workers() -> None:
     with pytest.raises(ScaleError, match="expert_shards"):
         st.ops.start(2, None, 0, 0)
     op, _ = st.ops.start(None, 2, 0, 0)
-    assert st.desired_workers(0) == 2 and op["phase"] == "preparing"
-    st.report_worker("w1", {}, 1)
-    st.report_worker("w2", {}, 1)
+    assert st.desired.workers == 2 and op["phase"] == "preparing"
+    st.report_worker("w1", WorkerReport(EngineStats(), 0), 1)
+    st.report_worker("w2", WorkerReport(EngineStats(), 0), 1)
     st.tick(1)
     assert st.ops.get(op["id"])["phase"] == "done"
 
@@ -191,14 +195,14 @@ def test_eplb_replicates_hot_experts_and_balances() -> None:
     zipf = [1000 / (k + 1) for k in range(8)]
     counts: dict[int, float] = dict.fromkeys(range(8), 0.0)
 
-    def tokens() -> dict[str, dict[str, int]]:
+    def tokens() -> dict[str, dict[tuple[int, int], int]]:
         # Each holder of an expert serves an equal part of its tokens (cumulative counts).
-        out: dict[str, dict[str, int]] = {}
+        out: dict[str, dict[tuple[int, int], int]] = {}
         routes = sim.routed()
         for e in range(8):
             counts[e] += zipf[e] * 0.5
             for slot in routes[e]:
-                out.setdefault(slot, {})[f"0:{e}"] = int(counts[e] / len(routes[e]))
+                out.setdefault(slot, {})[(0, e)] = int(counts[e] / len(routes[e]))
         return out
 
     def balance() -> float:
@@ -226,10 +230,11 @@ def test_autoscaler_decisions_become_operations() -> None:
     sim = Sim(st)
     sim.start()
     for _ in range(6):
-        st.report_worker("w1", {"num_requests_waiting": 20, "num_requests_running": 4,
-                                "kv_blocks_total": 10, "kv_blocks_free": 5}, sim.now)
+        busy = EngineStats(num_requests_waiting=20, num_requests_running=4,
+                           kv_blocks_total=10, kv_blocks_free=5)
+        st.report_worker("w1", WorkerReport(busy, 0), sim.now)
         sim.step(queue_rows=40)
-    assert st.desired_workers(sim.now) > 1 and st.placement.desired > 1, st.last_decision
+    assert st.desired.workers > 1 and st.desired.shards > 1, st.last_decision
     assert st.ops.current is not None
     reasons = st.view(sim.now)["autoscaler"]
     assert any(r.startswith("attention_workers: waiting") for r in reasons), reasons

@@ -12,12 +12,14 @@ import pytest
 from cluster_harness import Cluster, Load, deploy, undeploy, wait_for
 
 from zayaserve.cluster.control.autoscale_policy import WorkerSample
-from zayaserve.cluster.control.serve_autoscaling import (
+from zayaserve.cluster.control.serve_autoscaling import FollowTarget, serve_autoscaling_config
+from zayaserve.replicas.cluster_messages import (
     SHARD_METRIC,
     WORKER_METRIC,
-    FollowTarget,
-    serve_autoscaling_config,
+    AutoscalingReport,
+    WorkerReport,
 )
+from zayaserve.replicas.engine.engine_stats import EngineStats
 
 
 @dataclass
@@ -30,9 +32,23 @@ class _Ctx:
 
 
 def test_a_worker_sample_reads_the_engine_stats() -> None:
-    got = WorkerSample.from_stats({"num_requests_waiting": 3, "num_requests_running": 2,
-                                   "kv_blocks_free": 25, "kv_blocks_total": 100})
+    got = WorkerSample.from_engine(EngineStats(num_requests_waiting=3, num_requests_running=2,
+                                               kv_blocks_free=25, kv_blocks_total=100))
     assert got == WorkerSample(waiting=3, running=2, kv_usage=0.75)
+    assert WorkerSample.from_engine(EngineStats()).kv_usage == 0.0  # no blocks yet
+
+
+def test_reports_name_what_serve_and_metrics_read() -> None:
+    """The names Serve's policy reads are the ones replicas report; the worker's samples are
+    the engine's fields under their own names, no remote-tier count without a remote tier."""
+    assert AutoscalingReport(desired_workers=3).metrics() == {WORKER_METRIC: 3}
+    assert AutoscalingReport(desired_shards=2, queue_rows=5).metrics() == {
+        SHARD_METRIC: 2, "queue_rows": 5}
+    assert AutoscalingReport().metrics() == {}
+    samples = WorkerReport(EngineStats(kv_blocks_total=8), engine_steps=4).samples()
+    assert samples["kv_blocks_total"] == 8 and samples["engine_steps_total"] == 4
+    assert "prefix_cache_remote_writes" not in samples
+    assert not any(k.startswith("router_") for k in samples)
 
 
 def test_follow_policy_takes_the_largest_reported_count_of_running_replicas() -> None:

@@ -25,11 +25,13 @@ returns. Nothing here imports Ray, so a metric trace can be replayed in a test.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from zayaserve.replicas.engine.engine_stats import EngineStats
 
 HEADROOM = 0.7  # scale down only when one replica fewer would run at most 70% of each target
 
@@ -99,13 +101,10 @@ class WorkerSample:
     ttft_s: float | None = None
 
     @classmethod
-    def from_stats(cls, stats: Mapping[str, Any]) -> WorkerSample:
-        """From an engine's stats (what each worker reports to the placement controller)."""
-        total = float(stats.get("kv_blocks_total", 0.0))
-        free = float(stats.get("kv_blocks_free", 0.0))
-        return cls(int(stats.get("num_requests_waiting", 0)),
-                   int(stats.get("num_requests_running", 0)),
-                   1.0 - free / total if total else 0.0)
+    def from_engine(cls, stats: EngineStats) -> WorkerSample:
+        """From a worker's engine numbers (in its report to the placement controller)."""
+        return cls(int(stats.num_requests_waiting), int(stats.num_requests_running),
+                   stats.kv_usage)
 
 
 @dataclass(frozen=True)

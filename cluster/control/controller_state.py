@@ -23,11 +23,18 @@ from zayaserve.cluster.control.autoscale_policy import (
     WorkerSample,
     decide,
 )
+from zayaserve.cluster.control.desired_counts import DesiredCounts
 from zayaserve.cluster.control.elastic_config import EplbConfig, pool_bounds
 from zayaserve.cluster.control.eplb import moves, should_rebalance
 from zayaserve.cluster.control.placement_state import ExpertPlacement
 from zayaserve.cluster.control.scale_ops import ScaleError, ScaleOperations, ScaleRefused
 from zayaserve.cluster.control.worker_totals import WorkerTotals
+from zayaserve.replicas.cluster_messages import (
+    ShardAnswer,
+    ShardReport,
+    WorkerAnswer,
+    WorkerReport,
+)
 
 WORKER_SEEN_S = 3.0  # a worker that reported within this long is live
 
@@ -50,21 +57,22 @@ class ControllerState:
         self.autoscaling = autoscaling or AutoscalingConfig()
         self.max_experts_per_shard = max_experts_per_shard
         self.eplb = eplb or EplbConfig()
+        self.desired = DesiredCounts(num_shards, attention_workers)  # resize operations write
         self.placement = ExpertPlacement(num_experts, num_shards, replication,
-                                         heartbeat_timeout_s, grace_s, self.eplb.window_s)
+                                         heartbeat_timeout_s, grace_s, self.eplb.window_s,
+                                         self.desired)
         if self.eplb.enabled:
             self.placement.eplb_redundant = self.eplb.redundant_experts
         shard_bounds, worker_bounds = pool_bounds(self.autoscaling, attention_workers,
                                                   num_shards, replication)
         self.ops = ScaleOperations(self.placement, shard_bounds, worker_bounds,
                                    self.live_workers)
-        self.initial_workers = attention_workers
         # What the deployment was configured with: a stored state of another config is not
         # resumed (its slots and counts would not fit).
         self.config = {"num_experts": num_experts, "num_shards": num_shards,
                        "replication": replication, "attention_workers": attention_workers}
         self.workers = WorkerTotals(live_s=WORKER_SEEN_S)  # their latest stats, and sums
-        self.shard_stats: dict[str, dict[str, Any]] = {}
+        self.shard_reports: dict[str, ShardReport] = {}  # slot -> its latest heartbeat
         self.policy = PolicyState()
         self.last_decision: tuple[str, ...] = ()
         self.last_rebalance: float | None = None  # the first tick starts the clock
@@ -72,41 +80,34 @@ class ControllerState:
         self.last_gain: float | None = None
 
     # ----- shards ---------------------------------------------------------------------------
-    def heartbeat(self, replica: str, slot: str, stats: dict[str, Any] | None,
-                  now: float) -> dict[str, Any]:
+    def heartbeat(self, replica: str, slot: str, report: ShardReport | None,
+                  now: float) -> ShardAnswer:
         """The shard's report; the answer says what it must hold and how many shards Serve
         should run (the shard hands that number to Serve's policy)."""
         p = self.placement
-        held = stats.get("held") if stats else None
-        ok = p.heartbeat(replica, slot, held, now)
-        if ok and stats is not None:
-            self.shard_stats[slot] = stats
-            tokens = stats.get("tokens")
-            if isinstance(tokens, dict):
-                p.load.add(slot, replica, tokens, now)
-        return {"ok": ok, "hold": p.hold(slot, now), "desired_shards": p.desired}
+        ok = p.heartbeat(replica, slot, report.held if report else None, now)
+        if ok and report is not None:
+            self.shard_reports[slot] = report
+            p.load.add(slot, replica, report.tokens, now)
+        return ShardAnswer(ok, tuple(p.hold(slot, now)), self.desired.shards)
 
     def shard_budget(self) -> int | None:
         """The most experts one shard may hold: the configured cap, and what each serving
         shard reports it can hold in its memory (None: no bound known)."""
         serving = {s for s, slot in self.placement.slots.items() if slot.serving}
-        caps = [int(c) for s, st in self.shard_stats.items()
-                if s in serving and isinstance(c := st.get("capacity_experts"), int | float)]
+        caps = [r.capacity_experts for s, r in self.shard_reports.items()
+                if s in serving and r.capacity_experts is not None]
         if self.max_experts_per_shard is not None:
             caps.append(self.max_experts_per_shard)
         return min(caps) if caps else None
 
     # ----- workers --------------------------------------------------------------------------
-    def report_worker(self, replica: str, stats: dict[str, Any], now: float) -> dict[str, Any]:
-        self.workers.report(replica, stats, now)
-        return {"desired_workers": self.desired_workers(now)}
+    def report_worker(self, replica: str, report: WorkerReport, now: float) -> WorkerAnswer:
+        self.workers.report(replica, report, now)
+        return WorkerAnswer(self.desired.workers)
 
     def live_workers(self, now: float) -> int:
         return len(self.workers.live(now))
-
-    def desired_workers(self, now: float) -> int:
-        wanted = self.ops.desired_workers
-        return self.initial_workers if wanted is None else wanted
 
     # ----- the tick -------------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -124,12 +125,12 @@ class ControllerState:
             self._rebalance()
 
     def _autoscale(self, now: float) -> None:
-        workers = [WorkerSample.from_stats(s) for s in self.workers.live(now)]
+        workers = [WorkerSample.from_engine(r.engine) for r in self.workers.live(now)]
         p = self.placement
-        shards = [ShardSample(float(self.shard_stats.get(s, {}).get("queue_rows", 0.0)),
+        shards = [ShardSample(float(r.queue_rows if (r := self.shard_reports.get(s)) else 0),
                               p.load.slot_rate(s))
                   for s, slot in p.slots.items() if slot.serving]
-        cur_workers, cur_shards = self.desired_workers(now), p.desired
+        cur_workers, cur_shards = self.desired.workers, self.desired.shards
         config = self.autoscaling
         if not p.slots:  # experts inside the workers: only the worker pool scales
             config = config.model_copy(update={"expert_shards": config.expert_shards.model_copy(
@@ -162,7 +163,8 @@ class ControllerState:
     # ----- what outlives the controller's replica (controller_store) ------------------------
     def snapshot(self, now: float, wall: float) -> dict[str, Any]:
         return {"config": self.config, "placement": self.placement.snapshot(),
-                "ops": self.ops.snapshot(now, wall), "rebalances": self.rebalances}
+                "desired": self.desired.snapshot(), "ops": self.ops.snapshot(now, wall),
+                "rebalances": self.rebalances}
 
     def restore(self, d: dict[str, Any], now: float, wall: float, generation: int,
                 resume: bool = True) -> str:
@@ -175,13 +177,16 @@ class ControllerState:
             p.version = max(p.version, version + 1)
             return f"a fresh placement (stored state of another deployment); version {p.version}"
         p.restore(d["placement"], now)
+        self.desired.restore(d.get("desired") or {  # stored by a release before DesiredCounts
+            "shards": d["placement"]["desired"],
+            "workers": d.get("ops", {}).get("desired_workers") or self.desired.workers})
         self.ops.restore(d.get("ops", {}), now, wall, generation)
         self.rebalances = int(d.get("rebalances", 0))
         # A new generation's first map: numbered past anything the old one showed.
         p.version += 1
         op = self.ops.current
         return (f"resumed epoch {p.epoch}, version {p.version}, {len(p.slots)} slots, desired "
-                f"shards {p.desired}, workers {self.desired_workers(now)}"
+                f"shards {self.desired.shards}, workers {self.desired.workers}"
                 + (f", operation {op.id} {op.phase}/{op.step}" if op else ""))
 
     # ----- what operators read ---------------------------------------------------------------
@@ -189,18 +194,18 @@ class ControllerState:
         """GET /v1/cluster/placement: epoch, each shard (state, experts, address), per-expert
         load, balancedness, and the change under way."""
         p = self.placement
-        routing = p.placement(now)
+        p.refresh(now)
         return {
             "epoch": p.epoch, "version": p.version, "num_experts": p.num_experts,
             "experts_in_workers": not p.slots, "shards": p.shard_views(now),
-            "desired_shards": p.desired if p.slots else 0,
+            "desired_shards": self.desired.shards if p.slots else 0,
             "attention_workers": self.live_workers(now),
-            "desired_attention_workers": self.desired_workers(now),
+            "desired_attention_workers": self.desired.workers,
             "pending": p.pending_reason if p.pending is not None else None,
             "rebalances": self.rebalances,
             "autoscaler": list(self.last_decision) if self.autoscaling.enabled else None,
             "operation": self.ops.current.id if self.ops.busy() and self.ops.current else None,
-            "balancedness": p.load.balancedness(routing["replicas"], list(routing["addresses"])),
+            "balancedness": p.load.balancedness(p.routing(), list(p.addresses())),
             "observed_balancedness": _observed(p),
             **p.load.view()}
 
@@ -218,8 +223,7 @@ class ControllerState:
             {"expert": e, "value": rate} for e, rate in enumerate(p.load.load())]
         # Labelled samples (the metrics front end's shape): tokens each shard served per expert.
         total["expert_tokens_total"] = [
-            {"shard": slot, "layer": int(key.split(":")[0]), "expert": int(key.split(":")[1]),
-             "value": n}
-            for slot, stats in sorted(self.shard_stats.items()) if slot in p.slots
-            for key, n in sorted(stats.get("tokens", {}).items())]
+            {"shard": slot, "layer": layer, "expert": expert, "value": n}
+            for slot, report in sorted(self.shard_reports.items()) if slot in p.slots
+            for (layer, expert), n in sorted(report.tokens.items())]
         return total

@@ -35,16 +35,16 @@ class ExpertLoad:
         self.window_s = window_s
         self._shards: dict[str, _ShardRate] = {}
 
-    def _per_expert(self, tokens: Mapping[str, int]) -> list[int]:
+    def _per_expert(self, tokens: Mapping[tuple[int, int], int]) -> list[int]:
         counts = [0] * self.num_experts
-        for key, count in tokens.items():
-            expert = int(key.split(":")[1])
+        for (_, expert), count in tokens.items():
             if 0 <= expert < self.num_experts:
                 counts[expert] += int(count)
         return counts
 
-    def add(self, slot: str, replica: str, tokens: Mapping[str, int], now: float) -> None:
-        """A shard's cumulative counts ("layer:expert" -> tokens). The first heartbeat of a
+    def add(self, slot: str, replica: str, tokens: Mapping[tuple[int, int], int],
+            now: float) -> None:
+        """A shard's cumulative counts ((layer, expert) -> tokens). The first heartbeat of a
         replica is its baseline (its counts cover an unknown time since it started)."""
         counts = self._per_expert(tokens)
         prev = self._shards.get(slot)

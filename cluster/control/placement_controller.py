@@ -41,6 +41,13 @@ from zayaserve.cluster.control.scale_ops import (
     ScaleRefused,
     ScaleTooSoon,
 )
+from zayaserve.replicas.cluster_messages import (
+    PlacementUpdate,
+    ShardAnswer,
+    ShardReport,
+    WorkerAnswer,
+    WorkerReport,
+)
 from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
 
@@ -107,18 +114,16 @@ class PlacementController:
                                              time.monotonic())
 
     async def heartbeat(self, replica: str, slot: str,
-                        stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self.state.heartbeat(replica, slot, stats, time.monotonic())
+                        report: ShardReport | None = None) -> ShardAnswer:
+        return self.state.heartbeat(replica, slot, report, time.monotonic())
 
     async def leave(self, replica: str, slot: str) -> None:
         self.state.placement.leave(replica, slot, time.monotonic())
 
-    async def placement(self) -> dict[str, Any]:
+    async def placement(self) -> PlacementUpdate:
         """The routing map; workers adopt it only if its (generation, version) is newer."""
-        now = time.monotonic()
-        out = self.state.placement.placement(now)
-        out["desired_workers"] = self.state.desired_workers(now)
-        out["generation"] = self.record.generation
+        self.state.placement.refresh(time.monotonic())
+        out = self.state.placement.update(self.record.generation)
         self._persist(strict=True)
         return out
 
@@ -128,8 +133,8 @@ class PlacementController:
         self._persist(strict=True)
         return out
 
-    async def report_worker(self, replica: str, stats: dict[str, Any]) -> dict[str, Any]:
-        return self.state.report_worker(replica, stats, time.monotonic())
+    async def report_worker(self, replica: str, report: WorkerReport) -> WorkerAnswer:
+        return self.state.report_worker(replica, report, time.monotonic())
 
     async def stats(self) -> dict[str, Any]:
         out = self.state.stats(time.monotonic())

@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from zayaserve.cluster.control.desired_counts import DesiredCounts
 from zayaserve.cluster.control.eplb import plan_placement
 from zayaserve.cluster.control.expert_load import ExpertLoad
+from zayaserve.replicas.cluster_messages import PlacementUpdate
 from zayaserve.router.placement import compute_placement
 
 Assignment = dict[str, list[int]]
@@ -57,12 +59,13 @@ class ExpertPlacement:
 
     def __init__(self, num_experts: int, num_shards: int, replication: int,
                  heartbeat_timeout_s: float = 4.0, grace_s: float = 3.0,
-                 load_window_s: float = 30.0) -> None:
+                 load_window_s: float = 30.0, desired: DesiredCounts | None = None) -> None:
+        """`desired`: the counts Serve is asked for (written by resize operations only)."""
         self.num_experts = num_experts
         self.replication = replication
         self.timeout = heartbeat_timeout_s
         self.grace_s = grace_s
-        self.desired = num_shards  # what Serve is asked to run (a scale operation changes it)
+        self.desired = desired or DesiredCounts(num_shards, 1)
         self.slots: dict[str, Slot] = {}
         self._next_id = 0
         for _ in range(num_shards):
@@ -151,12 +154,13 @@ class ExpertPlacement:
         changed = False
         for slot in list(self.slots.values()):
             if slot.replica is None or now - slot.last_seen <= self.timeout:
-                if slot.replica is None and len(self.members()) > self.desired and not slot.leaving:
+                if slot.replica is None and not slot.leaving \
+                        and len(self.members()) > self.desired.shards:
                     del self.slots[slot.id]  # a vacancy nobody will fill: the pool shrank
                     changed = True
                 continue
             self.load.forget(slot.id)
-            if slot.leaving or len(self.members()) > self.desired:
+            if slot.leaving or len(self.members()) > self.desired.shards:
                 del self.slots[slot.id]
             else:
                 slot.replica, slot.address, slot.held = None, None, frozenset()
@@ -220,19 +224,31 @@ class ExpertPlacement:
                     if slot.serving and e in slot.held and e in self.committed.get(s, ())]
                 for e in range(self.num_experts)}
 
-    def placement(self, now: float) -> dict[str, Any]:
+    def addresses(self) -> dict[str, str]:
+        """Serving slot -> its address."""
+        return {s: slot.address for s, slot in self.slots.items()
+                if slot.serving and slot.address is not None}
+
+    def update(self, generation: int) -> PlacementUpdate:
+        """The routing map as published (reads only: `refresh` first for an up-to-date one)."""
+        return PlacementUpdate(
+            generation=generation, version=self.version, epoch=self.epoch,
+            num_experts=self.num_experts,
+            replicas={e: tuple(s) for e, s in self.routing().items()},
+            addresses=self.addresses(),
+            assignment={s: tuple(x) for s, x in self.committed.items()},
+            desired_workers=self.desired.workers)
+
+    def refresh(self, now: float) -> None:
+        """Expire silent slots and move the change along (what each tick does)."""
         self.expire(now)
         self.reconcile(now)
-        live = {s: slot.address for s, slot in self.slots.items() if slot.serving}
-        return {"version": self.version, "epoch": self.epoch, "num_experts": self.num_experts,
-                "replicas": self.routing(), "addresses": live,
-                "assignment": {s: list(x) for s, x in self.committed.items()}}
 
     # ----- what outlives the controller's replica (controller_store) ----------------------
     def snapshot(self) -> dict[str, Any]:
         """The durable part: counters, slots (ids, experts, and the replica last seen in each),
         the assignments and the cover; not heartbeats' times nor the load (re-measured)."""
-        return {"epoch": self.epoch, "version": self.version, "desired": self.desired,
+        return {"epoch": self.epoch, "version": self.version,
                 "next_id": self._next_id, "cover": self.cover,
                 "slots": [{"id": s.id, "replica": s.replica, "address": s.address,
                            "held": sorted(s.held), "leaving": s.leaving}
@@ -249,7 +265,7 @@ class ExpertPlacement:
             return {str(s): [int(x) for x in experts] for s, experts in (a or {}).items()}
 
         self.epoch, self.version = int(d["epoch"]), int(d["version"])
-        self.desired, self._next_id = int(d["desired"]), int(d["next_id"])
+        self._next_id = int(d["next_id"])
         self.cover = int(d.get("cover", 1))
         self.slots = {s["id"]: Slot(s["id"], s.get("replica"), s.get("address"), now,
                                     frozenset(int(x) for x in s.get("held", ())),

@@ -107,7 +107,7 @@ class ScaleOperations:
         self.shard_bounds, self.worker_bounds = shard_bounds, worker_bounds
         self.live_workers = live_workers
         self.timeout_s = timeout_s
-        self.desired_workers: int | None = None  # None: the deployment's own count rules
+        self.desired = placement.desired  # the counts asked of Serve: written only here
         self.ops: dict[str, Operation] = {}
         self.current: Operation | None = None
 
@@ -154,7 +154,7 @@ class ScaleOperations:
             del self.ops[next(iter(self.ops))]
         self.current = op
         if attention_workers is not None:
-            self.desired_workers = attention_workers
+            self.desired.workers = attention_workers
         if expert_shards is not None:
             members = len(p.members())
             if expert_shards < members:  # cover first: any replica Serve removes is spare
@@ -167,7 +167,7 @@ class ScaleOperations:
                                f"{members - expert_shards}")
             else:
                 op.step = "settle"
-                p.desired = expert_shards
+                self.desired.shards = expert_shards
                 self._note(op, f"asked Serve for {expert_shards} expert shards")
         self.advance(now)
         return op.view(), True
@@ -186,14 +186,15 @@ class ScaleOperations:
             return
         if op.step == "cover" and p.pending is None and p.covered(p.cover):
             op.step = "remove"
-            p.desired = op.expert_shards or p.desired
+            self.desired.shards = op.expert_shards or self.desired.shards
             self._note(op, f"every expert on {p.cover} shards (epoch {p.epoch}); asked Serve "
-                           f"for {p.desired} expert shards")
-        if op.step == "remove" and len(p.members()) <= p.desired:
+                           f"for {self.desired.shards} expert shards")
+        if op.step == "remove" and len(p.members()) <= self.desired.shards:
             op.step, p.cover = "settle", 1
             p.propose(p.plan(p.members(), p.replication, True),
-                      f"scale-down to {p.desired} shards")
-            self._note(op, f"{p.desired} shards left; re-placing at replication {p.replication}")
+                      f"scale-down to {self.desired.shards} shards")
+            self._note(op, f"{self.desired.shards} shards left; re-placing at replication "
+                           f"{p.replication}")
         if op.step == "settle" or op.expert_shards is None:
             self._settle(op, now)
 
@@ -205,9 +206,9 @@ class ScaleOperations:
         p = self.placement
         p.cover = 1
         if op.expert_shards is not None:
-            p.desired = max(len(p.members()), 1)
+            self.desired.shards = max(len(p.members()), 1)
         if op.attention_workers is not None and (live := self.live_workers(now)):
-            self.desired_workers = live
+            self.desired.workers = live
 
     def _settle(self, op: Operation, now: float) -> None:
         p = self.placement
@@ -238,7 +239,6 @@ class ScaleOperations:
     def snapshot(self, now: float, wall: float) -> dict[str, Any]:
         return {"last_start_wall": None if self.last_start is None
                 else wall - (now - self.last_start),
-                "desired_workers": self.desired_workers,
                 "current": self.current.id if self.current else None,
                 "ops": [op.record(now, wall) for op in self.ops.values()]}
 
@@ -250,8 +250,6 @@ class ScaleOperations:
         whose step this code cannot resume fails, saying where it was."""
         last = d.get("last_start_wall")
         self.last_start = None if last is None else now - max(wall - float(last), 0.0)
-        wanted = d.get("desired_workers")
-        self.desired_workers = None if wanted is None else int(wanted)
         self.ops = {r["id"]: Operation.from_record(r, now, wall) for r in d.get("ops", [])}
         self.current = self.ops.get(d.get("current") or "")
         op = self.current

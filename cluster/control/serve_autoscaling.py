@@ -17,7 +17,6 @@ import math
 from typing import Any
 
 POLICY = "zayaserve.cluster.control.serve_autoscaling:FollowTarget"
-WORKER_METRIC, SHARD_METRIC = "desired_workers", "desired_shards"
 
 
 def serve_autoscaling_config(metric: str, initial: int, bounds: tuple[int, int]

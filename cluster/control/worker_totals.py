@@ -1,4 +1,4 @@
-"""The attention workers' stats summed for /metrics, so that the cluster's figures are right
+"""The attention workers' reports summed for /metrics, so that the cluster's figures are right
 whatever the workers do.
 
 * Gauges (queue lengths, free KV blocks) sum over the *live* workers: one that stopped
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from zayaserve.replicas.cluster_messages import WorkerReport
 
 # The engine's cumulative counts that do not end in `_total` (their names are the offline
 # `LLM.stats()` API's); /metrics exports them as counters.
@@ -48,21 +50,22 @@ def _flatten(stats: Mapping[str, Any]) -> dict[SampleKey, float]:
 class WorkerTotals:
     def __init__(self, live_s: float = 3.0, forget_s: float = 120.0) -> None:
         self.live_s, self.forget_s = live_s, forget_s
-        # worker -> (last report's time, its stats, the same flattened for summing)
-        self._latest: dict[str, tuple[float, Mapping[str, Any], dict[SampleKey, float]]] = {}
+        # worker -> (last report's time, the report, its samples flattened for summing)
+        self._latest: dict[str, tuple[float, WorkerReport, dict[SampleKey, float]]] = {}
         self._retired: dict[SampleKey, float] = {}  # counters of workers gone
         self._gone: dict[str, dict[SampleKey, float]] = {}  # what each one left in _retired
 
-    def report(self, worker: str, stats: Mapping[str, Any], now: float) -> None:
+    def report(self, worker: str, report: WorkerReport, now: float) -> None:
         back = self._gone.pop(worker, None)
         if back is not None:  # silent long enough to be forgotten, yet alive: count it once
             for k, v in back.items():
                 self._retired[k] -= v
-        self._latest[worker] = (now, stats, _flatten(stats))
+        self._latest[worker] = (now, report, _flatten(report.samples()))
 
-    def live(self, now: float) -> list[Mapping[str, Any]]:
-        """The latest stats of each worker that reported within `live_s`."""
-        return [stats for seen, stats, _ in self._latest.values() if now - seen < self.live_s]
+    def live(self, now: float) -> list[WorkerReport]:
+        """The latest report of each worker that reported within `live_s`."""
+        return [report for seen, report, _ in self._latest.values()
+                if now - seen < self.live_s]
 
     def totals(self, now: float) -> dict[str, Any]:
         """Sums in the stats' own shape: numbers, and labelled-sample lists."""

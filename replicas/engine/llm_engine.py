@@ -13,7 +13,7 @@ from zayaserve.replicas.engine.block_pool import BlockPool, StateSlots
 from zayaserve.replicas.engine.config import EngineConfig
 from zayaserve.replicas.engine.decode_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
 from zayaserve.replicas.engine.device import dtype_for, resolve_device
-from zayaserve.replicas.engine.engine_stats import engine_stats
+from zayaserve.replicas.engine.engine_stats import EngineStats, engine_stats
 from zayaserve.replicas.engine.grammar import Grammars, no_compiles
 from zayaserve.replicas.engine.grammar_compile import CompiledGrammar
 from zayaserve.replicas.engine.output_processor import OutputProcessor, TokenRecord
@@ -128,7 +128,11 @@ class LLMEngine:
                           c.kv_cache_encoding)
 
     def stats(self) -> dict[str, float]:
-        """Flat numeric stats: the offline `LLM.stats()`, and /metrics in serving."""
+        """Flat numeric stats: the offline `LLM.stats()`."""
+        return self.engine_stats().as_dict()
+
+    def engine_stats(self) -> EngineStats:
+        """The same, typed: what an attention worker reports in serving."""
         return engine_stats(self.scheduler, self.remote)
 
     # ---- requests -------------------------------------------------------------------------
