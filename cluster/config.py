@@ -7,6 +7,13 @@ Cluster-level fields sit at the top; everything about how an attention worker's 
     expert_shards: 2
     engine: {block_size: 16, kv_cache_redis_url: "redis://redis:6379/0", limits: {max_n: 8}}
 
+The blocks are defined once, each beside the code that reads it, and named here only:
+
+    engine:       EngineSettings     replicas/engine/config.py (also `LLM(...)`'s arguments)
+    tracing:      TracingConfig      replicas/observability/tracing.py (every floor traces)
+    autoscaling:  AutoscalingConfig  cluster/control/elastic_config.py
+    eplb:         EplbConfig         cluster/control/elastic_config.py
+
 Every error names the field by its path, e.g. `engine.block_size: Input should be greater than
 or equal to 1` or `expert_replication: must be <= expert_shards (2), got 3`.
 """
@@ -28,8 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from zayaserve.cluster.control.autoscale_policy import AutoscalingConfig
-from zayaserve.cluster.control.elastic_config import EplbConfig
+from zayaserve.cluster.control.elastic_config import AutoscalingConfig, EplbConfig
 from zayaserve.cluster.frontend.response_budget import DEFAULT_MAX_RESPONSE_LOGPROBS
 from zayaserve.replicas.engine.config import EngineSettings
 from zayaserve.replicas.observability.tracing import TracingConfig

@@ -11,14 +11,16 @@ import pytest
 from pydantic import ValidationError
 
 from zayaserve.cluster.control.autoscale_policy import (
-    AttentionTargets,
-    AutoscalingConfig,
     Decision,
     PolicyState,
     ShardSample,
-    ShardTargets,
     WorkerSample,
     decide,
+)
+from zayaserve.cluster.control.elastic_config import (
+    AttentionTargets,
+    AutoscalingConfig,
+    ShardTargets,
 )
 from zayaserve.replicas.validation_errors import format_validation_error
 

@@ -9,9 +9,8 @@ import random
 
 import pytest
 
-from zayaserve.cluster.control.autoscale_policy import AutoscalingConfig
 from zayaserve.cluster.control.controller_state import ControllerState
-from zayaserve.cluster.control.elastic_config import EplbConfig
+from zayaserve.cluster.control.elastic_config import AutoscalingConfig, EplbConfig
 from zayaserve.cluster.control.placement_state import ExpertPlacement
 from zayaserve.cluster.control.scale_ops import ScaleConflict, ScaleError
 from zayaserve.replicas.cluster_messages import ShardReport, WorkerReport

@@ -17,14 +17,13 @@ import time
 from typing import Any
 
 from zayaserve.cluster.control.autoscale_policy import (
-    AutoscalingConfig,
     PolicyState,
     ShardSample,
     WorkerSample,
     decide,
 )
 from zayaserve.cluster.control.desired_counts import DesiredCounts
-from zayaserve.cluster.control.elastic_config import EplbConfig, pool_bounds
+from zayaserve.cluster.control.elastic_config import AutoscalingConfig, EplbConfig, pool_bounds
 from zayaserve.cluster.control.eplb import moves, should_rebalance
 from zayaserve.cluster.control.placement_state import ExpertPlacement
 from zayaserve.cluster.control.scale_ops import ScaleError, ScaleOperations, ScaleRefused

@@ -25,7 +25,6 @@ from typing import Any
 
 from ray import serve
 
-from zayaserve.cluster.control.autoscale_policy import AutoscalingConfig
 from zayaserve.cluster.control.controller_state import ControllerState
 from zayaserve.cluster.control.controller_store import (
     ControllerRecord,
@@ -33,7 +32,7 @@ from zayaserve.cluster.control.controller_store import (
     GcsControllerStore,
     store_key,
 )
-from zayaserve.cluster.control.elastic_config import EplbConfig
+from zayaserve.cluster.control.elastic_config import AutoscalingConfig, EplbConfig
 from zayaserve.cluster.control.placement_tracing import PlacementTracer
 from zayaserve.cluster.control.scale_ops import (
     ScaleConflict,
