@@ -1,6 +1,6 @@
 """End-to-end offline decode at ZAYA1-8B shapes (bf16): output tok/s at each batch size with
 equal-length random prompts, TTFT, and each as a fraction of the HBM roofline, decode graphs on
-and off. The kernel backend is chosen per process by ZAYASERVE_KERNEL_BACKEND (torch|triton).
+and off. The kernel set is chosen per process by ZAYASERVE_KERNELS (torch|triton).
 
 Requests are added at once and stepped by the engine (chunked prefill of
 max_num_batched_tokens); TTFT is add -> first token. Once every sequence has its first token,
@@ -213,10 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 setattr(a, key, value)
 
     from zayaserve import LLM
-    from zayaserve.kernels.registry import default_backend
+    from zayaserve.kernels.registry import default_kernels
     from zayaserve.replicas.engine.decode_graphs import RerunCapture
 
-    backend, max_b, budget, bs = default_backend(), max(a.batches), a.max_num_batched_tokens, 16
+    kernels, max_b, budget, bs = default_kernels(), max(a.batches), a.max_num_batched_tokens, 16
     if budget <= max_b:
         ap.error("--max-num-batched-tokens must exceed the largest batch")
     # Sequences prefilled early decode while the rest prefill: leave them room to keep going.
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "on" in a.graphs and graphs is None:
         ap.error("--graphs on: the engine built no decode graphs")
     a.copy_gbs = copy_bandwidth_gbs(engine.device, a.copy_mib)
-    print(f"model {a.model} | backend {backend} | device {engine.device} | dtype "
+    print(f"model {a.model} | kernels {kernels} | device {engine.device} | dtype "
           f"{engine.model.dtype} | prompt {a.prompt_len}, {a.gen_len} timed decode steps | "
           f"copy bandwidth {a.copy_gbs:.1f} GB/s", flush=True)
     # Untimed: JIT compiles and autotunes a full-budget prefill, a mixed step and decodes.
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for batch in a.batches:
         for mode in a.graphs:
-            r = {"backend": backend, **run_variant(llm, batch, graphs, mode == "on", a,
+            r = {"kernels": kernels, **run_variant(llm, batch, graphs, mode == "on", a,
                                                    a.gen_len, max_tokens)}
             rows.append(r)
             print(f"batch {batch:4d} graphs {mode:3s}: {r['tok_s']:9.1f} tok/s "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator check, in one go: at most ~8 minutes on an H100/H200 (or MI300X), every result
 # under OUT. On a machine without a GPU, --dry-run runs the same steps at toy sizes on the CPU
-# (Triton's interpreter, the re-running graph backend); CI runs it that way.
+# (Triton's interpreter, the re-running graph capture); CI runs it that way.
 #
 #   bash bench/gpu_check.sh OUT [--dry-run]
 #
@@ -11,7 +11,7 @@
 #   2. the compiled CCA decode kernel tests (tests/test_kernel_cca_decode.py, GPU only)
 #   3. bench/kernels.py at ZAYA1-8B shapes -> OUT/kernels.json
 #   4. bench/decode_e2e.py, random ZAYA1-8B weights made on the GPU, bf16, batch 1/16/64/256,
-#      512-token prompts, graphs on/off, once per kernel backend -> OUT/decode_<backend>.json
+#      512-token prompts, graphs on/off, once per kernel set -> OUT/decode_<kernels>.json
 # OUT/summary.txt lists each step's exit status; OUT/<step>.log holds its output.
 #
 # Python packages the GPU image lacks travel as wheels in .whl/ (bench/gpu_wheels.sh fetches
@@ -78,11 +78,11 @@ step kernels 150 "$py" -m zayaserve.bench.kernels "${flag[@]}" --json "$out/kern
 # (Under the interpreter a Triton step takes seconds: the dry run does one batch size.)
 interpreted=()
 [[ -n "$dry" ]] && interpreted=(--batches 1 --gen-len 2)
-step decode_triton 120 env ZAYASERVE_KERNEL_BACKEND=triton "$py" -m zayaserve.bench.decode_e2e \
+step decode_triton 120 env ZAYASERVE_KERNELS=triton "$py" -m zayaserve.bench.decode_e2e \
     "${flag[@]}" "${interpreted[@]}" --json "$out/decode_triton.json"
-# The torch backend for comparison, at fewer batch sizes (it is the slow path).
+# The torch kernels for comparison, at fewer batch sizes (it is the slow path).
 fewer=(--batches 1 64)
 [[ -n "$dry" ]] && fewer=()
-step decode_torch 60 env ZAYASERVE_KERNEL_BACKEND=torch "$py" -m zayaserve.bench.decode_e2e \
+step decode_torch 60 env ZAYASERVE_KERNELS=torch "$py" -m zayaserve.bench.decode_e2e \
     "${flag[@]}" "${fewer[@]}" --json "$out/decode_torch.json"
 ! grep -v " rc=0 " "$out/summary.txt"

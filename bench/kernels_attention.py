@@ -4,7 +4,7 @@ bf16, 8 query heads over 2 KV heads of dim 128, pages of 16 tokens scattered ove
 Decode batches of 1/16/64 sequences with contexts of 1k-8k tokens are memory bound: the figure
 of merit is the bytes a step must read (every visible K/V row, q, out, block tables) over the
 kernel time, against the GPU's HBM bandwidth (nominal and measured). A few chunked-prefill rows
-report the fraction of peak FLOP/s. The torch side is the registry's torch backend
+report the fraction of peak FLOP/s. The torch side is the registry's torch kernels
 (`paged_attention_torch`, SDPA) with its `AttentionPlan` prebuilt (the engine builds it once per
 step for all layers); the Triton output is checked against it before timing. Times are
 `triton.testing.do_bench` medians with the L2 flushed between runs; `--dry-run` runs toy shapes

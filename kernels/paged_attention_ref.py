@@ -4,7 +4,7 @@ Decode rows (one new token) are batched together, padded to the longest context;
 chunk attends to its whole cached context with a causal (and optional sliding-window) mask.
 Softmax runs in fp32 like the reference model. Everything that depends only on the step's
 layout (gather slots, masks) lives in an `AttentionPlan` built once and shared by all layers.
-`paged_attention_torch` is the registry's torch backend: the signature of
+`paged_attention_torch` is the registry's torch kernels: the signature of
 `paged_attention_triton`, computed here. This module never imports triton.
 """
 

@@ -1,12 +1,12 @@
 """Picks the implementation of each hot-path op: Triton on a GPU, torch elsewhere.
 
-`ZAYASERVE_KERNEL_BACKEND=triton|torch` overrides the choice for every op (with
-`TRITON_INTERPRET=1`, the Triton kernels also run on the CPU, which is how they are tested).
-The engine calls ops only through `get_op`.
+`ZAYASERVE_KERNELS=triton|torch` overrides the choice for every op (with `TRITON_INTERPRET=1`,
+the Triton kernels also run on the CPU, which is how they are tested); the variable's earlier
+name, `ZAYASERVE_KERNEL_BACKEND`, is still read. The engine calls ops only through `get_op`.
 
 Each op's torch implementation lives in a `*_ref` module that never imports triton, its Triton
 implementation in the matching `*_triton` module (which imports triton unconditionally), so a
-plain CPU install without triton runs everything on the torch backend.
+plain CPU install without triton runs everything on the torch kernels.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any, Literal
 
-Backend = Literal["torch", "triton"]
-ENV_VAR = "ZAYASERVE_KERNEL_BACKEND"
+KernelSet = Literal["torch", "triton"]
+ENV_VAR = "ZAYASERVE_KERNELS"
+OLD_ENV_VAR = "ZAYASERVE_KERNEL_BACKEND"  # the earlier name, still honoured
 
-# op -> backend -> "module:function", imported on first use: only a "triton" entry imports
+# op -> kernel set -> "module:function", imported on first use: only a "triton" entry imports
 # triton, so machines without it (or without a GPU) never do.
-OPS: dict[str, dict[Backend, str]] = {
+OPS: dict[str, dict[KernelSet, str]] = {
     "fused_moe": {
         "torch": "zayaserve.kernels.fused_moe_ref:fused_moe_ref",
         "triton": "zayaserve.kernels.fused_moe_triton:fused_moe_triton",
@@ -60,13 +61,17 @@ def _triton_usable() -> bool:
     return True
 
 
-def default_backend() -> Backend:
+def _forced() -> str | None:
+    return os.environ.get(ENV_VAR) or os.environ.get(OLD_ENV_VAR)
+
+
+def default_kernels() -> KernelSet:
     # Called for every op on the hot path: resolve once per environment setting.
-    return _resolve(os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+    return _resolve(_forced(), os.environ.get("TRITON_INTERPRET"))
 
 
 @cache
-def _resolve(forced: str | None, interpret: str | None) -> Backend:
+def _resolve(forced: str | None, interpret: str | None) -> KernelSet:
     if forced:
         if forced not in ("torch", "triton"):
             raise ValueError(f"{ENV_VAR} must be 'torch' or 'triton', got {forced!r}")
@@ -88,14 +93,14 @@ def _load(target: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
 
-def get_op(op: str, backend: Backend | None = None) -> Callable[..., Any]:
+def get_op(op: str, kernels: KernelSet | None = None) -> Callable[..., Any]:
     """The op's implementation. Unforced, Triton serves tensors on a GPU and the torch
     reference serves CPU tensors, so an engine on `device="cpu"` works on a GPU host too."""
     if op not in OPS:
         raise KeyError(f"unknown kernel op {op!r}; known: {sorted(OPS)}")
-    if backend is None and default_backend() == "triton" and not os.environ.get(ENV_VAR):
+    if kernels is None and default_kernels() == "triton" and not _forced():
         return _by_device(op)
-    return _load(OPS[op][backend or default_backend()])
+    return _load(OPS[op][kernels or default_kernels()])
 
 
 @cache

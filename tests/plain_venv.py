@@ -40,7 +40,8 @@ def clean_env(venv: Path, home: Path) -> dict[str, str]:
     test session's venv, kernel or extras settings, nor what its own ray.init (if any) put
     into os.environ (RAY_AUTH_MODE, PYTHONBREAKPOINT)."""
     drop = ("RAY_ADDRESS", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "EXTRAS", "VENV",
-            "TRITON_INTERPRET", "ZAYASERVE_KERNEL_BACKEND", "RAY_AUTH_MODE", "PYTHONBREAKPOINT")
+            "TRITON_INTERPRET", "ZAYASERVE_KERNELS", "ZAYASERVE_KERNEL_BACKEND", "RAY_AUTH_MODE",
+            "PYTHONBREAKPOINT")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     ours = str(Path(sys.prefix) / "bin")
     path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != ours]

@@ -16,7 +16,7 @@ def test_dry_run_writes_every_variant(tmp_path: Path) -> None:
     assert {(r["batch"], r["graphs"]) for r in rows} == {(1, True), (1, False), (4, True),
                                                          (4, False)}
     for r in rows:
-        assert r["backend"] == "torch" and r["prompt_len"] == 24 and r["decode_steps"] == 6
+        assert r["kernels"] == "torch" and r["prompt_len"] == 24 and r["decode_steps"] == 6
         for key in ("tok_s", "step_ms", "ttft_ms", "bytes_per_step", "copy_gbs"):
             assert r[key] > 0, key
         assert 0 < r["roofline_fraction"] < 1

@@ -1,5 +1,5 @@
 """bench/gpu_check.sh --dry-run: the GPU check's every step, at toy sizes on the CPU (Triton's
-interpreter, the re-running graph backend), so the script is known to work before a GPU is lent."""
+interpreter, the re-running graph capture), so the script is known to work before a GPU is lent."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "ZAYASERVE_KERNEL_BACKEND")}
+           if k not in ("TRITON_INTERPRET", "ZAYASERVE_KERNELS", "ZAYASERVE_KERNEL_BACKEND")}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path),
                            "--dry-run"], env={**env, "PYTHON": sys.executable}, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
@@ -29,8 +29,8 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert "6 passed" in (tmp_path / "pytest_gpu.log").read_text()
     kernels = json.loads((tmp_path / "kernels.json").read_text())
     assert kernels["ok"] and kernels["complete"]
-    for backend in ("triton", "torch"):
-        rows = json.loads((tmp_path / f"decode_{backend}.json").read_text())
-        assert rows and {r["backend"] for r in rows} == {backend}
+    for kernels in ("triton", "torch"):
+        rows = json.loads((tmp_path / f"decode_{kernels}.json").read_text())
+        assert rows and {r["kernels"] for r in rows} == {kernels}
         assert {r["graphs"] for r in rows} == {True, False}
     assert "cpu" in (tmp_path / "machine.txt").read_text()

@@ -1,5 +1,5 @@
 """A plain CPU install has no triton: every module except the `*_triton` kernels must import
-without it, the offline engine must generate on the torch backend, and every op's torch
+without it, the offline engine must generate on the torch kernels, and every op's torch
 implementation must load.
 
 Each check runs in a fresh interpreter whose first act is to put a finder on `sys.meta_path`
@@ -71,17 +71,17 @@ ops = {}
 for op in registry.OPS:
     fn = registry.get_op(op, "torch")
     ops[op] = fn.__module__ + ":" + fn.__name__
-print(json.dumps({"tokens": outs[0].outputs[0].token_ids, "backend": registry.default_backend(),
+print(json.dumps({"tokens": outs[0].outputs[0].token_ids, "kernels": registry.default_kernels(),
                   "default_ops": {op: registry.get_op(op).__module__ for op in registry.OPS},
                   "torch_ops": ops, "attempts": ATTEMPTS}))
 '''
 
 
 def run_without_triton(body: str, tmp_path: Path) -> dict:
-    # A clean kernel environment: no forced backend, no interpreter (the kernel tests set
+    # A clean kernel environment: no forced kernel set, no interpreter (the kernel tests set
     # TRITON_INTERPRET=1 in this process), built-in checkpoints written under tmp_path.
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "ZAYASERVE_KERNEL_BACKEND")}
+           if k not in ("TRITON_INTERPRET", "ZAYASERVE_KERNELS", "ZAYASERVE_KERNEL_BACKEND")}
     env["ZAYASERVE_HOME"] = str(tmp_path / "home")
     proc = subprocess.run([sys.executable, "-c", BLOCK_TRITON + body], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
@@ -105,10 +105,10 @@ def test_every_module_but_the_triton_kernels_imports_without_triton(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_engine_generates_on_torch_backend_without_triton(tmp_path: Path) -> None:
+def test_engine_generates_on_torch_kernels_without_triton(tmp_path: Path) -> None:
     result = run_without_triton(GENERATE, tmp_path)
     assert len(result["tokens"]) == 4, result
-    assert result["backend"] == "torch"
+    assert result["kernels"] == "torch"
     assert not result["attempts"], "\n".join(result["attempts"])
     for op, module in result["default_ops"].items():
         assert module.endswith("_ref"), (op, module)

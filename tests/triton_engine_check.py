@@ -1,5 +1,5 @@
 """Run by test_kernels_engine.py in a fresh process (TRITON_INTERPRET=1 and
-ZAYASERVE_KERNEL_BACKEND=triton set before anything imports triton): the whole engine on the
+ZAYASERVE_KERNELS=triton set before anything imports triton): the whole engine on the
 Triton kernels against transformers' ZayaForCausalLM, eagerly and with decode graphs (re-run
 segments over static buffers, as on a GPU without the driver). Prints one JSON line."""
 
@@ -13,7 +13,7 @@ import torch
 from hf_reference import build_hf_checkpoint, reference_greedy, reference_prompt_logprobs
 
 from zayaserve import LLM, SamplingParams
-from zayaserve.kernels.registry import default_backend
+from zayaserve.kernels.registry import default_kernels
 from zayaserve.replicas.engine.decode_graphs import RerunCapture
 
 path = Path(sys.argv[1])
@@ -38,6 +38,6 @@ graph_outs = graphs.generate([{"prompt_token_ids": p} for p in prompts],
                              SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
 graphs_same = all(o.outputs[0].token_ids == ref for o, (_, ref) in zip(graph_outs, refs,
                                                                       strict=True))
-print(json.dumps({"backend": default_backend(), "max_logprob_err": worst,
+print(json.dumps({"kernels": default_kernels(), "max_logprob_err": worst,
                   "greedy_equal": same, "graphs_greedy_equal": graphs_same,
                   "graph_buckets": sorted(graphs.engine.runner.graphs._graphs)}))

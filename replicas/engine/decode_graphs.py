@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 
 from zayaserve.kernels.paged_attention_ref import static_decode_plan
-from zayaserve.kernels.registry import default_backend
+from zayaserve.kernels.registry import default_kernels
 from zayaserve.replicas.model.attention_side import AttentionLayer, AttentionSideModel
 from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
@@ -160,7 +160,7 @@ class DecodeGraphs:
         self.model, self.experts, self.cache, self.capture = model, experts, cache, capture
         # One graph per step when the experts can live inside it (see the module docstring).
         self.whole_step = (isinstance(experts, LocalExpertBackend)
-                           and default_backend() == "triton") if whole_step is None else whole_step
+                           and default_kernels() == "triton") if whole_step is None else whole_step
         self.buckets = sorted(buckets or default_buckets(max_batch))
         self.width = max_blocks_per_seq
         # The experts' output, read by the next segment (shared by all buckets).
@@ -213,7 +213,7 @@ class DecodeGraphs:
         model, cache, layers = self.model, self.cache, self.model.layers
         batch, y = inputs.batch(), self.y[:size]
         kinds = sorted(model.ropes_kinds())
-        torch_attention = default_backend() == "torch"
+        torch_attention = default_kernels() == "torch"
 
         def first() -> Outputs:
             # Derived per-step tensors are rebuilt inside the graph on every replay.

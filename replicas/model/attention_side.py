@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from zayaserve.kernels.paged_attention_ref import plan_attention
-from zayaserve.kernels.registry import default_backend, get_op
+from zayaserve.kernels.registry import default_kernels, get_op
 from zayaserve.replicas.model.batch import StepBatch
 from zayaserve.replicas.model.cca import CCAProjection, qk_l2_norm
 from zayaserve.replicas.model.config import ZayaConfig
@@ -118,13 +118,13 @@ class AttentionLayer(nn.Module):
                    attn: SelfAttention) -> torch.Tensor:
         """GQA over the paged cache (the `paged_attention` op); layout derived once a step."""
         i = self.layer_idx
-        backend = default_backend()
+        kernels = default_kernels()
         plan = batch.cached("attention_plan", lambda: plan_attention(
             batch.query_start.tolist(), batch.context_lens, batch.block_tables,
-            cache.block_size)) if backend == "torch" else None
+            cache.block_size)) if kernels == "torch" else None
         context_lens = batch.cached("context_lens", lambda: torch.tensor(
             batch.context_lens, dtype=torch.int32, device=q.device))
-        return get_op("paged_attention", backend)(  # type: ignore[no-any-return]
+        return get_op("paged_attention", kernels)(  # type: ignore[no-any-return]
             q, cache.k[i], cache.v[i], batch.query_start, context_lens, batch.block_tables,
             cache.block_size, attn.scale, attn.window, plan=plan)
 
