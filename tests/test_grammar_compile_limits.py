@@ -72,7 +72,7 @@ def test_steps_never_compile_even_when_the_cache_dropped_the_grammar(
     prompts = [[2, 40, 41, 42], [2, 7, 8], [2, 100, 200, 300, 400, 500], [2, 9]]
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
-    compiler = engine.grammars.backend().compiler
+    compiler = engine.grammars.compiler().compiler
     compiler.clear_cache()
     assert compiler.get_cache_size_bytes() == 0
     counter = CompileCounter(compiler, monkeypatch)
@@ -97,7 +97,7 @@ def test_a_compile_where_compiles_are_forbidden_raises(tiny_checkpoint: Path) ->
     with no_compiles(), pytest.raises(CompileOnEngineThreadError):
         engine.grammars.compile(spec)
     with no_compiles(), pytest.raises(CompileOnEngineThreadError):
-        engine.grammars.backend().compile(spec)
+        engine.grammars.compiler().compile(spec)
     grammar = engine.grammars.compile(spec)  # allowed again outside the block
     assert grammar is not None and grammar.spec == spec
     with pytest.raises(ValueError, match="another constraint"):
@@ -210,7 +210,7 @@ def test_a_slow_grammar_gets_its_400_while_other_streams_keep_decoding(
     engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint),
                                     limits={"max_grammar_compile_s": limit_s}))
     eng = AsyncLLMEngine(engine)
-    compiler = engine.grammars.backend().compiler
+    compiler = engine.grammars.compiler().compiler
     counter = CompileCounter(compiler, monkeypatch)
     add_request = engine.add_request
 

@@ -163,30 +163,30 @@ class GrammarMask:
 
 
 class Grammars:
-    """An engine's structured outputs: the backend (made on first use), the compile of a
-    request's grammar when it arrives, a matcher per sequence and the mask of each step."""
+    """An engine's structured outputs: the grammar compiler (made on first use), the compile of
+    a request's grammar when it arrives, a matcher per sequence and the mask of each step."""
 
     def __init__(self, tokenizer: Tokenizer | None, vocab_size: int,
                  stop_token_ids: Sequence[int], limits: RequestLimits | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
-        self._backend: GrammarCompiler | None = None
+        self._compiler: GrammarCompiler | None = None
         self._lock = threading.Lock()
         limits = limits if limits is not None else RequestLimits.model_validate({})
-        self.compiles = CompilePool(lambda spec: self.backend().compile(spec),
+        self.compiles = CompilePool(lambda spec: self.compiler().compile(spec),
                                     limits.max_concurrent_grammar_compiles,
                                     limits.max_grammar_compile_s)
 
-    def backend(self) -> GrammarCompiler:
+    def compiler(self) -> GrammarCompiler:
         with self._lock:
-            if self._backend is None:
+            if self._compiler is None:
                 if self.tokenizer is None:
                     raise ParamError("structured_outputs", "structured outputs need a "
                                      "tokenizer and this model has none")
-                self._backend = GrammarCompiler(self.tokenizer, self.vocab_size,
+                self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size,
                                                self.stop_token_ids)
-            return self._backend
+            return self._compiler
 
     def compile(self, spec: StructuredOutputsParams | None) -> CompiledGrammar | None:
         """The request's grammar, compiled (or found cached) within the compile limits: a bad
@@ -227,7 +227,7 @@ class Grammars:
         if grammar is None or grammar.spec != spec:
             raise RuntimeError("a constrained sequence without its request's compiled grammar")
         stops = list(dict.fromkeys([*self.stop_token_ids, *stop_token_ids]))
-        matcher = self.backend().matcher(grammar.compiled, stops)
+        matcher = self.compiler().matcher(grammar.compiled, stops)
         for token in output_ids:
             matcher.accept_token(token)
         return matcher
@@ -236,7 +236,7 @@ class Grammars:
         """The mask for a step's sampling rows (None where no row is constrained)."""
         if all(m is None for m in matchers):
             return None
-        mask = self.backend().mask(len(matchers))
+        mask = self.compiler().mask(len(matchers))
         for row, matcher in enumerate(matchers):
             if matcher is not None:
                 mask.fill(row, matcher)
