@@ -143,6 +143,31 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def offline_texts(offline: dict[str, Any]) -> dict[str, str]:
+    """The offline engine's completion of each prompt, as text."""
+    from zayaserve.replicas.model.checkpoint_paths import resolve_model
+    from zayaserve.replicas.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(resolve_model("tiny"))
+    return {p: tok.decode(offline[p]) for p in PROMPTS}
+
+
+def worker_stats_when_idle(timeout: float = 30) -> dict[str, Any]:
+    """An attention worker's stats once it runs nothing and every KV block is back (or at
+    `timeout`, as they are then)."""
+    from ray import serve
+
+    deadline = time.time() + timeout
+    while True:
+        stats: dict[str, Any] = serve.get_deployment_handle(
+            "AttentionWorker", app_name="zayaserve").stats.remote().result()
+        idle = stats["num_requests_running"] == 0 and \
+            stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        if idle or time.time() > deadline:
+            return stats
+        time.sleep(0.5)
+
+
 def deploy(**overrides: Any) -> Cluster:
     """Deploys the app (ClusterConfig fields as overrides; `engine={...}` is merged into the
     harness's engine settings) and waits for its shards."""

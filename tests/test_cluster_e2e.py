@@ -13,18 +13,21 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from cluster_harness import MAX_TOKENS, PROMPTS, Cluster, Load, deploy, undeploy, wait_for
+from cluster_harness import (
+    MAX_TOKENS,
+    PROMPTS,
+    Cluster,
+    Load,
+    deploy,
+    offline_texts,
+    undeploy,
+    wait_for,
+    worker_stats_when_idle,
+)
 
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 
 pytestmark = pytest.mark.e2e
-
-def _texts(offline: dict[str, Any]) -> dict[str, str]:
-    from zayaserve.replicas.model.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_pretrained(resolve_model("tiny"))
-    return {p: tok.decode(offline[p]) for p in PROMPTS}
-
 
 # ---- replicated experts: REST/gRPC equality and surviving a shard crash ----------------------
 
@@ -37,7 +40,7 @@ def replicated(ray_session: None) -> Iterator[Cluster]:
 
 
 def test_rest_stream_and_nonstream_equal_offline(replicated: Cluster, offline: dict) -> None:
-    want = _texts(offline)
+    want = offline_texts(offline)
 
     async def run() -> list[tuple[str, str, str]]:
         aclient = openai.AsyncOpenAI(base_url=replicated.base + "/v1", api_key="x",
@@ -165,20 +168,6 @@ def test_disconnect_frees_blocks_and_overload_is_429(replicated: Cluster) -> Non
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
-def _worker_idle(timeout: float = 30) -> dict[str, Any]:
-    from ray import serve
-
-    deadline = time.time() + timeout
-    while True:
-        stats: dict[str, Any] = serve.get_deployment_handle(
-            "AttentionWorker", app_name="zayaserve").stats.remote().result()
-        idle = stats["num_requests_running"] == 0 and \
-            stats["kv_blocks_free"] == stats["kv_blocks_total"]
-        if idle or time.time() > deadline:
-            return stats
-        time.sleep(0.5)
-
-
 # n = 3: a round's reservation fits the half of the queue (max_pending_requests 6) that runs
 # may hold.
 RSA = {"n": 3, "k": 2, "t": 2, "tail_tokens": 12, "round_max_tokens": 12,
@@ -198,7 +187,7 @@ def test_rsa_runs_in_a_worker_and_a_disconnect_aborts_it(replicated: Cluster) ->
     assert first["usage"]["prompt_tokens"] == sum(x["prompt_tokens"]
                                                   for x in first["rsa"]["rounds"])
     assert first["choices"] == again["choices"]  # seeded: reproducible across runs
-    queried = _worker_idle()["prefix_cache_local_queried_tokens"]
+    queried = worker_stats_when_idle()["prefix_cache_local_queried_tokens"]
     with httpx.Client(timeout=60) as http, http.stream(
             "POST", replicated.base + "/v1/chat/completions", json={
                 "model": "tiny", "messages": [{"role": "user", "content": PROMPTS[0]}],
@@ -208,7 +197,7 @@ def test_rsa_runs_in_a_worker_and_a_disconnect_aborts_it(replicated: Cluster) ->
         first_line = next(line for line in r.iter_lines() if line)
         # The run started: leave in the middle of round 0 (each call makes 300 tokens).
     assert '"calls_done":0' in first_line
-    stats = _worker_idle()
+    stats = worker_stats_when_idle()
     assert stats["num_requests_running"] == 0
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
     # Aborted in round 0: no aggregation call was ever admitted.
@@ -255,7 +244,7 @@ def test_shards_hold_only_their_experts(unreplicated: Cluster) -> None:
 
 
 def test_unreplicated_shard_crash_waits_for_restart(unreplicated: Cluster, offline: dict):
-    want = _texts(offline)
+    want = offline_texts(offline)
     victim = unreplicated.shard_infos()[0].pid
 
     async def run() -> list[str]:

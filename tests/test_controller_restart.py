@@ -22,9 +22,8 @@ from zayaserve.cluster.control.controller_store import (
     encode,
 )
 from zayaserve.cluster.control.scale_ops import ScaleTooSoon
-from zayaserve.replicas.cluster_messages import PlacementUpdate, WorkerReport
+from zayaserve.replicas.cluster_messages import WorkerReport
 from zayaserve.replicas.engine.engine_stats import EngineStats
-from zayaserve.router.placement import PlacementMap
 
 WALL = 1_700_000_000.0  # wall clock = WALL + the simulation's clock (+ downtime)
 
@@ -241,37 +240,6 @@ def test_an_unknown_step_fails_visibly_and_another_deployment_starts_afresh() ->
     # Another config under the same deployment name is not resumed either.
     st4, _, note = boot(store, 0.0, WALL + 9, deployment="d2", num_shards=2)
     assert "fresh placement" in note and st4.placement.version > st3.placement.version
-
-
-def test_worker_refuses_an_older_map() -> None:
-    from zayaserve.replicas.attention_worker import PlacementHolder
-
-    def d(generation: int, version: int, address: str) -> PlacementUpdate:
-        return PlacementUpdate(generation, version, epoch=1, num_experts=2,
-                               replicas={0: ("s",), 1: ("s",)}, addresses={"s": address},
-                               assignment={"s": (0, 1)}, desired_workers=1)
-
-    h = PlacementHolder(2)
-    assert h.map.version == -1
-    assert h.offer(d(1, 5, "a:5")) and h.map.addresses["s"] == "a:5"
-    assert not h.offer(d(1, 4, "a:4")) and h.map.addresses["s"] == "a:5" and h.refused == 1
-    assert not h.offer(d(1, 5, "a:5")) and h.refused == 1  # the same map: nothing to do
-    assert h.offer(d(2, 6, "b:6")) and h.order == (2, 6)
-    assert not h.offer(d(1, 9, "old:9"))  # the replaced controller's answer, late
-    assert not h.offer(d(0, 7, "x"))  # generation 0: older than any later generation
-    assert h.map.addresses["s"] == "b:6" and h.refused == 3
-
-
-def test_token_router_never_routes_by_an_older_map() -> None:
-    from zayaserve.router.token_router import TokenRouter
-
-    maps = {"now": PlacementMap(3, 2, {})}
-    router = TokenRouter(lambda: maps["now"], 2)
-    assert router._refresh().version == 3
-    maps["now"] = PlacementMap(2, 2, {})
-    assert router._refresh().version == 3 and router.stats.map_versions_seen == 1
-    maps["now"] = PlacementMap(4, 2, {})
-    assert router._refresh().version == 4 and router.stats.map_versions_seen == 2
 
 
 def test_controller_deployment_resumes_from_its_store() -> None:
