@@ -106,7 +106,10 @@ class AttentionWorker:
     def _poll_placement(self) -> None:
         while not self._stop.is_set():
             try:
-                self._placement.offer(self.controller.placement.remote().result(timeout_s=10))
+                update = self.controller.placement.remote(self._placement.order).result(
+                    timeout_s=10)
+                if update is not None:  # None: the map held is the newest
+                    self._placement.offer(update)
             except Exception as err:  # keep the last map; the token router retries
                 log.warning("placement poll failed: %r", err)
             time.sleep(POLL_S)
@@ -126,7 +129,7 @@ class AttentionWorker:
         router = self.experts.router if self.experts is not None else None
         return WorkerReport(self.engine.engine.engine_stats(), self.engine.steps,
                             router.stats.snapshot() if router else None,
-                            router.latency_samples() if router else {})
+                            router.latency_histogram() if router else None)
 
     def describe(self) -> dict[str, Any]:
         e = self.engine.engine

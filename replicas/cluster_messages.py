@@ -16,14 +16,10 @@ from dataclasses import dataclass, field
 
 from zayaserve.replicas.engine.engine_stats import EngineStats
 from zayaserve.router.placement import PlacementMap
-from zayaserve.router.router_stats import RouterStats
+from zayaserve.router.router_stats import LatencyHistogram, RouterStats
 
 # The metric names Serve's follow-the-controller policy reads (cluster/control/serve_autoscaling).
 WORKER_METRIC, SHARD_METRIC = "desired_workers", "desired_shards"
-
-# Labelled samples (`{label: value, ..., "value": x}`) under a metric name: histograms travel so.
-Samples = Mapping[str, list[dict[str, str | float]]]
-
 
 @dataclass(frozen=True, slots=True)
 class WorkerReport:
@@ -33,14 +29,20 @@ class WorkerReport:
     engine: EngineStats
     engine_steps: int
     router: RouterStats | None = None
-    dispatch_latency: Samples = field(default_factory=dict)
+    dispatch_latency: LatencyHistogram | None = None
 
-    def samples(self) -> dict[str, object]:
-        """Flat, under their /metrics names: numbers, and labelled-sample lists."""
-        out: dict[str, object] = {**self.engine.as_dict(), "engine_steps_total": self.engine_steps}
+    def numbers(self) -> dict[str, float]:
+        """The plain numbers, under their /metrics names."""
+        out: dict[str, float] = {**self.engine.as_dict(), "engine_steps_total": self.engine_steps}
         if self.router is not None:
             out.update(self.router.as_dict())
-        out.update(self.dispatch_latency)
+        return out
+
+    def samples(self) -> dict[str, object]:
+        """Flat, under their /metrics names: numbers, and the histogram's labelled samples."""
+        out: dict[str, object] = dict(self.numbers())
+        if self.dispatch_latency is not None:
+            out.update(self.dispatch_latency.samples())
         return out
 
 
@@ -71,8 +73,9 @@ class ShardAnswer:
 @dataclass(frozen=True, slots=True)
 class PlacementUpdate:
     """The routing map as the controller publishes it. Workers order maps by (generation,
-    version) and adopt only a newer one (`order`); `assignment` (slot -> committed experts) and
-    `epoch` are for operators and tests, `desired_workers` rides along."""
+    version) and adopt only a newer one (`order`); a worker that already holds the newest is
+    answered None instead (a thousand workers poll twice a second). `assignment` (slot ->
+    committed experts) and `epoch` are for operators and tests."""
 
     generation: int
     version: int
@@ -81,7 +84,6 @@ class PlacementUpdate:
     replicas: Mapping[int, tuple[str, ...]]
     addresses: Mapping[str, str]
     assignment: Mapping[str, tuple[int, ...]]
-    desired_workers: int
 
     @property
     def order(self) -> tuple[int, int]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import bisect
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass(slots=True)
@@ -93,23 +96,69 @@ class ShardLatency:
         counts[i] += 1
         self._sums[shard] += seconds
 
+    def histogram(self) -> LatencyHistogram:
+        """A copy as arrays (what a worker reports)."""
+        shards = tuple(sorted(self._counts))
+        counts = np.array([self._counts[s] for s in shards], dtype=np.int64).reshape(
+            len(shards), len(LATENCY_BUCKETS) + 1)
+        return LatencyHistogram(shards, counts, np.array([self._sums[s] for s in shards]))
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyHistogram:
+    """Round trips per shard as arrays: `counts[i]` per bucket of LATENCY_BUCKETS then +Inf (not
+    cumulative), `sums[i]` in seconds, for `shards[i]`. Arrays, so that a controller adds up a
+    thousand workers' histograms over hundreds of shards in a few numpy operations."""
+
+    shards: tuple[str, ...]
+    counts: np.ndarray
+    sums: np.ndarray
+
     def samples(self) -> dict[str, list[dict[str, str | float]]]:
         """Labelled samples (`worker_totals`' shape): cumulative `_bucket`s by `le`, `_sum`
         and `_count`, per shard."""
         buckets: list[dict[str, str | float]] = []
         sums: list[dict[str, str | float]] = []
         counts: list[dict[str, str | float]] = []
-        for shard, per in sorted(self._counts.items()):
-            running = 0
-            for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), per, strict=True):
-                running += n
-                buckets.append({"shard": shard, "le": bound, "value": running})
-            sums.append({"shard": shard, "value": self._sums[shard]})
-            counts.append({"shard": shard, "value": running})
+        bounds = (*map(str, LATENCY_BUCKETS), "+Inf")
+        for shard, per, total in zip(self.shards, np.cumsum(self.counts, axis=1).tolist(),
+                                     self.sums.tolist(), strict=True):
+            buckets.extend({"shard": shard, "le": b, "value": n}
+                           for b, n in zip(bounds, per, strict=True))
+            sums.append({"shard": shard, "value": total})
+            counts.append({"shard": shard, "value": per[-1]})
         if not buckets:
             return {}
         return {"dispatch_latency_seconds_bucket": buckets,
                 "dispatch_latency_seconds_sum": sums, "dispatch_latency_seconds_count": counts}
 
+    def scaled(self, factor: int) -> LatencyHistogram:
+        return LatencyHistogram(self.shards, self.counts * factor, self.sums * factor)
 
-__all__ = ["LATENCY_BUCKETS", "LayerLatency", "RouterStats", "ShardLatency"]
+
+def sum_histograms(hists: Iterable[LatencyHistogram]) -> LatencyHistogram | None:
+    """Per-shard sums (None: none given). Histograms over the same shards (the usual case:
+    every worker calls every shard) add as one stacked sum."""
+    groups: dict[tuple[str, ...], list[LatencyHistogram]] = {}
+    for h in hists:
+        groups.setdefault(h.shards, []).append(h)
+    if not groups:
+        return None
+    summed = {shards: (np.sum([h.counts for h in hs], axis=0), np.sum([h.sums for h in hs], axis=0))
+              for shards, hs in groups.items()}
+    if len(summed) == 1:
+        [(shards, (counts, sums))] = summed.items()
+        return LatencyHistogram(shards, counts, sums)
+    every = tuple(sorted({s for shards in summed for s in shards}))
+    index = {s: i for i, s in enumerate(every)}
+    counts = np.zeros((len(every), len(LATENCY_BUCKETS) + 1), dtype=np.int64)
+    sums = np.zeros(len(every))
+    for shards, (c, t) in summed.items():
+        rows = [index[s] for s in shards]
+        np.add.at(counts, rows, c)
+        np.add.at(sums, rows, t)
+    return LatencyHistogram(every, counts, sums)
+
+
+__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "LayerLatency", "RouterStats", "ShardLatency",
+           "sum_histograms"]

@@ -20,7 +20,7 @@ import torch
 
 from zayaserve.router.dispatch_plan import plan_rows
 from zayaserve.router.placement import PlacementMap
-from zayaserve.router.router_stats import LayerLatency, RouterStats
+from zayaserve.router.router_stats import LatencyHistogram, LayerLatency, RouterStats
 from zayaserve.router.shard_calls import ShardCalls, ShardFailure
 from zayaserve.router.shard_channels import ShardChannels
 from zayaserve.router.tensor_codec import (
@@ -243,9 +243,9 @@ class TokenRouter:
                                        placement.version, attempt.last_error)
         return self.wait_for_replica_s - waited
 
-    def latency_samples(self) -> dict[str, list[dict[str, str | float]]]:
-        """The per-shard round-trip histogram as labelled samples (for the worker's report)."""
-        return self._channels.latency.samples()
+    def latency_histogram(self) -> LatencyHistogram:
+        """The per-shard round-trip histogram (for the worker's report)."""
+        return self._channels.latency.histogram()
 
     async def close(self) -> None:
         """Close the channels (on the router's loop); the router is not used afterwards."""

@@ -14,7 +14,7 @@ def test_worker_refuses_an_older_map() -> None:
     def d(generation: int, version: int, address: str) -> PlacementUpdate:
         return PlacementUpdate(generation, version, epoch=1, num_experts=2,
                                replicas={0: ("s",), 1: ("s",)}, addresses={"s": address},
-                               assignment={"s": (0, 1)}, desired_workers=1)
+                               assignment={"s": (0, 1)})
 
     h = PlacementHolder(2)
     assert h.map.version == -1
@@ -35,3 +35,24 @@ def test_token_router_never_routes_by_an_older_map() -> None:
     assert router._refresh().version == 3 and router.stats.map_versions_seen == 1
     maps["now"] = PlacementMap(4, 2, {})
     assert router._refresh().version == 4 and router.stats.map_versions_seen == 2
+
+
+def test_a_worker_holding_the_newest_map_is_answered_none() -> None:
+    """Versioned distribution: the controller sends a map only to a worker that lacks it, and
+    builds it once per version, however many workers ask."""
+    from zayaserve.bench.control_plane import Simulation, _call
+
+    sim = Simulation(workers=3, shards=2)
+    ctl = sim.ctl
+    first = _call(ctl.placement(None))
+    assert first is not None and _call(ctl.placement(first.order)) is None
+    assert _call(ctl.placement(None)) is first  # built once for this version
+    assert _call(ctl.placement((first.generation, first.version - 1))) is first
+    sim.start_shard("another")  # registering changes the map: a newer version is sent
+    newer = _call(ctl.placement(first.order))
+    assert newer is not None and newer.order > first.order
+    sim.advance(2.0)
+    assert all(known == _call(ctl.placement(None)).order for known in sim.known)
+    sends = sim.map_sends
+    sim.advance(2.0)
+    assert sim.map_sends == sends  # steady state: nothing but "you have it"

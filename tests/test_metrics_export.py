@@ -8,7 +8,7 @@ from zayaserve.cluster.control.worker_totals import WorkerTotals
 from zayaserve.cluster.frontend.metrics import MetricsCollector
 from zayaserve.replicas.cluster_messages import WorkerReport
 from zayaserve.replicas.engine.engine_stats import EngineStats
-from zayaserve.router.router_stats import RouterStats, ShardLatency
+from zayaserve.router.router_stats import LatencyHistogram, RouterStats, ShardLatency
 
 
 def _families(stats: dict) -> dict[str, object]:
@@ -27,7 +27,7 @@ def test_counters_gauges_histograms_and_kv_usage() -> None:
         "prefix_cache_local_hit_tokens": 32, "prefix_cache_local_queried_tokens": 64,
         "prefix_cache_remote_hit_tokens": 16, "prefix_cache_remote_queried_tokens": 32,
         "expert_tokens_total": [{"shard": "shard-0", "layer": 0, "expert": 1, "value": 9}],
-        "diagnostic": "strings are skipped", **latency.samples()})
+        "diagnostic": "strings are skipped", **latency.histogram().samples()})
     assert fams["zayaserve_num_requests_running"].type == "gauge"
     assert fams["zayaserve_num_preemptions"].type == "counter"
     assert fams["zayaserve_engine_steps"].type == "counter"
@@ -72,11 +72,28 @@ def test_cluster_counters_never_go_down_when_workers_leave() -> None:
     assert t["num_preemptions"] == 8 and t["router_calls_total"] == 170  # counted once
 
 
-def test_labelled_samples_sum_per_label_set() -> None:
-    totals = WorkerTotals()
-    for worker, n in (("a", 3), ("b", 4)):
-        latency = {"dispatch_latency_seconds_count": [
-            {"shard": "shard-0", "value": float(n)}, {"shard": "shard-1", "value": 1.0}]}
-        totals.report(worker, WorkerReport(EngineStats(), 0, dispatch_latency=latency), now=0.0)
-    [s0, s1] = totals.totals(now=1.0)["dispatch_latency_seconds_count"]
-    assert (s0["shard"], s0["value"], s1["shard"], s1["value"]) == ("shard-0", 7, "shard-1", 2)
+def _latency(*calls: tuple[str, float]) -> LatencyHistogram:
+    hist = ShardLatency()
+    for shard, seconds in calls:
+        hist.observe(shard, seconds)
+    return hist.histogram()
+
+
+def test_histograms_sum_per_shard_and_outlive_their_worker() -> None:
+    totals = WorkerTotals(live_s=3.0, forget_s=10.0)
+    a = _latency(("shard-0", 0.001), ("shard-0", 0.001), ("shard-0", 0.001), ("shard-1", 0.3))
+    b = _latency(*[("shard-0", 0.02)] * 4, ("shard-2", 0.3))  # another set of shards
+    totals.report("a", WorkerReport(EngineStats(), 0, dispatch_latency=a), now=0.0)
+    totals.report("b", WorkerReport(EngineStats(), 0, dispatch_latency=b), now=0.0)
+
+    def counts(now: float) -> dict[str, float]:
+        t = totals.totals(now)
+        return {s["shard"]: s["value"] for s in t["dispatch_latency_seconds_count"]}
+
+    assert counts(1.0) == {"shard-0": 7, "shard-1": 1, "shard-2": 1}
+    t = totals.totals(1.0)
+    le = {(s["shard"], s["le"]): s["value"] for s in t["dispatch_latency_seconds_bucket"]}
+    assert le[("shard-0", "0.001")] == 3 and le[("shard-0", "0.025")] == 7  # cumulative
+    assert counts(20.0) == {"shard-0": 7, "shard-1": 1, "shard-2": 1}  # both forgotten, kept
+    totals.report("a", WorkerReport(EngineStats(), 0, dispatch_latency=a), now=21.0)
+    assert counts(21.5) == {"shard-0": 7, "shard-1": 1, "shard-2": 1}  # back: counted once

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
@@ -65,6 +66,7 @@ class PlacementController:
     ) -> None:
         """`store`: where the state outlives the replica (default: Ray's GCS, keyed by app)."""
         configure_tracing(TracingConfig(**(tracing or {})), "placement_controller")
+        self.clock: Callable[[], float] = time.monotonic  # a simulation sets its own
         self.state = ControllerState(
             num_experts, num_shards, replication, attention_workers,
             AutoscalingConfig(**(autoscaling or {})), EplbConfig(**(eplb or {})),
@@ -74,9 +76,10 @@ class PlacementController:
         stored, same = self.record.start()
         if stored is not None:
             log.warning("placement controller generation %d: %s", self.record.generation,
-                        self.state.restore(stored, time.monotonic(), time.time(),
+                        self.state.restore(stored, self.clock(), time.time(),
                                            self.record.generation, resume=same))
         self._persist()
+        self._shown: tuple[int, int] | None = None  # the newest map order shown (and stored)
         self.tracer = PlacementTracer()  # spans of epochs and resizes (tracing on only)
         self._tick = asyncio.get_running_loop().create_task(self._ticks())
 
@@ -84,7 +87,7 @@ class PlacementController:
         """Writes the durable state if it changed. `strict`: the answer about to go out shows
         it, so a failed write raises (the caller keeps what it had and asks again)."""
         try:
-            saved = self.record.save(self.state.snapshot(time.monotonic(), time.time()))
+            saved = self.record.save(self.state.snapshot(self.clock(), time.time()))
         except Exception:
             if strict:
                 raise
@@ -98,45 +101,53 @@ class PlacementController:
         while True:
             await asyncio.sleep(TICK_S)
             try:
-                self.state.tick(time.monotonic())
-                self.tracer.observe(self.state)
-                self._persist()
+                self.tick(self.clock())
             except Exception:  # a bug here must not stop the cluster from serving
                 log.exception("placement tick failed")
 
+    def tick(self, now: float) -> None:
+        self.state.tick(now)
+        self.tracer.observe(self.state)
+        self._persist()
+
     async def claim(self, replica: str) -> tuple[str, list[int]]:
-        return self.state.placement.claim(replica, time.monotonic())
+        return self.state.placement.claim(replica, self.clock())
 
     async def register(self, replica: str, slot: str, address: str,
                        held: list[int] | None = None) -> bool:
         return self.state.placement.register(replica, slot, address, held or [],
-                                             time.monotonic())
+                                             self.clock())
 
     async def heartbeat(self, replica: str, slot: str,
                         report: ShardReport | None = None) -> ShardAnswer:
-        return self.state.heartbeat(replica, slot, report, time.monotonic())
+        return self.state.heartbeat(replica, slot, report, self.clock())
 
     async def leave(self, replica: str, slot: str) -> None:
-        self.state.placement.leave(replica, slot, time.monotonic())
+        self.state.placement.leave(replica, slot, self.clock())
 
-    async def placement(self) -> PlacementUpdate:
-        """The routing map; workers adopt it only if its (generation, version) is newer."""
-        self.state.placement.refresh(time.monotonic())
+    async def placement(self, known: tuple[int, int] | None = None) -> PlacementUpdate | None:
+        """The routing map; workers adopt it only if its (generation, version) is newer. None:
+        the caller already holds it (`known`, the order of its map). The map is as of the last
+        tick or change (a quarter second at most): thousands of polls a second cost a lookup."""
         out = self.state.placement.update(self.record.generation)
-        self._persist(strict=True)
+        if out.order == known:
+            return None
+        if out.order != self._shown:  # a map not shown before: stored before anyone sees it
+            self._persist(strict=True)
+            self._shown = out.order
         return out
 
     async def view(self) -> dict[str, Any]:
-        out = self.state.view(time.monotonic())
+        out = self.state.view(self.clock())
         out["generation"] = self.record.generation
         self._persist(strict=True)
         return out
 
     async def report_worker(self, replica: str, report: WorkerReport) -> WorkerAnswer:
-        return self.state.report_worker(replica, report, time.monotonic())
+        return self.state.report_worker(replica, report, self.clock())
 
     async def stats(self) -> dict[str, Any]:
-        out = self.state.stats(time.monotonic())
+        out = self.state.stats(self.clock())
         self._persist()
         return out
 
@@ -149,7 +160,7 @@ class PlacementController:
                     "both deployments' counts; deploy with autoscaling off to resize by hand"}
         try:
             op, created = self.state.ops.start(
-                expert_shards, attention_workers, time.monotonic(), time.time(),
+                expert_shards, attention_workers, self.clock(), time.time(),
                 self.state.shard_budget(), self.scale_cooldown_s)
         except ScaleError as err:
             return {"error": "invalid", "message": str(err)}
@@ -164,7 +175,7 @@ class PlacementController:
         return {"operation": op, "created": created}
 
     async def operation(self, op_id: str) -> dict[str, Any] | None:
-        self.state.ops.advance(time.monotonic())
+        self.state.ops.advance(self.clock())
         self._persist()
         return self.state.ops.get(op_id)
 

@@ -82,6 +82,7 @@ class ExpertPlacement:
         self.epoch = 1 if num_shards else 0
         self.version = 0
         self.load = ExpertLoad(num_experts, load_window_s)
+        self._published: PlacementUpdate | None = None  # the last map built (`update`)
 
     # ----- slots -------------------------------------------------------------------------
     def _new_slot(self) -> Slot:
@@ -230,14 +231,18 @@ class ExpertPlacement:
                 if slot.serving and slot.address is not None}
 
     def update(self, generation: int) -> PlacementUpdate:
-        """The routing map as published (reads only: `refresh` first for an up-to-date one)."""
-        return PlacementUpdate(
+        """The routing map as published (reads only: `refresh` first for an up-to-date one).
+        Every change of the map moves `version`, so one is built per version, not per ask."""
+        cached = self._published
+        if cached is not None and cached.order == (generation, self.version):
+            return cached
+        self._published = PlacementUpdate(
             generation=generation, version=self.version, epoch=self.epoch,
             num_experts=self.num_experts,
             replicas={e: tuple(s) for e, s in self.routing().items()},
             addresses=self.addresses(),
-            assignment={s: tuple(x) for s, x in self.committed.items()},
-            desired_workers=self.desired.workers)
+            assignment={s: tuple(x) for s, x in self.committed.items()})
+        return self._published
 
     def refresh(self, now: float) -> None:
         """Expire silent slots and move the change along (what each tick does)."""
