@@ -92,6 +92,9 @@ def build_app(args: dict[str, Any] | ClusterConfig) -> Application:
                            "resources": dict(cfg.attention_ray_resources)},
         max_ongoing_requests=cfg.max_pending_requests + 8, request_router_config=router,
         max_queued_requests=cfg.max_queued_requests,
+        # A worker Serve removes drains: routed around at once, stopped when what it holds
+        # has finished (or at drain_timeout_s).
+        graceful_shutdown_timeout_s=cfg.drain_timeout_s, graceful_shutdown_wait_loop_s=1.0,
     ).bind(controller, cfg.model, engine, cfg.max_pending_requests,
            cfg.dispatch_deadline_s, cfg.wait_for_replica_s, bool(cfg.expert_shards),
            rpc_token=rpc_token, shard_max_message_bytes=message_bytes, tracing=tracing)

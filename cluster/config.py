@@ -86,6 +86,10 @@ class ClusterConfig(BaseModel):
     scale_cooldown_s: float = Field(
         30.0, ge=0, description="Least time between two resizes by hand (POST "
         "/v1/cluster/scale): one sooner is a 429 with Retry-After.")
+    drain_timeout_s: float = Field(
+        300.0, gt=0, description="How long an attention worker being removed (a scale-down) "
+        "keeps serving what it holds: new requests go elsewhere at once, streams and RSA runs "
+        "in flight finish within this (Serve's graceful_shutdown_timeout_s).")
     max_experts_per_shard: int | None = Field(
         None, ge=1, description="The most experts (each with all its layers) one expert shard "
         "may hold: its memory budget. A resize whose plan would need more on one shard is "
