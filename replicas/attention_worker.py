@@ -127,9 +127,11 @@ class AttentionWorker:
     def report(self) -> WorkerReport:
         """This worker's numbers for the controller (and, summed, for /metrics)."""
         router = self.experts.router if self.experts is not None else None
-        return WorkerReport(self.engine.engine.engine_stats(), self.engine.steps,
+        engine = self.engine.engine
+        return WorkerReport(engine.engine_stats(), self.engine.steps,
                             router.stats.snapshot() if router else None,
-                            router.latency_histogram() if router else None)
+                            router.latency_histogram() if router else None,
+                            engine.latency_percentiles())
 
     def describe(self) -> dict[str, Any]:
         e = self.engine.engine

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from zayaserve.replicas.engine.engine_stats import EngineStats
+from zayaserve.replicas.engine.latency_window import LatencyPercentiles
 from zayaserve.router.placement import PlacementMap
 from zayaserve.router.router_stats import LatencyHistogram, RouterStats
 
@@ -23,13 +24,15 @@ WORKER_METRIC, SHARD_METRIC = "desired_workers", "desired_shards"
 
 @dataclass(frozen=True, slots=True)
 class WorkerReport:
-    """An attention worker's numbers, once a second: its engine's, its step count, and (with
+    """An attention worker's numbers, once a second: its engine's, its step count, its recent
+    p90 TTFT and inter-token latency (for the autoscaler, not summed into /metrics), and (with
     remote experts) its token router's counters and per-shard round-trip histogram."""
 
     engine: EngineStats
     engine_steps: int
     router: RouterStats | None = None
     dispatch_latency: LatencyHistogram | None = None
+    latency: LatencyPercentiles | None = None
 
     def numbers(self) -> dict[str, float]:
         """The plain numbers, under their /metrics names."""

@@ -33,6 +33,7 @@ class Load:
     running: int = 0
     kv: float = 0.0  # total KV usage, in workers' worth (1.8: two workers at 0.9)
     ttft_s: float | None = None
+    itl_s: float | None = None
     rows: float = 0.0
     rows_per_s: float = 0.0
 
@@ -61,7 +62,7 @@ def _worker_samples(load: Load, reporting: int) -> list[WorkerSample]:
     waiting, running = divmod(load.waiting, reporting), divmod(load.running, reporting)
     return [WorkerSample(waiting=waiting[0] + (i < waiting[1]),
                          running=running[0] + (i < running[1]),
-                         kv_usage=load.kv / reporting, ttft_s=load.ttft_s)
+                         kv_usage=load.kv / reporting, ttft_s=load.ttft_s, itl_s=load.itl_s)
             for i in range(reporting)]
 
 
@@ -169,7 +170,46 @@ def test_kv_pressure_alone_scales_attention_up() -> None:
     slow = _replay(_config(workers={"max_ttft_s": 2}),
                    _trace(lambda t: Load(running=8, kv=0.4, ttft_s=3.0), end=15), workers=2)
     assert _changes(slow, workers=2) == [(10, 3, 1)]
-    assert "attention_workers: ttft 3.00s > 2s" in _reasons_at(slow, 0)
+    assert "attention_workers: p90 ttft 3.000s > 2s" in _reasons_at(slow, 0)
+
+
+def test_latency_targets_scale_up_and_hold_down_within_headroom() -> None:
+    """TTFT and ITL above target add workers with a low queue and KV; down only below 70%."""
+    cfg = _config(workers={"max_ttft_s": 0.5, "max_itl_s": 0.05, "downscale_delay_s": 10})
+
+    def load(ttft: float, itl: float) -> Trace:
+        return _trace(lambda t: Load(running=4, kv=0.2, ttft_s=ttft, itl_s=itl), end=60)
+
+    assert _changes(_replay(cfg, load(0.8, 0.01), workers=2), workers=2)[0] == (10, 3, 1)
+    itl = _replay(cfg, load(0.1, 0.08), workers=2)
+    assert _changes(itl, workers=2)[0] == (10, 3, 1)
+    assert "attention_workers: p90 itl 80.0ms > 50ms" in _reasons_at(itl, 0)
+    # Within target but above 70% of it: neither up nor down.
+    assert _changes(_replay(cfg, load(0.4, 0.01), workers=2), workers=2) == []
+    assert _changes(_replay(cfg, load(0.1, 0.04), workers=2), workers=2) == []
+    # Well under both: one worker fewer per delay, down to the load's need.
+    assert _changes(_replay(cfg, load(0.1, 0.01), workers=2), workers=2)[0] == (10, 1, 1)
+    # No latency samples (nothing finished lately): the targets say nothing.
+    quiet = _trace(lambda t: Load(running=4, kv=0.2), end=60)
+    plain = _config(workers={"downscale_delay_s": 10})
+    assert _changes(_replay(cfg, quiet, workers=2), workers=2) == _changes(
+        _replay(plain, quiet, workers=2), workers=2)
+
+
+def test_worker_sample_takes_the_reported_percentiles() -> None:
+    from zayaserve.replicas.engine.engine_stats import EngineStats
+    from zayaserve.replicas.engine.latency_window import LatencyWindow
+
+    window = LatencyWindow(window_s=30)
+    for i in range(100):
+        window.add_ttft(0.01 * (i + 1), now=float(i % 10))
+        window.add_itl(0.001 * (i + 1), now=float(i % 10))
+    p = window.percentiles(0.9, now=10.0)
+    assert (p.ttft_s, p.itl_s, p.samples) == (0.9, 0.09, 100)
+    sample = WorkerSample.from_engine(EngineStats(num_requests_running=3), p)
+    assert (sample.ttft_s, sample.itl_s, sample.running) == (0.9, 0.09, 3)
+    assert window.percentiles(0.9, now=45.0).ttft_s is None  # all older than the window
+    assert WorkerSample.from_engine(EngineStats()).ttft_s is None
 
 
 def test_missing_samples_never_scale_down_and_count_as_idle() -> None:

@@ -235,6 +235,8 @@ def test_autoscaler_decisions_become_operations() -> None:
         sim.step(queue_rows=40)
     assert st.desired.workers > 1 and st.desired.shards > 1, st.last_decision
     assert st.ops.current is not None
+    assert "attention_workers: waiting" in st.ops.current.reason  # the operation says why
+    assert st.ops.get(st.ops.current.id)["reason"].startswith("autoscaler: ")  # type: ignore
     reasons = st.view(sim.now)["autoscaler"]
     assert any(r.startswith("attention_workers: waiting") for r in reasons), reasons
 

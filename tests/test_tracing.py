@@ -290,4 +290,5 @@ def test_resize_and_epoch_commit_become_spans(exported: InMemorySpanExporter) ->
     assert [e.name for e in change.events] == ["committed"]
     assert resize.attributes["zayaserve.operation.id"] == op["id"]
     assert resize.attributes["zayaserve.operation.expert_shards"] == 3
+    assert resize.attributes["zayaserve.operation.reason"] == ""  # by hand, not the autoscaler
     assert [e.name for e in resize.events][-1] == "done"

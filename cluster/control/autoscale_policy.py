@@ -5,8 +5,10 @@ replica's metrics, calls it with one `PolicyState` kept between calls and applie
 returns. Nothing here imports Ray, so a metric trace can be replayed in a test.
 
 - Attention workers want ceil(total waiting / target_waiting_per_worker); a mean KV usage above
-  max_kv_usage, or a mean TTFT above max_ttft_s, wants at least one more. A worker without a
-  sample counts as idle (it just started): it dilutes the means.
+  max_kv_usage, a p90 TTFT above max_ttft_s or a p90 inter-token latency above max_itl_s (each
+  worker's p90 over its last 30 s, averaged over the workers with samples: the latency targets
+  users state, as NVIDIA Dynamo's planner scales on) wants at least one more. A worker without
+  a sample counts as idle (it just started): it dilutes the means.
 - Expert shards want ceil(total queued rows / target_queue_per_shard) and, with
   max_rows_per_s_per_shard set, at least ceil(total rows/s / it).
 - Down needs headroom: the load moved onto one replica fewer must stay within HEADROOM (70%) of
@@ -35,25 +37,29 @@ from zayaserve.cluster.control.elastic_config import (
     ShardTargets,
 )
 from zayaserve.replicas.engine.engine_stats import EngineStats
+from zayaserve.replicas.engine.latency_window import LatencyPercentiles
 
 HEADROOM = 0.7  # scale down only when one replica fewer would run at most 70% of each target
 
 
 @dataclass(frozen=True)
 class WorkerSample:
-    """One attention worker's metrics: requests waiting and running, KV cache usage (0..1) and
-    recent mean time to first token (None: no prefill finished lately)."""
+    """One attention worker's metrics: requests waiting and running, KV cache usage (0..1),
+    and its recent p90 time to first token and inter-token latency (None: no sample lately)."""
 
     waiting: int
     running: int
     kv_usage: float
     ttft_s: float | None = None
+    itl_s: float | None = None
 
     @classmethod
-    def from_engine(cls, stats: EngineStats) -> WorkerSample:
-        """From a worker's engine numbers (in its report to the placement controller)."""
+    def from_engine(cls, stats: EngineStats,
+                    latency: LatencyPercentiles | None = None) -> WorkerSample:
+        """From a worker's report to the placement controller."""
         return cls(int(stats.num_requests_waiting), int(stats.num_requests_running),
-                   stats.kv_usage)
+                   stats.kv_usage, latency.ttft_s if latency else None,
+                   latency.itl_s if latency else None)
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,11 @@ def _up_or_down(name: str, n: int, reported: int, up: Proposal, fits_fewer: bool
     return n, f"{name}: steady at {n} ({load})"
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def _attention_proposal(t: AttentionTargets, n: int, samples: Sequence[WorkerSample]) -> Proposal:
     """Attention workers wanted by the waiting queue, KV usage and TTFT (module docstring)."""
     name = "attention_workers"
@@ -118,17 +129,20 @@ def _attention_proposal(t: AttentionTargets, n: int, samples: Sequence[WorkerSam
     running = sum(s.running for s in samples)
     kv_total = sum(s.kv_usage for s in samples)
     kv = kv_total / max(n, len(samples), 1)  # a worker without a sample is idle
-    ttfts = [s.ttft_s for s in samples if s.ttft_s is not None]
-    ttft = sum(ttfts) / len(ttfts) if ttfts else None
+    ttft = _mean([s.ttft_s for s in samples])
+    itl = _mean([s.itl_s for s in samples])
     need = math.ceil(waiting / t.target_waiting_per_worker)
     up = (need, f"{name}: waiting {waiting} > {t.target_waiting_per_worker:g} per worker x {n}")
     if kv > t.max_kv_usage:
         up = (max(need, n + 1), f"{name}: kv usage {kv:.2f} > {t.max_kv_usage:g}")
     elif t.max_ttft_s is not None and ttft is not None and ttft > t.max_ttft_s:
-        up = (max(need, n + 1), f"{name}: ttft {ttft:.2f}s > {t.max_ttft_s:g}s")
+        up = (max(need, n + 1), f"{name}: p90 ttft {ttft:.3f}s > {t.max_ttft_s:g}s")
+    elif t.max_itl_s is not None and itl is not None and itl > t.max_itl_s:
+        up = (max(need, n + 1), f"{name}: p90 itl {itl * 1e3:.1f}ms > {t.max_itl_s * 1e3:g}ms")
     fewer = n - 1  # an idle pool fits one fewer (zero included); a busy one needs headroom
-    ttft_ok = t.max_ttft_s is None or ttft is None or ttft <= HEADROOM * t.max_ttft_s
-    fits = waiting + running == 0 or (fewer > 0 and ttft_ok
+    slo_ok = all(target is None or value is None or value <= HEADROOM * target
+                 for target, value in ((t.max_ttft_s, ttft), (t.max_itl_s, itl)))
+    fits = waiting + running == 0 or (fewer > 0 and slo_ok
                                       and waiting <= HEADROOM * t.target_waiting_per_worker * fewer
                                       and kv_total / fewer <= HEADROOM * t.max_kv_usage)
     load = f"waiting {waiting}, running {running}, kv {kv:.2f}"

@@ -84,6 +84,8 @@ class Operation(BaseModel):
     start_epoch: int
     epoch: int = Field(description="The placement's epoch now.")
     history: list[str] = Field(description="Its steps so far.")
+    reason: str = Field(default="", description="Why it started: the autoscaler's signals "
+                        "(empty for a resize by hand).")
 
 
 class ScaleResponse(BaseModel):

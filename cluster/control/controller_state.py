@@ -124,7 +124,7 @@ class ControllerState:
             self._rebalance()
 
     def _autoscale(self, now: float) -> None:
-        workers = [WorkerSample.from_engine(r.engine) for r in self.workers.live(now)]
+        workers = [WorkerSample.from_engine(r.engine, r.latency) for r in self.workers.live(now)]
         p = self.placement
         shards = [ShardSample(float(r.queue_rows if (r := self.shard_reports.get(s)) else 0),
                               p.load.slot_rate(s))
@@ -142,7 +142,8 @@ class ControllerState:
             # A decision outside the resize bounds (ScaleError) keeps the counts.
             # So does one that would overfill a shard (ScaleRefused).
             with contextlib.suppress(ScaleError, ScaleRefused):
-                self.ops.start(new_shards, new_workers, now, time.time(), self.shard_budget())
+                self.ops.start(new_shards, new_workers, now, time.time(), self.shard_budget(),
+                               reason="autoscaler: " + "; ".join(d.reasons))
 
     def _rebalance(self) -> None:
         p = self.placement

@@ -32,7 +32,10 @@ class AttentionTargets(PoolLimits):
 
     target_waiting_per_worker: float = Field(default=4.0, gt=0, description="Waiting per worker.")
     max_kv_usage: float = Field(default=0.85, gt=0, le=1, description="Mean KV cache usage (0..1).")
-    max_ttft_s: float | None = Field(default=None, gt=0, description="Mean time to first token.")
+    max_ttft_s: float | None = Field(
+        default=None, gt=0, description="p90 time to first token (s), mean over workers.")
+    max_itl_s: float | None = Field(
+        default=None, gt=0, description="p90 inter-token latency (s), mean over workers.")
 
 
 class ShardTargets(PoolLimits):

@@ -66,7 +66,8 @@ class PlacementTracer:
                                                      "zayaserve.operation.expert_shards":
                                                      op.expert_shards or 0,
                                                      "zayaserve.operation.attention_workers":
-                                                     op.attention_workers or 0})
+                                                     op.attention_workers or 0,
+                                                     "zayaserve.operation.reason": op.reason})
         if self._op is not None and op.phase != self._op_phase:
             self._op_phase = op.phase
             self._op.add_event(op.phase, {"detail": op.detail})

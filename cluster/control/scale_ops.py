@@ -77,6 +77,7 @@ class Operation:
     error: str | None = None
     epoch: int = 0
     history: list[str] = field(default_factory=list)
+    reason: str = ""  # why it started: the autoscaler's signals ("" for a resize by hand)
 
     def view(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("deadline", "step")}
@@ -117,8 +118,8 @@ class ScaleOperations:
             raise ScaleError(f"{name}: must be in [{lo}, {hi}], got {value}")
 
     def start(self, expert_shards: int | None, attention_workers: int | None, now: float,
-              wall: float, budget: int | None = None,
-              cooldown_s: float = 0.0) -> tuple[dict[str, Any], bool]:
+              wall: float, budget: int | None = None, cooldown_s: float = 0.0,
+              reason: str = "") -> tuple[dict[str, Any], bool]:
         """(the operation, True if this call started it). Raises ScaleError, ScaleConflict,
         ScaleTooSoon (less than `cooldown_s` after the last start), or ScaleRefused when a
         shard would need more than `budget` experts."""
@@ -148,7 +149,7 @@ class ScaleOperations:
                     f"the shards report they can hold); resize in smaller steps")
         self.last_start = now
         op = Operation(uuid.uuid4().hex[:16], expert_shards, attention_workers, wall,
-                       now + self.timeout_s, p.epoch, epoch=p.epoch)
+                       now + self.timeout_s, p.epoch, epoch=p.epoch, reason=reason)
         self.ops[op.id] = op
         while len(self.ops) > 64:  # remember the latest few
             del self.ops[next(iter(self.ops))]

@@ -16,6 +16,7 @@ from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.engine.engine_stats import EngineStats, engine_stats
 from zayaserve.replicas.engine.grammar import Grammars, no_compiles
 from zayaserve.replicas.engine.grammar_compile import CompiledGrammar
+from zayaserve.replicas.engine.latency_window import LatencyPercentiles, LatencyWindow
 from zayaserve.replicas.engine.output_processor import OutputProcessor, TokenRecord
 from zayaserve.replicas.engine.output_thread import OutputThread
 from zayaserve.replicas.engine.outputs import StepDelta
@@ -88,6 +89,7 @@ class LLMEngine:
         self.cache_namespace = cache_namespace(self.fingerprint, bs, config.kv_cache_encoding)
         self.remote = self._remote_tier() if config.kv_cache_redis_url else None
         self.scheduler.kv.remote = self.remote
+        self.latency = LatencyWindow()  # recent TTFTs and ITLs (latency_percentiles)
         self.runner = ModelRunner(self.model, self.experts, self.cache, config.micro_batches,
                                   self.decode_graphs())
         self.sampler = StepSampler(self.grammars, self.eos_ids, config.seed)
@@ -135,6 +137,10 @@ class LLMEngine:
         """The same, typed: what an attention worker reports in serving."""
         return engine_stats(self.scheduler, self.remote)
 
+    def latency_percentiles(self) -> LatencyPercentiles:
+        """Recent p90 TTFT and inter-token latency (for the autoscaler)."""
+        return self.latency.percentiles()
+
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(
@@ -170,7 +176,7 @@ class LLMEngine:
         req = Request(request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),
                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                       timeline=RequestTimeline.begin(request_id, len(prompt_token_ids), params,
-                                                     trace_context))
+                                                     trace_context, self.latency))
         if grammar is not None:
             self.request_grammars[request_id] = grammar
         seq = self._new_sequence(req, 0, list(prompt_token_ids))

@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from zayaserve.replicas.engine.latency_window import LatencyWindow
 from zayaserve.replicas.engine.outputs import RequestMetrics
 from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.observability import attributes as attr
@@ -20,23 +21,25 @@ class RequestTimeline:
     """One request's timestamps (monotonic) and, when traced, its engine span."""
 
     __slots__ = ("arrival", "scheduled", "first_token", "preemptions", "prefill_chunks",
-                 "local_hit_tokens", "remote_hit_tokens", "span")
+                 "local_hit_tokens", "remote_hit_tokens", "span", "window")
 
-    def __init__(self, span: Any = None) -> None:
+    def __init__(self, span: Any = None, window: LatencyWindow | None = None) -> None:
         self.arrival = time.monotonic()
         self.scheduled: float | None = None
         self.first_token: float | None = None
         self.preemptions = self.prefill_chunks = 0
         self.local_hit_tokens = self.remote_hit_tokens = 0
         self.span = span  # an OpenTelemetry Span, or None (not traced)
+        self.window = window  # the engine's recent latencies, fed at first token and finish
 
     @classmethod
     def begin(cls, request_id: str, prompt_len: int, params: SamplingParams,
-              trace_context: Mapping[str, str] | None) -> RequestTimeline:
+              trace_context: Mapping[str, str] | None,
+              window: LatencyWindow | None = None) -> RequestTimeline:
         tracer = tracing.tracer()
         parent = tracing.sampled_parent(trace_context) if tracer is not None else None
         if tracer is None or parent is None:
-            return cls()
+            return cls(None, window)
         span = tracer.start_span(
             "llm_request", context=tracing.parent_context(parent), attributes={
                 attr.REQUEST_ID: request_id, attr.USAGE_PROMPT_TOKENS: prompt_len,
@@ -44,7 +47,7 @@ class RequestTimeline:
                 attr.REQUEST_TEMPERATURE: params.temperature, attr.REQUEST_TOP_P: params.top_p,
                 attr.REQUEST_MAX_TOKENS: params.max_tokens or 0})
         span.add_event("queued")
-        return cls(span)
+        return cls(span, window)
 
     @property
     def span_context(self) -> Any:
@@ -70,6 +73,8 @@ class RequestTimeline:
     def on_tokens(self) -> None:
         if self.first_token is None:
             self.first_token = time.monotonic()
+            if self.window is not None:
+                self.window.add_ttft(self.first_token - self.arrival, self.first_token)
             if self.span is not None:
                 self.span.add_event("first_token")
 
@@ -83,6 +88,9 @@ class RequestTimeline:
             decode_s=max(0.0, now - first), ttft_s=first - self.arrival, e2e_s=now - self.arrival,
             preemptions=self.preemptions, prefill_chunks=self.prefill_chunks,
             local_hit_tokens=self.local_hit_tokens, remote_hit_tokens=self.remote_hit_tokens)
+        per_seq = output_tokens / max(1, len(finish_reasons))
+        if self.window is not None and per_seq > 1:
+            self.window.add_itl(m.decode_s / (per_seq - 1), now)
         span, self.span = self.span, None
         if span is not None:
             span.add_event("finished")
