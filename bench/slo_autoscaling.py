@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from zayaserve.cluster.control.autoscale_policy import PolicyState, WorkerSample, decide
-from zayaserve.cluster.control.elastic_config import AutoscalingConfig
+from zayaserve.cluster.control.elastic_config import AttentionTargets, AutoscalingConfig
 from zayaserve.replicas.engine.latency_window import LatencyWindow
 
 BASE_MS, PER_SEQ_MS, PER_PREFILL_TOKEN_MS = 5.0, 0.12, 0.02
@@ -105,7 +106,8 @@ def run(name: str, seconds: float, base: float, peak: float, seed: int,
     """One deployment over the trace; `targets`: (TTFT s, ITL s) a request must meet."""
     rng = random.Random(seed)
     workers = [_Worker(0.0) for _ in range(fixed or 1)]
-    state, served, replica_s, most = PolicyState(), [], 0.0, len(workers)
+    state, replica_s, most = PolicyState(), 0.0, len(workers)
+    served: list[_Req] = []
     next_arrival, t, next_decision = rng.expovariate(base), 0.0, 1.0
     while t < seconds:
         t += TICK_S
@@ -161,11 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ttft", type=float, default=1.0, help="target p90 TTFT, s")
     ap.add_argument("--itl", type=float, default=0.015, help="target p90 ITL, s")
     args = ap.parse_args(argv)
-    limits = {"min": 1, "max": 8, "upscale_delay_s": 5, "downscale_delay_s": 30,
+    limits: dict[str, Any] = {"min": 1, "max": 8, "upscale_delay_s": 5, "downscale_delay_s": 30,
               "target_waiting_per_worker": 16}
-    slo = AutoscalingConfig(enabled=True, attention_workers={
-        **limits, "max_ttft_s": args.ttft, "max_itl_s": args.itl})
-    queues = AutoscalingConfig(enabled=True, attention_workers=limits)
+    slo = AutoscalingConfig(enabled=True, attention_workers=AttentionTargets(
+        **limits, max_ttft_s=args.ttft, max_itl_s=args.itl))
+    queues = AutoscalingConfig(enabled=True, attention_workers=AttentionTargets(**limits))
     common = (args.seconds, args.base, args.peak, args.seed, (args.ttft, args.itl))
     fixed = next(r for n in range(1, 9)
                  if (r := run(f"fixed {n} (sized for the peak)", *common, fixed=n)).slo_met
