@@ -75,7 +75,7 @@ class _Worker:
             if r.out_left == 0:
                 r.done = end
                 assert r.first is not None
-                self.window.add_itl((end - r.first) / (OUTPUT - 1), end)
+                self.window.add_itl((end - r.first) / OUTPUT, end)
         self.running = [r for r in self.running if r.done is None]
 
     def sample(self, now: float) -> WorkerSample:
@@ -127,6 +127,8 @@ def run(name: str, seconds: float, base: float, peak: float, seed: int,
         if config is not None and t >= next_decision:
             next_decision += 1.0
             active = [w for w in workers if not w.draining]
+            if any(w.ready_at > t for w in active):
+                continue  # as the controller: no decision while a resize is under way
             samples = [w.sample(t) for w in active if w.ready_at <= t]
             d = decide(config, len(active), 0, samples, [], state, t)
             for _ in range(d.attention_workers - len(active)):
@@ -147,7 +149,7 @@ def _p90(values: list[float]) -> float:
 def _result(name: str, served: list[_Req], replica_s: float, most: int,
             targets: tuple[float, float]) -> Result:
     ttft = [r.first - r.arrival for r in served if r.first is not None]
-    itl = [(r.done - r.first) / (OUTPUT - 1) for r in served
+    itl = [(r.done - r.first) / OUTPUT for r in served  # OUTPUT tokens after the first
            if r.done is not None and r.first is not None]
     met = sum(1 for a, b in zip(ttft, itl, strict=True) if a <= targets[0] and b <= targets[1])
     return Result(name, len(served), met / max(1, len(served)), _p90(ttft), _p90(itl),

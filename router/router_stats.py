@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -49,8 +49,10 @@ class RouterStats:
     layer_latency: dict[int, LayerLatency] = field(default_factory=dict)
 
     def snapshot(self) -> RouterStats:
-        """A copy that later dispatches do not change."""
-        return copy.deepcopy(self)
+        """A copy that later dispatches do not change (taken from another thread than the
+        router's loop: the per-layer dict is copied in one step before its entries)."""
+        layers = {k: copy.copy(v) for k, v in dict(self.layer_latency).items()}
+        return replace(self, layer_latency=layers)
 
     def as_dict(self) -> dict[str, int | float]:
         """Flat numbers, Prometheus-style names: counters that add up across routers, and the
@@ -101,7 +103,9 @@ class ShardLatency:
         shards = tuple(sorted(self._counts))
         counts = np.array([self._counts[s] for s in shards], dtype=np.int64).reshape(
             len(shards), len(LATENCY_BUCKETS) + 1)
-        return LatencyHistogram(shards, counts, np.array([self._sums[s] for s in shards]))
+        # Read from the worker's stats thread while the router's loop observes.
+        sums = np.array([self._sums.get(s, 0.0) for s in shards])
+        return LatencyHistogram(shards, counts, sums)
 
 
 @dataclass(frozen=True, slots=True)

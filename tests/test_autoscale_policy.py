@@ -210,6 +210,12 @@ def test_worker_sample_takes_the_reported_percentiles() -> None:
     assert (sample.ttft_s, sample.itl_s, sample.running) == (0.9, 0.09, 3)
     assert window.percentiles(0.9, now=45.0).ttft_s is None  # all older than the window
     assert WorkerSample.from_engine(EngineStats()).ttft_s is None
+    thin = LatencyWindow()
+    for _ in range(3):  # a few slow requests are not a p90
+        thin.add_ttft(5.0, now=1.0)
+        thin.add_itl(1.0, now=1.0)
+    few = WorkerSample.from_engine(EngineStats(), thin.percentiles(0.9, now=2.0))
+    assert (few.ttft_s, few.itl_s) == (None, None)
 
 
 def test_missing_samples_never_scale_down_and_count_as_idle() -> None:

@@ -205,9 +205,10 @@ def test_cooldown_deadline_and_desired_workers_survive_a_restart() -> None:
     with pytest.raises(ScaleTooSoon) as soon:
         st.ops.start(None, 2, sim.now, WALL + sim.now, cooldown_s=60)
     assert 45 < soon.value.retry_after_s < 55
-    # A restart past an operation's deadline (wall clock) fails it as timed out.
+    # A restart past an operation's deadline (wall clock) fails it as timed out (a growth:
+    # it waits for workers that never come; a shrink is done once Serve is asked).
     st.ops.last_start = None
-    op, _ = st.ops.start(None, 2, sim.now, WALL + sim.now)
+    op, _ = st.ops.start(None, 4, sim.now, WALL + sim.now)
     assert rec.save(st.snapshot(sim.now, WALL + sim.now))
     st2, _, _ = boot(store, 0.0, WALL + sim.now + 700)  # 700 s later, a new monotonic clock
     st2.ops.advance(0.0)

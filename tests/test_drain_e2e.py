@@ -120,6 +120,7 @@ def test_scale_down_drains_streams_and_rsa(two_workers: Cluster) -> None:
         return bool(got["phase"] == "done")
 
     wait_for(done, 300, "the scale-down to finish")
+    wait_for(lambda: len(_workers_running()) == 1, 120, "the drained worker to stop")
     after = _workers_running()
     removed = set(before) - set(after)
     assert len(after) == 1 and len(removed) == 1, (before, after)

@@ -184,6 +184,17 @@ def test_no_shards_refuses_a_shard_resize_but_scales_workers() -> None:
     assert st.ops.get(op["id"])["phase"] == "done"
 
 
+def test_a_worker_scale_down_is_done_once_serve_is_asked() -> None:
+    """The removed worker drains on Serve's side and reports until it stops: the operation
+    does not wait for it (it would hold the autoscaler and resizes by hand for the drain)."""
+    st = ControllerState(num_experts=4, num_shards=0, replication=1, attention_workers=2)
+    st.report_worker("w1", WorkerReport(EngineStats(), 0), 0)
+    st.report_worker("w2", WorkerReport(EngineStats(num_requests_running=3), 0), 0)
+    op, _ = st.ops.start(None, 1, 0, 0)
+    assert st.desired.workers == 1 and st.ops.get(op["id"])["phase"] == "done"  # type: ignore
+    assert st.live_workers(0) == 2  # still draining
+
+
 def test_eplb_replicates_hot_experts_and_balances() -> None:
     st = ControllerState(num_experts=8, num_shards=4, replication=1, grace_s=1,
                          eplb=EplbConfig(enabled=True, interval_s=5, redundant_experts=4,

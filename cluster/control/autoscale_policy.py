@@ -39,6 +39,7 @@ from zayaserve.cluster.control.elastic_config import (
 from zayaserve.replicas.engine.engine_stats import EngineStats
 from zayaserve.replicas.engine.latency_window import LatencyPercentiles
 
+MIN_LATENCY_SAMPLES = 8  # fewer requests in a worker's window say nothing of its p90
 HEADROOM = 0.7  # scale down only when one replica fewer would run at most 70% of each target
 
 
@@ -57,9 +58,10 @@ class WorkerSample:
     def from_engine(cls, stats: EngineStats,
                     latency: LatencyPercentiles | None = None) -> WorkerSample:
         """From a worker's report to the placement controller."""
+        ttft = latency.ttft_s if latency and latency.samples >= MIN_LATENCY_SAMPLES else None
+        itl = latency.itl_s if latency and latency.itl_samples >= MIN_LATENCY_SAMPLES else None
         return cls(int(stats.num_requests_waiting), int(stats.num_requests_running),
-                   stats.kv_usage, latency.ttft_s if latency else None,
-                   latency.itl_s if latency else None)
+                   stats.kv_usage, ttft, itl)
 
 
 @dataclass(frozen=True)

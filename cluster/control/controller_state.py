@@ -162,9 +162,12 @@ class ControllerState:
 
     # ----- what outlives the controller's replica (controller_store) ------------------------
     def snapshot(self, now: float, wall: float) -> dict[str, Any]:
-        return {"config": self.config, "placement": self.placement.snapshot(),
-                "desired": self.desired.snapshot(), "ops": self.ops.snapshot(now, wall),
-                "rebalances": self.rebalances}
+        # The counts also under their earlier keys, which the previous release reads back
+        # (a rollback must not find a snapshot it cannot restore).
+        placement = {**self.placement.snapshot(), "desired": self.desired.shards}
+        ops = {**self.ops.snapshot(now, wall), "desired_workers": self.desired.workers}
+        return {"config": self.config, "placement": placement,
+                "desired": self.desired.snapshot(), "ops": ops, "rebalances": self.rebalances}
 
     def restore(self, d: dict[str, Any], now: float, wall: float, generation: int,
                 resume: bool = True) -> str:

@@ -217,8 +217,11 @@ class ScaleOperations:
             p.pending is None and len(p.members()) == op.expert_shards
             and sum(1 for s in p.slots.values() if s.serving) == op.expert_shards
             and set(p.committed) == set(p.members()))
+        # Growing: done once the new workers report. Shrinking: done once Serve is asked;
+        # the workers it removes drain on their own (up to drain_timeout_s) and report until
+        # they stop, so waiting for them would hold the autoscaler and resizes by hand.
         workers_done = (op.attention_workers is None
-                        or self.live_workers(now) == op.attention_workers)
+                        or self.live_workers(now) >= op.attention_workers)
         if not (shards_done and workers_done):
             return
         if op.expert_shards is not None and now < p.previous_until:

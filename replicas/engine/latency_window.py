@@ -21,6 +21,7 @@ class LatencyPercentiles:
     ttft_s: float | None
     itl_s: float | None
     samples: int  # TTFTs in the window
+    itl_samples: int = 0  # finished requests in the window
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -44,11 +45,9 @@ class LatencyWindow:
 
     def percentiles(self, q: float = 0.9, now: float | None = None) -> LatencyPercentiles:
         now = time.monotonic() if now is None else now
-        # Asked from the worker's stats thread while the engine thread appends: list() copies
-        # a deque atomically, and each append or popleft is atomic.
+        # Asked from other threads while the engine thread appends: list() copies a deque
+        # atomically; old samples are filtered out, not popped (maxlen bounds the deques).
         ttfts = [s for when, s in list(self._ttft) if now - when <= self.window_s]
         itls = [s for when, s in list(self._itl) if now - when <= self.window_s]
-        for samples in (self._ttft, self._itl):
-            while samples and now - samples[0][0] > self.window_s:
-                samples.popleft()
-        return LatencyPercentiles(q, _percentile(ttfts, q), _percentile(itls, q), len(ttfts))
+        return LatencyPercentiles(q, _percentile(ttfts, q), _percentile(itls, q), len(ttfts),
+                                  len(itls))
