@@ -21,7 +21,7 @@ from typing import Any
 
 from zayaserve.cluster.control.autoscale_policy import PolicyState, WorkerSample, decide
 from zayaserve.cluster.control.elastic_config import AttentionTargets, AutoscalingConfig
-from zayaserve.replicas.engine.latency_window import LatencyWindow
+from zayaserve.replicas.engine.latency_window import LatencyWindow, percentile
 
 BASE_MS, PER_SEQ_MS, PER_PREFILL_TOKEN_MS = 5.0, 0.12, 0.02
 MAX_SEQS, PREFILL_BUDGET = 64, 2048  # per worker: sequences running, prompt tokens per step
@@ -141,19 +141,14 @@ def run(name: str, seconds: float, base: float, peak: float, seed: int,
     return _result(name, served, replica_s, most, targets)
 
 
-def _p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[int(0.9 * (len(ordered) - 1))] if ordered else 0.0
-
-
 def _result(name: str, served: list[_Req], replica_s: float, most: int,
             targets: tuple[float, float]) -> Result:
     ttft = [r.first - r.arrival for r in served if r.first is not None]
     itl = [(r.done - r.first) / OUTPUT for r in served  # OUTPUT tokens after the first
            if r.done is not None and r.first is not None]
     met = sum(1 for a, b in zip(ttft, itl, strict=True) if a <= targets[0] and b <= targets[1])
-    return Result(name, len(served), met / max(1, len(served)), _p90(ttft), _p90(itl),
-                  replica_s, most)
+    return Result(name, len(served), met / max(1, len(served)), percentile(ttft, 0.9) or 0.0,
+                  percentile(itl, 0.9) or 0.0, replica_s, most)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -92,7 +92,7 @@ def off_path_cost(steps: int = 20000) -> dict[str, float]:
         t.on_scheduled()
         t.on_prefill_chunk(0, 100)
         t.on_tokens()
-        t.finish(1, ["length"])
+        t.finish([1], ["length"])
 
     def time_of(fn: Any) -> float:
         return min(timeit.repeat(fn, number=steps, repeat=5)) / steps

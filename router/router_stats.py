@@ -137,6 +137,8 @@ class LatencyHistogram:
                 "dispatch_latency_seconds_sum": sums, "dispatch_latency_seconds_count": counts}
 
     def scaled(self, factor: int) -> LatencyHistogram:
+        if factor == 1:
+            return self  # frozen: sharing it is safe
         return LatencyHistogram(self.shards, self.counts * factor, self.sums * factor)
 
 

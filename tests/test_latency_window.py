@@ -36,6 +36,6 @@ def test_itl_of_n_sequences_counts_the_longest() -> None:
     timeline = RequestTimeline(None, window)
     timeline.arrival -= 2.0
     timeline.first_token = timeline.arrival + 1.0  # then ~1 s of decoding
-    m = timeline.finish(1010, ["length", "stop"], longest=1000)
+    m = timeline.finish([10, 1000], ["stop", "length"])
     itl = window.percentiles(0.5).itl_s
     assert itl is not None and abs(itl - m.decode_s / 999) < 1e-9

@@ -40,20 +40,20 @@ class _Sums:
     histograms: list[LatencyHistogram] = field(default_factory=list)
 
     def add(self, report: WorkerReport, counters_only: bool, sign: int = 1) -> None:
+        """Adds (sign -1: takes back) a report's numbers and its histogram."""
         for k, v in report.numbers().items():
             if not counters_only or is_counter(k):
                 self.numbers[k] = self.numbers.get(k, 0.0) + sign * v
         if report.dispatch_latency is not None:
-            h = report.dispatch_latency
-            self.histograms.append(h if sign == 1 else h.scaled(sign))
+            self.histograms.append(report.dispatch_latency.scaled(sign))
 
-    def merge(self, other: _Sums, sign: int = 1) -> None:
-        for k, v in other.numbers.items():
-            self.numbers[k] = self.numbers.get(k, 0.0) + sign * v
-        self.histograms.extend(h if sign == 1 else h.scaled(sign) for h in other.histograms)
-        if len(self.histograms) > 1:  # keep one
-            summed = sum_histograms(self.histograms)
-            self.histograms = [summed] if summed is not None else []
+    def copy(self) -> _Sums:
+        return _Sums(dict(self.numbers), list(self.histograms))
+
+    def compact(self) -> None:
+        """One histogram instead of a list (for sums kept a long time)."""
+        summed = sum_histograms(self.histograms)
+        self.histograms = [summed] if summed is not None else []
 
 
 class WorkerTotals:
@@ -66,9 +66,8 @@ class WorkerTotals:
     def report(self, worker: str, report: WorkerReport, now: float) -> None:
         back = self._gone.pop(worker, None)
         if back is not None:  # silent long enough to be forgotten, yet alive: count it once
-            undo = _Sums()
-            undo.add(back, counters_only=True)
-            self._retired.merge(undo, sign=-1)
+            self._retired.add(back, counters_only=True, sign=-1)
+            self._retired.compact()
         self._latest[worker] = (now, report)
 
     def live(self, now: float) -> list[WorkerReport]:
@@ -78,8 +77,7 @@ class WorkerTotals:
     def totals(self, now: float) -> dict[str, Any]:
         """Sums under the /metrics names: numbers, and the histogram as labelled samples."""
         self._forget(now)
-        sums = _Sums()
-        sums.merge(self._retired)
+        sums = self._retired.copy()
         for seen, report in self._latest.values():
             sums.add(report, counters_only=now - seen >= self.live_s)
         out: dict[str, Any] = dict(sorted(sums.numbers.items()))
@@ -91,9 +89,8 @@ class WorkerTotals:
     def _forget(self, now: float) -> None:
         for worker in [w for w, (seen, _) in self._latest.items() if now - seen > self.forget_s]:
             _, report = self._latest.pop(worker)
-            kept = _Sums()
-            kept.add(report, counters_only=True)
-            self._retired.merge(kept)
+            self._retired.add(report, counters_only=True)
+            self._retired.compact()
             self._gone[worker] = report
             while len(self._gone) > 1024:  # ids of long-gone workers: keep the newest
                 self._gone.pop(next(iter(self._gone)))

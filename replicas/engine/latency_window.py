@@ -24,7 +24,8 @@ class LatencyPercentiles:
     itl_samples: int = 0  # finished requests in the window
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank `q` percentile (None: no values)."""
     if not values:
         return None
     ordered = sorted(values)
@@ -37,11 +38,11 @@ class LatencyWindow:
         self._ttft: deque[tuple[float, float]] = deque(maxlen=max_samples)  # (when, seconds)
         self._itl: deque[tuple[float, float]] = deque(maxlen=max_samples)
 
-    def add_ttft(self, seconds: float, now: float | None = None) -> None:
-        self._ttft.append((time.monotonic() if now is None else now, seconds))
+    def add_ttft(self, seconds: float, now: float) -> None:
+        self._ttft.append((now, seconds))
 
-    def add_itl(self, seconds: float, now: float | None = None) -> None:
-        self._itl.append((time.monotonic() if now is None else now, seconds))
+    def add_itl(self, seconds: float, now: float) -> None:
+        self._itl.append((now, seconds))
 
     def percentiles(self, q: float = 0.9, now: float | None = None) -> LatencyPercentiles:
         now = time.monotonic() if now is None else now
@@ -49,5 +50,5 @@ class LatencyWindow:
         # atomically; old samples are filtered out, not popped (maxlen bounds the deques).
         ttfts = [s for when, s in list(self._ttft) if now - when <= self.window_s]
         itls = [s for when, s in list(self._itl) if now - when <= self.window_s]
-        return LatencyPercentiles(q, _percentile(ttfts, q), _percentile(itls, q), len(ttfts),
+        return LatencyPercentiles(q, percentile(ttfts, q), percentile(itls, q), len(ttfts),
                                   len(itls))

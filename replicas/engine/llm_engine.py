@@ -212,7 +212,7 @@ class LLMEngine:
             if seq.status is not Status.FINISHED:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
-        req.timeline.finish(sum(s.num_output_tokens for s in req.seqs),
+        req.timeline.finish([s.num_output_tokens for s in req.seqs],
                             [s.finish_reason or "" for s in req.seqs])  # ends its span
 
     def has_unfinished_requests(self) -> bool:

@@ -184,9 +184,8 @@ class OutputProcessor:
         metrics = None
         if finished:
             ordered = [req_state.completions[i] for i in sorted(req_state.completions)]
-            metrics = req.timeline.finish(sum(s.num_tokens for s in ordered),
-                                          [s.finish_reason or "" for s in ordered],
-                                          max(s.num_tokens for s in ordered))
+            metrics = req.timeline.finish([s.num_tokens for s in ordered],
+                                          [s.finish_reason or "" for s in ordered])
         return StepDelta(
             req.request_id, tuple(steps), finished, req.num_cached_tokens,
             tuple(req.prompt_token_ids) if first else None,

@@ -7,7 +7,7 @@ the ingress's span, with the same figures as vLLM-named attributes and an event 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from zayaserve.replicas.engine.latency_window import LatencyWindow
@@ -78,10 +78,11 @@ class RequestTimeline:
             if self.span is not None:
                 self.span.add_event("first_token")
 
-    def finish(self, output_tokens: int, finish_reasons: list[str],
-               longest: int | None = None) -> RequestMetrics:
-        """The request's figures; ends its span (once) with them. `longest`: the tokens of its
-        longest sequence (the decode time runs until that one ends), for its ITL."""
+    def finish(self, seq_tokens: Sequence[int], finish_reasons: list[str]) -> RequestMetrics:
+        """The request's figures; ends its span (once) with them. `seq_tokens`: the output
+        tokens of each sequence (the ITL divides the decode time by the longest one's: the
+        decode runs until that one ends)."""
+        output_tokens, longest = sum(seq_tokens), max(seq_tokens, default=0)
         now = time.monotonic()
         scheduled = self.scheduled if self.scheduled is not None else now
         first = self.first_token if self.first_token is not None else now
@@ -90,9 +91,8 @@ class RequestTimeline:
             decode_s=max(0.0, now - first), ttft_s=first - self.arrival, e2e_s=now - self.arrival,
             preemptions=self.preemptions, prefill_chunks=self.prefill_chunks,
             local_hit_tokens=self.local_hit_tokens, remote_hit_tokens=self.remote_hit_tokens)
-        per_seq = longest if longest is not None else output_tokens / max(1, len(finish_reasons))
-        if self.window is not None and per_seq > 1:
-            self.window.add_itl(m.decode_s / (per_seq - 1), now)
+        if self.window is not None and longest > 1:
+            self.window.add_itl(m.decode_s / (longest - 1), now)
         span, self.span = self.span, None
         if span is not None:
             span.add_event("finished")
