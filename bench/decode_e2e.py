@@ -33,6 +33,7 @@ import torch
 from zayaserve.replicas.model.experts import ExpertBackend, LocalExpertBackend
 
 WARMUP_STEPS = 3
+COUNT_STEPS = 2  # eager, untimed: the distinct experts each layer routes to
 
 
 class CountingExperts(ExpertBackend):
@@ -134,17 +135,18 @@ def run_variant(llm: Any, batch: int, graphs: Any, use_graphs: bool, a: argparse
         while len(first) < batch:
             step()
         ttfts = [first[rid] - t0 for rid in ids]
+        for _ in range(WARMUP_STEPS):  # graphs captured, kernels tuned
+            assert step() == batch, "every sequence must decode in the warm-up steps"
+        # Routing counted on eager steps: a replayed graph (whole-step graphs hold the experts
+        # they were captured with) makes no Python call to count.
         counter = CountingExperts(runner.experts)
-        runner.experts = counter
-        if runner.graphs is not None:
-            runner.graphs.experts = counter
-        try:  # the warm-up steps: routing counted, graphs captured, kernels tuned
-            for _ in range(WARMUP_STEPS):
-                assert step() == batch, "every sequence must decode in the warm-up steps"
+        runner.experts, runner.graphs = counter, None
+        try:
+            for _ in range(COUNT_STEPS):
+                assert step() == batch, "every sequence must decode in the counted steps"
         finally:
             runner.experts = counter.inner
-            if runner.graphs is not None:
-                runner.graphs.experts = counter.inner
+            runner.graphs = graphs if use_graphs else None
         contexts = [s.num_tokens for s in engine.scheduler.running]
         assert len(contexts) == batch, "every sequence must be running before the timed steps"
         t = time.perf_counter()
@@ -221,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--max-num-batched-tokens must exceed the largest batch")
     # Sequences prefilled early decode while the rest prefill: leave them room to keep going.
     prefill_steps = -(-max_b * a.prompt_len // (budget - max_b)) + 2
-    max_tokens = 1 + prefill_steps + WARMUP_STEPS + a.gen_len
+    max_tokens = 1 + prefill_steps + WARMUP_STEPS + COUNT_STEPS + a.gen_len
     max_len = -(-(a.prompt_len + max_tokens) // bs) * bs
     llm = LLM(a.model, device=a.device, max_num_seqs=max_b, max_num_batched_tokens=budget,
               max_model_len=max_len, num_kv_blocks=max_b * (max_len // bs) + 8, block_size=bs,

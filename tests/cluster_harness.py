@@ -143,6 +143,14 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def replica_actors(deployment: str) -> list[dict[str, Any]]:
+    """The named Ray actors of one Serve deployment's replicas, sorted by name."""
+    from ray.util import list_named_actors
+
+    return sorted((a for a in list_named_actors(all_namespaces=True)
+                   if f"#{deployment}#" in a["name"]), key=lambda a: a["name"])
+
+
 def offline_texts(offline: dict[str, Any]) -> dict[str, str]:
     """The offline engine's completion of each prompt, as text."""
     from zayaserve.replicas.model.checkpoint_paths import resolve_model

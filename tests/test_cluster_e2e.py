@@ -20,6 +20,7 @@ from cluster_harness import (
     Load,
     deploy,
     offline_texts,
+    replica_actors,
     undeploy,
     wait_for,
     worker_stats_when_idle,
@@ -115,15 +116,14 @@ def test_five_replicated_shard_kills_under_load_change_nothing(replicated: Clust
     import random
 
     import ray
-    from ray.util import list_named_actors
 
     rng = random.Random(0)
     with Load(replicated, offline, n=6) as load:  # max_pending_requests=6 on this worker
         wait_for(lambda: load.done >= 4, 120, "the first answers")
         for _ in range(5):
-            shards = [a for a in list_named_actors(all_namespaces=True)
-                      if "#ExpertShard#" in a["name"]]
-            victim = rng.choice(shards)
+            # (Ray's listing of named actors can come back empty for a moment after a restart.)
+            wait_for(lambda: replica_actors("ExpertShard"), 60, "a named shard replica to kill")
+            victim = rng.choice(replica_actors("ExpertShard"))
             ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]),
                      no_restart=True)
             served = load.done

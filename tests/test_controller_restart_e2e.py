@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from cluster_harness import Cluster, Load, deploy, undeploy, wait_for
+from cluster_harness import Cluster, Load, deploy, replica_actors, undeploy, wait_for
 
 pytestmark = pytest.mark.e2e
 KEY = "restart-admin-key"
@@ -63,10 +63,7 @@ class Watch:
 
 
 def _controllers() -> list[dict[str, Any]]:
-    from ray.util import list_named_actors
-
-    return [a for a in list_named_actors(all_namespaces=True)
-            if "#PlacementController#" in a["name"]]
+    return replica_actors("PlacementController")
 
 
 def _operation(c: Cluster, op_id: str) -> dict[str, Any] | None:
