@@ -90,6 +90,11 @@ class ClusterConfig(BaseModel):
         300.0, gt=0, description="How long an attention worker being removed (a scale-down) "
         "keeps serving what it holds: new requests go elsewhere at once, streams and RSA runs "
         "in flight finish within this (Serve's graceful_shutdown_timeout_s).")
+    migration_limit: int = Field(
+        3, ge=0, description="How many times one stream may move to another attention worker "
+        "when the worker streaming it dies: it goes on from the tokens its client has, with "
+        "exactly the tokens an uninterrupted run gives (greedy and seeded; the ingress seeds "
+        "the rest). 0 turns migration off: such a request fails with a 503.")
     max_experts_per_shard: int | None = Field(
         None, ge=1, description="The most experts (each with all its layers) one expert shard "
         "may hold: its memory budget. A resize whose plan would need more on one shard is "

@@ -45,7 +45,8 @@ class Ingress:
         tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model))
         info = await workers.describe.remote()
         self.client = ClusterEngineClient(workers, controller, tokenizer,
-                                          self.config.model_name, info["max_model_len"])
+                                          self.config.model_name, info["max_model_len"],
+                                          self.config.migration_limit)
         # One registry for REST and gRPC: /metrics counts the requests of both.
         self.metrics = MetricsCollector()
         self.grpc_server = None

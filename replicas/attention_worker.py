@@ -32,6 +32,7 @@ from zayaserve.replicas.engine.gc_freeze import freeze_startup_objects
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.engine.resume import Resume
 from zayaserve.replicas.model.checkpoint_paths import resolve_model
 from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.observability.tracing import TracingConfig
@@ -142,9 +143,11 @@ class AttentionWorker:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None, trace_context: dict[str, str] | None = None,
+        resume: Resume | None = None,
     ) -> AsyncIterator[StepDelta]:
+        """`resume`: the request moved here from a worker that died (`engine.resume`)."""
         async for delta in self.engine.generate(request_id, prompt_token_ids, params, prompt,
-                                                trace_context):
+                                                trace_context, resume=resume):
             yield delta
 
     async def rsa(self, job: RSAJob,

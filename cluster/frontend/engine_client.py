@@ -9,10 +9,18 @@ ends map to status codes (ValueError -> 400, EngineOverloadedError -> 429).
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
+from zayaserve.cluster.frontend.migration import (
+    MigrationCounts,
+    StreamProgress,
+    movable,
+    pause_s,
+    seeded,
+)
 from zayaserve.cluster.frontend.request_tracker import current_trace_context
 from zayaserve.replicas.engine.async_engine import (
     AsyncLLMEngine,
@@ -129,32 +137,52 @@ def unwrap_remote_error(err: BaseException) -> BaseException:
 
 class ClusterEngineClient(EngineClient):
     def __init__(self, workers: Any, controller: Any, tokenizer: Tokenizer, model_name: str,
-                 max_model_len: int) -> None:
+                 max_model_len: int, migration_limit: int = 0) -> None:
         self.workers = workers
         self.controller = controller
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.in_flight = 0
+        self.migration_limit = migration_limit  # moves per request (`migration`)
+        self.migrations = MigrationCounts()
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         prompt: str | None = None,
     ) -> AsyncIterator[StepDelta]:
-        stream = self.workers.options(stream=True).generate.remote(
-            request_id, prompt_token_ids, params, prompt, current_trace_context())
-        finished = False
+        can_move = movable(params, self.migration_limit)
+        if can_move:
+            params = seeded(params)
+        progress, trace = StreamProgress(), current_trace_context()
         self.in_flight += 1
         try:
-            async for delta in stream:
-                finished = delta.finished
-                yield delta
-        except Exception as err:
-            raise unwrap_remote_error(err) from err
+            while True:
+                stream = self.workers.options(stream=True).generate.remote(
+                    request_id, prompt_token_ids, params, prompt, trace, progress.resume())
+                finished = False
+                try:
+                    async for delta in stream:
+                        finished = delta.finished
+                        yield progress.add(delta)
+                    if progress.moves:
+                        self.migrations.resumed += 1
+                    return
+                except Exception as err:
+                    error = unwrap_remote_error(err)
+                    if not isinstance(error, EngineDeadError):
+                        raise error from err
+                    if not can_move or progress.moves >= self.migration_limit:
+                        self.migrations.failed += 1
+                        raise error from err
+                finally:
+                    if not finished:  # the client left: cancel in the worker (frees blocks)
+                        stream.cancel()
+                progress.moves += 1
+                self.migrations.moved += 1
+                await asyncio.sleep(pause_s(progress.moves))
         finally:
             self.in_flight -= 1
-            if not finished:  # the client left: cancel in the worker, which frees the blocks
-                stream.cancel()
 
     async def rsa(self, job: RSAJob) -> AsyncIterator[RSAEvent]:
         # The whole run goes to one worker: its calls batch there and share its prefix cache.
@@ -196,4 +224,5 @@ class ClusterEngineClient(EngineClient):
         # The placement controller sums the stats every worker reports (shards or not).
         stats: dict[str, Any] = await self.controller.stats.remote()
         stats["ingress_requests_in_flight"] = self.in_flight
+        stats.update(self.migrations.samples())
         return stats

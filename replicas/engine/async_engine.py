@@ -47,6 +47,7 @@ from zayaserve.replicas.engine.grammar import forbid_compiles
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.engine.resume import Resume
 
 log = logging.getLogger("zayaserve.engine")
 
@@ -251,11 +252,13 @@ class AsyncLLMEngine:
         prompt: str | None = None,
         trace_context: Mapping[str, str] | None = None,
         reservation: Reservation | None = None,
+        resume: Resume | None = None,
     ) -> AsyncGenerator[StepDelta, None]:
         """Yields the request's StepDeltas (their `request_id` is the caller's label); the
         deltas of steps the consumer fell behind on arrive merged into one. `trace_context`:
         W3C headers of the caller's span (a sampled one makes the engine trace the request);
-        `reservation`: a slot of it is used instead of a free one while the request runs."""
+        `reservation`: a slot of it is used instead of a free one while the request runs;
+        `resume`: what the client already has of it (a migrated request, `resume`)."""
         if self.is_dead:
             raise EngineDeadError(f"engine stopped ({type(self._error).__name__})")
         rid = f"{next(self._ids)}"
@@ -270,7 +273,7 @@ class AsyncLLMEngine:
             grammar = await self.engine.grammars.compile_async(params.structured_outputs)
             await asyncio.wrap_future(self._call(
                 lambda: self.engine.add_request(rid, prompt_token_ids, params, prompt,
-                                                trace_context, grammar)))
+                                                trace_context, grammar, resume)))
             while not finished:
                 await stream.wake.wait()
                 stream.wake.clear()

@@ -23,6 +23,7 @@ from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
 from zayaserve.replicas.engine.request_limits import check_request
 from zayaserve.replicas.engine.request_timeline import RequestTimeline
+from zayaserve.replicas.engine.resume import Resume, check_resume
 from zayaserve.replicas.engine.runner import ModelRunner
 from zayaserve.replicas.engine.scheduler import Scheduler, SchedulerConfig
 from zayaserve.replicas.engine.sequence import Request, Sequence, Status
@@ -151,9 +152,11 @@ class LLMEngine:
         prompt: str | None = None,
         trace_context: Mapping[str, str] | None = None,
         grammar: CompiledGrammar | None = None,
+        resume: Resume | None = None,
     ) -> None:
         """`trace_context`: the caller's W3C headers; a sampled one gets an engine span.
-        `grammar`: the constraint compiled by the caller, else it is compiled here."""
+        `grammar`: the constraint compiled by the caller, else it is compiled here. `resume`:
+        the request continues from what its client already has (`resume`)."""
         if request_id in self.requests:
             raise ParamError("request_id", f"request_id: {request_id!r} is already in flight")
         if not prompt_token_ids:
@@ -173,14 +176,23 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ParamError("prompt", f"prompt: {len(prompt_token_ids)} tokens leave no room to "
                              f"generate within max_model_len {self.max_model_len}")
+        done: tuple[int, ...] = ()
+        if resume is not None:  # its prompt logprobs were sent; its latency is not this one's
+            check_resume(resume, params, len(prompt_token_ids), vocab, self.max_model_len)
+            done = resume.output_token_ids
+        wants_prompt_logprobs = params.prompt_logprobs is not None and resume is None
         req = Request(request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),
-                      prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+                      prompt_logprobs=[None] if wants_prompt_logprobs else None,
                       timeline=RequestTimeline.begin(request_id, len(prompt_token_ids), params,
-                                                     trace_context, self.latency))
+                                                     trace_context,
+                                                     self.latency if resume is None else None))
         if grammar is not None:
             self.request_grammars[request_id] = grammar
-        seq = self._new_sequence(req, 0, list(prompt_token_ids))
+        seq = self._new_sequence(req, 0, [*prompt_token_ids, *done])
         seq.forks_pending = params.n - 1
+        if resume is not None:
+            seq.cumulative_logprob = resume.cumulative_logprob
+            self.outputs.resume(seq, resume)
         self.requests[request_id] = req
         self.scheduler.add(seq)
 

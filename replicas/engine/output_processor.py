@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from zayaserve.replicas.engine.outputs import CompletionStep, Logprob, StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.engine.resume import Resume
 from zayaserve.replicas.engine.sequence import Request, Sequence
 from zayaserve.replicas.model.tokenizer import IncrementalDetokenizer, Tokenizer, add_batch
 
@@ -93,6 +94,17 @@ class OutputProcessor:
             req_state.completions[seq.index] = state
         assert isinstance(state, TextState)
         return state
+
+    def resume(self, seq: Sequence, resume: Resume) -> None:
+        """Text state of a sequence resumed with outputs its client already has (`resume`):
+        their text made as the uninterrupted run made it, token by token, of which the
+        characters sent are sent; the rest (held back for a stop string) is still to send."""
+        state = self.text_state(seq)
+        for token in resume.output_token_ids:
+            if state.detokenizer is not None:
+                state.text += state.detokenizer.add(token)
+        state.num_tokens = len(resume.output_token_ids)
+        state.sent_chars = min(resume.sent_chars, len(state.text))
 
     @staticmethod
     def failed(rec: TokenRecord) -> bool:
