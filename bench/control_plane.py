@@ -1,8 +1,9 @@
 """The placement controller at scale, simulated: what it costs to serve 10 to 1,000 attention
 workers and 16 to 256 expert shards, reporting at their real rates.
 
-Simulation, not a cluster: the real `ControllerState` (and the metrics front end's renderer)
-runs in this process on a simulated clock; every message crosses a pickle round trip as Ray
+Simulation, not a cluster: the real `PlacementController` deployment class (its
+`ControllerState` inside, and the metrics front end's renderer) runs in this process on a
+simulated clock; every message crosses a pickle round trip as Ray
 would ship it (the controller unpickles reports and pickles answers, and that is counted). What
 is not counted: Ray's own per-call cost (an actor call costs about 100-300 µs of the caller's
 and the callee's CPU on top, more at 1,000 callers), and the event loop's scheduling.
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="simulated seconds measured")
     ap.add_argument("--scales", default="10x16,100x64,1000x256", help="WORKERSxSHARDS,...")
     args = ap.parse_args(argv)
-    print("simulation: the real ControllerState on a simulated clock; Ray's call cost excluded")
+    print("simulation: the real PlacementController on a simulated clock; Ray's call cost "
+          "excluded")
     print("| workers | shards | controller CPU (cores) | baseline: full-map polls | ratio | "
           "memory MB | map kB | map kB/s sent | full maps MB/s | resize to commit (sim s) | "
           "/metrics kB | scrape ms |")
