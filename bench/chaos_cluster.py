@@ -11,6 +11,7 @@ redis-server for the shared prefix cache.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -86,7 +87,7 @@ class ChaosCluster:
             self.add_node("attention")
         for _ in range(expert):
             self.add_node("expert")
-        ray.init(address=self.ray.address, logging_level="ERROR", log_to_driver=False,
+        ray.init(address=self.ray.address, logging_level=logging.ERROR, log_to_driver=False,
                  runtime_env={"env_vars": env})
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
@@ -146,7 +147,8 @@ def pid_of(actor: dict[str, Any], timeout: float = 30) -> int:
     import ray
 
     handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-    return int(ray.get(handle.__ray_call__.remote(lambda _: os.getpid()), timeout=timeout))
+    ref: Any = handle.__ray_call__.remote(lambda _: os.getpid())
+    return int(ray.get(ref, timeout=timeout))
 
 
 def node_of(actor: dict[str, Any], timeout: float = 30) -> str:
@@ -167,10 +169,11 @@ def busiest_worker(timeout: float = 30) -> dict[str, Any]:
         worker = replica._replica_impl._user_callable_wrapper._callable
         return int(worker.engine.engine.stats()["num_requests_running"])
 
-    counts = []
+    counts: list[tuple[int, dict[str, Any]]] = []
     for actor in actors("#AttentionWorker#"):
         handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-        counts.append((ray.get(handle.__ray_call__.remote(running), timeout=timeout), actor))
+        ref: Any = handle.__ray_call__.remote(running)
+        counts.append((int(ray.get(ref, timeout=timeout)), actor))
     return max(counts, key=lambda c: c[0])[1]
 
 
