@@ -15,15 +15,33 @@ import pytest
 from openai_helpers import make_engine_client
 
 from zayaserve.cluster.frontend.engine_client import ClusterEngineClient, LocalEngineClient
-from zayaserve.replicas.engine.async_engine import EngineDeadError
+from zayaserve.replicas.engine.async_engine import EngineDeadError, EngineOverloadedError
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
 
 PROMPT = [2, *range(40, 56)]
+FULL = -1  # in a list of deaths: that submission finds every queue full
 
 
 class ActorDiedError(Exception):
     """Named as Ray's: what a stream from a dead worker replica raises."""
+
+
+class BackPressureError(Exception):
+    """Named as Serve's: every replica's queue is full."""
+
+
+class _Full:
+    """A submission Serve refuses: its queues are full."""
+
+    def __aiter__(self) -> _Full:
+        return self
+
+    async def __anext__(self) -> StepDelta:
+        raise BackPressureError("max_queued_requests reached")
+
+    def cancel(self) -> None:
+        pass
 
 
 class _Stream:
@@ -62,6 +80,9 @@ class _Workers:
     def remote(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                prompt: Any, trace: Any, resume: Any) -> _Stream:
         self.calls.append((params, resume))
+        if self.deaths and self.deaths[0] == FULL:
+            self.deaths.pop(0)
+            return _Full()  # type: ignore[return-value]
         engine = self.local.engine
         return _Stream(engine.generate(request_id, prompt_ids, params, prompt, trace,
                                        resume=resume),
@@ -125,6 +146,19 @@ def test_an_unseeded_request_is_seeded_once_and_resumes_with_that_seed(
     again = _flat(_collect(_client(local, [])[0], SamplingParams(
         temperature=1.0, max_tokens=30, ignore_eos=True, seed=seed)))
     assert got == again
+
+
+def test_a_moved_request_waits_out_full_queues_but_a_new_one_does_not(
+        local: LocalEngineClient) -> None:
+    params = PARAMS["greedy"]
+    want = _flat(_collect(_client(local, [])[0], params))
+    client, workers = _client(local, [5, FULL])  # the worker dies, then the others are full
+    assert _flat(_collect(client, params)) == want
+    assert len(workers.calls) == 3 and client.migrations.moved == 2
+    client, workers = _client(local, [FULL])  # a first submission refused: a 429, as before
+    with pytest.raises(EngineOverloadedError):
+        _collect(client, params)
+    assert len(workers.calls) == 1 and client.migrations.moved == 0
 
 
 def test_migration_is_bounded_and_can_be_off(local: LocalEngineClient) -> None:

@@ -170,7 +170,9 @@ class ClusterEngineClient(EngineClient):
                     return
                 except Exception as err:
                     error = unwrap_remote_error(err)
-                    if not isinstance(error, EngineDeadError):
+                    # A moved request that finds the other workers full waits its turn too.
+                    if not isinstance(error, EngineDeadError) and not (
+                            progress.moves and isinstance(error, EngineOverloadedError)):
                         raise error from err
                     if not can_move or progress.moves >= self.migration_limit:
                         self.migrations.failed += 1
