@@ -11,8 +11,9 @@ reason. Its prompt went out in the first delta: resumed deltas drop it.
 Bounded: a request moves at most `migration_limit` times (0 turns migration off), after a
 short, growing pause each time (Serve drops a dead replica from its routing when a call to it
 fails, and a node's death takes Ray a moment to notice). A moved request that finds every
-other worker's queue full tries again the same way; a new one gets its 429 as before. Only one-completion requests move
-(n = 1); an RSA run does not (its calls and their rounds live in one engine).
+other worker's queue full tries again the same way; a new one gets its 429 as before. Only
+one-completion requests move (n = 1); an RSA run does not (its calls and their rounds live in
+one engine).
 """
 
 from __future__ import annotations
