@@ -22,7 +22,9 @@ without migration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import signal
 import sys
@@ -186,9 +188,6 @@ class Chaos:
 
 
 def _signal(pid: int, sig: int) -> None:
-    import contextlib
-    import os
-
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
 

@@ -20,7 +20,6 @@ import subprocess
 import time
 from typing import Any
 
-APP = "zayaserve"
 ADMIN_KEY = "chaos-admin-key"
 # One machine, not pods: a small object store per node (nothing large goes through it).
 OBJECT_STORE_BYTES = 80 * 2**20
