@@ -10,11 +10,8 @@ requests, and only `max_consecutive_step_failures` failed steps in a row (or the
 dying) mark the engine dead. Cancelling a consumer at any point (before its request is added,
 mid-step, after it finished) only aborts that request and frees its blocks.
 
-Streams are keyed by ids this class makes, never by the caller's id (a label, echoed back in the
-deltas), so two callers that pick the same id can never see each other's tokens. A stream holds
-at most one pending `StepDelta`: a newer one is merged into an unread one, so a consumer that
-stops reading costs O(its output). After `max_unread_steps` merged steps in a row the reader is
-taken as gone: the request is aborted with `StreamStalledError` and its blocks freed.
+Each request's outputs wait in a mailbox (`request_streams`) that holds at most one unread delta,
+so a consumer that stops reading costs O(its output) and is eventually taken as gone.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 from zayaserve.replicas.engine.admission import Admission, Reservation
@@ -47,20 +43,10 @@ from zayaserve.replicas.engine.grammar import forbid_compiles
 from zayaserve.replicas.engine.llm_engine import LLMEngine
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
+from zayaserve.replicas.engine.request_streams import RequestStreams
 from zayaserve.replicas.engine.resume import Resume
 
 log = logging.getLogger("zayaserve.engine")
-
-
-@dataclass(slots=True)
-class _Stream:
-    """One request's mailbox: the latest unread output (or the error that ended it)."""
-
-    loop: asyncio.AbstractEventLoop
-    label: str
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    latest: StepDelta | BaseException | None = None
-    unread: int = 0  # deltas merged before the consumer read them, in a row
 
 
 class AsyncLLMEngine:
@@ -71,8 +57,8 @@ class AsyncLLMEngine:
         self.max_consecutive_step_failures = max_consecutive_step_failures
         self.max_unread_steps = max_unread_steps
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
+        self._streams = RequestStreams(self._lock, max_unread_steps, self._abort_on_loop)
         self._admission = Admission(max_pending_requests, self._lock)
         self._stopped = threading.Event()
         self._ids = itertools.count()
@@ -117,7 +103,7 @@ class AsyncLLMEngine:
         self._deliver_deltas(outputs)
 
     def _deliver_deltas(self, deltas: list[StepDelta]) -> None:
-        self._deliver_all([(d.request_id, d, d.finished) for d in deltas])
+        self._streams.deliver([(d.request_id, d, d.finished) for d in deltas])
 
     def _on_step_failure(self, err: Exception) -> None:
         """Ends the failed step's requests (all requests, if the step failed before it knew
@@ -128,7 +114,7 @@ class AsyncLLMEngine:
         if victims is None:
             victims = set(self.engine.requests)
         log.error("engine step failed (%s) for requests %s", type(err).__name__,
-                  sorted(self._labels(victims)), exc_info=err)
+                  sorted(self._streams.labels(victims)), exc_info=err)
         failure = RequestFailedError(
             f"the engine step serving this request failed ({type(err).__name__})",
             type(err).__name__, retryable)
@@ -136,7 +122,7 @@ class AsyncLLMEngine:
             self.engine.output_thread.join()  # their earlier deltas go out before the error
         for rid in victims:
             self.engine.abort_request(rid)
-            self._deliver(rid, failure, finished=True)
+            self._streams.deliver([(rid, failure, True)])
         if not retryable:  # an expert shard being away is not this engine's fault
             self._failures_in_a_row += 1
             if self._failures_in_a_row >= self.max_consecutive_step_failures:
@@ -144,70 +130,12 @@ class AsyncLLMEngine:
 
     def _die(self, err: BaseException) -> None:
         self._error = err
-        with self._lock:
-            streams = list(self._streams)
         dead = EngineDeadError(f"engine stopped after repeated failures ({type(err).__name__})")
-        for rid in streams:
-            self._deliver(rid, dead, finished=True)
+        self._streams.deliver([(rid, dead, True) for rid in self._streams.ids()])
 
-    def _labels(self, ids: set[str]) -> list[str]:
-        with self._lock:
-            return [f"{s.label}({rid})" if (s := self._streams.get(rid)) else rid for rid in ids]
-
-    def _deliver(self, request_id: str, item: StepDelta | BaseException, finished: bool):
-        self._deliver_all([(request_id, item, finished)])
-
-    def _deliver_all(self, items: list[tuple[str, StepDelta | BaseException, bool]]) -> None:
-        """Posts each item to its stream: one wake-up per consumer event loop per step, not
-        one per request (a step of 256 streams is one call into the front end's loop)."""
-        posts: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
-        owners: dict[int, str] = {}  # id(stream) -> request id, to forget a dead loop's streams
-        stalled: list[str] = []
-        with self._lock:
-            for request_id, item, finished in items:
-                stream = self._streams.get(request_id)
-                if stream is None:
-                    continue
-                if isinstance(item, StepDelta):
-                    item = item.relabeled(stream.label)
-                    if isinstance(stream.latest, StepDelta):
-                        stream.unread += 1
-                        if stream.unread > self.max_unread_steps and not finished:
-                            stalled.append(request_id)
-                            finished = True
-                            item = StreamStalledError(
-                                f"the client read none of the last {stream.unread} steps "
-                                f"(max_unread_steps={self.max_unread_steps}); request aborted")
-                if finished:
-                    self._streams.pop(request_id, None)
-                else:
-                    owners[id(stream)] = request_id
-                posts.setdefault(stream.loop, []).append((stream, item))
-        for loop, batch in posts.items():
-            try:
-                loop.call_soon_threadsafe(self._post_all, batch)
-            except RuntimeError:  # the consumer's event loop is closed: nobody will ever read
-                with self._lock:
-                    for stream, _ in batch:
-                        rid = owners.get(id(stream))
-                        if rid is not None and self._streams.pop(rid, None) is not None:
-                            stalled.append(rid)
-        for request_id in stalled:  # (this may be the output thread: the engine's own does it)
-            self._call(functools.partial(self.engine.abort_request, request_id))
-
-    @classmethod
-    def _post_all(cls, batch: list[tuple[_Stream, Any]]) -> None:
-        for stream, item in batch:
-            cls._post(stream, item)
-
-    @staticmethod
-    def _post(stream: _Stream, item: StepDelta | BaseException) -> None:
-        # An error, once posted, is final: a late delta must not hide it.
-        if isinstance(stream.latest, StepDelta) and isinstance(item, StepDelta):
-            stream.latest = stream.latest.merged(item)
-        elif not isinstance(stream.latest, BaseException):
-            stream.latest = item
-        stream.wake.set()
+    def _abort_on_loop(self, request_id: str) -> None:
+        # (called from the output thread too: the engine's own thread does the abort)
+        self._call(functools.partial(self.engine.abort_request, request_id))
 
     def _call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Runs fn on the loop thread; the future carries its result or exception. A future
@@ -262,10 +190,9 @@ class AsyncLLMEngine:
         if self.is_dead:
             raise EngineDeadError(f"engine stopped ({type(self._error).__name__})")
         rid = f"{next(self._ids)}"
-        stream = _Stream(asyncio.get_running_loop(), request_id)
         with self._lock:
             reserved = self._admission.admit(len(self._streams), reservation)
-            self._streams[rid] = stream
+            stream = self._streams.open(rid, request_id)
         finished = False
         try:
             # Compiled once, now, off the step loop and within the compile limits; the request
@@ -293,8 +220,7 @@ class AsyncLLMEngine:
                 self._admission.give_back(reservation)
 
     def _abort(self, rid: str) -> None:
-        with self._lock:
-            self._streams.pop(rid, None)
+        self._streams.close(rid)
         self._call(lambda: self.engine.abort_request(rid))
 
     async def run_on_engine(self, fn: Callable[[LLMEngine], Any]) -> Any:

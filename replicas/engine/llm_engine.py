@@ -16,12 +16,13 @@ from zayaserve.replicas.engine.device import dtype_for, resolve_device
 from zayaserve.replicas.engine.engine_stats import EngineStats, engine_stats
 from zayaserve.replicas.engine.grammar import Grammars, no_compiles
 from zayaserve.replicas.engine.grammar_compile import CompiledGrammar
+from zayaserve.replicas.engine.kv_layout import kv_layout
 from zayaserve.replicas.engine.latency_window import LatencyPercentiles, LatencyWindow
 from zayaserve.replicas.engine.output_processor import OutputProcessor, TokenRecord
 from zayaserve.replicas.engine.output_thread import OutputThread
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
-from zayaserve.replicas.engine.request_limits import check_request
+from zayaserve.replicas.engine.request_limits import check_prompt, check_request
 from zayaserve.replicas.engine.request_timeline import RequestTimeline
 from zayaserve.replicas.engine.resume import Resume, check_resume
 from zayaserve.replicas.engine.runner import ModelRunner
@@ -60,19 +61,7 @@ class LLMEngine:
         self.grammars = Grammars(self.tokenizer, mc.vocab_size, self.eos_ids, config.limits)
 
         bs = config.block_size
-        max_len = config.max_model_len or mc.max_position_embeddings
-        if max_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len: {max_len} exceeds the model's "
-                             f"max_position_embeddings {mc.max_position_embeddings}")
-        if config.num_kv_blocks is not None:
-            num_blocks = config.num_kv_blocks
-        else:
-            per_block = KVCache.bytes_per_block(mc, bs, self.model.dtype,
-                                                snapshots=config.enable_prefix_caching)
-            budget_blocks = int(config.kv_cache_memory_gb * 2**30) // per_block
-            num_blocks = max(1, min(budget_blocks, config.max_num_seqs * -(-max_len // bs)))
-        # A single sequence must always fit, or preemption could never make progress.
-        self.max_model_len = min(max_len, num_blocks * bs)
+        self.max_model_len, num_blocks = kv_layout(config, mc, self.model.dtype)
         self.cache = KVCache(mc, num_blocks, bs, config.max_num_seqs, self.model.dtype,
                              device=device, snapshots=config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -159,26 +148,17 @@ class LLMEngine:
         the request continues from what its client already has (`resume`)."""
         if request_id in self.requests:
             raise ParamError("request_id", f"request_id: {request_id!r} is already in flight")
-        if not prompt_token_ids:
-            raise ParamError("prompt", "prompt: must contain at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ParamError(
-                "prompt_token_ids", f"prompt_token_ids: ids {bad[:5]} are outside the vocabulary "
-                             f"[0, {vocab})")
-        check_request(params, self.config.limits, vocab, self.eos_ids)
-        if params.stop and self.tokenizer is None:
-            raise ParamError(
-                "stop", "stop: stop strings need a tokenizer and this checkpoint has none; "
-                             "use stop_token_ids")
+        check_prompt(prompt_token_ids, self.model_config.vocab_size)
+        check_request(params, self.config.limits, self.model_config.vocab_size, self.eos_ids,
+                      has_tokenizer=self.tokenizer is not None)
         grammar = self.grammars.held(params.structured_outputs, grammar)
         if len(prompt_token_ids) >= self.max_model_len:
             raise ParamError("prompt", f"prompt: {len(prompt_token_ids)} tokens leave no room to "
                              f"generate within max_model_len {self.max_model_len}")
         done: tuple[int, ...] = ()
         if resume is not None:  # its prompt logprobs were sent; its latency is not this one's
-            check_resume(resume, params, len(prompt_token_ids), vocab, self.max_model_len)
+            check_resume(resume, params, len(prompt_token_ids), self.model_config.vocab_size,
+                         self.max_model_len)
             done = resume.output_token_ids
         wants_prompt_logprobs = params.prompt_logprobs is not None and resume is None
         req = Request(request_id, prompt, list(prompt_token_ids), params, next(self._arrivals),

@@ -9,9 +9,20 @@ from zayaserve.replicas.engine.config import RequestLimits
 from zayaserve.replicas.engine.params import ParamError, SamplingParams
 
 
+def check_prompt(prompt_token_ids: Sequence[int], vocab_size: int) -> None:
+    if not prompt_token_ids:
+        raise ParamError("prompt", "prompt: must contain at least one token")
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ParamError("prompt_token_ids", f"prompt_token_ids: ids {bad[:5]} are outside the "
+                         f"vocabulary [0, {vocab_size})")
+
+
 def check_request(
-    params: SamplingParams, limits: RequestLimits, vocab_size: int, eos_ids: Sequence[int]
+    params: SamplingParams, limits: RequestLimits, vocab_size: int, eos_ids: Sequence[int],
+    has_tokenizer: bool = True,
 ) -> None:
+    """`has_tokenizer`: whether the checkpoint has one (stop strings need it)."""
     if params.n > limits.max_n:
         raise ParamError("n", f"n must be <= {limits.max_n} (limits.max_n), got {params.n}")
     if params.temperature > limits.max_temperature:
@@ -26,6 +37,9 @@ def check_request(
         raise ParamError("stop", f"stop: strings must be at most {limits.max_stop_string_chars} "
                          f"characters (limits.max_stop_string_chars), got one of {longest}")
     _check_stop_token_ids(params, limits, vocab_size, eos_ids)
+    if stops and not has_tokenizer:
+        raise ParamError("stop", "stop: stop strings need a tokenizer and this checkpoint has "
+                         "none; use stop_token_ids")
 
 
 def _check_stop_token_ids(
