@@ -39,13 +39,13 @@ import httpx
 from zayaserve.bench.chaos_cluster import (
     ADMIN_KEY,
     ChaosCluster,
-    Redis,
     actors,
     busiest_worker,
     node_of,
     signal_replica,
 )
 from zayaserve.bench.chaos_load import REFUSED, Load, recovery_s, truths
+from zayaserve.bench.local_services import RedisServer
 
 STOP_S = 8.0  # how long a SIGSTOPped shard stays stopped (past the router's 3 s deadline)
 MAX_OBSERVE_S = 120.0  # the longest a fault is watched for the load to come back
@@ -64,7 +64,7 @@ def deployment(fault: str) -> dict[str, Any]:
 
 
 class Chaos:
-    def __init__(self, cluster: ChaosCluster, redis: Redis) -> None:
+    def __init__(self, cluster: ChaosCluster, redis: RedisServer) -> None:
         self.c, self.redis = cluster, redis
         self.admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
         self.resize_id = ""
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends the run as an error does: every node and Redis shut down (`finally`).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     want = truths(a.clients, a.max_tokens)
-    redis = Redis()
+    redis = RedisServer()
     cluster = ChaosCluster()
     chaos, rows = Chaos(cluster, redis), []
     try:
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=1)
         cluster.shutdown()
-        redis.kill()
+        redis.stop()
     return 0
 
 

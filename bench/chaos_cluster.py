@@ -13,58 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import time
 from typing import Any
+
+from zayaserve.bench.local_services import free_port
 
 ADMIN_KEY = "chaos-admin-key"
 # One machine, not pods: a small object store per node (nothing large goes through it).
 OBJECT_STORE_BYTES = 80 * 2**20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Redis:
-    """A redis-server of its own on a free port; `kill` is SIGKILL, `start` starts it again on
-    the same port (empty: it keeps nothing on disk)."""
-
-    def __init__(self) -> None:
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
-            raise SystemExit("the chaos benchmark needs redis-server (apt-get install "
-                             "redis-server)")
-        self.port, self.proc = free_port(), None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert self.binary is not None
-        self.proc = subprocess.Popen(  # type: ignore[assignment]
-            [self.binary, "--port", str(self.port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()  # type: ignore[unreachable]
-            self.proc.wait()
-            self.proc = None
 
 
 class ChaosCluster:

@@ -11,20 +11,24 @@ L2 encoding also the payload bytes per token. All in one process, medians of a f
 from __future__ import annotations
 
 import argparse
+import gc
 import random
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 
+from zayaserve.bench.local_services import RedisServer
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+SECRET = "prefix-cache-bench"  # the writer's and the readers' (a cluster shares one)
+
+
+def _close(llm: object) -> None:
+    """Stops the engine's Redis writer and frees its memory now (engines hold cycles)."""
+    remote = llm.engine.remote  # type: ignore[attr-defined]
+    if remote is not None:
+        remote.store.close()
+    del llm
+    gc.collect()
 
 
 def _ttft(llm: object, prompt: list[int]) -> float:
@@ -57,43 +61,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     def prompt() -> list[int]:
         return prefix + [rng.randrange(4, vocab) for _ in range(args.suffix)]
 
-    server = shutil.which("redis-server")
-    if server is None:
-        raise SystemExit("needs redis-server (apt-get install redis-server)")
-    port, workdir = _free_port(), tempfile.mkdtemp()
-    proc = subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--bind", "127.0.0.1"], cwd=workdir, stdout=subprocess.DEVNULL)
-    time.sleep(0.5)
-    url = f"redis://127.0.0.1:{port}/0"
+    # Every engine gets the same KV cache, sized for a few such prompts: 14 engines of the
+    # default 2 GB would not fit this machine's memory.
+    blocks = {"num_kv_blocks": 4 * -(-(args.prefix + args.suffix + 1) // 16)}
+    redis = RedisServer()
+    url = redis.url
     try:
-        cold_llm = LLM(model=path, enable_prefix_caching=False)
+        cold_llm = LLM(model=path, enable_prefix_caching=False, **blocks)
         _ttft(cold_llm, prompt())  # warm-up
         cold = statistics.median(_ttft(cold_llm, prompt()) for _ in range(args.repeats))
-        l1_llm = LLM(model=path)
+        l1_llm = LLM(model=path, **blocks)
         _ttft(l1_llm, prompt())
         l1 = statistics.median(_ttft(l1_llm, prompt()) for _ in range(args.repeats))
+        del cold_llm, l1_llm
         print(f"prefix {args.prefix} + suffix {args.suffix} tokens, model {args.model}")
         print(f"TTFT cold   {cold * 1e3:8.1f} ms")
         print(f"TTFT L1 hit {l1 * 1e3:8.1f} ms  ({l1 / cold:.2f} x cold)")
         for encoding in ("none", "int8", "fp8"):
-            writer = LLM(model=path, kv_cache_redis_url=url, kv_cache_encoding=encoding)
+            # One secret for all: each engine would otherwise make its own and read nothing.
+            shared = {"kv_cache_redis_url": url, "kv_cache_encoding": encoding,
+                      "kv_cache_secret": SECRET, **blocks}
+            writer = LLM(model=path, **shared)
             _ttft(writer, prompt())
             assert writer.engine.remote is not None
             writer.engine.remote.store.flush(30)
             times = []
             for _ in range(args.repeats):  # each a fresh engine: empty L1, L2 only
-                reader = LLM(model=path, kv_cache_redis_url=url, kv_cache_encoding=encoding)
+                reader = LLM(model=path, **shared)
                 times.append(_ttft(reader, prompt()))
                 hits = reader.stats()["prefix_cache_remote_hit_tokens"]
+                _close(reader)
+            if not hits:
+                raise SystemExit(f"encoding {encoding}: the fresh engine read nothing from Redis")
             l2 = statistics.median(times)
             remote = writer.engine.remote
             per_token = remote.block_bytes / writer.engine.config.block_size
             print(f"TTFT L2 hit {l2 * 1e3:8.1f} ms  ({l2 / cold:.2f} x cold)  encoding "
                   f"{encoding:<4} {per_token:9.0f} bytes/token, {hits:.0f} tokens from Redis")
+            _close(writer)
     finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+        redis.stop()
     return 0
 
 

@@ -29,15 +29,15 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from zayaserve.bench.local_services import UvicornServer
 
 PROBLEM = ("A train leaves at 9:40 and arrives at 13:05, stopping twice for 7 minutes each. "
            "What is its average speed while moving over a 212 km route?")
@@ -77,31 +77,6 @@ def with_passage(problem: str, tokens: int, tag: str, count: Callable[[str], int
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if count(text(mid)) <= tokens else (lo, mid - 1)
     return text(lo)
-
-
-class Server:
-    """uvicorn on a free port, on its own thread and event loop."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                    log_level="warning", access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 class Bench:
@@ -274,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     engines: list[Any] = []
-    servers: list[Server] = []
+    servers: list[UvicornServer] = []
     targets: dict[str, tuple[str, Any]] = {}
     caching = {"cached": True} | ({} if args.outside_server == "cached" else {"uncached": False})
     modes = ["in-engine"] + [f"outside-{s}" for s in ("cached", "uncached")
@@ -284,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             engines.append(engine := AsyncLLMEngine(LLMEngine(EngineConfig.create(
                 model=str(path), enable_prefix_caching=cache, max_model_len=args.max_model_len,
                 block_size=16, num_kv_blocks=args.num_kv_blocks))))
-            servers.append(Server(build_openai_app(LocalEngineClient(engine, args.name))))
+            servers.append(UvicornServer(build_openai_app(LocalEngineClient(engine, args.name))))
             targets[name] = (servers[-1].url, engine)
         bench = Bench(args, targets)
         sample = bench.count(bench.problem(0, "in-engine"))

@@ -19,11 +19,12 @@ import asyncio
 import json
 import logging
 import random
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from zayaserve.bench.local_services import free_port
 
 
 @dataclass
@@ -45,12 +46,6 @@ def _pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _stream_one(client: Any, url: str, body: dict[str, Any]) -> tuple[float, list[float],
@@ -142,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    args.http_port = _free_port()  # one Serve HTTP proxy per Ray session, shared by the modes
+    args.http_port = free_port()  # one Serve HTTP proxy per Ray session, shared by the modes
 
     import ray
 

@@ -32,7 +32,8 @@ import timeit
 from collections.abc import Sequence
 from typing import Any
 
-from zayaserve.bench.serve import _drive, _free_port
+from zayaserve.bench.local_services import free_port
+from zayaserve.bench.serve import _drive
 
 MODES = (("off", None), ("10%", 0.1), ("100%", 1.0))
 
@@ -190,7 +191,7 @@ def run_on_serve(args: argparse.Namespace, prompts: list[list[int]], endpoint: s
     import ray
     from ray import serve
 
-    args.http_port = _free_port()
+    args.http_port = free_port()
     ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
     rounds = Rounds()

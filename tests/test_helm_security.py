@@ -30,10 +30,10 @@ from helm_tools import (
     matches,
     pods,
     rayservice,
+    rayservice_validator,
     rendered,
     value_args,
 )
-from test_helm_chart import rayservice_validator
 
 REPO = CHART_DIR.parent.parent
 # A shard's RPC port (a free port of the ephemeral range), a Ray worker's, the pinned raylet's.
