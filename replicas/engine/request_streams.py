@@ -93,9 +93,9 @@ class RequestStreams:
             except RuntimeError:  # the consumer's event loop is closed: nobody will ever read
                 with self.lock:
                     for box, _ in batch:
-                        rid = owners.get(id(box))
-                        if rid is not None and self._boxes.pop(rid, None) is not None:
-                            gone.append(rid)
+                        owner = owners.get(id(box))
+                        if owner is not None and self._boxes.pop(owner, None) is not None:
+                            gone.append(owner)
         for rid in gone:
             self._abort(rid)
 
