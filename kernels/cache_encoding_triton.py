@@ -4,13 +4,12 @@ to the torch reference in `cache_encoding_ref` (which states the encoding).
 Why the kernels compute bit patterns themselves instead of casting: the Triton interpreter's
 fp32->fp8 cast rounds half away from zero and can carry a mantissa overflow into the wrong
 exponent bit, and MI300X (gfx942) has no native e4m3fn conversion; integer bit arithmetic is
-exact on every backend and matches torch's `to(torch.float8_e4m3fn)` bit for bit. Division
+exact on every target and matches torch's `to(torch.float8_e4m3fn)` bit for bit. Division
 uses `div_rn` because Triton lowers `/` on fp32 to the approximate `div.full.f32` on NVIDIA.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -18,25 +17,17 @@ import triton
 import triton.language as tl
 
 from zayaserve.kernels.cache_encoding_ref import QDTYPE, _qmax
+from zayaserve.kernels.target_triton import triton_target
 
 _IN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _target_backend() -> str:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "interpreter"
-    try:
-        return str(triton.runtime.driver.active.get_current_target().backend)
-    except Exception:  # no GPU driver here: kernels cannot launch anyway
-        return "none"
-
-
 def _configs() -> list[Any]:
     """Memory-bound kernels: only the warp count is worth tuning."""
-    backend = _target_backend()
-    if backend == "cuda":
+    target = triton_target()
+    if target == "cuda":
         return [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
-    if backend == "hip":  # 64-wide wavefronts: fewer warps cover the same tile
+    if target == "hip":  # 64-wide wavefronts: fewer warps cover the same tile
         return [triton.Config({}, num_warps=w) for w in (1, 2, 4)]
     return [triton.Config({}, num_warps=4)]
 

@@ -8,24 +8,20 @@ partial RoPE, plus the in-place update of the conv and delayed-v states.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from zayaserve.kernels.cca_decode_ref import _check_args, _inv_freq
+from zayaserve.kernels.target_triton import triton_target
 
 
 def _configs() -> list[triton.Config]:
-    """Meta-parameters per backend, chosen once at import (the interpreter gets one config)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    """Meta-parameters per target, chosen once at import (the interpreter gets one config)."""
+    target = triton_target()
+    if target == "interpreter":
         return [triton.Config({"BLOCK_B": 4, "BLOCK_K": 128}, num_warps=4)]  # few, big numpy ops
-    try:
-        backend = triton.runtime.driver.active.get_current_target().backend
-    except RuntimeError:  # no GPU driver: the kernel is never launched here
-        backend = "cuda"
-    if backend == "hip":  # 64-wide wavefronts: fewer warps cover the same tile
+    if target == "hip":  # 64-wide wavefronts: fewer warps cover the same tile
         return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=1)
                 for bb, bk, w in ((1, 64, 2), (2, 64, 2), (4, 32, 2), (4, 64, 4), (8, 32, 4))]
     return [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=2)

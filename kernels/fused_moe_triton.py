@@ -12,7 +12,6 @@ vLLM-style "align by expert", no host sync so it can live in a CUDA graph:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ import triton
 import triton.language as tl
 
 from zayaserve.kernels.fused_moe_ref import _check_rows
+from zayaserve.kernels.target_triton import triton_target
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -67,27 +67,18 @@ def _block_m(num_tokens: int, num_experts: int) -> int:
     """M-tile height from the expected tokens per expert: small tiles waste less padding at
     decode, big tiles reuse each weight tile more at prefill. Fixed (not autotuned) because the
     padded layout depends on it."""
-    if _BACKEND == "interpreter":
+    if _TARGET == "interpreter":
         return 16
     per_expert = num_tokens / max(1, min(num_experts, num_tokens))
     return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
 
 
-def _target_backend() -> str:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "interpreter"
-    try:
-        return str(triton.runtime.driver.active.get_current_target().backend)
-    except Exception:  # no GPU driver on this machine: kernels cannot launch anyway
-        return "none"
-
-
-_BACKEND = _target_backend()
+_TARGET = triton_target()
 
 
 def _gemm_configs() -> list[Any]:
     cfg = triton.Config
-    if _BACKEND == "cuda":
+    if _TARGET == "cuda":
         return [
             cfg({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
             cfg({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
@@ -95,7 +86,7 @@ def _gemm_configs() -> list[Any]:
             cfg({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
             cfg({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         ]
-    if _BACKEND == "hip":
+    if _TARGET == "hip":
         # MI300X: the stream pipeliner wants 2 stages; 16x16 MFMA suits these skinny tiles;
         # waves_per_eu trades registers for occupancy. These kwargs exist only on HIP.
         def hip(n: int, k: int, warps: int, waves: int) -> Any:
@@ -221,7 +212,7 @@ def fused_moe_triton(
     block_m = _block_m(num_tokens, num_experts)
     sorted_ids, tile_expert = align_by_expert(expert_rows, num_experts, block_m)
     act = torch.empty(sorted_ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
-    upcast = _BACKEND == "interpreter"
+    upcast = _TARGET == "interpreter"
     num_tiles = tile_expert.numel()
 
     def grid_inter(meta: dict[str, Any]) -> tuple[int, int]:

@@ -18,24 +18,16 @@ import os
 import triton
 import triton.language as tl
 
+from zayaserve.kernels.target_triton import triton_target
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _target_backend() -> str:
-    """'cuda', 'hip', or 'interpreter'; never raises on a machine without a GPU driver."""
-    if INTERPRET:
-        return "interpreter"
-    try:
-        return str(triton.runtime.driver.active.get_current_target().backend)
-    except Exception:  # no active driver (CPU-only torch): the kernel will not be launched
-        return "none"
-
-
-def _configs(backend: str) -> list[triton.Config]:
-    if backend in ("interpreter", "none"):
+def _configs(target: str) -> list[triton.Config]:
+    if target in ("interpreter", "none"):
         # One config: the interpreter is slow and autotuning would only multiply that.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if backend == "hip":
+    if target == "hip":
         # MI300X: 64-wide wavefronts, no cp.async pipeline (1-2 stages), occupancy steered
         # with waves_per_eu rather than stages. waves_per_eu 2 caps a wave at 256 VGPRs, which
         # every config fits without spilling (checked on gfx942 assembly); 3 would spill.
@@ -65,11 +57,11 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
     return kept or configs
 
 
-BACKEND = _target_backend()
+TARGET = triton_target()
 
 
 @triton.autotune(
-    configs=_configs(BACKEND),
+    configs=_configs(TARGET),
     key=["HEAD_D", "G_PAD", "PAGE", "q_len_bucket", "SPLIT"],
     prune_configs_by={"early_config_prune": _prune},
 )

@@ -38,6 +38,7 @@ from zayaserve.replicas.model.config import ZayaConfig
 from zayaserve.replicas.observability.tracing import TracingConfig
 from zayaserve.replicas.observability.tracing import configure as configure_tracing
 from zayaserve.replicas.observability.tracing import flush as flush_traces
+from zayaserve.replicas.routing_stats import RoutingStats
 from zayaserve.replicas.rsa.events import RSAEvent, RSAJob
 from zayaserve.replicas.rsa.serving import engine_rsa_events, rsa_gate, rsa_limits
 from zayaserve.router.placement import PlacementMap
@@ -165,7 +166,7 @@ class AttentionWorker:
         """Serve's hook for the request router: an RSA run is one request to Serve but many
         calls in the engine; the router counts the calls (replicas/serve_request_router.py)."""
         gate = rsa_gate(self.engine)
-        return {"rsa_calls": float(gate.calls), "rsa_runs": float(gate.runs)}
+        return RoutingStats(gate.calls, gate.runs).metrics()
 
     def stats(self) -> dict[str, Any]:
         """`report()` flat, under the /metrics names (for operators and tests)."""

@@ -4,6 +4,8 @@
     expert shard     --ShardReport-->     controller --ShardAnswer-->      shard
     attention worker --(asks)-->          controller --PlacementUpdate-->  worker
     either replica   --AutoscalingReport (Serve's dict of floats)-->      Serve's autoscaler
+    attention worker --RoutingStats (Serve's dict of floats)-->           Serve's request router
+                       (in routing_stats.py: the request router must import it without torch)
 
 They travel as Ray objects (pickled), so a field added here is seen by both ends at once; the
 names of the numbers that reach /metrics are the fields' own (`WorkerReport.samples`).

@@ -29,6 +29,8 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from zayaserve.replicas.routing_stats import RoutingStats
+
 
 def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
     """Chained hashes of the prompt's full blocks (routing only, never a cache key)."""
@@ -73,8 +75,7 @@ class PrefixTable:
 def _extra_calls(replica: RunningReplica) -> int:
     """Engine calls Serve does not see: each RSA run is one request to Serve, but its round
     holds up to n calls in the engine (AttentionWorker.record_routing_stats)."""
-    stats = getattr(replica, "routing_stats", None) or {}
-    return max(0, int(stats.get("rsa_calls", 0)) - int(stats.get("rsa_runs", 0)))
+    return RoutingStats.from_metrics(getattr(replica, "routing_stats", None)).extra_calls
 
 
 class PrefixAwareRequestRouter(FIFOMixin, RequestRouter):

@@ -29,6 +29,7 @@ FLOORS = [
     ("replicas/attention_worker.py", 4, "deployments"),
     ("replicas/cluster_messages.py", 4, "deployments"),
     ("replicas/expert_shard.py", 4, "deployments"),
+    ("replicas/routing_stats.py", 4, "deployments"),
     ("replicas/serve_request_router.py", 4, "deployments"),
     ("cluster/", 5, "front end and control plane"),
     ("client.py", 5, "front end and control plane"),

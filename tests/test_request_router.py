@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from zayaserve.replicas.routing_stats import RoutingStats
 from zayaserve.replicas.serve_request_router import PrefixTable, prompt_block_hashes
 
 
@@ -36,3 +37,16 @@ def test_table_is_bounded() -> None:
     table = PrefixTable(max_entries=3)
     table.record(prompt_block_hashes(list(range(80)), 16), "w")
     assert len(table._owner) == 3
+
+
+def test_routing_stats_round_trip_through_serves_form() -> None:
+    """The worker writes RoutingStats in Serve's dict-of-floats form; the request router reads
+    it back. A worker with two RSA runs holding 8 calls weighs 6 more than Serve's queue says;
+    a replica that has reported nothing weighs nothing extra."""
+    sent = RoutingStats(rsa_calls=8, rsa_runs=2)
+    form = sent.metrics()
+    assert all(isinstance(v, float) for v in form.values())
+    assert RoutingStats.from_metrics(form) == sent
+    assert RoutingStats.from_metrics(form).extra_calls == 6
+    assert RoutingStats.from_metrics(None).extra_calls == 0
+    assert RoutingStats(rsa_calls=0, rsa_runs=1).extra_calls == 0  # a run between its rounds
