@@ -32,16 +32,16 @@ from zayaserve.router.remote_experts import RemoteExpertBackend
 
 ROOT = Path(zayaserve.__file__).resolve().parent
 DOC = ROOT / "docs" / "structure.md"
+FILES_DOC = ROOT / "docs" / "request-files.md"
 
 
 
 def page() -> dict[str, str]:
-    """docs/structure.md's list of every file one request runs: path -> its role ("decides",
-    "supports", "decides, Ray only")."""
-    section = DOC.read_text().split("## Every file one request runs", 1)[1].split("\n## ", 1)[0]
-    found = re.findall(r"^- `([\w/]+\.py)` \((decides|supports|decides, Ray only)\)", section,
-                       re.M)
-    assert len(found) > 40, "docs/structure.md lost its list of the files a request runs"
+    """docs/request-files.md's list of every file one request runs: path -> its role
+    ("decides", "supports", "decides, Ray only")."""
+    found = re.findall(r"^- `([\w/]+\.py)` \((decides|supports|decides, Ray only)\)",
+                       FILES_DOC.read_text(), re.M)
+    assert len(found) > 40, "docs/request-files.md lost its list of the files a request runs"
     return dict(found)
 
 
@@ -114,8 +114,8 @@ def test_streaming_chat_path_is_the_documented_one(tiny_checkpoint: Path,
 
     traced = {f for f in tracer.files if not _is_kernel(f)}
     listed = {f for f, role in page().items() if not _is_kernel(f) and "Ray only" not in role}
-    assert not traced - listed, f"ran, but not in docs/structure.md: {sorted(traced - listed)}"
-    assert not listed - traced, f"in docs/structure.md, but never ran: {sorted(listed - traced)}"
+    assert not traced - listed, f"ran, but not in docs/request-files.md: {sorted(traced - listed)}"
+    assert not listed - traced, f"in docs/request-files.md, but never ran: {sorted(listed - traced)}"
 
 
 def test_the_path_describes_every_deciding_file() -> None:
@@ -126,7 +126,7 @@ def test_the_path_describes_every_deciding_file() -> None:
     deciding = [f for f, role in page().items() if role.startswith("decides")]
     missing = [f for f in deciding if f not in described]
     assert not missing, f"the path in docs/structure.md does not describe {missing}"
-    count = re.search(r"runs code in (\d+) hand-written files \(the list\s+below\); (\d+) of",
-                      doc)
+    count = re.search(r"runs code in (\d+) hand-written files \(listed in\s+\[request-files\.md\]"
+                      r"\(request-files\.md\)\); (\d+) of", doc)
     assert count is not None
     assert (int(count.group(1)), int(count.group(2))) == (len(page()), len(deciding))
