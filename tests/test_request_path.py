@@ -114,8 +114,8 @@ def test_streaming_chat_path_is_the_documented_one(tiny_checkpoint: Path,
 
     traced = {f for f in tracer.files if not _is_kernel(f)}
     listed = {f for f, role in page().items() if not _is_kernel(f) and "Ray only" not in role}
-    assert not traced - listed, f"ran, but not in docs/request-files.md: {sorted(traced - listed)}"
-    assert not listed - traced, f"in docs/request-files.md, but never ran: {sorted(listed - traced)}"
+    assert not traced - listed, f"ran, but not in {FILES_DOC.name}: {sorted(traced - listed)}"
+    assert not listed - traced, f"in {FILES_DOC.name}, but never ran: {sorted(listed - traced)}"
 
 
 def test_the_path_describes_every_deciding_file() -> None:
