@@ -44,9 +44,9 @@ class Ingress:
         self.shards = shards
         tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model))
         info = await workers.describe.remote()
-        self.client = ClusterEngineClient(workers, controller, tokenizer,
-                                          self.config.model_name, info["max_model_len"],
-                                          self.config.migration_limit)
+        self.client = ClusterEngineClient(
+            workers, controller, tokenizer, self.config.model_name, info["max_model_len"],
+            self.config.migration_limit, serve.get_replica_context().replica_id.unique_id)
         # One registry for REST and gRPC: /metrics counts the requests of both.
         self.metrics = MetricsCollector()
         self.grpc_server = None

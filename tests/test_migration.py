@@ -15,6 +15,7 @@ import pytest
 from openai_helpers import make_engine_client
 
 from zayaserve.cluster.frontend.engine_client import ClusterEngineClient, LocalEngineClient
+from zayaserve.cluster.frontend.migration import MigrationCounts
 from zayaserve.replicas.engine.async_engine import EngineDeadError, EngineOverloadedError
 from zayaserve.replicas.engine.outputs import StepDelta
 from zayaserve.replicas.engine.params import SamplingParams
@@ -175,3 +176,77 @@ def test_migration_is_bounded_and_can_be_off(local: LocalEngineClient) -> None:
     with pytest.raises(EngineDeadError):
         _collect(client, SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=20))
     assert len(workers.calls) == 1 and workers.calls[0][0].n == 2
+
+
+class _Controller:
+    """The placement controller's handle, stood in over a real ControllerState."""
+
+    def __init__(self) -> None:
+        from zayaserve.cluster.control.controller_state import ControllerState
+
+        self.state = ControllerState(num_experts=8, num_shards=0, replication=1)
+        self.reports: list[tuple[str, MigrationCounts]] = []
+
+    @property
+    def report_ingress(self) -> _Controller:
+        self._method = "report"
+        return self
+
+    @property
+    def stats(self) -> _Controller:
+        self._method = "stats"
+        return self
+
+    def remote(self, *args: Any) -> Any:
+        async def call() -> Any:
+            if self._method == "report":
+                self.reports.append(args)
+                return self.state.ingress.report(*args)
+            return self.state.stats(0.0)
+        return call()
+
+
+def _migrations_on_metrics(stats: dict[str, Any]) -> dict[str, float]:
+    return {s["outcome"]: s["value"] for s in stats["request_migrations_total"]}
+
+
+def test_migration_counts_outlive_the_ingress_replica_that_counted_them(
+        local: LocalEngineClient) -> None:
+    """Each ingress replica reports its counts to the controller as they change; /metrics reads
+    the controller's sum, so a restarted ingress (a new replica id, counting from 0) does not
+    take the counter back down."""
+    controller, params = _Controller(), PARAMS["greedy"]
+
+    async def run() -> tuple[dict[str, Any], dict[str, Any]]:
+        first = ClusterEngineClient(_Workers(local, [4, 3]), controller, local.tokenizer,
+                                    "tiny", 512, 3, replica_id="ingress-a")
+        [d async for d in first.generate("r", list(PROMPT), params)]
+        await asyncio.sleep(0)  # the background reports go out
+        assert controller.reports[-1] == ("ingress-a", MigrationCounts(moved=2, resumed=1))
+        before = await first.stats()
+        # The replica dies; Serve starts another, which moves one stream and fails one.
+        second = ClusterEngineClient(_Workers(local, [4, 2]), controller, local.tokenizer,
+                                     "tiny", 512, 1, replica_id="ingress-b")
+        with pytest.raises(EngineDeadError):
+            [d async for d in second.generate("r", list(PROMPT), params)]
+        return before, await second.stats()
+
+    before, after = asyncio.run(run())
+    assert _migrations_on_metrics(before) == {"moved": 2, "resumed": 1, "failed": 0}
+    assert _migrations_on_metrics(after) == {"moved": 3, "resumed": 1, "failed": 1}
+    # A report that arrives late, older than one already in, changes nothing.
+    controller.state.ingress.report("ingress-a", MigrationCounts(moved=1))
+    assert controller.state.ingress.summed() == MigrationCounts(moved=3, resumed=1, failed=1)
+
+
+def test_ingress_totals_fold_the_oldest_replicas_without_losing_counts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from zayaserve.cluster.control import ingress_totals
+
+    monkeypatch.setattr(ingress_totals, "MAX_REPLICAS", 3)
+    totals = ingress_totals.IngressTotals()
+    for i in range(10):
+        totals.report(f"ingress-{i}", MigrationCounts(moved=i, failed=1))
+    totals.report("ingress-9", MigrationCounts(moved=10, failed=1))  # the newest goes on
+    assert totals.summed() == MigrationCounts(moved=46, failed=10)
+    assert len(totals._latest) == 3

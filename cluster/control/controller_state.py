@@ -25,6 +25,7 @@ from zayaserve.cluster.control.autoscale_policy import (
 from zayaserve.cluster.control.desired_counts import DesiredCounts
 from zayaserve.cluster.control.elastic_config import AutoscalingConfig, EplbConfig, pool_bounds
 from zayaserve.cluster.control.eplb import moves, should_rebalance
+from zayaserve.cluster.control.ingress_totals import IngressTotals
 from zayaserve.cluster.control.placement_state import ExpertPlacement
 from zayaserve.cluster.control.scale_ops import ScaleError, ScaleOperations, ScaleRefused
 from zayaserve.cluster.control.worker_totals import WorkerTotals
@@ -71,6 +72,7 @@ class ControllerState:
         self.config = {"num_experts": num_experts, "num_shards": num_shards,
                        "replication": replication, "attention_workers": attention_workers}
         self.workers = WorkerTotals(live_s=WORKER_SEEN_S)  # their latest stats, and sums
+        self.ingress = IngressTotals()  # the ingress replicas' migration counts
         self.shard_reports: dict[str, ShardReport] = {}  # slot -> its latest heartbeat
         self.policy = PolicyState()
         self.last_decision: tuple[str, ...] = ()
@@ -221,6 +223,7 @@ class ControllerState:
         total["placement_version"] = p.version
         total["placement_epoch"] = p.epoch
         total["eplb_rebalances_total"] = self.rebalances
+        total.update(self.ingress.samples())
         total["expert_balancedness"] = _observed(p) or 0.0
         total["expert_load_rows_per_second"] = [
             {"expert": e, "value": rate} for e, rate in enumerate(p.load.load())]

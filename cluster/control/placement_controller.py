@@ -41,6 +41,7 @@ from zayaserve.cluster.control.scale_ops import (
     ScaleRefused,
     ScaleTooSoon,
 )
+from zayaserve.cluster.frontend.migration import MigrationCounts
 from zayaserve.replicas.cluster_messages import (
     PlacementUpdate,
     ShardAnswer,
@@ -145,6 +146,9 @@ class PlacementController:
 
     async def report_worker(self, replica: str, report: WorkerReport) -> WorkerAnswer:
         return self.state.report_worker(replica, report, self.clock())
+
+    async def report_ingress(self, replica: str, migrations: MigrationCounts) -> None:
+        self.state.ingress.report(replica, migrations)
 
     async def stats(self) -> dict[str, Any]:
         out = self.state.stats(self.clock())

@@ -10,6 +10,8 @@ ends map to status codes (ValueError -> 400, EngineOverloadedError -> 429).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +36,8 @@ from zayaserve.replicas.engine.params import SamplingParams
 from zayaserve.replicas.model.tokenizer import Tokenizer
 from zayaserve.replicas.rsa.events import RSADone, RSAEvent, RSAJob
 from zayaserve.replicas.rsa.serving import engine_rsa_events, rsa_limits
+
+log = logging.getLogger("zayaserve.ingress")
 
 
 class EngineClient(ABC):
@@ -137,7 +141,8 @@ def unwrap_remote_error(err: BaseException) -> BaseException:
 
 class ClusterEngineClient(EngineClient):
     def __init__(self, workers: Any, controller: Any, tokenizer: Tokenizer, model_name: str,
-                 max_model_len: int, migration_limit: int = 0) -> None:
+                 max_model_len: int, migration_limit: int = 0,
+                 replica_id: str = "ingress") -> None:
         self.workers = workers
         self.controller = controller
         self.tokenizer = tokenizer
@@ -146,6 +151,8 @@ class ClusterEngineClient(EngineClient):
         self.in_flight = 0
         self.migration_limit = migration_limit  # moves per request (`migration`)
         self.migrations = MigrationCounts()
+        self.replica_id = replica_id  # this ingress replica's, for its reports
+        self._reports: set[asyncio.Future[None]] = set()
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -167,6 +174,7 @@ class ClusterEngineClient(EngineClient):
                         yield progress.add(delta)
                     if progress.moves:
                         self.migrations.resumed += 1
+                        self._report_migrations()
                     return
                 except Exception as err:
                     error = unwrap_remote_error(err)
@@ -176,12 +184,14 @@ class ClusterEngineClient(EngineClient):
                         raise error from err
                     if not can_move or progress.moves >= self.migration_limit:
                         self.migrations.failed += 1
+                        self._report_migrations()
                         raise error from err
                 finally:
                     if not finished:  # the client left: cancel in the worker (frees blocks)
                         stream.cancel()
                 progress.moves += 1
                 self.migrations.moved += 1
+                self._report_migrations()
                 await asyncio.sleep(pause_s(progress.moves))
         finally:
             self.in_flight -= 1
@@ -222,9 +232,26 @@ class ClusterEngineClient(EngineClient):
         op: dict[str, Any] | None = await self.controller.operation.remote(op_id)
         return op
 
+    def _report_migrations(self) -> None:
+        """Sends the controller this replica's counts as they are now, in the background (one
+        call per migration: they are rare); `stats` sends them again before it reads."""
+        if self.controller is None:
+            return
+        task = asyncio.ensure_future(self._send_migrations())
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _send_migrations(self) -> None:
+        try:
+            await self.controller.report_ingress.remote(self.replica_id,
+                                                        dataclasses.replace(self.migrations))
+        except Exception as err:  # the controller restarting: the next report has the counts
+            log.warning("migration counts not reported (%s)", type(err).__name__)
+
     async def stats(self) -> dict[str, Any]:
-        # The placement controller sums the stats every worker reports (shards or not).
+        # The placement controller sums the stats every worker reports (shards or not) and the
+        # migrations every ingress replica reports (they outlive the replica there).
+        await self._send_migrations()
         stats: dict[str, Any] = await self.controller.stats.remote()
         stats["ingress_requests_in_flight"] = self.in_flight
-        stats.update(self.migrations.samples())
         return stats

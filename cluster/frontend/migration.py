@@ -79,15 +79,26 @@ class StreamProgress:
         return Resume(tuple(self.tokens), self.chars, self.cumulative_logprob)
 
 
+OUTCOMES = ("moved", "resumed", "failed")
+
+
 @dataclasses.dataclass
 class MigrationCounts:
-    """The ingress's migrations since it started, by outcome (for /metrics)."""
+    """An ingress replica's migrations since it started, by outcome. The replica reports them
+    to the placement controller, which sums every replica's (`IngressTotals`) for /metrics."""
 
     moved: int = 0  # a request sent again to another worker
     resumed: int = 0  # a moved request that then finished
     failed: int = 0  # a request that could not move on (limit reached, or not movable)
 
+    def plus(self, other: MigrationCounts) -> MigrationCounts:
+        return MigrationCounts(*(getattr(self, o) + getattr(other, o) for o in OUTCOMES))
+
+    def at_least(self, other: MigrationCounts) -> MigrationCounts:
+        """Field by field the larger: counts only grow, so a report that arrives late and
+        older than the last one changes nothing."""
+        return MigrationCounts(*(max(getattr(self, o), getattr(other, o)) for o in OUTCOMES))
+
     def samples(self) -> dict[str, Any]:
         return {"request_migrations_total": [
-            {"outcome": outcome, "value": getattr(self, outcome)}
-            for outcome in ("moved", "resumed", "failed")]}
+            {"outcome": outcome, "value": getattr(self, outcome)} for outcome in OUTCOMES]}
