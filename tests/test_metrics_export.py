@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from zayaserve.cluster.control.worker_totals import WorkerTotals
 from zayaserve.cluster.frontend.metrics import MetricsCollector
+from zayaserve.cluster.frontend.request_tracker import RequestTracker
 from zayaserve.replicas.cluster_messages import WorkerReport
 from zayaserve.replicas.engine.engine_stats import EngineStats
 from zayaserve.router.router_stats import LatencyHistogram, RouterStats, ShardLatency
@@ -97,3 +99,20 @@ def test_histograms_sum_per_shard_and_outlive_their_worker() -> None:
     assert counts(20.0) == {"shard-0": 7, "shard-1": 1, "shard-2": 1}  # both forgotten, kept
     totals.report("a", WorkerReport(EngineStats(), 0, dispatch_latency=a), now=21.0)
     assert counts(21.5) == {"shard-0": 7, "shard-1": 1, "shard-2": 1}  # back: counted once
+
+
+@pytest.mark.parametrize("cuts", [[1, 1, 1, 1], [2, 1, 1], [1, 3], [4], [3, 1]])
+def test_every_token_but_the_first_is_one_inter_token_interval(cuts: list[int]) -> None:
+    """However the engine's deltas were merged for a reader that fell behind, a request of 4
+    tokens gives 1 time to first token and 3 inter-token intervals (tokens that came with the
+    first one came 0 s after it)."""
+    m = MetricsCollector()
+    tracker = RequestTracker(m, "/v1/completions")
+    for n in cuts:
+        tracker.on_tokens(n)
+    tracker.finish()
+    samples = {s.name: s.value for f in text_string_to_metric_families(m.render().decode())
+               for s in f.samples if s.labels.get("endpoint") == "/v1/completions"}
+    assert samples["zayaserve_time_to_first_token_seconds_count"] == 1
+    assert samples["zayaserve_inter_token_latency_seconds_count"] == 3
+    assert samples["zayaserve_generation_tokens_total"] == 4

@@ -47,7 +47,7 @@ def w3c_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
 class RequestTracker:
     """Call `on_prompt` with the prompt's tokens, `on_delta` with every delta (or `on_tokens`),
     and `finish` once at the end, whatever happened. TTFT is from arrival to the first token;
-    ITL is observed per step that produced tokens, divided over the tokens it produced.
+    ITL is observed once per token after the first (a delta's gap divided over its tokens).
     `operation` ("chat", "text_completion") and `model` name the span, `carrier` holds the
     client's W3C headers."""
 
@@ -85,13 +85,18 @@ class RequestTracker:
             return
         now = time.perf_counter()
         m = self._metrics
+        # Every token but the first is one inter-token interval, whether tokens arrive one by
+        # one or several in a delta (a reader that fell behind gets merged deltas): a delta's
+        # gap is spread over its tokens, and the tokens that came with the first one came 0 s
+        # after it. So the count is always the tokens less one, however the deltas were cut.
         if self._last is None:
             self.ttft = now - self.arrival
             m.time_to_first_token.labels(self.endpoint).observe(self.ttft)
+            gaps, per_token = num_new_tokens - 1, 0.0
         else:
-            per_token = (now - self._last) / num_new_tokens
-            for _ in range(num_new_tokens):
-                m.inter_token_latency.labels(self.endpoint).observe(per_token)
+            gaps, per_token = num_new_tokens, (now - self._last) / num_new_tokens
+        for _ in range(gaps):
+            m.inter_token_latency.labels(self.endpoint).observe(per_token)
         self._last = now
         self.generated_tokens += num_new_tokens
         m.generation_tokens.labels(self.endpoint).inc(num_new_tokens)
