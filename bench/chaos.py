@@ -176,7 +176,7 @@ class Chaos:
 
     def scale_back(self) -> None:
         view = httpx.get(self.c.base + "/v1/cluster/placement", headers=self.admin,
-                                 timeout=10).json()
+                         timeout=10).json()
         if len(view.get("shards") or []) != 2 or view.get("operation") is not None:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline:
@@ -218,7 +218,7 @@ def run_fault(chaos: Chaos, name: str, want: list[str], max_tokens: int, warm_s:
            "recovery_s": None if rec is None else round(rec, 1),
            "after_recovery": len(after),
            "after_recovery_exact": all(o.cause is None and o.exact for o in after)}
-    try:  # (None where the ingress restarted: its counters start again)
+    try:  # (None where the sums started again: a placement controller restart)
         moved = chaos.migrations() - moved0
         row["migrations"] = moved if moved >= 0 else None
     except httpx.HTTPError:

@@ -98,38 +98,35 @@ def actors(part: str) -> list[dict[str, Any]]:
                   key=lambda a: a["name"])
 
 
-def pid_of(actor: dict[str, Any], timeout: float = 30) -> int:
+def run_in(actor: dict[str, Any], fn: Any, timeout: float = 30) -> Any:
+    """fn(the actor's instance), run in the actor's process; its result."""
     import ray
 
     handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-    ref: Any = handle.__ray_call__.remote(lambda _: os.getpid())
-    return int(ray.get(ref, timeout=timeout))
+    ref: Any = handle.__ray_call__.remote(fn)
+    return ray.get(ref, timeout=timeout)
 
 
-def node_of(actor: dict[str, Any], timeout: float = 30) -> str:
+def pid_of(actor: dict[str, Any]) -> int:
+    return int(run_in(actor, lambda _: os.getpid()))
+
+
+def node_of(actor: dict[str, Any]) -> str:
     """The Ray node id an actor runs on."""
     import ray
 
-    handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-    return str(ray.get(handle.__ray_call__.remote(
-        lambda _: ray.get_runtime_context().get_node_id()), timeout=timeout))
+    return str(run_in(actor, lambda _: ray.get_runtime_context().get_node_id()))
 
 
-def busiest_worker(timeout: float = 30) -> dict[str, Any]:
+def busiest_worker() -> dict[str, Any]:
     """The attention worker replica running the most requests (read through Serve's private
     replica wrapper: a benchmark's look inside)."""
-    import ray
 
     def running(replica: Any) -> int:
         worker = replica._replica_impl._user_callable_wrapper._callable
         return int(worker.engine.engine.stats()["num_requests_running"])
 
-    counts: list[tuple[int, dict[str, Any]]] = []
-    for actor in actors("#AttentionWorker#"):
-        handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-        ref: Any = handle.__ray_call__.remote(running)
-        counts.append((int(ray.get(ref, timeout=timeout)), actor))
-    return max(counts, key=lambda c: c[0])[1]
+    return max(actors("#AttentionWorker#"), key=lambda a: int(run_in(a, running)))
 
 
 def signal_replica(part: str, sig: int = signal.SIGKILL) -> int:

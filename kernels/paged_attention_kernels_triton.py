@@ -13,14 +13,13 @@ merges them.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
 from zayaserve.kernels.target_triton import triton_target
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TARGET = triton_target()
+INTERPRET = TARGET == "interpreter"
 
 
 def _configs(target: str) -> list[triton.Config]:
@@ -56,8 +55,6 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
     kept = [c for c in configs if c.kwargs["BLOCK_M"] >= g_pad]
     return kept or configs
 
-
-TARGET = triton_target()
 
 
 @triton.autotune(

@@ -178,6 +178,16 @@ def test_migration_is_bounded_and_can_be_off(local: LocalEngineClient) -> None:
     assert len(workers.calls) == 1 and workers.calls[0][0].n == 2
 
 
+class _Method:
+    """A Serve handle's method, stood in: `.remote(...)` is awaitable."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    async def remote(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
 class _Controller:
     """The placement controller's handle, stood in over a real ControllerState."""
 
@@ -186,24 +196,12 @@ class _Controller:
 
         self.state = ControllerState(num_experts=8, num_shards=0, replication=1)
         self.reports: list[tuple[str, MigrationCounts]] = []
+        self.report_ingress = _Method(self._report)
+        self.stats = _Method(lambda: self.state.stats(0.0))
 
-    @property
-    def report_ingress(self) -> _Controller:
-        self._method = "report"
-        return self
-
-    @property
-    def stats(self) -> _Controller:
-        self._method = "stats"
-        return self
-
-    def remote(self, *args: Any) -> Any:
-        async def call() -> Any:
-            if self._method == "report":
-                self.reports.append(args)
-                return self.state.ingress.report(*args)
-            return self.state.stats(0.0)
-        return call()
+    def _report(self, replica: str, counts: MigrationCounts) -> None:
+        self.reports.append((replica, counts))
+        self.state.ingress.report(replica, counts)
 
 
 def _migrations_on_metrics(stats: dict[str, Any]) -> dict[str, float]:

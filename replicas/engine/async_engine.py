@@ -122,7 +122,7 @@ class AsyncLLMEngine:
             self.engine.output_thread.join()  # their earlier deltas go out before the error
         for rid in victims:
             self.engine.abort_request(rid)
-            self._streams.deliver([(rid, failure, True)])
+        self._streams.deliver([(rid, failure, True) for rid in victims])
         if not retryable:  # an expert shard being away is not this engine's fault
             self._failures_in_a_row += 1
             if self._failures_in_a_row >= self.max_consecutive_step_failures:
